@@ -1,0 +1,27 @@
+"""Datasets: caption folders (text-to-image); images are read with every colour mode and EXIF orientation handled."""
+
+from .caption_dataset import (
+    CaptionDataset,
+    Sample,
+    ScanResult,
+    SizeGroupedBatchSampler,
+    collate,
+    read_caption,
+    scan_caption_folder,
+)
+from .images import BadImageError, load_image, resize_and_crop, target_size, to_tensor
+
+__all__ = [
+    "BadImageError",
+    "CaptionDataset",
+    "Sample",
+    "ScanResult",
+    "SizeGroupedBatchSampler",
+    "collate",
+    "load_image",
+    "read_caption",
+    "resize_and_crop",
+    "scan_caption_folder",
+    "target_size",
+    "to_tensor",
+]

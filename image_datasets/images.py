@@ -1,0 +1,111 @@
+"""Image reading and geometry: every colour mode to RGB, EXIF orientation, aspect-keeping resize + crop."""
+
+from __future__ import annotations
+
+import random
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from trainer.config import IMAGE_EXTENSIONS
+
+# Above this many pixels we refuse the file instead of letting PIL allocate gigabytes (PIL's own guard is 179 MP).
+MAX_PIXELS = 180_000_000
+
+
+class BadImageError(ValueError):
+    """An image that cannot be used; the message says why, without a traceback."""
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit / float greyscale: PIL's convert('L') clips at 255, so rescale by the real range.
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if arr.max() > 255 else 255.0
+        arr = np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def oriented_size(path: Path) -> tuple[int, int]:
+    """(width, height) after EXIF rotation, read from the header only."""
+    with _open(path) as img:
+        w, h = img.size
+        orientation = img.getexif().get(0x0112, 1)
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def _open(path: Path) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise BadImageError(f"{path}: image is too large to decode safely (over {MAX_PIXELS // 1_000_000} MP)") from None
+    except Exception as e:  # PIL raises many types for garbage input
+        raise BadImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+    if img.size[0] * img.size[1] > MAX_PIXELS:
+        img.close()
+        raise BadImageError(f"{path}: image is too large ({img.size[0]}x{img.size[1]}, over {MAX_PIXELS // 1_000_000} MP)")
+    if img.size[0] < 1 or img.size[1] < 1:
+        raise BadImageError(f"{path}: image has zero size")
+    return img
+
+
+def load_image(path: Path, draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode fully to RGB with EXIF orientation applied. draft_size lets JPEGs decode at reduced scale."""
+    img = _open(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if draft_size is not None and img.format == "JPEG":
+                img.draft("RGB", draft_size)
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
+    except BadImageError:
+        raise
+    except Exception as e:
+        raise BadImageError(f"{path}: image data is corrupt or truncated ({type(e).__name__}: {e})") from None
+
+
+def target_size(width: int, height: int, img_size: int, multiple: int = 16) -> tuple[int, int]:
+    """Size with about img_size**2 pixels, the source's aspect ratio, and both sides multiples of `multiple`."""
+    scale = (img_size * img_size / (width * height)) ** 0.5
+    w = max(multiple, int(width * scale) // multiple * multiple)
+    h = max(multiple, int(height * scale) // multiple * multiple)
+    return w, h
+
+
+def resize_and_crop(img: Image.Image, size: tuple[int, int], rng: random.Random | None = None) -> Image.Image:
+    """Resize to cover `size` keeping aspect, then crop (centre, or random when rng is given)."""
+    tw, th = size
+    w, h = img.size
+    scale = max(tw / w, th / h)
+    rw, rh = max(tw, round(w * scale)), max(th, round(h * scale))
+    if (rw, rh) != (w, h):
+        img = img.resize((rw, rh), Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.LANCZOS)
+    if rng is None:
+        left, top = (rw - tw) // 2, (rh - th) // 2
+    else:
+        left, top = rng.randint(0, rw - tw), rng.randint(0, rh - th)
+    return img.crop((left, top, left + tw, top + th))
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float32 3xHxW in [-1, 1]."""
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)

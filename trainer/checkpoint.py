@@ -1,0 +1,161 @@
+"""Checkpoints: written to a temporary folder, fsynced, then renamed into place, so `latest` never finds half of one.
+
+checkpoint-N/
+    pytorch_lora_weights.safetensors   the LoRA at step N, diffusers format (loads with pipe.load_lora_weights)
+    training_state.pt                  optimizer, LR schedule, step, data position, every RNG (torch.load weights_only)
+    config.yaml                        the configuration the run used
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+STATE_FILE = "training_state.pt"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """Where the run is: everything besides weights and optimizer needed to continue exactly."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed by this process
+    nonfinite_steps: int = 0  # updates skipped because the loss or gradients were not finite
+    elapsed_seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def fsync_tree(path: Path) -> None:
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(root))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems do not support fsync on directories
+    finally:
+        os.close(fd)
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every finished checkpoint, oldest first. Half-written temporary folders are ignored."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = []
+    for p in out.iterdir():
+        m = _CKPT_RE.match(p.name)
+        if m and p.is_dir() and (p / STATE_FILE).is_file() and (p / LORA_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    ckpts = complete_checkpoints(output_dir)
+    return ckpts[-1][1] if ckpts else None
+
+
+def rng_state(generators: dict[str, torch.Generator]) -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+        "generators": {k: g.get_state() for k, g in generators.items()},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    for k, g in generators.items():
+        if k in state["generators"]:
+            g.set_state(state["generators"][k])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    state: TrainState,
+    write_lora: "callable",
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    generators: dict[str, torch.Generator],
+    config_yaml: str,
+    total_limit: int | None = None,
+) -> Path:
+    """Write checkpoint-<step> atomically, then delete the oldest complete ones beyond total_limit."""
+    out = Path(output_dir)
+    final = out / f"checkpoint-{state.global_step}"
+    tmp = out / f".tmp-checkpoint-{state.global_step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_lora(tmp)
+    torch.save(
+        {
+            "train_state": asdict(state),
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": lr_scheduler.state_dict(),
+            "rng": rng_state(generators),
+        },
+        tmp / STATE_FILE,
+    )
+    (tmp / "config.yaml").write_text(config_yaml)
+    fsync_tree(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(out)
+    if total_limit is not None:
+        ckpts = complete_checkpoints(out)
+        for _step, path in ckpts[: max(0, len(ckpts) - total_limit)]:
+            shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def load_training_state(ckpt: str | Path) -> dict:
+    """Our own file; still loaded with weights_only=True so a swapped-in pickle cannot run code."""
+    return torch.load(Path(ckpt) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def restore(
+    payload: dict, optimizer: torch.optim.Optimizer, lr_scheduler: Any, generators: dict[str, torch.Generator]
+) -> TrainState:
+    optimizer.load_state_dict(payload["optimizer"])
+    lr_scheduler.load_state_dict(payload["lr_scheduler"])
+    set_rng_state(payload["rng"], generators)
+    return TrainState(**payload["train_state"])
+
+
+def atomic_copy(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".tmp-{dst.name}")
+    shutil.copyfile(src, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, dst)

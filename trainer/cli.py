@@ -1,0 +1,65 @@
+"""Command-line front end shared by every train_*.py entry."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from trainer.config import ConfigError, describe_keys, load_config
+
+
+def setup_logging() -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    # Library chatter (per-weight loading bars, deprecation notes) drowns the training log.
+    for name in ("diffusers", "transformers", "accelerate", "torch.distributed", "bitsandbytes"):
+        logging.getLogger(name).setLevel(logging.ERROR if name == "bitsandbytes" else logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from diffusers.utils import logging as dlog
+        from transformers.utils import logging as tlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def parse_args(description: str, argv: list[str] | None) -> argparse.Namespace:
+    epilog = "config keys (set in the YAML, or override as key=value):\n" + "\n".join(describe_keys())
+    p = argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML file in train_configs/")
+    p.add_argument("overrides", nargs="*", help="OmegaConf dot-list overrides, e.g. max_train_steps=20 data_config.img_dir=./data")
+    return p.parse_args(argv)
+
+
+def load_adapter(spec: str):
+    """'package.module:Class' -> the class; imported only after the config validated (diffusers is slow to import)."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def main(adapter: str, description: str, argv: list[str] | None = None) -> int:
+    args = parse_args(description, argv)
+    setup_logging()
+    log = logging.getLogger("trainer")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from trainer.loop import Interrupted, TrainingError, train  # heavy imports after the config is known good
+
+        train(cfg, load_adapter(adapter))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        log.error("%s", e)
+        return 130
+    except TrainingError as e:
+        log.error("%s", e)
+        return 1
+    return 0

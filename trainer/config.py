@@ -1,0 +1,250 @@
+"""Typed training configuration.
+
+Every YAML key is a field below with a default and a one-line doc (`python train.py --help` prints them).
+`load_config` merges the YAML and command-line dot-list overrides onto the schema with OmegaConf, so an unknown
+or mistyped key and a value of the wrong type fail with one line naming the full key, before any model loads.
+Key names follow FlyMyAI's trainer so its YAML files load unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration; the message is one line naming the key."""
+
+
+def doc(default: Any, help: str):
+    """A dataclass field with a default and its one-line documentation."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+TIMESTEP_SAMPLINGS = ("shift", "uniform", "logit_normal")
+LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+LR_SCHEDULERS = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+)
+TRACKERS = ("none", "tensorboard", "wandb", "all")
+
+
+@dataclass
+class DataConfig:
+    img_dir: str = doc("", "folder of training images, each with a same-stem caption file (e.g. cat.png + cat.txt)")
+    img_size: int = doc(1024, "training resolution: images are resized to about img_size x img_size pixels, aspect kept, sides multiples of 16")
+    train_batch_size: int = doc(1, "images per step per GPU; images of the same cropped size are batched together")
+    num_workers: int = doc(0, "dataloader worker processes (0 = load in the main process)")
+    caption_dropout_rate: float = doc(0.0, "probability of training a sample with an empty caption (helps classifier-free guidance)")
+    random_ratio: bool = doc(False, "random crop position instead of a center crop (FlyMyAI's multi-crop option)")
+    caption_type: str = doc("txt", "caption file extension next to each image (txt, caption, ...)")
+    skip_bad_files: bool = doc(False, "skip and list unreadable images / missing captions instead of refusing to start")
+
+
+@dataclass
+class TrainConfig:
+    pretrained_model_name_or_path: str = doc("Qwen/Qwen-Image", "diffusers model folder or Hugging Face hub id of the base model")
+    data_config: DataConfig = field(default_factory=DataConfig, metadata={"help": "dataset options (see data_config.*)"})
+    output_dir: str = doc("./output", "where checkpoints, the final LoRA and logs are written")
+    seed: int = doc(42, "random seed for data order, caption dropout, noise and timesteps")
+
+    max_train_steps: int = doc(1000, "number of optimizer steps to train")
+    learning_rate: float = doc(1e-4, "peak learning rate")
+    lr_scheduler: str = doc("constant", f"learning-rate schedule: {', '.join(LR_SCHEDULERS)}")
+    lr_warmup_steps: int = doc(0, "linear warm-up steps at the start of the schedule")
+    adam_beta1: float = doc(0.9, "AdamW beta1")
+    adam_beta2: float = doc(0.999, "AdamW beta2")
+    adam_weight_decay: float = doc(0.01, "AdamW weight decay")
+    adam_epsilon: float = doc(1e-8, "AdamW epsilon")
+    max_grad_norm: float = doc(1.0, "clip the gradient norm to this value (0 disables clipping)")
+    gradient_accumulation_steps: int = doc(1, "micro-batches accumulated per optimizer step")
+    train_batch_size: Optional[int] = doc(None, "FlyMyAI alias of data_config.train_batch_size (must agree if both are set)")
+
+    mixed_precision: str = doc("bf16", f"dtype the frozen models are loaded and run in: {', '.join(MIXED_PRECISIONS)} (no = fp32)")
+    gradient_checkpointing: bool = doc(False, "recompute transformer activations in the backward pass (less memory, ~30% slower)")
+    allow_tf32: bool = doc(True, "allow TF32 matmuls on Ampere+ GPUs")
+
+    rank: int = doc(16, "LoRA rank")
+    lora_alpha: Optional[int] = doc(None, "LoRA alpha (scale = alpha / rank); defaults to rank")
+    lora_dropout: float = doc(0.0, "dropout on the LoRA branch")
+    lora_target_modules: Optional[list[str]] = doc(None, "module names to adapt; default: the family's attention projections")
+
+    timestep_sampling: str = doc("shift", f"how sigma is drawn: {', '.join(TIMESTEP_SAMPLINGS)}; shift = the scheduler's resolution-dependent shift used at inference")
+    logit_mean: float = doc(0.0, "mean of the normal behind logit_normal (and shift) sampling")
+    logit_std: float = doc(1.0, "std of the normal behind logit_normal (and shift) sampling")
+    loss_weighting: str = doc("none", f"per-sample loss weighting: {', '.join(LOSS_WEIGHTINGS)}")
+    max_sequence_length: int = doc(512, "maximum prompt tokens given to the text encoder (longer captions are truncated with a warning)")
+
+    checkpointing_steps: int = doc(500, "save a checkpoint every N optimizer steps (0 disables intermediate checkpoints)")
+    checkpoints_total_limit: Optional[int] = doc(None, "keep at most this many checkpoints (oldest deleted first)")
+    resume_from_checkpoint: Optional[str] = doc(None, "'latest', a checkpoint folder, or null to start fresh")
+
+    logging_steps: int = doc(10, "read the loss back from the device and log it every N steps (per-step values are kept)")
+    report_to: str = doc("tensorboard", f"experiment tracker: {', '.join(TRACKERS)}")
+    logging_dir: str = doc("logs", "tracker folder, relative to output_dir")
+    tracker_project_name: str = doc("lora", "project / run group name given to the tracker")
+    wandb_project_name: Optional[str] = doc(None, "wandb project (defaults to tracker_project_name)")
+    wandb_run_name: Optional[str] = doc(None, "wandb run name")
+    wandb_entity: Optional[str] = doc(None, "wandb user or team")
+    wandb_tags: list[str] = doc([], "wandb tags")
+
+    @property
+    def weight_dtype_name(self) -> str:
+        return {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}[self.mixed_precision]
+
+
+def _one_line(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None)
+    msg = str(exc).splitlines()[0]
+    if type(exc).__name__ == "ConfigKeyError" or "not in" in msg:
+        return f"unknown config key '{key}' (see `python train.py --help` for the valid keys)"
+    return f"bad value for config key '{key}': {msg}"
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"config key '{name}' is '{value}', expected one of: {', '.join(choices)}")
+
+
+def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
+    """Cross-field checks; raises ConfigError with one line naming the key."""
+    d = cfg.data_config
+    if cfg.train_batch_size is not None:
+        if cfg.train_batch_size != d.train_batch_size and d.train_batch_size != 1:
+            raise ConfigError(
+                f"train_batch_size={cfg.train_batch_size} disagrees with data_config.train_batch_size={d.train_batch_size}; set one of them"
+            )
+        d.train_batch_size = cfg.train_batch_size
+    _check_choice("mixed_precision", cfg.mixed_precision, MIXED_PRECISIONS)
+    _check_choice("timestep_sampling", cfg.timestep_sampling, TIMESTEP_SAMPLINGS)
+    _check_choice("loss_weighting", cfg.loss_weighting, LOSS_WEIGHTINGS)
+    _check_choice("lr_scheduler", cfg.lr_scheduler, LR_SCHEDULERS)
+    _check_choice("report_to", cfg.report_to, TRACKERS)
+    positive = {
+        "learning_rate": cfg.learning_rate,
+        "max_train_steps": cfg.max_train_steps,
+        "rank": cfg.rank,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "data_config.train_batch_size": d.train_batch_size,
+        "data_config.img_size": d.img_size,
+        "max_sequence_length": cfg.max_sequence_length,
+        "logging_steps": cfg.logging_steps,
+    }
+    for name, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"config key '{name}' must be > 0, got {value}")
+    non_negative = {
+        "lr_warmup_steps": cfg.lr_warmup_steps,
+        "max_grad_norm": cfg.max_grad_norm,
+        "checkpointing_steps": cfg.checkpointing_steps,
+        "data_config.num_workers": d.num_workers,
+        "adam_weight_decay": cfg.adam_weight_decay,
+        "lora_dropout": cfg.lora_dropout,
+    }
+    for name, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"config key '{name}' must be >= 0, got {value}")
+    if cfg.lora_alpha is not None and cfg.lora_alpha <= 0:
+        raise ConfigError(f"config key 'lora_alpha' must be > 0, got {cfg.lora_alpha}")
+    if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
+        raise ConfigError(f"config key 'checkpoints_total_limit' must be >= 1 or null, got {cfg.checkpoints_total_limit}")
+    if not 0.0 <= d.caption_dropout_rate <= 1.0:
+        raise ConfigError(f"config key 'data_config.caption_dropout_rate' must be in [0, 1], got {d.caption_dropout_rate}")
+    if d.img_size % 16:
+        raise ConfigError(f"config key 'data_config.img_size' must be a multiple of 16, got {d.img_size}")
+    if cfg.logit_std <= 0:
+        raise ConfigError(f"config key 'logit_std' must be > 0, got {cfg.logit_std}")
+    if cfg.lora_target_modules is not None and not cfg.lora_target_modules:
+        raise ConfigError("config key 'lora_target_modules' is an empty list; remove it to use the family's default")
+    if check_paths:
+        if not d.img_dir:
+            raise ConfigError("config key 'data_config.img_dir' is not set: point it to your folder of images + captions")
+        if not Path(d.img_dir).is_dir():
+            raise ConfigError(f"config key 'data_config.img_dir': folder '{d.img_dir}' does not exist")
+        check_model_path(cfg.pretrained_model_name_or_path)
+        if cfg.resume_from_checkpoint not in (None, "latest") and not Path(cfg.resume_from_checkpoint).is_dir():
+            raise ConfigError(
+                f"config key 'resume_from_checkpoint': '{cfg.resume_from_checkpoint}' is not a checkpoint folder (use 'latest' or a path)"
+            )
+    return cfg
+
+
+def check_model_path(name: str, key: str = "pretrained_model_name_or_path") -> None:
+    """A local folder must hold model_index.json; a hub id must be in the local cache when offline."""
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "model_index.json").is_file():
+            raise ConfigError(f"config key '{key}': '{name}' has no model_index.json; point it to a diffusers model folder")
+        return
+    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise ConfigError(f"config key '{key}': folder '{name}' does not exist")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        from huggingface_hub import snapshot_download
+
+        try:
+            snapshot_download(name, local_files_only=True, allow_patterns=["model_index.json"])
+        except Exception:
+            raise ConfigError(
+                f"config key '{key}': '{name}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                f"run `huggingface-cli download {name}` on a connected machine, or point the key to a local folder"
+            ) from None
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None, check_paths: bool = True) -> TrainConfig:
+    """YAML file + dot-list overrides -> validated TrainConfig. Raises ConfigError (one line) on user mistakes."""
+    schema = OmegaConf.structured(TrainConfig)
+    try:
+        layers = [schema]
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"config file '{path}' does not exist")
+            try:
+                loaded = OmegaConf.load(path)
+            except Exception as e:
+                raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+            if loaded is None or not OmegaConf.is_dict(loaded):
+                raise ConfigError(f"config file '{path}' must be a mapping of keys to values")
+            layers.append(loaded)
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"command-line override '{bad[0]}' must look like key=value (e.g. max_train_steps=20)")
+            layers.append(OmegaConf.from_dotlist(overrides))
+        merged = OmegaConf.merge(*layers)
+        cfg: TrainConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_one_line(e)) from None
+    return validate(cfg, check_paths=check_paths)
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def describe_keys(schema: type = TrainConfig, prefix: str = "") -> list[str]:
+    """`key (type, default): doc` lines for --help and the README."""
+    lines = []
+    for f in dataclasses.fields(schema):
+        if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None) or f.name == "data_config":
+            lines.extend(describe_keys(DataConfig, prefix=f"{prefix}{f.name}."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        lines.append(f"  {prefix}{f.name} ({type_name}, default {default!r}): {f.metadata.get('help', '')}")
+    return lines

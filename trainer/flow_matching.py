@@ -1,0 +1,97 @@
+"""Rectified-flow objective as small pure functions.
+
+    x_t = (1 - sigma) * x0 + sigma * noise        sigma in [0, 1], sigma = 1 is pure noise
+    v   = noise - x0                               the velocity the transformer predicts
+    loss = w(sigma) * || v_pred - v ||^2
+
+Sigma sampling follows the scheduler the model ships with, so training spends its steps where inference does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+
+def calculate_shift(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """mu for resolution-dependent shifting: linear in the number of image tokens (as in the pipelines)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + base_shift - m * base_seq_len
+
+
+def shift_sigmas(sigmas: torch.Tensor, scheduler_config: Mapping[str, Any], image_seq_len: int) -> torch.Tensor:
+    """Apply the scheduler's own timestep shift to sigmas in [0, 1].
+
+    Dynamic shifting (Qwen-Image, FLUX.1-dev): mu from the token count, exponential or linear time shift.
+    Static shifting (e.g. shift=3.0 schedulers): s*t / (1 + (s-1)*t). shift=1 leaves sigmas unchanged.
+    """
+    cfg = dict(scheduler_config)
+    if cfg.get("use_dynamic_shifting", False):
+        mu = calculate_shift(
+            image_seq_len,
+            cfg.get("base_image_seq_len", 256),
+            cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5),
+            cfg.get("max_shift", 1.15),
+        )
+        if cfg.get("time_shift_type", "exponential") == "linear":
+            return mu / (mu + (1.0 / sigmas - 1.0))
+        return math.exp(mu) / (math.exp(mu) + (1.0 / sigmas - 1.0))
+    s = float(cfg.get("shift", 1.0))
+    return s * sigmas / (1.0 + (s - 1.0) * sigmas)
+
+
+def sample_sigmas(
+    batch_size: int,
+    scheme: str,
+    scheduler_config: Mapping[str, Any],
+    image_seq_len: int,
+    generator: torch.Generator,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+) -> torch.Tensor:
+    """Draw one sigma per sample, float32 on the generator's device.
+
+    uniform      : U(0, 1)
+    logit_normal : sigmoid(N(logit_mean, logit_std))  (SD3)
+    shift        : logit-normal u, then the scheduler's shift for this resolution (what inference uses)
+    """
+    device = generator.device
+    if scheme == "uniform":
+        u = torch.rand(batch_size, generator=generator, device=device)
+    else:
+        u = compute_density_for_timestep_sampling(
+            "logit_normal", batch_size, logit_mean=logit_mean, logit_std=logit_std, device=device, generator=generator
+        )
+    if scheme == "shift":
+        u = shift_sigmas(u, scheduler_config, image_seq_len)
+    # Keep sigma strictly inside (0, 1): the endpoints carry no learning signal and 1/sigma appears in shifts.
+    return u.float().clamp(1e-5, 1.0 - 1e-5)
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    s = sigmas.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+    return (1.0 - s) * x0 + s * noise
+
+
+def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    return noise - x0
+
+
+def flow_matching_loss(
+    pred: torch.Tensor, target: torch.Tensor, sigmas: torch.Tensor, weighting: str = "none"
+) -> torch.Tensor:
+    """Per-sample weighted MSE, averaged over the batch (computed in fp32)."""
+    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    if weighting != "none":
+        per_sample = per_sample * compute_loss_weighting_for_sd3(weighting, sigmas.float()).view(-1)
+    return per_sample.mean()

@@ -1,0 +1,373 @@
+"""The one training loop. Every family plugs in through a ModelAdapter; nothing here knows about packing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from image_datasets import CaptionDataset, SizeGroupedBatchSampler, collate, scan_caption_folder
+from trainer import flow_matching as fm
+from trainer.checkpoint import (
+    LORA_FILE,
+    TrainState,
+    atomic_copy,
+    latest_checkpoint,
+    load_training_state,
+    restore,
+    save_checkpoint,
+)
+from trainer.config import ConfigError, TrainConfig
+from trainer.models.base import ModelAdapter
+
+logger = logging.getLogger("trainer")
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Keys whose change makes a resumed run a different experiment.
+RESUME_KEYS = (
+    "pretrained_model_name_or_path",
+    "rank",
+    "lora_alpha",
+    "lora_target_modules",
+    "data_config.img_size",
+    "data_config.train_batch_size",
+    "gradient_accumulation_steps",
+    "seed",
+)
+
+
+class TrainingError(RuntimeError):
+    """A problem found while training that the user must act on; printed as one line."""
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor
+    cond: dict
+    paths: list[str]
+
+
+class StopRequest:
+    """SIGINT / SIGTERM: finish the step in flight, save a checkpoint, then exit."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, _frame):
+        if self.signum is not None:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        logger.warning("received %s: finishing this step and saving a checkpoint (press Ctrl-C again to abort)", signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        return False
+
+
+def probe_output_dir(output_dir: Path) -> None:
+    """Fail at start-up, not after hours, when checkpoints cannot be written."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / ".write-probe"
+        probe.write_bytes(b"\0" * 1024 * 1024)
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"config key 'output_dir': cannot write to '{output_dir}' ({e.strerror or e})") from None
+
+
+def build_dataset(cfg: TrainConfig) -> list:
+    d = cfg.data_config
+    scan = scan_caption_folder(d.img_dir, d.img_size, d.caption_type)
+    for w in scan.warnings:
+        logger.warning(w)
+    if scan.problems:
+        listing = "\n  ".join(scan.problems)
+        if not d.skip_bad_files or not scan.samples:
+            raise ConfigError(
+                f"data_config.img_dir: {len(scan.problems)} unusable file(s) in '{d.img_dir}' "
+                f"(fix them, or set data_config.skip_bad_files=true to skip them):\n  {listing}"
+            )
+        logger.warning("skipping %d unusable file(s):\n  %s", len(scan.problems), listing)
+    return scan.samples
+
+
+def dataset_fingerprint(samples: list) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for s in samples:
+        st = s.image.stat()
+        h.update(f"{s.image.name}\0{st.st_size}\0{s.caption}\0{s.size}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def check_resume_compatible(cfg: TrainConfig, ckpt: Path, fingerprint: str, saved_fingerprint: str | None) -> None:
+    saved = OmegaConf.load(ckpt / "config.yaml")
+    now = OmegaConf.structured(cfg)
+    changed = [
+        f"{k}: {OmegaConf.select(saved, k)!r} -> {OmegaConf.select(now, k)!r}"
+        for k in RESUME_KEYS
+        if OmegaConf.select(saved, k) != OmegaConf.select(now, k)
+    ]
+    if saved_fingerprint is not None and saved_fingerprint != fingerprint:
+        changed.append("dataset content (images or captions) changed")
+    if changed:
+        raise ConfigError(
+            f"resume_from_checkpoint: {ckpt} was trained with a different setup ({'; '.join(changed)}); "
+            "resume with the same config, or start a new output_dir"
+        )
+
+
+def make_trackers(cfg: TrainConfig) -> list[str]:
+    import importlib.util
+
+    wanted = ["tensorboard", "wandb"] if cfg.report_to == "all" else [] if cfg.report_to == "none" else [cfg.report_to]
+    found = []
+    for name in wanted:
+        if importlib.util.find_spec(name) is None:
+            logger.warning("report_to=%s but %s is not installed (pip install %s); not logging to it", name, name, name)
+        else:
+            found.append(name)
+    return found
+
+
+def _flat_config(cfg: TrainConfig) -> dict:
+    flat = OmegaConf.to_container(OmegaConf.structured(cfg))
+    out = {}
+
+    def walk(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+
+    walk(flat)
+    return out
+
+
+def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
+    """Run training to cfg.max_train_steps; returns the path of the final LoRA file."""
+    out = Path(cfg.output_dir)
+    probe_output_dir(out)
+    samples = build_dataset(cfg)  # before any model loads: a bad dataset costs seconds, not a model load
+    fingerprint = dataset_fingerprint(samples)
+
+    resume_from = None
+    if cfg.resume_from_checkpoint == "latest":
+        resume_from = latest_checkpoint(out)
+    elif cfg.resume_from_checkpoint:
+        resume_from = Path(cfg.resume_from_checkpoint)
+    payload = load_training_state(resume_from) if resume_from else None
+    if resume_from:
+        check_resume_compatible(cfg, resume_from, fingerprint, payload["train_state"]["extra"].get("dataset"))
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=cfg.mixed_precision,
+        log_with=make_trackers(cfg) or None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / cfg.logging_dir)),
+    )
+    if cfg.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    set_seed(cfg.seed)
+    device = accelerator.device
+
+    adapter = adapter_cls(cfg, device, DTYPES[cfg.mixed_precision])
+    logger.info("loading %s from %s in %s", adapter.family, cfg.pretrained_model_name_or_path, adapter.weight_dtype)
+    adapter.load()
+    long_captions = [
+        (s.image.name, n) for s, n in zip(samples, adapter.count_tokens([s.caption for s in samples])) if n > cfg.max_sequence_length
+    ]
+    for name, n in long_captions[:20]:
+        logger.warning("caption of %s has %d tokens; only the first %d are used (max_sequence_length)", name, n, cfg.max_sequence_length)
+
+    params = adapter.add_lora()
+    transformer = adapter.transformer
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    n_params = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.adam_weight_decay,
+        eps=cfg.adam_epsilon,
+    )
+    # Stepped by us once per optimizer step (not prepared), so warm-up and length mean optimizer steps.
+    lr_scheduler = get_scheduler(
+        cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_train_steps
+    )
+    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+
+    d = cfg.data_config
+    dataset = CaptionDataset(samples, d.caption_dropout_rate, d.random_ratio, cfg.seed)
+    sampler = SizeGroupedBatchSampler(
+        [s.size for s in samples], d.train_batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=d.num_workers, pin_memory=device.type == "cuda"
+    )
+    noise_gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + accelerator.process_index)
+    generators = {"noise": noise_gen}
+
+    state = TrainState()
+    if payload is not None:
+        adapter.load_lora_into(accelerator.unwrap_model(transformer), resume_from)
+        state = restore(payload, optimizer, lr_scheduler, generators)
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, state.global_step, state.epoch, state.batch_in_epoch)
+    elif cfg.resume_from_checkpoint == "latest":
+        logger.info("resume_from_checkpoint=latest: no checkpoint in %s yet, starting fresh", out)
+    state.extra["dataset"] = fingerprint
+    config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+    def write_lora(directory: Path) -> None:
+        adapter.save_lora(accelerator.unwrap_model(transformer), directory)
+
+    def checkpoint() -> Path:
+        return save_checkpoint(out, state, write_lora, optimizer, lr_scheduler, generators, config_yaml, cfg.checkpoints_total_limit)
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers(cfg.tracker_project_name, config=_flat_config(cfg))
+        logger.info(
+            "%d images, %d batches/epoch, batch %d x accumulation %d x %d process(es), %s trainable LoRA parameters",
+            len(samples), len(sampler), d.train_batch_size, cfg.gradient_accumulation_steps, accelerator.num_processes, f"{n_params:,}",
+        )
+
+    def prepare(batch: dict) -> Batch:
+        return Batch(adapter.encode_images(batch["pixel_values"]), adapter.encode_prompts(batch["captions"]), batch["paths"])
+
+    def loss_of(b: Batch) -> torch.Tensor:
+        x0 = b.latents
+        noise = torch.randn(x0.shape, generator=noise_gen, device=device, dtype=torch.float32)
+        sigmas = fm.sample_sigmas(
+            x0.shape[0], cfg.timestep_sampling, adapter.scheduler_config, adapter.image_seq_len(x0), noise_gen,
+            cfg.logit_mean, cfg.logit_std,
+        )
+        pred = adapter.predict(transformer, fm.add_noise(x0, noise, sigmas), sigmas, b.cond)
+        return fm.flow_matching_loss(pred, fm.velocity_target(x0, noise), sigmas, cfg.loss_weighting)
+
+    log_path = out / "train_log.jsonl"
+    pending: list[tuple[int, torch.Tensor, float]] = []
+    step_losses: list[torch.Tensor] = []
+    step_paths: list[str] = []
+    progress = tqdm(
+        total=cfg.max_train_steps, initial=state.global_step, desc="steps", disable=not accelerator.is_main_process, dynamic_ncols=True
+    )
+
+    def flush_logs() -> None:
+        if not pending or not accelerator.is_main_process:
+            pending.clear()
+            return
+        values = torch.stack([v for _, v, _ in pending]).float().cpu().tolist()  # one device sync per flush
+        with open(log_path, "a") as f:
+            for (step, _, lr), loss in zip(pending, values):
+                f.write(json.dumps({"step": step, "loss": loss, "lr": lr}) + "\n")
+                accelerator.log({"train/loss": loss, "train/lr": lr}, step=step)
+        progress.set_postfix(loss=f"{values[-1]:.4f}", lr=f"{pending[-1][2]:.2e}")
+        pending.clear()
+
+    t_start = time.time() - state.elapsed_seconds
+    with StopRequest() as stop:
+        while state.global_step < cfg.max_train_steps and stop.signum is None:
+            sampler.set_epoch(state.epoch, state.batch_in_epoch)
+            for raw in loader:
+                batch = prepare(raw)
+                with accelerator.accumulate(transformer):
+                    loss = loss_of(batch)
+                    accelerator.backward(loss)
+                    step_losses.append(loss.detach())
+                    step_paths.extend(batch.paths)
+                    if accelerator.sync_gradients:
+                        finite = _grads_finite(params, loss)
+                        if finite and cfg.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                        if finite:
+                            optimizer.step()
+                            lr_scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                state.batch_in_epoch += 1
+                if not accelerator.sync_gradients:
+                    continue
+                state.global_step += 1
+                if finite:
+                    state.nonfinite_steps = 0
+                    pending.append((state.global_step, torch.stack(step_losses).mean(), lr_scheduler.get_last_lr()[0]))
+                else:
+                    state.nonfinite_steps += 1
+                    logger.warning(
+                        "step %d: non-finite loss or gradients, update skipped (%d in a row); batch: %s",
+                        state.global_step, state.nonfinite_steps, ", ".join(Path(p).name for p in step_paths),
+                    )
+                    if state.nonfinite_steps >= 10:
+                        raise TrainingError(
+                            f"{state.nonfinite_steps} non-finite steps in a row at step {state.global_step}; "
+                            "lower learning_rate, use mixed_precision=bf16 instead of fp16, or check the listed images"
+                        )
+                step_losses.clear()
+                step_paths.clear()
+                progress.update(1)
+                if state.global_step % cfg.logging_steps == 0:
+                    flush_logs()
+                state.elapsed_seconds = time.time() - t_start
+                at_end = state.global_step >= cfg.max_train_steps
+                periodic = cfg.checkpointing_steps and state.global_step % cfg.checkpointing_steps == 0
+                if (periodic or at_end or stop.signum is not None) and accelerator.is_main_process:
+                    path = checkpoint()
+                    logger.info("saved %s", path)
+                if at_end or stop.signum is not None:
+                    break
+            else:
+                state.epoch += 1
+                state.batch_in_epoch = 0
+    flush_logs()
+    progress.close()
+    accelerator.wait_for_everyone()
+    final = out / LORA_FILE
+    if accelerator.is_main_process:
+        ckpt = out / f"checkpoint-{state.global_step}"
+        atomic_copy(ckpt / LORA_FILE, final)
+    accelerator.end_training()
+    if stop.signum is not None:
+        raise Interrupted(
+            f"stopped by {signal.Signals(stop.signum).name} at step {state.global_step}; checkpoint saved in {ckpt}. "
+            f"Resume with the same command plus resume_from_checkpoint=latest"
+        )
+    logger.info("done: %d steps in %.1f s; LoRA written to %s", state.global_step, time.time() - t_start, final)
+    return final
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+def _grads_finite(params: list[torch.nn.Parameter], loss: torch.Tensor) -> bool:
+    """One fused reduction and one host sync per optimizer step."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return bool(torch.isfinite(loss))
+    norms = torch._foreach_norm(grads)
+    total = torch.stack(norms).sum() + loss.detach().float() * 0
+    return bool(torch.isfinite(total))

@@ -1,0 +1,117 @@
+"""What the training loop needs from a model family.
+
+The loop only sees normalized latents B x C x H x W and sigma in [0, 1]. Packing, position ids, image shapes,
+timestep scaling and guidance vectors live in the adapter's `predict`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from trainer.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+def model_index(name_or_path: str) -> dict:
+    """model_index.json of a local folder or a cached / downloadable hub id."""
+    p = Path(name_or_path)
+    if not p.is_dir():
+        from huggingface_hub import hf_hub_download
+
+        p = Path(hf_hub_download(name_or_path, "model_index.json")).parent
+    return json.loads((p / "model_index.json").read_text())
+
+
+class ModelAdapter(ABC):
+    family: str = ""
+    pipeline_class: Any = None  # diffusers pipeline whose save_lora_weights / load_lora_weights we target
+    default_target_modules: tuple[str, ...] = ()
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, weight_dtype: torch.dtype):
+        self.cfg = cfg
+        self.device = device
+        self.weight_dtype = weight_dtype
+        self.transformer: torch.nn.Module | None = None
+        self.scheduler_config: dict = {}
+
+    # --- loading -------------------------------------------------------------------------------------------
+    @abstractmethod
+    def load(self) -> None:
+        """Load the frozen components in weight_dtype onto self.device; set self.transformer and scheduler_config."""
+
+    def lora_config(self) -> LoraConfig:
+        return LoraConfig(
+            r=self.cfg.rank,
+            lora_alpha=self.cfg.lora_alpha or self.cfg.rank,
+            lora_dropout=self.cfg.lora_dropout,
+            init_lora_weights="gaussian",
+            target_modules=list(self.cfg.lora_target_modules or self.default_target_modules),
+        )
+
+    def add_lora(self) -> list[torch.nn.Parameter]:
+        """Attach a fresh LoRA to the transformer; returns its (fp32) trainable parameters."""
+        t = self.transformer
+        t.requires_grad_(False)
+        cfg = self.lora_config()
+        try:
+            t.add_adapter(cfg)
+        except ValueError as e:
+            raise ValueError(f"config key 'lora_target_modules': {e}") from None
+        params = [p for p in t.parameters() if p.requires_grad]
+        for p in params:
+            p.data = p.data.float()  # train LoRA in fp32 even when the base runs in bf16
+        return params
+
+    # --- conditioning --------------------------------------------------------------------------------------
+    @abstractmethod
+    def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor | None]:
+        """Text conditioning for a batch (padded, with masks where the model takes them)."""
+
+    @abstractmethod
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels B x 3 x H x W in [-1, 1] -> normalized latents B x C x h x w."""
+
+    def count_tokens(self, captions: list[str]) -> list[int]:
+        return [0 for _ in captions]
+
+    @abstractmethod
+    def image_seq_len(self, latents: torch.Tensor) -> int:
+        """Number of image tokens the transformer sees for these latents (drives the resolution shift)."""
+
+    @abstractmethod
+    def predict(self, transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, cond: dict) -> torch.Tensor:
+        """Velocity prediction, same shape as `noisy`."""
+
+    # --- saving --------------------------------------------------------------------------------------------
+    def lora_state_dict(self, transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+        sd = get_peft_model_state_dict(transformer)
+        return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
+
+    def save_lora(self, transformer: torch.nn.Module, directory: str | Path) -> None:
+        """Diffusers-format LoRA file loadable with `<Pipeline>.load_lora_weights(directory)`."""
+        self.pipeline_class.save_lora_weights(
+            directory,
+            transformer_lora_layers=self.lora_state_dict(transformer),
+            transformer_lora_adapter_metadata=self.lora_config().to_dict(),
+        )
+
+    def load_lora_into(self, transformer: torch.nn.Module, directory: str | Path) -> None:
+        """Restore the trainable LoRA weights written by `save_lora` (exact, fp32)."""
+        from safetensors.torch import load_file
+
+        sd = load_file(str(Path(directory) / "pytorch_lora_weights.safetensors"))
+        prefix = "transformer."
+        sd = {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in sd.items()}
+        result = set_peft_model_state_dict(transformer, sd)
+        missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+        if missing or getattr(result, "unexpected_keys", []):
+            raise ValueError(f"checkpoint {directory} does not match this LoRA (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
