@@ -16,7 +16,11 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import logging  # noqa: E402
+
 import torch  # noqa: E402
+
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 FAMILIES = ("qwen-image",)
 
@@ -87,6 +91,9 @@ def build_qwen_text_encoder(tokenizer, hidden_size: int = 32):
             "num_key_value_heads": 2,
             "vocab_size": len(tokenizer),
             "max_position_embeddings": 2048,
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
             "rope_scaling": {"mrope_section": [2, 2, 4], "rope_type": "default", "type": "default"},
             "rope_theta": 1000000.0,
         },
@@ -100,6 +107,9 @@ def build_qwen_text_encoder(tokenizer, hidden_size: int = 32):
         },
         hidden_size=hidden_size,
         vocab_size=len(tokenizer),
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],

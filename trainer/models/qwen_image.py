@@ -29,8 +29,8 @@ class QwenImageAdapter(ModelAdapter):
 
     def load(self) -> None:
         name, dt = self.cfg.pretrained_model_name_or_path, self.weight_dtype
-        self.transformer = QwenImageTransformer2DModel.from_pretrained(name, subfolder="transformer", torch_dtype=dt)
-        self.vae = AutoencoderKLQwenImage.from_pretrained(name, subfolder="vae", torch_dtype=dt)
+        self.transformer = QwenImageTransformer2DModel.from_pretrained(name, subfolder="transformer", dtype=dt)
+        self.vae = AutoencoderKLQwenImage.from_pretrained(name, subfolder="vae", dtype=dt)
         text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(name, subfolder="text_encoder", dtype=dt)
         tokenizer = AutoTokenizer.from_pretrained(name, subfolder="tokenizer")
         for m in (self.transformer, self.vae, text_encoder):

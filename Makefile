@@ -1,0 +1,40 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv/ and install the pins first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+ACCELERATE := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test bench clean-demo
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) utils/make_tiny_models.py --family qwen-image --out demo/tiny-qwen-image
+	$(PY) utils/make_demo_dataset.py --out demo/dataset
+	$(PY) utils/validate_dataset.py --path demo/dataset --img_size 64
+	rm -rf demo/output
+	$(ACCELERATE) train.py --config train_configs/demo_qwen_image.yaml
+	$(PY) inference.py --model_name demo/tiny-qwen-image --lora_weights demo/output \
+		--prompt "a red circle on a white background, flat vector art" \
+		--width 64 --height 64 --num_inference_steps 20 --seed 0 --output_image demo/sample.png
+	@echo
+	@echo "demo done:"
+	@echo "  tiny model      demo/tiny-qwen-image/"
+	@echo "  dataset         demo/dataset/"
+	@echo "  LoRA            demo/output/pytorch_lora_weights.safetensors (+ checkpoints in demo/output/checkpoint-*)"
+	@echo "  loss per step   demo/output/train_log.jsonl   (tensorboard --logdir demo/output/logs)"
+	@echo "  sample image    demo/sample.png"
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean-demo:
+	rm -rf demo
