@@ -130,6 +130,8 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
                 f"train_batch_size={cfg.train_batch_size} disagrees with data_config.train_batch_size={d.train_batch_size}; set one of them"
             )
         d.train_batch_size = cfg.train_batch_size
+    if cfg.mixed_precision in ("False", "false"):  # YAML 1.1 reads an unquoted `no` as a boolean
+        cfg.mixed_precision = "no"
     _check_choice("mixed_precision", cfg.mixed_precision, MIXED_PRECISIONS)
     _check_choice("timestep_sampling", cfg.timestep_sampling, TIMESTEP_SAMPLINGS)
     _check_choice("loss_weighting", cfg.loss_weighting, LOSS_WEIGHTINGS)
