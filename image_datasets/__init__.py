@@ -1,4 +1,4 @@
-"""Datasets: caption folders (text-to-image); images are read with every colour mode and EXIF orientation handled."""
+"""Datasets: caption folders (text-to-image), edit pairs (control_dir or metadata.csv/jsonl); images are read with every colour mode and EXIF orientation handled."""
 
 from .caption_dataset import (
     CaptionDataset,
@@ -8,6 +8,8 @@ from .caption_dataset import (
     collate,
     read_caption,
     scan_caption_folder,
+    scan_dataset,
+    scan_metadata,
 )
 from .images import BadImageError, load_image, resize_and_crop, target_size, to_tensor
 
@@ -22,6 +24,8 @@ __all__ = [
     "read_caption",
     "resize_and_crop",
     "scan_caption_folder",
+    "scan_dataset",
+    "scan_metadata",
     "target_size",
     "to_tensor",
 ]

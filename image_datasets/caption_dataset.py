@@ -6,7 +6,7 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Hashable, Iterator, Sequence
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -21,6 +21,13 @@ class Sample:
     image: Path
     caption: str
     size: tuple[int, int]  # training (width, height) after resize + crop
+    controls: tuple[Path, ...] = ()  # reference / source images for edit and Kontext training
+    control_sizes: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def group(self) -> tuple:
+        """Samples with equal groups can share a batch (every tensor in it has the same shape)."""
+        return (self.size, self.control_sizes)
 
 
 @dataclass
@@ -40,8 +47,51 @@ def read_caption(path: Path) -> str:
     return " ".join(text.split())
 
 
-def scan_caption_folder(img_dir: str | Path, img_size: int, caption_ext: str = "txt", decode: bool = True) -> ScanResult:
-    """Pair every image with its caption and check it. decode=True fully decodes each image (catches truncation)."""
+def _check_image(path: Path, img_size: int, decode: bool, result: ScanResult) -> tuple[int, int] | None:
+    """Training size of one image, or None (and a problem line) when it cannot be used."""
+    try:
+        w, h = oriented_size(path)
+        size = target_size(w, h, img_size)
+        if decode:
+            load_image(path, draft_size=size)
+    except BadImageError as e:
+        result.problems.append(str(e))
+        return None
+    if min(w, h) < min(size) // 2:
+        result.warnings.append(f"{path}: {w}x{h} is much smaller than the training size {size[0]}x{size[1]} and will be upscaled")
+    return size
+
+
+def _add_sample(result: ScanResult, image: Path, caption: str, caption_name: str, controls: list[Path], img_size: int, decode: bool) -> None:
+    size = _check_image(image, img_size, decode, result)
+    control_sizes = [_check_image(c, img_size, decode, result) for c in controls]
+    if size is None or any(cs is None for cs in control_sizes):
+        return
+    if not caption:
+        result.warnings.append(f"{caption_name}: caption is empty (the image trains unconditionally)")
+    result.samples.append(Sample(image, caption, size, tuple(controls), tuple(control_sizes)))
+
+
+def _find_control(control_dir: Path, stem: str) -> Path | None:
+    for p in sorted(control_dir.glob(glob_escape(stem) + ".*")):
+        if p.stem == stem and is_image_file(p):
+            return p
+    return None
+
+
+def glob_escape(text: str) -> str:
+    import glob
+
+    return glob.escape(text)
+
+
+def scan_caption_folder(
+    img_dir: str | Path, img_size: int, caption_ext: str = "txt", decode: bool = True, control_dir: str | Path | None = None
+) -> ScanResult:
+    """Pair every image with its caption (and its same-stem control image when control_dir is given) and check it.
+
+    decode=True fully decodes each image, which catches truncated files that a header read would miss.
+    """
     root = Path(img_dir)
     result = ScanResult()
     ext = "." + caption_ext.lstrip(".")
@@ -65,19 +115,74 @@ def scan_caption_folder(img_dir: str | Path, img_size: int, caption_ext: str = "
         except (OSError, ValueError) as e:
             result.problems.append(str(e))
             continue
-        try:
-            w, h = oriented_size(img)
-            size = target_size(w, h, img_size)
-            if decode:
-                load_image(img, draft_size=size)
-        except BadImageError as e:
-            result.problems.append(str(e))
+        controls = []
+        if control_dir is not None:
+            control = _find_control(Path(control_dir), img.stem)
+            if control is None:
+                result.problems.append(f"{img}: no control image named {img.stem}.* in {control_dir}")
+                continue
+            controls.append(control)
+        _add_sample(result, img, caption, str(cap), controls, img_size, decode)
+    return result
+
+
+def scan_dataset(d, decode: bool = True) -> ScanResult:
+    """The dataset a DataConfig describes: a metadata file, or a caption folder (with control_dir for edit pairs)."""
+    if d.metadata_file:
+        return scan_metadata(d.metadata_file, d.img_size, decode)
+    return scan_caption_folder(d.img_dir, d.img_size, d.caption_type, decode, d.control_dir)
+
+
+CONTROL_COLUMNS = ("control_image", "control_image_2", "control_image_3")
+
+
+def read_metadata(path: Path) -> list[dict]:
+    """Rows of a metadata.csv / metadata.jsonl file."""
+    import csv
+    import json
+
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix.lower() == ".csv":
+        return list(csv.DictReader(text.splitlines()))
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    return rows
+
+
+def scan_metadata(metadata_file: str | Path, img_size: int, decode: bool = True) -> ScanResult:
+    """Edit triples from metadata.csv / .jsonl with columns image, prompt, control_image[, control_image_2, _3].
+
+    Relative paths are resolved from the metadata file's folder.
+    """
+    meta = Path(metadata_file)
+    result = ScanResult()
+    try:
+        rows = read_metadata(meta)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        result.problems.append(f"{meta}: cannot read metadata ({e})")
+        return result
+    if not rows:
+        result.problems.append(f"{meta}: no rows")
+        return result
+    missing_cols = [c for c in ("image", "prompt") if c not in rows[0]]
+    if missing_cols:
+        result.problems.append(f"{meta}: missing column(s) {', '.join(missing_cols)} (expected image, prompt, control_image, ...)")
+        return result
+    for n, row in enumerate(rows, 2 if meta.suffix.lower() == ".csv" else 1):
+        where = f"{meta}:{n}"
+        paths = [row.get("image")] + [row.get(c) for c in CONTROL_COLUMNS if row.get(c)]
+        resolved = [(meta.parent / str(p)) if p else None for p in paths]
+        absent = [str(p) for p in resolved if p is None or not p.is_file()]
+        if absent:
+            result.problems.append(f"{where}: file(s) not found: {', '.join(absent)}")
             continue
-        if not caption:
-            result.warnings.append(f"{cap}: caption is empty (the image trains unconditionally)")
-        if min(w, h) < min(size) // 2:
-            result.warnings.append(f"{img}: {w}x{h} is much smaller than the training size {size[0]}x{size[1]} and will be upscaled")
-        result.samples.append(Sample(img, caption, size))
+        caption = " ".join(str(row.get("prompt") or "").split())
+        _add_sample(result, resolved[0], caption, where, resolved[1:], img_size, decode)
     return result
 
 
@@ -103,35 +208,43 @@ class CaptionDataset(Dataset):
         s = self.samples[index]
         rng = sample_rng(self.seed, epoch, index)
         drop = rng.random() < self.caption_dropout_rate
+        img = self._load(s.image, s.size)
+        img = resize_and_crop(img, s.size, rng if self.random_crop else None)
+        controls = [to_tensor(resize_and_crop(self._load(c, size), size)) for c, size in zip(s.controls, s.control_sizes)]
+        return {"pixel_values": to_tensor(img), "controls": controls, "caption": "" if drop else s.caption, "path": str(s.image)}
+
+
+    @staticmethod
+    def _load(path: Path, size: tuple[int, int]):
         try:
-            img = load_image(s.image, draft_size=s.size)
+            return load_image(path, draft_size=size)
         except BadImageError as e:
             # The file changed or broke after the start-up scan: keep training, say which file.
-            logger.warning("%s; training on a blank image for this sample", e)
+            logger.warning("%s; using a grey image for this sample", e)
             from PIL import Image
 
-            img = Image.new("RGB", s.size, (127, 127, 127))
-        img = resize_and_crop(img, s.size, rng if self.random_crop else None)
-        return {"pixel_values": to_tensor(img), "caption": "" if drop else s.caption, "path": str(s.image)}
+            return Image.new("RGB", size, (127, 127, 127))
 
 
 def collate(items: list[dict]) -> dict:
+    n_controls = len(items[0]["controls"])
     return {
         "pixel_values": torch.stack([it["pixel_values"] for it in items]),
+        "controls": [torch.stack([it["controls"][k] for it in items]) for k in range(n_controls)],
         "captions": [it["caption"] for it in items],
         "paths": [it["path"] for it in items],
     }
 
 
 class SizeGroupedBatchSampler(Sampler):
-    """Shuffled batches in which every image has the same training size.
+    """Shuffled batches in which every item has the same group (training size, control sizes).
 
     The order is a pure function of (seed, epoch), so a resumed run sees exactly the batches the uninterrupted run
     would have seen. Batches are dealt round-robin to processes (rank::world_size); every process gets the same number.
     """
 
-    def __init__(self, sizes: Sequence[tuple[int, int]], batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.sizes = list(sizes)
+    def __init__(self, groups: Sequence[Hashable], batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.groups = list(groups)  # e.g. Sample.group: items in one batch must share it
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
@@ -144,11 +257,11 @@ class SizeGroupedBatchSampler(Sampler):
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         rng = random.Random(f"{self.seed}-batches-{epoch}")
-        order = list(range(len(self.sizes)))
+        order = list(range(len(self.groups)))
         rng.shuffle(order)
-        groups: dict[tuple[int, int], list[int]] = {}
+        groups: dict[Hashable, list[int]] = {}
         for i in order:
-            groups.setdefault(self.sizes[i], []).append(i)
+            groups.setdefault(self.groups[i], []).append(i)
         batches = [g[k : k + self.batch_size] for g in groups.values() for k in range(0, len(g), self.batch_size)]
         rng.shuffle(batches)
         usable = len(batches) - len(batches) % self.world_size if len(batches) >= self.world_size else len(batches)

@@ -54,6 +54,8 @@ class DataConfig:
     random_ratio: bool = doc(False, "random crop position instead of a center crop (FlyMyAI's multi-crop option)")
     caption_type: str = doc("txt", "caption file extension next to each image (txt, caption, ...)")
     skip_bad_files: bool = doc(False, "skip and list unreadable images / missing captions instead of refusing to start")
+    control_dir: Optional[str] = doc(None, "edit / Kontext: folder of control (source) images with the same stems as img_dir's images")
+    metadata_file: Optional[str] = doc(None, "edit: metadata.csv or .jsonl with columns image, prompt, control_image[, control_image_2, control_image_3] (replaces img_dir)")
 
 
 @dataclass
@@ -89,6 +91,8 @@ class TrainConfig:
     logit_std: float = doc(1.0, "std of the normal behind logit_normal (and shift) sampling")
     loss_weighting: str = doc("none", f"per-sample loss weighting: {', '.join(LOSS_WEIGHTINGS)}")
     max_sequence_length: int = doc(512, "maximum prompt tokens given to the text encoder (longer captions are truncated with a warning)")
+    t5_max_sequence_length: int = doc(512, "FLUX: T5 prompt tokens (prompts are padded to this length, as in the pipeline)")
+    guidance_scale: float = doc(3.5, "FLUX dev / Kontext: the distilled guidance value fed to the transformer during training (ignored by models without a guidance embedding)")
 
     checkpointing_steps: int = doc(500, "save a checkpoint every N optimizer steps (0 disables intermediate checkpoints)")
     checkpoints_total_limit: Optional[int] = doc(None, "keep at most this many checkpoints (oldest deleted first)")
@@ -145,6 +149,7 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         "data_config.train_batch_size": d.train_batch_size,
         "data_config.img_size": d.img_size,
         "max_sequence_length": cfg.max_sequence_length,
+        "t5_max_sequence_length": cfg.t5_max_sequence_length,
         "logging_steps": cfg.logging_steps,
     }
     for name, value in positive.items():
@@ -173,11 +178,21 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         raise ConfigError(f"config key 'logit_std' must be > 0, got {cfg.logit_std}")
     if cfg.lora_target_modules is not None and not cfg.lora_target_modules:
         raise ConfigError("config key 'lora_target_modules' is an empty list; remove it to use the family's default")
-    if check_paths:
+    if d.control_dir is not None and d.metadata_file is not None:
+        raise ConfigError("config keys 'data_config.control_dir' and 'data_config.metadata_file' are exclusive; use one")
+    if check_paths and d.metadata_file is not None:
+        if not Path(d.metadata_file).is_file():
+            raise ConfigError(f"config key 'data_config.metadata_file': file '{d.metadata_file}' does not exist")
+        if Path(d.metadata_file).suffix.lower() not in (".csv", ".jsonl"):
+            raise ConfigError(f"config key 'data_config.metadata_file': '{d.metadata_file}' must be a .csv or .jsonl file")
+    if check_paths and d.control_dir is not None and not Path(d.control_dir).is_dir():
+        raise ConfigError(f"config key 'data_config.control_dir': folder '{d.control_dir}' does not exist")
+    if check_paths and d.metadata_file is None:
         if not d.img_dir:
             raise ConfigError("config key 'data_config.img_dir' is not set: point it to your folder of images + captions")
         if not Path(d.img_dir).is_dir():
             raise ConfigError(f"config key 'data_config.img_dir': folder '{d.img_dir}' does not exist")
+    if check_paths:
         check_model_path(cfg.pretrained_model_name_or_path)
         if cfg.resume_from_checkpoint not in (None, "latest") and not Path(cfg.resume_from_checkpoint).is_dir():
             raise ConfigError(

@@ -17,7 +17,7 @@ from diffusers.optimization import get_scheduler
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from image_datasets import CaptionDataset, SizeGroupedBatchSampler, collate, scan_caption_folder
+from image_datasets import CaptionDataset, SizeGroupedBatchSampler, collate, scan_dataset
 from trainer import flow_matching as fm
 from trainer.checkpoint import (
     LORA_FILE,
@@ -49,13 +49,6 @@ RESUME_KEYS = (
 
 class TrainingError(RuntimeError):
     """A problem found while training that the user must act on; printed as one line."""
-
-
-@dataclass
-class Batch:
-    latents: torch.Tensor
-    cond: dict
-    paths: list[str]
 
 
 class StopRequest:
@@ -98,14 +91,14 @@ def probe_output_dir(output_dir: Path) -> None:
 
 def build_dataset(cfg: TrainConfig) -> list:
     d = cfg.data_config
-    scan = scan_caption_folder(d.img_dir, d.img_size, d.caption_type)
+    scan = scan_dataset(d)
     for w in scan.warnings:
         logger.warning(w)
     if scan.problems:
         listing = "\n  ".join(scan.problems)
         if not d.skip_bad_files or not scan.samples:
             raise ConfigError(
-                f"data_config.img_dir: {len(scan.problems)} unusable file(s) in '{d.img_dir}' "
+                f"data_config: {len(scan.problems)} unusable file(s) in '{d.metadata_file or d.img_dir}' "
                 f"(fix them, or set data_config.skip_bad_files=true to skip them):\n  {listing}"
             )
         logger.warning("skipping %d unusable file(s):\n  %s", len(scan.problems), listing)
@@ -170,6 +163,7 @@ def _flat_config(cfg: TrainConfig) -> dict:
 def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
     """Run training to cfg.max_train_steps; returns the path of the final LoRA file."""
     out = Path(cfg.output_dir)
+    adapter_cls.check_setup(cfg)
     probe_output_dir(out)
     samples = build_dataset(cfg)  # before any model loads: a bad dataset costs seconds, not a model load
     fingerprint = dataset_fingerprint(samples)
@@ -225,7 +219,7 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
     d = cfg.data_config
     dataset = CaptionDataset(samples, d.caption_dropout_rate, d.random_ratio, cfg.seed)
     sampler = SizeGroupedBatchSampler(
-        [s.size for s in samples], d.train_batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes
+        [s.group for s in samples], d.train_batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes
     )
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=d.num_workers, pin_memory=device.type == "cuda"
@@ -256,17 +250,13 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
             len(samples), len(sampler), d.train_batch_size, cfg.gradient_accumulation_steps, accelerator.num_processes, f"{n_params:,}",
         )
 
-    def prepare(batch: dict) -> Batch:
-        return Batch(adapter.encode_images(batch["pixel_values"]), adapter.encode_prompts(batch["captions"]), batch["paths"])
-
-    def loss_of(b: Batch) -> torch.Tensor:
-        x0 = b.latents
+    def loss_of(x0: torch.Tensor, cond: dict) -> torch.Tensor:
         noise = torch.randn(x0.shape, generator=noise_gen, device=device, dtype=torch.float32)
         sigmas = fm.sample_sigmas(
             x0.shape[0], cfg.timestep_sampling, adapter.scheduler_config, adapter.image_seq_len(x0), noise_gen,
             cfg.logit_mean, cfg.logit_std,
         )
-        pred = adapter.predict(transformer, fm.add_noise(x0, noise, sigmas), sigmas, b.cond)
+        pred = adapter.predict(transformer, fm.add_noise(x0, noise, sigmas), sigmas, cond)
         return fm.flow_matching_loss(pred, fm.velocity_target(x0, noise), sigmas, cfg.loss_weighting)
 
     log_path = out / "train_log.jsonl"
@@ -293,13 +283,13 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
     with StopRequest() as stop:
         while state.global_step < cfg.max_train_steps and stop.signum is None:
             sampler.set_epoch(state.epoch, state.batch_in_epoch)
-            for raw in loader:
-                batch = prepare(raw)
+            for batch in loader:
+                latents, cond = adapter.encode_batch(batch)
                 with accelerator.accumulate(transformer):
-                    loss = loss_of(batch)
+                    loss = loss_of(latents, cond)
                     accelerator.backward(loss)
                     step_losses.append(loss.detach())
-                    step_paths.extend(batch.paths)
+                    step_paths.extend(batch["paths"])
                     if accelerator.sync_gradients:
                         finite = _grads_finite(params, loss)
                         if finite and cfg.max_grad_norm > 0:

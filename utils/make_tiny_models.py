@@ -22,7 +22,6 @@ import torch  # noqa: E402
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
-FAMILIES = ("qwen-image",)
 
 # Enough text for a byte-level BPE to learn a few hundred merges; any English-ish text works.
 _CORPUS = """
@@ -174,7 +173,133 @@ def make_qwen_image(out: Path) -> None:
     pipe.save_pretrained(out)
 
 
-BUILDERS = {"qwen-image": make_qwen_image}
+def build_qwen_processor(tokenizer):
+    from transformers import Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    # Small pixel budget: the tiny vision tower only needs a few patches per image.
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
+    return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def _make_qwen_edit(out: Path, pipeline_name: str) -> None:
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(0)
+    tokenizer = build_qwen_tokenizer()
+    pipe = getattr(diffusers, pipeline_name)(
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, shift=1.0,
+            shift_terminal=0.02, use_dynamic_shifting=True, time_shift_type="exponential",
+        ),
+        vae=build_qwen_vae(),
+        text_encoder=build_qwen_text_encoder(tokenizer),
+        tokenizer=tokenizer,
+        processor=build_qwen_processor(tokenizer),
+        transformer=build_qwen_transformer(),
+    )
+    pipe.save_pretrained(out)
+
+
+def make_qwen_image_edit(out: Path) -> None:
+    _make_qwen_edit(out, "QwenImageEditPipeline")
+
+
+def make_qwen_image_edit_plus(out: Path) -> None:
+    _make_qwen_edit(out, "QwenImageEditPlusPipeline")
+
+
+def build_clip(hidden: int = 32):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    vocab, merges = _train_byte_level_bpe(300, specials)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, projection_dim=hidden,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+    )
+    return CLIPTextModel(config), tokenizer
+
+
+def build_t5(hidden: int = 32):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False)
+    tok.train_from_iterator(_CORPUS * 20, trainer=trainer)
+    vocab = [tuple(v) for v in json.loads(tok.to_str())["model"]["vocab"]]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
+    config = T5Config(
+        vocab_size=len(tokenizer), d_model=hidden, d_kv=8, d_ff=hidden * 2, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )
+    return T5EncoderModel(config), tokenizer
+
+
+def build_flux_transformer(guidance_embeds: bool, joint_attention_dim: int = 32, pooled_dim: int = 32):
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=16, out_channels=None, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=joint_attention_dim, pooled_projection_dim=pooled_dim,
+        guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8),
+    )
+
+
+def build_flux_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+    )
+
+
+def _make_flux(out: Path, pipeline_name: str) -> None:
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(0)
+    clip, clip_tok = build_clip()
+    t5, t5_tok = build_t5()
+    pipe = getattr(diffusers, pipeline_name)(
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15, shift=3.0,
+            use_dynamic_shifting=True,
+        ),
+        vae=build_flux_vae(),
+        text_encoder=clip,
+        tokenizer=clip_tok,
+        text_encoder_2=t5,
+        tokenizer_2=t5_tok,
+        transformer=build_flux_transformer(guidance_embeds=True),
+    )
+    pipe.save_pretrained(out)
+
+
+def make_flux(out: Path) -> None:
+    _make_flux(out, "FluxPipeline")
+
+
+def make_flux_kontext(out: Path) -> None:
+    _make_flux(out, "FluxKontextPipeline")
+
+
+BUILDERS = {
+    "qwen-image": make_qwen_image,
+    "qwen-image-edit": make_qwen_image_edit,
+    "qwen-image-edit-plus": make_qwen_image_edit_plus,
+    "flux": make_flux,
+    "flux-kontext": make_flux_kontext,
+}
 
 
 def make_tiny_model(family: str, out: str | Path) -> Path:

@@ -31,10 +31,44 @@ def model_index(name_or_path: str) -> dict:
     return json.loads((p / "model_index.json").read_text())
 
 
+ENTRY_FOR_PIPELINE = {
+    "QwenImagePipeline": "train.py (or train_4090.py)",
+    "QwenImageEditPipeline": "train_qwen_edit_lora.py",
+    "QwenImageEditPlusPipeline": "train_qwen_edit_lora.py",
+    "FluxPipeline": "train_flux_lora.py",
+    "FluxKontextPipeline": "train_flux_lora.py",
+}
+
+
 class ModelAdapter(ABC):
     family: str = ""
+    entry: str = ""  # the train_*.py script for this family, for error messages
     pipeline_class: Any = None  # diffusers pipeline whose save_lora_weights / load_lora_weights we target
+    pipeline_classes: tuple[str, ...] = ()  # model_index.json `_class_name`s this adapter trains
     default_target_modules: tuple[str, ...] = ()
+    controls: str = "never"  # "never", "optional" or "required": whether samples carry control images
+
+    @classmethod
+    def check_setup(cls, cfg: TrainConfig) -> None:
+        """Cheap checks before any data or model is read: right script for the model, dataset kind fits the family."""
+        from trainer.config import ConfigError
+
+        try:
+            name = model_index(cfg.pretrained_model_name_or_path).get("_class_name", "?")
+        except Exception as e:
+            raise ConfigError(f"config key 'pretrained_model_name_or_path': cannot read model_index.json ({type(e).__name__}: {e})") from None
+        if name not in cls.pipeline_classes:
+            hint = ENTRY_FOR_PIPELINE.get(name)
+            raise ConfigError(
+                f"config key 'pretrained_model_name_or_path' is a {name} model, which {cls.entry} does not train"
+                + (f"; use {hint}" if hint else "")
+            )
+        d = cfg.data_config
+        has_controls = d.control_dir is not None or d.metadata_file is not None
+        if cls.controls == "required" and not has_controls:
+            raise ConfigError(f"{cls.entry} needs control images: set data_config.control_dir or data_config.metadata_file")
+        if cls.controls == "never" and has_controls:
+            raise ConfigError(f"a {name} model takes no control images: remove data_config.control_dir / metadata_file")
 
     def __init__(self, cfg: TrainConfig, device: torch.device, weight_dtype: torch.dtype):
         self.cfg = cfg
@@ -79,6 +113,10 @@ class ModelAdapter(ABC):
     @abstractmethod
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels B x 3 x H x W in [-1, 1] -> normalized latents B x C x h x w."""
+
+    def encode_batch(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Collated batch -> (target latents, conditioning for predict)."""
+        return self.encode_images(batch["pixel_values"]), self.encode_prompts(batch["captions"])
 
     def count_tokens(self, captions: list[str]) -> list[int]:
         return [0 for _ in captions]

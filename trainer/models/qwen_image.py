@@ -24,7 +24,9 @@ def unpack_latents(packed: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 class QwenImageAdapter(ModelAdapter):
     family = "qwen-image"
+    entry = "train.py"
     pipeline_class = QwenImagePipeline
+    pipeline_classes = ("QwenImagePipeline",)
     default_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
     def load(self) -> None:
