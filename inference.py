@@ -18,9 +18,13 @@ from pathlib import Path
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
-# model_index.json `_class_name` -> (family, takes input images, guidance style)
+# model_index.json `_class_name` -> (family, how many --image inputs it takes, guidance style)
 FAMILIES = {
-    "QwenImagePipeline": ("qwen-image", False, "true_cfg"),
+    "QwenImagePipeline": ("qwen-image", 0, "true_cfg"),
+    "QwenImageEditPipeline": ("qwen-image-edit", 1, "true_cfg"),
+    "QwenImageEditPlusPipeline": ("qwen-image-edit-plus", 3, "true_cfg"),
+    "FluxPipeline": ("flux", 0, "distilled"),
+    "FluxKontextPipeline": ("flux-kontext", 1, "distilled"),
 }
 
 
@@ -30,11 +34,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora_weights", default=None, help="LoRA .safetensors file or a folder containing " + LORA_FILE)
     p.add_argument("--lora_scale", type=float, default=1.0, help="LoRA strength (0 = base model)")
     p.add_argument("--prompt", required=True)
+    p.add_argument("--image", action="append", default=[], help="input image for edit / Kontext models (repeat for Edit-2509, up to 3)")
+    p.add_argument("--kontext_auto_resize", choices=["true", "false"], default="true",
+                   help="Kontext: resize the input image to the nearest resolution Kontext was trained on (pipeline default)")
     p.add_argument("--negative_prompt", default=None, help="negative prompt (Qwen: used when --true_cfg_scale > 1; default ' ')")
     p.add_argument("--true_cfg_scale", type=float, default=4.0, help="Qwen-Image classifier-free guidance scale")
     p.add_argument("--guidance_scale", type=float, default=None, help="FLUX distilled guidance (default 3.5 for dev / Kontext)")
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=None, help="default 1024 (edit models: the input image's aspect at ~1 MP)")
+    p.add_argument("--height", type=int, default=None, help="default 1024 (edit models: the input image's aspect at ~1 MP)")
     p.add_argument("--num_inference_steps", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_image", default="output.png")
@@ -77,10 +84,16 @@ def pipeline_class_name(model_name: str) -> str:
     return json.loads(index.read_text())["_class_name"]
 
 
-def load_pipeline(model_name: str, dtype, device: str, lora: str | None, lora_scale: float):
+def load_pipeline(model_name: str, family: str, dtype, device: str, lora: str | None, lora_scale: float):
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(model_name, dtype=dtype)
+    extra = {}
+    if family.startswith("qwen-image-edit"):
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from trainer.models.qwen_processor import load_qwen_processor
+
+        extra["processor"] = load_qwen_processor(model_name)
+    pipe = DiffusionPipeline.from_pretrained(model_name, dtype=dtype, **extra)
     if lora:
         directory, weight_name = resolve_lora(lora)
         pipe.load_lora_weights(directory, weight_name=weight_name, adapter_name="lora")
@@ -94,9 +107,16 @@ def main(argv=None) -> int:
     class_name = pipeline_class_name(args.model_name)
     if class_name not in FAMILIES:
         fail(f"--model_name: pipeline {class_name} is not supported (supported: {', '.join(FAMILIES)})")
-    family, _takes_images, guidance = FAMILIES[class_name]
+    family, max_images, guidance = FAMILIES[class_name]
     if args.lora_weights:
         resolve_lora(args.lora_weights)
+    if max_images and not args.image:
+        fail(f"--image: {family} models edit an input image; pass --image PATH")
+    if len(args.image) > max_images:
+        fail(f"--image: {family} takes at most {max_images} input image(s), got {len(args.image)}")
+    for path in args.image:
+        if not Path(path).is_file():
+            fail(f"--image: '{path}' does not exist")
 
     import torch
 
@@ -109,15 +129,24 @@ def main(argv=None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype if args.dtype != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
-    pipe = load_pipeline(args.model_name, dtype, device, args.lora_weights, args.lora_scale)
+    pipe = load_pipeline(args.model_name, family, dtype, device, args.lora_weights, args.lora_scale)
 
     kwargs = dict(
         prompt=args.prompt,
-        width=args.width,
-        height=args.height,
+        width=args.width or (None if max_images else 1024),
+        height=args.height or (None if max_images else 1024),
         num_inference_steps=args.num_inference_steps,
         generator=torch.Generator(device="cpu").manual_seed(args.seed),
     )
+    if args.image:
+        from PIL import Image, ImageOps
+
+        images = [ImageOps.exif_transpose(Image.open(p)).convert("RGB") for p in args.image]
+        kwargs["image"] = images if family == "qwen-image-edit-plus" else images[0]
+    if family == "flux-kontext":
+        kwargs["_auto_resize"] = args.kontext_auto_resize == "true"
+    if guidance == "distilled":
+        kwargs["guidance_scale"] = 3.5 if args.guidance_scale is None else args.guidance_scale
     if guidance == "true_cfg":
         # Qwen's reference usage enables CFG with a blank negative prompt when none is given.
         negative = args.negative_prompt if args.negative_prompt is not None else (" " if args.true_cfg_scale > 1 else None)

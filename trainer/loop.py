@@ -166,6 +166,7 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
     adapter_cls.check_setup(cfg)
     probe_output_dir(out)
     samples = build_dataset(cfg)  # before any model loads: a bad dataset costs seconds, not a model load
+    adapter_cls.check_samples(cfg, samples)
     fingerprint = dataset_fingerprint(samples)
 
     resume_from = None

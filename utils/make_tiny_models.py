@@ -72,7 +72,7 @@ def build_qwen_tokenizer():
     from transformers import Qwen2Tokenizer
 
     vocab, merges = _train_byte_level_bpe(400, QWEN_SPECIAL_TOKENS)
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=32768)
     tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS[1:]})
     return tokenizer
 
@@ -173,13 +173,23 @@ def make_qwen_image(out: Path) -> None:
     pipe.save_pretrained(out)
 
 
-def build_qwen_processor(tokenizer):
-    from transformers import Qwen2VLProcessor
+def save_qwen_processor(tokenizer, out: Path) -> None:
+    """Write a Qwen2VLProcessor folder (image processor + tokenizer) and name it in model_index.json.
+
+    Built from its parts because transformers can only instantiate Qwen2VLProcessor when torchvision is
+    installed; the saved files are the same, and load with Qwen2VLProcessor.from_pretrained where it is.
+    """
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     # Small pixel budget: the tiny vision tower only needs a few patches per image.
     image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
-    return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    folder = out / "processor"
+    image_processor.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}, indent=2))
+    index = json.loads((out / "model_index.json").read_text())
+    index["processor"] = ["transformers", "Qwen2VLProcessor"]
+    (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
 
 
 def _make_qwen_edit(out: Path, pipeline_name: str) -> None:
@@ -196,10 +206,11 @@ def _make_qwen_edit(out: Path, pipeline_name: str) -> None:
         vae=build_qwen_vae(),
         text_encoder=build_qwen_text_encoder(tokenizer),
         tokenizer=tokenizer,
-        processor=build_qwen_processor(tokenizer),
+        processor=None,
         transformer=build_qwen_transformer(),
     )
     pipe.save_pretrained(out)
+    save_qwen_processor(tokenizer, out)
 
 
 def make_qwen_image_edit(out: Path) -> None:
@@ -215,7 +226,7 @@ def build_clip(hidden: int = 32):
 
     specials = ["<|startoftext|>", "<|endoftext|>"]
     vocab, merges = _train_byte_level_bpe(300, specials)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
     config = CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
         num_attention_heads=2, max_position_embeddings=77, projection_dim=hidden,
@@ -235,7 +246,7 @@ def build_t5(hidden: int = 32):
     trainer = trainers.UnigramTrainer(vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False)
     tok.train_from_iterator(_CORPUS * 20, trainer=trainer)
     vocab = [tuple(v) for v in json.loads(tok.to_str())["model"]["vocab"]]
-    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
     config = T5Config(
         vocab_size=len(tokenizer), d_model=hidden, d_kv=8, d_ff=hidden * 2, num_layers=2, num_heads=4,
         relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,

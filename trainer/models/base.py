@@ -77,6 +77,10 @@ class ModelAdapter(ABC):
         self.transformer: torch.nn.Module | None = None
         self.scheduler_config: dict = {}
 
+    @classmethod
+    def check_samples(cls, cfg: TrainConfig, samples: list) -> None:
+        """Family-specific dataset checks after the scan, before any model loads (raise ConfigError)."""
+
     # --- loading -------------------------------------------------------------------------------------------
     @abstractmethod
     def load(self) -> None:

@@ -38,8 +38,8 @@ class QwenImageAdapter(ModelAdapter):
         for m in (self.transformer, self.vae, text_encoder):
             m.requires_grad_(False).eval().to(self.device)
         # The pipeline object is only used for its prompt template and encode_prompt (no transformer / VAE inside).
-        self.text_pipe = QwenImagePipeline(
-            scheduler=None, vae=None, text_encoder=text_encoder, tokenizer=tokenizer, transformer=None
+        self.text_pipe = self.pipeline_class(
+            scheduler=None, vae=None, text_encoder=text_encoder, tokenizer=tokenizer, transformer=None, **self.extra_text_components()
         )
         from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -47,6 +47,9 @@ class QwenImageAdapter(ModelAdapter):
         z = self.vae.config.z_dim
         self.latents_mean = torch.tensor(self.vae.config.latents_mean).view(1, z, 1, 1, 1).to(self.device, torch.float32)
         self.latents_std = torch.tensor(self.vae.config.latents_std).view(1, z, 1, 1, 1).to(self.device, torch.float32)
+
+    def extra_text_components(self) -> dict:
+        return {}
 
     def count_tokens(self, captions: list[str]) -> list[int]:
         tok = self.text_pipe.tokenizer
@@ -71,14 +74,114 @@ class QwenImageAdapter(ModelAdapter):
         return (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
 
     def predict(self, transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, cond: dict) -> torch.Tensor:
+        """Control latents (edit models) ride along on the sequence axis with their own img_shapes entries;
+        the prediction is sliced back to the target tokens, as the edit pipelines do."""
         b, _c, h, w = noisy.shape
+        target = pack_latents(noisy.to(self.weight_dtype))
+        controls = cond.get("control_latents", [])
+        hidden = torch.cat([target, *(pack_latents(c.to(self.weight_dtype)) for c in controls)], dim=1)
+        shapes = [(1, h // 2, w // 2)] + [(1, c.shape[-2] // 2, c.shape[-1] // 2) for c in controls]
         mask = cond["prompt_embeds_mask"]
         out = transformer(
-            hidden_states=pack_latents(noisy.to(self.weight_dtype)),
+            hidden_states=hidden,
             timestep=sigmas.to(self.weight_dtype),  # the pipeline passes t/1000 = sigma
             encoder_hidden_states=cond["prompt_embeds"],
             encoder_hidden_states_mask=None if bool(mask.all()) else mask,
-            img_shapes=[[(1, h // 2, w // 2)]] * b,
+            img_shapes=[shapes] * b,
             return_dict=False,
         )[0]
-        return unpack_latents(out, h, w)
+        return unpack_latents(out[:, : target.shape[1]], h, w)
+
+
+def pad_and_stack(embeds: list[torch.Tensor], masks: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample [1, L_i, D] prompt embeddings -> zero-padded [B, L, D] and the matching 0/1 mask."""
+    longest = max(e.shape[1] for e in embeds)
+    out = embeds[0].new_zeros(len(embeds), longest, embeds[0].shape[2])
+    mask = torch.zeros(len(embeds), longest, dtype=torch.long, device=embeds[0].device)
+    for i, (e, m) in enumerate(zip(embeds, masks)):
+        n = e.shape[1] if m is None else int(m[0].sum())
+        out[i, :n] = e[0, :n]
+        mask[i, :n] = 1
+    return out, mask
+
+
+def to_pil(pixels: torch.Tensor):
+    """3 x H x W in [-1, 1] -> PIL image."""
+    from PIL import Image
+
+    arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr)
+
+
+class QwenImageEditAdapter(QwenImageAdapter):
+    """Qwen-Image-Edit (one control image) and Edit-2509 "Plus" (1-3 control images), picked from model_index.json.
+
+    Each control image is seen twice, as the pipelines do: by Qwen2.5-VL inside the prompt (Plus: at about 384x384,
+    Edit: at the training size) and as VAE latents appended to the target tokens.
+    """
+
+    family = "qwen-image-edit"
+    entry = "train_qwen_edit_lora.py"
+    pipeline_classes = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline")
+    controls = "required"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        import diffusers
+
+        from .base import model_index
+
+        name = model_index(self.cfg.pretrained_model_name_or_path)["_class_name"]
+        self.plus = name == "QwenImageEditPlusPipeline"
+        self.pipeline_class = getattr(diffusers, name)
+
+    @classmethod
+    def check_samples(cls, cfg, samples) -> None:
+        from trainer.config import ConfigError
+
+        from .base import model_index
+
+        plus = model_index(cfg.pretrained_model_name_or_path)["_class_name"] == "QwenImageEditPlusPipeline"
+        limit = 3 if plus else 1
+        over = [s.image.name for s in samples if len(s.controls) > limit]
+        if over:
+            raise ConfigError(
+                f"data_config: {len(over)} sample(s) have more than {limit} control image(s) (e.g. {over[0]}); "
+                + ("Qwen-Image-Edit takes one; use Qwen-Image-Edit-2509 for several" if not plus else "the limit is 3")
+            )
+
+    def extra_text_components(self) -> dict:
+        from .qwen_processor import load_qwen_processor
+
+        return {"processor": load_qwen_processor(self.cfg.pretrained_model_name_or_path)}
+
+    def condition_images(self, controls: list[torch.Tensor], i: int) -> list:
+        images = [to_pil(c[i]) for c in controls]
+        if not self.plus:
+            return images
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import CONDITION_IMAGE_SIZE, calculate_dimensions
+
+        resized = []
+        for img in images:
+            w, h = calculate_dimensions(CONDITION_IMAGE_SIZE, img.width / img.height)
+            resized.append(img.resize((w, h), resample=3))
+        return resized
+
+    @torch.no_grad()
+    def encode_prompts(self, captions: list[str], controls: list[torch.Tensor] | None = None) -> dict:
+        embeds, masks = [], []
+        for i, caption in enumerate(captions):
+            images = self.condition_images(controls, i)
+            e, m = self.text_pipe.encode_prompt(
+                [caption], image=images if self.plus else images[0], device=self.device,
+                max_sequence_length=self.cfg.max_sequence_length,
+            )
+            embeds.append(e[:, : self.cfg.max_sequence_length])
+            masks.append(None if m is None else m[:, : self.cfg.max_sequence_length])
+        prompt_embeds, mask = pad_and_stack(embeds, masks)
+        return {"prompt_embeds": prompt_embeds.to(self.weight_dtype), "prompt_embeds_mask": mask}
+
+    def encode_batch(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        cond = self.encode_prompts(batch["captions"], batch["controls"])
+        cond["control_latents"] = [self.encode_images(c) for c in batch["controls"]]
+        return self.encode_images(batch["pixel_values"]), cond

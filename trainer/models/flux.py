@@ -1,0 +1,110 @@
+"""FLUX.1 dev / schnell / Kontext: MMDiT on 2x2-packed latents with 3-axis position ids, CLIP pooled + T5 prompts."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, FluxKontextPipeline, FluxPipeline, FluxTransformer2DModel
+from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+from .base import ModelAdapter, model_index
+from .qwen_image import pack_latents, unpack_latents
+
+
+def latent_ids(h: int, w: int, index: int, device, dtype) -> torch.Tensor:
+    """(h/2 * w/2) x 3 position ids; axis 0 tells images apart (0 = target, 1 = Kontext reference)."""
+    ids = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, device, dtype)
+    ids[:, 0] = index
+    return ids
+
+
+class FluxAdapter(ModelAdapter):
+    family = "flux"
+    entry = "train_flux_lora.py"
+    pipeline_classes = ("FluxPipeline", "FluxKontextPipeline")
+    default_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    controls = "optional"  # Kontext reference images (data_config.control_dir / metadata_file)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kontext = model_index(self.cfg.pretrained_model_name_or_path)["_class_name"] == "FluxKontextPipeline"
+        self.pipeline_class = FluxKontextPipeline if self.kontext else FluxPipeline
+
+    @classmethod
+    def check_setup(cls, cfg) -> None:
+        super().check_setup(cfg)
+        from trainer.config import ConfigError
+
+        kontext = model_index(cfg.pretrained_model_name_or_path)["_class_name"] == "FluxKontextPipeline"
+        d = cfg.data_config
+        if not kontext and (d.control_dir or d.metadata_file):
+            raise ConfigError("control images need a FLUX.1 Kontext model: remove data_config.control_dir / metadata_file")
+
+    @classmethod
+    def check_samples(cls, cfg, samples) -> None:
+        from trainer.config import ConfigError
+
+        over = [s.image.name for s in samples if len(s.controls) > 1]
+        if over:
+            raise ConfigError(f"data_config: FLUX Kontext takes one reference image per sample; {over[0]} has {len(samples[0].controls)}")
+
+    def load(self) -> None:
+        name, dt = self.cfg.pretrained_model_name_or_path, self.weight_dtype
+        self.transformer = FluxTransformer2DModel.from_pretrained(name, subfolder="transformer", dtype=dt)
+        self.vae = AutoencoderKL.from_pretrained(name, subfolder="vae", dtype=dt)
+        clip = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", dtype=dt)
+        t5 = T5EncoderModel.from_pretrained(name, subfolder="text_encoder_2", dtype=dt)
+        for m in (self.transformer, self.vae, clip, t5):
+            m.requires_grad_(False).eval().to(self.device)
+        self.text_pipe = FluxPipeline(
+            scheduler=None, vae=None, transformer=None, text_encoder=clip, text_encoder_2=t5,
+            tokenizer=AutoTokenizer.from_pretrained(name, subfolder="tokenizer"),
+            tokenizer_2=AutoTokenizer.from_pretrained(name, subfolder="tokenizer_2"),
+        )
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(name, subfolder="scheduler"))
+        self.guidance = bool(self.transformer.config.guidance_embeds)
+
+    def count_tokens(self, captions: list[str]) -> list[int]:
+        return [len(ids) for ids in self.text_pipe.tokenizer_2(captions).input_ids]
+
+    @torch.no_grad()
+    def encode_prompts(self, captions: list[str]) -> dict:
+        embeds, pooled, text_ids = self.text_pipe.encode_prompt(
+            captions, prompt_2=None, device=self.device, max_sequence_length=self.cfg.t5_max_sequence_length
+        )
+        return {"prompt_embeds": embeds.to(self.weight_dtype), "pooled": pooled.to(self.weight_dtype), "text_ids": text_ids}
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        z = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mode().float()
+        return (z - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+
+    def encode_batch(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        latents, cond = super().encode_batch(batch)
+        cond["control_latents"] = [self.encode_images(c) for c in batch["controls"]]
+        return latents, cond
+
+    def image_seq_len(self, latents: torch.Tensor) -> int:
+        return (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
+
+    def predict(self, transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, cond: dict) -> torch.Tensor:
+        """Kontext: reference latents appended on the sequence axis with ids[:, 0] = 1; loss on target tokens only."""
+        b, _c, h, w = noisy.shape
+        dev, dt = noisy.device, self.weight_dtype
+        target = pack_latents(noisy.to(dt))
+        controls = cond.get("control_latents", [])
+        hidden = torch.cat([target, *(pack_latents(c.to(dt)) for c in controls)], dim=1)
+        ids = torch.cat([latent_ids(h, w, 0, dev, dt), *(latent_ids(c.shape[-2], c.shape[-1], 1, dev, dt) for c in controls)])
+        guidance = torch.full((b,), self.cfg.guidance_scale, device=dev, dtype=torch.float32) if self.guidance else None
+        out = transformer(
+            hidden_states=hidden,
+            timestep=sigmas.to(dt),  # the pipeline passes t/1000 = sigma
+            guidance=guidance,
+            pooled_projections=cond["pooled"],
+            encoder_hidden_states=cond["prompt_embeds"],
+            txt_ids=cond["text_ids"],
+            img_ids=ids,
+            return_dict=False,
+        )[0]
+        return unpack_latents(out[:, : target.shape[1]], h, w)

@@ -1,0 +1,56 @@
+"""The Qwen2.5-VL processor (prompt text + condition images -> model inputs) for the edit pipelines.
+
+transformers builds `Qwen2VLProcessor` only when torchvision is importable (its video half needs it). Where it is
+not (CPU-only installs, this project's test machine), `QwenVLImageTextProcessor` does the image + text part the
+same way: the image processor gives pixel patches and `image_grid_thw`, and every `<|image_pad|>` in the text is
+expanded to one token per merged patch, exactly as `Qwen2VLProcessor.__call__` does.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from transformers import AutoTokenizer, BatchFeature, ProcessorMixin
+
+logger = logging.getLogger(__name__)
+
+
+class QwenVLImageTextProcessor(ProcessorMixin):
+    # A ProcessorMixin so that diffusers pipelines accept it as their `processor` component. ProcessorMixin's own
+    # __init__ is skipped on purpose: it is what insists on the torchvision-backed video processor.
+    image_token = "<|image_pad|>"
+
+    def __init__(self, image_processor, tokenizer):  # noqa: D107
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+
+    def __call__(self, text=None, images=None, padding=True, return_tensors="pt", **_unused):
+        text = [text] if isinstance(text, str) else list(text)
+        image_inputs = {}
+        if images is not None:
+            image_inputs = dict(self.image_processor(images=images, return_tensors="pt"))
+            grid = image_inputs["image_grid_thw"]
+            merge = self.image_processor.merge_size**2
+            index = 0
+            for i, t in enumerate(text):
+                while self.image_token in t:
+                    t = t.replace(self.image_token, "<|placeholder|>" * int(grid[index].prod() // merge), 1)
+                    index += 1
+                text[i] = t.replace("<|placeholder|>", self.image_token)
+        text_inputs = self.tokenizer(text, padding=padding, return_tensors=return_tensors)
+        return BatchFeature(data={**text_inputs, **image_inputs}, tensor_type=return_tensors)
+
+
+def load_qwen_processor(name_or_path: str, subfolder: str = "processor"):
+    """transformers' Qwen2VLProcessor when it can be built here, else the equivalent image + text processor."""
+    try:
+        from transformers import Qwen2VLProcessor
+
+        return Qwen2VLProcessor.from_pretrained(name_or_path, subfolder=subfolder)
+    except (AttributeError, ImportError, ValueError, TypeError) as e:
+        logger.info("Qwen2VLProcessor unavailable (%s); using the image + text processor", type(e).__name__)
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(name_or_path, subfolder=subfolder)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder=subfolder)
+    return QwenVLImageTextProcessor(image_processor, tokenizer)
