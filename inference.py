@@ -145,6 +145,9 @@ def main(argv=None) -> int:
         kwargs["image"] = images if family == "qwen-image-edit-plus" else images[0]
     if family == "flux-kontext":
         kwargs["_auto_resize"] = args.kontext_auto_resize == "true"
+        if args.width and args.height:
+            # Kontext treats width/height as an aspect ratio scaled to max_area (1 MP); honour the asked size.
+            kwargs["max_area"] = args.width * args.height
     if guidance == "distilled":
         kwargs["guidance_scale"] = 3.5 if args.guidance_scale is None else args.guidance_scale
     if guidance == "true_cfg":

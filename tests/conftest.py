@@ -17,8 +17,15 @@ from helpers import write_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen(tmp_path_factory) -> Path:
-    return make_tiny_model("qwen-image", tmp_path_factory.mktemp("models") / "tiny-qwen-image")
+def tiny_models(tmp_path_factory):
+    """family -> folder of a tiny pipeline, built on first use and shared by the whole session."""
+    root = tmp_path_factory.mktemp("models")
+    return lambda family: make_tiny_model(family, root / f"tiny-{family}")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tiny_models) -> Path:
+    return tiny_models("qwen-image")
 
 
 @pytest.fixture
