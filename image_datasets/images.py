@@ -14,6 +14,8 @@ from trainer.config import IMAGE_EXTENSIONS
 
 # Above this many pixels we refuse the file instead of letting PIL allocate gigabytes (PIL's own guard is 179 MP).
 MAX_PIXELS = 180_000_000
+# Large camera files (100+ MP) are legitimate training data; warn-and-refuse only beyond MAX_PIXELS.
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
 class BadImageError(ValueError):

@@ -98,6 +98,7 @@ class TrainConfig:
     checkpoints_total_limit: Optional[int] = doc(None, "keep at most this many checkpoints (oldest deleted first)")
     resume_from_checkpoint: Optional[str] = doc(None, "'latest', a checkpoint folder, or null to start fresh")
 
+    max_nonfinite_steps: int = doc(10, "stop with an error after this many optimizer steps in a row with a non-finite loss or gradient (each is skipped)")
     logging_steps: int = doc(10, "read the loss back from the device and log it every N steps (per-step values are kept)")
     report_to: str = doc("tensorboard", f"experiment tracker: {', '.join(TRACKERS)}")
     logging_dir: str = doc("logs", "tracker folder, relative to output_dir")
@@ -151,6 +152,7 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         "max_sequence_length": cfg.max_sequence_length,
         "t5_max_sequence_length": cfg.t5_max_sequence_length,
         "logging_steps": cfg.logging_steps,
+        "max_nonfinite_steps": cfg.max_nonfinite_steps,
     }
     for name, value in positive.items():
         if not value > 0:

@@ -7,7 +7,7 @@ import logging
 import math
 import signal
 import time
-from dataclasses import dataclass
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,6 +32,8 @@ from trainer.config import ConfigError, TrainConfig
 from trainer.models.base import ModelAdapter
 
 logger = logging.getLogger("trainer")
+# We step the schedule on skipped (non-finite) updates on purpose, to keep it aligned with global_step.
+warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Keys whose change makes a resumed run a different experiment.
@@ -293,11 +295,11 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
                     step_paths.extend(batch["paths"])
                     if accelerator.sync_gradients:
                         finite = _grads_finite(params, loss)
-                        if finite and cfg.max_grad_norm > 0:
-                            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                         if finite:
+                            if cfg.max_grad_norm > 0:
+                                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                             optimizer.step()
-                            lr_scheduler.step()
+                        lr_scheduler.step()  # a skipped update still uses up its step of the schedule
                         optimizer.zero_grad(set_to_none=True)
                 state.batch_in_epoch += 1
                 if not accelerator.sync_gradients:
@@ -312,7 +314,7 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
                         "step %d: non-finite loss or gradients, update skipped (%d in a row); batch: %s",
                         state.global_step, state.nonfinite_steps, ", ".join(Path(p).name for p in step_paths),
                     )
-                    if state.nonfinite_steps >= 10:
+                    if state.nonfinite_steps >= cfg.max_nonfinite_steps:
                         raise TrainingError(
                             f"{state.nonfinite_steps} non-finite steps in a row at step {state.global_step}; "
                             "lower learning_rate, use mixed_precision=bf16 instead of fp16, or check the listed images"
