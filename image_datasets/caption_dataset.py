@@ -194,11 +194,19 @@ def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
 class CaptionDataset(Dataset):
     """Indexable by (index, epoch): returns pixels in [-1, 1], the caption (possibly dropped) and the file name."""
 
-    def __init__(self, samples: Sequence[Sample], caption_dropout_rate: float = 0.0, random_crop: bool = False, seed: int = 0):
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        caption_dropout_rate: float = 0.0,
+        random_crop: bool = False,
+        seed: int = 0,
+        load_pixels: bool = True,
+    ):
         self.samples = list(samples)
         self.caption_dropout_rate = caption_dropout_rate
         self.random_crop = random_crop
         self.seed = seed
+        self.load_pixels = load_pixels  # False when every latent is precomputed: no decoding at all
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -208,10 +216,12 @@ class CaptionDataset(Dataset):
         s = self.samples[index]
         rng = sample_rng(self.seed, epoch, index)
         drop = rng.random() < self.caption_dropout_rate
-        img = self._load(s.image, s.size)
-        img = resize_and_crop(img, s.size, rng if self.random_crop else None)
+        item = {"index": index, "dropped": drop, "caption": "" if drop else s.caption, "path": str(s.image)}
+        if not self.load_pixels:
+            return {**item, "pixel_values": None, "controls": []}
+        img = resize_and_crop(self._load(s.image, s.size), s.size, rng if self.random_crop else None)
         controls = [to_tensor(resize_and_crop(self._load(c, size), size)) for c, size in zip(s.controls, s.control_sizes)]
-        return {"pixel_values": to_tensor(img), "controls": controls, "caption": "" if drop else s.caption, "path": str(s.image)}
+        return {**item, "pixel_values": to_tensor(img), "controls": controls}
 
 
     @staticmethod
@@ -228,8 +238,11 @@ class CaptionDataset(Dataset):
 
 def collate(items: list[dict]) -> dict:
     n_controls = len(items[0]["controls"])
+    pixels = [it["pixel_values"] for it in items]
     return {
-        "pixel_values": torch.stack([it["pixel_values"] for it in items]),
+        "indices": [it["index"] for it in items],
+        "dropped": [it["dropped"] for it in items],
+        "pixel_values": None if pixels[0] is None else torch.stack(pixels),
         "controls": [torch.stack([it["controls"][k] for it in items]) for k in range(n_controls)],
         "captions": [it["caption"] for it in items],
         "paths": [it["path"] for it in items],

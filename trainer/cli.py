@@ -44,12 +44,13 @@ def load_adapter(spec: str):
     return getattr(importlib.import_module(module), name)
 
 
-def main(adapter: str, description: str, argv: list[str] | None = None) -> int:
+def main(adapter: str, description: str, argv: list[str] | None = None, preset: dict | None = None) -> int:
+    """Parse, validate, train. `preset` holds an entry's own defaults (below the YAML and the command line)."""
     args = parse_args(description, argv)
     setup_logging()
     log = logging.getLogger("trainer")
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, preset=preset)
         from trainer.loop import Interrupted, TrainingError, train  # heavy imports after the config is known good
 
         train(cfg, load_adapter(adapter))

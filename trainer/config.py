@@ -42,6 +42,13 @@ LR_SCHEDULERS = (
     "polynomial",
 )
 TRACKERS = ("none", "tensorboard", "wandb", "all")
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy")
+QUANTIZE_CHOICES = ("none", "qfloat8", "qint8", "qint4", "nf4", "int8")
+
+
+def normalize_mode(value: str) -> str:
+    """FlyMyAI wrote `quantize: true`; a bool-typed YAML value reaches a str key as 'True' / 'False'."""
+    return {"True": "qfloat8", "true": "qfloat8", "False": "none", "false": "none"}.get(value, value)
 
 
 @dataclass
@@ -80,6 +87,15 @@ class TrainConfig:
     mixed_precision: str = doc("bf16", f"dtype the frozen models are loaded and run in: {', '.join(MIXED_PRECISIONS)} (no = fp32)")
     gradient_checkpointing: bool = doc(False, "recompute transformer activations in the backward pass (less memory, ~30% slower)")
     allow_tf32: bool = doc(True, "allow TF32 matmuls on Ampere+ GPUs")
+
+    optimizer: str = doc("adamw", "adamw, adamw8bit (bitsandbytes, ~4x less optimizer memory), adafactor, prodigy (learning_rate ~1.0)")
+    adam8bit: bool = doc(False, "FlyMyAI alias: true selects optimizer=adamw8bit")
+    quantize: str = doc("none", "quantize the frozen transformer: none, qfloat8, qint8, qint4 (optimum-quanto), nf4, int8 (bitsandbytes); true = qfloat8")
+    quantize_text_encoder: str = doc("none", "quantize the text encoder the same way (useful when embeddings are not precomputed)")
+    precompute_text_embeddings: bool = doc(False, "encode every caption once before training, then free the text encoder")
+    precompute_image_embeddings: bool = doc(False, "encode every image once to VAE latents before training, then free the VAE")
+    save_cache_on_disk: bool = doc(False, "keep the precomputed embeddings in cache_dir so later runs reuse them (keyed by file content, caption, model, size)")
+    cache_dir: Optional[str] = doc(None, "where save_cache_on_disk writes; default <output_dir>/cache")
 
     rank: int = doc(16, "LoRA rank")
     lora_alpha: Optional[int] = doc(None, "LoRA alpha (scale = alpha / rank); defaults to rank")
@@ -142,6 +158,19 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
     _check_choice("loss_weighting", cfg.loss_weighting, LOSS_WEIGHTINGS)
     _check_choice("lr_scheduler", cfg.lr_scheduler, LR_SCHEDULERS)
     _check_choice("report_to", cfg.report_to, TRACKERS)
+    cfg.quantize = normalize_mode(cfg.quantize)
+    cfg.quantize_text_encoder = normalize_mode(cfg.quantize_text_encoder)
+    _check_choice("quantize", cfg.quantize, QUANTIZE_CHOICES)
+    _check_choice("quantize_text_encoder", cfg.quantize_text_encoder, QUANTIZE_CHOICES)
+    if cfg.adam8bit:
+        if cfg.optimizer not in ("adamw", "adamw8bit"):
+            raise ConfigError(f"config keys 'adam8bit: true' and 'optimizer: {cfg.optimizer}' disagree; use one of them")
+        cfg.optimizer = "adamw8bit"
+    _check_choice("optimizer", cfg.optimizer, OPTIMIZERS)
+    if cfg.precompute_image_embeddings and d.random_ratio:
+        raise ConfigError("config key 'precompute_image_embeddings' cannot be used with data_config.random_ratio (random crops change every epoch)")
+    if cfg.save_cache_on_disk and not (cfg.precompute_text_embeddings or cfg.precompute_image_embeddings):
+        raise ConfigError("config key 'save_cache_on_disk' needs precompute_text_embeddings and/or precompute_image_embeddings")
     positive = {
         "learning_rate": cfg.learning_rate,
         "max_train_steps": cfg.max_train_steps,
@@ -225,11 +254,19 @@ def check_model_path(name: str, key: str = "pretrained_model_name_or_path") -> N
             ) from None
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None, check_paths: bool = True) -> TrainConfig:
-    """YAML file + dot-list overrides -> validated TrainConfig. Raises ConfigError (one line) on user mistakes."""
+def load_config(
+    path: str | os.PathLike | None,
+    overrides: list[str] | None = None,
+    check_paths: bool = True,
+    preset: dict | None = None,
+) -> TrainConfig:
+    """Schema defaults < entry preset < YAML file < dot-list overrides -> validated TrainConfig.
+
+    Raises ConfigError (one line) on user mistakes.
+    """
     schema = OmegaConf.structured(TrainConfig)
     try:
-        layers = [schema]
+        layers = [schema] + ([OmegaConf.create(preset)] if preset else [])
         if path is not None:
             if not Path(path).is_file():
                 raise ConfigError(f"config file '{path}' does not exist")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 
 from image_datasets import CaptionDataset, SizeGroupedBatchSampler, collate, scan_dataset
 from trainer import flow_matching as fm
+from trainer.cache import EmbeddingCache
 from trainer.checkpoint import (
     LORA_FILE,
     TrainState,
@@ -30,6 +32,7 @@ from trainer.checkpoint import (
 )
 from trainer.config import ConfigError, TrainConfig
 from trainer.models.base import ModelAdapter
+from trainer.optim import make_optimizer
 
 logger = logging.getLogger("trainer")
 # We step the schedule on skipped (non-finite) updates on purpose, to keep it aligned with global_step.
@@ -206,21 +209,36 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     n_params = sum(p.numel() for p in params)
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=cfg.learning_rate,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        weight_decay=cfg.adam_weight_decay,
-        eps=cfg.adam_epsilon,
-    )
+    optimizer = make_optimizer(cfg, params)
     # Stepped by us once per optimizer step (not prepared), so warm-up and length mean optimizer steps.
     lr_scheduler = get_scheduler(
         cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_train_steps
     )
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
 
+    cache = None
+    if cfg.precompute_text_embeddings or cfg.precompute_image_embeddings:
+        cache = EmbeddingCache(adapter, samples, cfg, Path(cfg.cache_dir or out / "cache") if cfg.save_cache_on_disk else None)
+        with accelerator.main_process_first():  # with a disk cache the other ranks then only read it
+            cache.build(cfg.precompute_text_embeddings, cfg.precompute_image_embeddings, cfg.data_config.caption_dropout_rate > 0)
+        if cfg.precompute_text_embeddings:
+            adapter.free_text_encoders()
+        if cfg.precompute_image_embeddings:
+            adapter.free_vae()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def encode(batch: dict) -> tuple[torch.Tensor, dict]:
+        if cache is None:
+            return adapter.encode_batch(batch)
+        latents, extra = cache.batch_latents(batch) if cfg.precompute_image_embeddings else adapter.encode_latents(batch)
+        text = cache.batch_text(batch) if cfg.precompute_text_embeddings else adapter.encode_text(batch)
+        return latents, {**text, **extra}
+
     d = cfg.data_config
-    dataset = CaptionDataset(samples, d.caption_dropout_rate, d.random_ratio, cfg.seed)
+    need_pixels = not cfg.precompute_image_embeddings or (not cfg.precompute_text_embeddings and adapter.text_needs_pixels)
+    dataset = CaptionDataset(samples, d.caption_dropout_rate, d.random_ratio, cfg.seed, load_pixels=need_pixels)
     sampler = SizeGroupedBatchSampler(
         [s.group for s in samples], d.train_batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes
     )
@@ -287,7 +305,7 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
         while state.global_step < cfg.max_train_steps and stop.signum is None:
             sampler.set_epoch(state.epoch, state.batch_in_epoch)
             for batch in loader:
-                latents, cond = adapter.encode_batch(batch)
+                latents, cond = encode(batch)
                 with accelerator.accumulate(transformer):
                     loss = loss_of(latents, cond)
                     accelerator.backward(loss)

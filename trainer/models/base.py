@@ -118,9 +118,42 @@ class ModelAdapter(ABC):
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels B x 3 x H x W in [-1, 1] -> normalized latents B x C x h x w."""
 
+    text_needs_pixels = False  # True when prompt encoding looks at the control images (Qwen-Image-Edit)
+
+    def encode_text(self, batch: dict) -> dict:
+        """Prompt conditioning of a collated batch."""
+        return self.encode_prompts(batch["captions"])
+
+    def encode_latents(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """(target latents, {"control_latents": [...]}) of a collated batch."""
+        return self.encode_images(batch["pixel_values"]), {"control_latents": [self.encode_images(c) for c in batch["controls"]]}
+
     def encode_batch(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """Collated batch -> (target latents, conditioning for predict)."""
-        return self.encode_images(batch["pixel_values"]), self.encode_prompts(batch["captions"])
+        latents, extra = self.encode_latents(batch)
+        return latents, {**self.encode_text(batch), **extra}
+
+    def split_text(self, cond: dict, n: int) -> list[dict]:
+        """Batched prompt conditioning -> one dict per sample (what the embedding cache stores)."""
+        return [{k: v[i : i + 1] if v.shape[0] == n else v for k, v in cond.items()} for i in range(n)]
+
+    def merge_text(self, items: list[dict]) -> dict:
+        """Inverse of split_text for a batch assembled from cached samples."""
+        first = items[0]
+        return {k: torch.cat([it[k] for it in items]) if v.ndim >= 2 and v.shape[0] == 1 else v for k, v in first.items()}
+
+    def free_text_encoders(self) -> None:
+        """Drop the text encoder(s) once every prompt embedding is cached."""
+        self.text_pipe = None
+
+    def free_vae(self) -> None:
+        self.vae = None
+
+    def place(self, model: torch.nn.Module, quantize: str) -> torch.nn.Module:
+        """Move a frozen model to the device, quantizing its blocks on the way when asked."""
+        from trainer.quantize import quantize_model
+
+        return quantize_model(model.requires_grad_(False).eval(), quantize, self.device, self.weight_dtype)
 
     def count_tokens(self, captions: list[str]) -> list[int]:
         return [0 for _ in captions]

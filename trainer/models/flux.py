@@ -53,8 +53,10 @@ class FluxAdapter(ModelAdapter):
         self.vae = AutoencoderKL.from_pretrained(name, subfolder="vae", dtype=dt)
         clip = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", dtype=dt)
         t5 = T5EncoderModel.from_pretrained(name, subfolder="text_encoder_2", dtype=dt)
-        for m in (self.transformer, self.vae, clip, t5):
-            m.requires_grad_(False).eval().to(self.device)
+        self.transformer = self.place(self.transformer, self.cfg.quantize)
+        self.vae = self.place(self.vae, "none")
+        clip = self.place(clip, "none")  # 123M parameters: not worth quantizing
+        t5 = self.place(t5, self.cfg.quantize_text_encoder)
         self.text_pipe = FluxPipeline(
             scheduler=None, vae=None, transformer=None, text_encoder=clip, text_encoder_2=t5,
             tokenizer=AutoTokenizer.from_pretrained(name, subfolder="tokenizer"),
@@ -79,11 +81,6 @@ class FluxAdapter(ModelAdapter):
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         z = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mode().float()
         return (z - self.vae.config.shift_factor) * self.vae.config.scaling_factor
-
-    def encode_batch(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        latents, cond = super().encode_batch(batch)
-        cond["control_latents"] = [self.encode_images(c) for c in batch["controls"]]
-        return latents, cond
 
     def image_seq_len(self, latents: torch.Tensor) -> int:
         return (latents.shape[-2] // 2) * (latents.shape[-1] // 2)

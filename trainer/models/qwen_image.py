@@ -35,8 +35,9 @@ class QwenImageAdapter(ModelAdapter):
         self.vae = AutoencoderKLQwenImage.from_pretrained(name, subfolder="vae", dtype=dt)
         text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(name, subfolder="text_encoder", dtype=dt)
         tokenizer = AutoTokenizer.from_pretrained(name, subfolder="tokenizer")
-        for m in (self.transformer, self.vae, text_encoder):
-            m.requires_grad_(False).eval().to(self.device)
+        self.transformer = self.place(self.transformer, self.cfg.quantize)
+        self.vae = self.place(self.vae, "none")
+        text_encoder = self.place(text_encoder, self.cfg.quantize_text_encoder)
         # The pipeline object is only used for its prompt template and encode_prompt (no transformer / VAE inside).
         self.text_pipe = self.pipeline_class(
             scheduler=None, vae=None, text_encoder=text_encoder, tokenizer=tokenizer, transformer=None, **self.extra_text_components()
@@ -72,6 +73,19 @@ class QwenImageAdapter(ModelAdapter):
 
     def image_seq_len(self, latents: torch.Tensor) -> int:
         return (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
+
+    def split_text(self, cond: dict, n: int) -> list[dict]:
+        """Per-sample embeddings without their padding (the cache stores only real tokens)."""
+        out = []
+        for i in range(n):
+            length = int(cond["prompt_embeds_mask"][i].sum())
+            out.append({"prompt_embeds": cond["prompt_embeds"][i : i + 1, :length],
+                        "prompt_embeds_mask": cond["prompt_embeds_mask"][i : i + 1, :length]})
+        return out
+
+    def merge_text(self, items: list[dict]) -> dict:
+        embeds, mask = pad_and_stack([it["prompt_embeds"] for it in items], [it["prompt_embeds_mask"] for it in items])
+        return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
 
     def predict(self, transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, cond: dict) -> torch.Tensor:
         """Control latents (edit models) ride along on the sequence axis with their own img_shapes entries;
@@ -181,7 +195,7 @@ class QwenImageEditAdapter(QwenImageAdapter):
         prompt_embeds, mask = pad_and_stack(embeds, masks)
         return {"prompt_embeds": prompt_embeds.to(self.weight_dtype), "prompt_embeds_mask": mask}
 
-    def encode_batch(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        cond = self.encode_prompts(batch["captions"], batch["controls"])
-        cond["control_latents"] = [self.encode_images(c) for c in batch["controls"]]
-        return self.encode_images(batch["pixel_values"]), cond
+    text_needs_pixels = True
+
+    def encode_text(self, batch: dict) -> dict:
+        return self.encode_prompts(batch["captions"], batch["controls"])

@@ -1,0 +1,101 @@
+"""Weight-only quantization of frozen models, one repeated block at a time.
+
+quanto: qfloat8 / qint8 / qint4 (optimum-quanto).  bitsandbytes: nf4 / int8.
+Only the Linear layers inside the model's repeated transformer blocks are converted (>95% of the weights); the
+small embedders, norms and output projection stay in the load dtype. LoRA then wraps the quantized layers; its own
+weights stay fp32 and are saved in the same diffusers format as an unquantized run.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+from trainer.config import normalize_mode
+
+QUANTO_MODES = ("qfloat8", "qint8", "qint4")
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's transformer blocks (diffusers lists their class names in `_repeated_blocks`)."""
+    names = set(getattr(model, "_repeated_blocks", None) or getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    inner = {id(m) for b in blocks for m in b.modules() if m is not b}
+    return [b for b in blocks if id(b) not in inner]
+
+
+def _to_bnb(linear: nn.Linear, mode: str, compute_dtype: torch.dtype, device: torch.device) -> nn.Module:
+    import bitsandbytes as bnb
+
+    has_bias = linear.bias is not None
+    if mode == "nf4":
+        new = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias, compute_dtype=compute_dtype,
+                                quant_type="nf4", device="meta")
+        new.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4")
+    else:
+        new = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False,
+                                  threshold=6.0, device="meta")
+        new.weight = bnb.nn.Int8Params(linear.weight.data, requires_grad=False, has_fp16_weights=False)
+    if has_bias:
+        new.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+    return new.to(device)  # bitsandbytes quantizes while moving
+
+
+def quantize_model(model: nn.Module, mode: str, device: torch.device, compute_dtype: torch.dtype) -> nn.Module:
+    """Quantize `model` in place block by block, leaving every block on `device`.
+
+    Blocks are moved to the device one at a time and quantized there, so the device never holds more than the
+    quantized model plus one unquantized block, and host RAM never holds more than one copy in the load dtype.
+    """
+    mode = normalize_mode(mode)
+    if mode == "none":
+        return model.to(device)
+    blocks = repeated_blocks(model)
+    if not blocks:
+        raise ValueError(f"cannot find transformer blocks to quantize in {type(model).__name__}")
+    for block in blocks:
+        block.to(device)
+        if mode in QUANTO_MODES:
+            from optimum import quanto
+
+            quanto.quantize(block, weights=getattr(quanto, mode))
+            quanto.freeze(block)
+        else:
+            for parent in list(block.modules()):
+                for name, child in list(parent.named_children()):
+                    if type(child) is nn.Linear:
+                        setattr(parent, name, _to_bnb(child, mode, compute_dtype, device))
+        gc.collect()
+    model.to(device)  # the non-block rest (embedders, norms, output projection)
+    logger.info("quantized %d %s blocks of %s to %s", len(blocks), type(blocks[0]).__name__, type(model).__name__, mode)
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes held by a model's parameters and buffers, counting quantized storage as stored."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        for part in _storage_parts(t):
+            if part.data_ptr() in seen:
+                continue
+            seen.add(part.data_ptr())
+            total += part.numel() * part.element_size()
+    return total
+
+
+def _storage_parts(t: torch.Tensor) -> list[torch.Tensor]:
+    """quanto tensors keep data and scales in inner tensors; bitsandbytes keeps a quant_state beside the weight."""
+    inner = getattr(t, "__tensor_flatten__", None)
+    if inner is not None and type(t) is not torch.Tensor and type(t) is not nn.Parameter:
+        names, _ = t.__tensor_flatten__()
+        return [p for n in names for p in _storage_parts(getattr(t, n))]
+    parts = [t]
+    state = getattr(t, "quant_state", None)
+    if state is not None:
+        parts += [v for v in (getattr(state, "absmax", None), getattr(state, "code", None)) if isinstance(v, torch.Tensor)]
+    return parts
