@@ -1,0 +1,115 @@
+"""Quantized base models, the embedding cache, optimizers and the low-VRAM entry."""
+
+import logging
+import statistics
+import subprocess
+
+import pytest
+import torch
+from diffusers import QwenImagePipeline
+from helpers import ACCELERATE, ROOT, base_overrides, read_losses, write_dataset
+from safetensors.torch import load_file
+
+from trainer.config import load_config
+from trainer.loop import train
+from trainer.models.qwen_image import QwenImageAdapter
+from trainer.quantize import weight_bytes
+
+
+@pytest.mark.parametrize("mode, layer", [("qfloat8", "QLinear"), ("qint8", "QLinear"), ("nf4", "Linear4bit")])
+def test_quantized_training_learns_and_lora_loads_unquantized(mode, layer, tiny_qwen, tmp_path, caplog):
+    data = write_dataset(tmp_path / "one", n=1)
+    out = tmp_path / "out"
+    cfg = load_config(None, base_overrides(tiny_qwen, data, out, max_train_steps=60, learning_rate=3e-3, rank=8, quantize=mode))
+    train(cfg, QwenImageAdapter)
+    losses = read_losses(out)
+    assert statistics.mean(losses[-10:]) < 0.85 * statistics.mean(losses[:10])
+
+    adapter = QwenImageAdapter(cfg, torch.device("cpu"), torch.float32)
+    adapter.load()
+    assert type(adapter.transformer.transformer_blocks[0].attn.to_q).__name__ == layer
+    plain = QwenImagePipeline.from_pretrained(tiny_qwen)
+    assert weight_bytes(adapter.transformer.transformer_blocks) < 0.5 * weight_bytes(plain.transformer.transformer_blocks)
+
+    with caplog.at_level(logging.WARNING):
+        plain.load_lora_weights(out, adapter_name="lora")
+    assert not [r for r in caplog.records if "unexpected keys" in r.getMessage().lower()]
+    sd = load_file(out / "pytorch_lora_weights.safetensors")
+    assert all(v.dtype == torch.float32 for v in sd.values()) and all(".base_layer" not in k for k in sd)
+
+
+class Counting(QwenImageAdapter):
+    """The real adapter, counting how many samples go through the VAE and the text encoder."""
+
+    calls = {"images": 0, "prompts": 0}
+
+    def encode_images(self, pixels):
+        Counting.calls["images"] += pixels.shape[0]
+        return super().encode_images(pixels)
+
+    def encode_prompts(self, captions):
+        Counting.calls["prompts"] += len(captions)
+        return super().encode_prompts(captions)
+
+
+def _run(tiny_qwen, data, out, **extra):
+    Counting.calls = {"images": 0, "prompts": 0}
+    cfg = load_config(None, base_overrides(tiny_qwen, data, out, max_train_steps=4, **extra))
+    train(cfg, Counting)
+    return dict(Counting.calls), read_losses(out)
+
+
+def test_disk_cache_is_reused_and_invalidated_per_file(tiny_qwen, tmp_path):
+    data = write_dataset(tmp_path / "d", n=3)
+    cache = {"precompute_text_embeddings": True, "precompute_image_embeddings": True, "save_cache_on_disk": True,
+             "cache_dir": str(tmp_path / "cache"), "data_config.caption_dropout_rate": 0.5}
+    first, losses1 = _run(tiny_qwen, data, tmp_path / "a", **cache)
+    assert first == {"images": 3, "prompts": 4}  # 3 captions + the shared empty caption for dropout
+
+    again, losses2 = _run(tiny_qwen, data, tmp_path / "b", **cache)
+    assert again == {"images": 0, "prompts": 0}, "a second run must not call the VAE or the text encoder"
+    assert losses1 == losses2
+
+    (data / "img1.txt").write_text("a brand new caption")
+    write_dataset(tmp_path / "other", n=1, seed=7)
+    (data / "img2.png").write_bytes((tmp_path / "other" / "img0.png").read_bytes())
+    changed, _ = _run(tiny_qwen, data, tmp_path / "c", **cache)
+    assert changed == {"images": 1, "prompts": 1}
+
+
+def test_cached_training_matches_uncached(tiny_qwen, tmp_path):
+    data = write_dataset(tmp_path / "d", n=4)
+    common = {"data_config.caption_dropout_rate": 0.5}
+    plain, losses_plain = _run(tiny_qwen, data, tmp_path / "plain", **common)
+    assert plain["images"] == 4 and plain["prompts"] == 4  # encoded every step without the cache
+    cached, losses_cached = _run(tiny_qwen, data, tmp_path / "cached", precompute_text_embeddings=True,
+                                 precompute_image_embeddings=True, **common)
+    assert losses_cached == pytest.approx(losses_plain, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("optimizer, lr", [("adamw", 1e-3), ("adamw8bit", 1e-3), ("adafactor", 1e-3), ("prodigy", 1.0)])
+def test_each_optimizer_trains_and_resumes(optimizer, lr, tiny_qwen, tmp_path):
+    data = write_dataset(tmp_path / "d", n=2)
+    out = tmp_path / "out"
+    ov = dict(optimizer=optimizer, learning_rate=lr, max_train_steps=2, checkpointing_steps=2)
+    train(load_config(None, base_overrides(tiny_qwen, data, out, **ov)), QwenImageAdapter)
+    sd = load_file(out / "pytorch_lora_weights.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in sd.items() if "lora_B" in k), "lora_B starts at zero; a step must move it"
+    ov.update(max_train_steps=4, resume_from_checkpoint="latest")
+    train(load_config(None, base_overrides(tiny_qwen, data, out, **ov)), QwenImageAdapter)
+    assert [s for s in range(1, 5)] == [i + 1 for i, _ in enumerate(read_losses(out))]
+
+
+def test_train_4090_flymyai_keys_end_to_end(tiny_qwen, tmp_path):
+    data = write_dataset(tmp_path / "d", n=2)
+    cfg = tmp_path / "4090.yaml"
+    cfg.write_text((ROOT / "train_configs" / "train_lora_4090.yaml").read_text())
+    out = tmp_path / "out"
+    cmd = ACCELERATE + ["train_4090.py", "--config", str(cfg), f"pretrained_model_name_or_path={tiny_qwen}",
+                        f"data_config.img_dir={data}", "data_config.img_size=64", "data_config.num_workers=0",
+                        f"output_dir={out}", "max_train_steps=3", "report_to=none", "rank=4"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "quantized 2 QwenImageTransformerBlock blocks" in r.stderr and "to qfloat8" in r.stderr
+    assert "embedding cache: text 3 encoded" in r.stderr
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and any((out / "cache").rglob("*.safetensors"))
