@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import math
@@ -197,13 +196,25 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
 
     adapter = adapter_cls(cfg, device, DTYPES[cfg.mixed_precision])
     logger.info("loading %s from %s in %s", adapter.family, cfg.pretrained_model_name_or_path, adapter.weight_dtype)
-    adapter.load()
+    adapter.load_encoders()
     long_captions = [
         (s.image.name, n) for s, n in zip(samples, adapter.count_tokens([s.caption for s in samples])) if n > cfg.max_sequence_length
     ]
     for name, n in long_captions[:20]:
         logger.warning("caption of %s has %d tokens; only the first %d are used (max_sequence_length)", name, n, cfg.max_sequence_length)
 
+    cache = None
+    if cfg.precompute_text_embeddings or cfg.precompute_image_embeddings:
+        cache = EmbeddingCache(adapter, samples, cfg, Path(cfg.cache_dir or out / "cache") if cfg.save_cache_on_disk else None)
+        with accelerator.main_process_first():  # with a disk cache the other ranks then only read it
+            cache.build(cfg.precompute_text_embeddings, cfg.precompute_image_embeddings, cfg.data_config.caption_dropout_rate > 0)
+        # Freed before the transformer loads: on a 24 GB card the encoders and the transformer never coexist.
+        if cfg.precompute_text_embeddings:
+            adapter.free_text_encoders()
+        if cfg.precompute_image_embeddings:
+            adapter.free_vae()
+
+    adapter.load_transformer()
     params = adapter.add_lora()
     transformer = adapter.transformer
     if cfg.gradient_checkpointing:
@@ -215,19 +226,6 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
         cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_train_steps
     )
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
-
-    cache = None
-    if cfg.precompute_text_embeddings or cfg.precompute_image_embeddings:
-        cache = EmbeddingCache(adapter, samples, cfg, Path(cfg.cache_dir or out / "cache") if cfg.save_cache_on_disk else None)
-        with accelerator.main_process_first():  # with a disk cache the other ranks then only read it
-            cache.build(cfg.precompute_text_embeddings, cfg.precompute_image_embeddings, cfg.data_config.caption_dropout_rate > 0)
-        if cfg.precompute_text_embeddings:
-            adapter.free_text_encoders()
-        if cfg.precompute_image_embeddings:
-            adapter.free_vae()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
     def encode(batch: dict) -> tuple[torch.Tensor, dict]:
         if cache is None:

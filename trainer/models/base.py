@@ -31,6 +31,14 @@ def model_index(name_or_path: str) -> dict:
     return json.loads((p / "model_index.json").read_text())
 
 
+def _release_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 ENTRY_FOR_PIPELINE = {
     "QwenImagePipeline": "train.py (or train_4090.py)",
     "QwenImageEditPipeline": "train_qwen_edit_lora.py",
@@ -83,8 +91,16 @@ class ModelAdapter(ABC):
 
     # --- loading -------------------------------------------------------------------------------------------
     @abstractmethod
+    def load_encoders(self) -> None:
+        """Load the frozen text encoder(s) and VAE in weight_dtype onto self.device; set scheduler_config."""
+
+    @abstractmethod
+    def load_transformer(self) -> None:
+        """Load (and quantize) the transformer in weight_dtype onto self.device as self.transformer."""
+
     def load(self) -> None:
-        """Load the frozen components in weight_dtype onto self.device; set self.transformer and scheduler_config."""
+        self.load_encoders()
+        self.load_transformer()
 
     def lora_config(self) -> LoraConfig:
         return LoraConfig(
@@ -145,9 +161,11 @@ class ModelAdapter(ABC):
     def free_text_encoders(self) -> None:
         """Drop the text encoder(s) once every prompt embedding is cached."""
         self.text_pipe = None
+        _release_memory()
 
     def free_vae(self) -> None:
         self.vae = None
+        _release_memory()
 
     def place(self, model: torch.nn.Module, quantize: str) -> torch.nn.Module:
         """Move a frozen model to the device, quantizing its blocks on the way when asked."""

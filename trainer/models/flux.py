@@ -47,16 +47,11 @@ class FluxAdapter(ModelAdapter):
         if over:
             raise ConfigError(f"data_config: FLUX Kontext takes one reference image per sample; {over[0]} has {len(samples[0].controls)}")
 
-    def load(self) -> None:
+    def load_encoders(self) -> None:
         name, dt = self.cfg.pretrained_model_name_or_path, self.weight_dtype
-        self.transformer = FluxTransformer2DModel.from_pretrained(name, subfolder="transformer", dtype=dt)
-        self.vae = AutoencoderKL.from_pretrained(name, subfolder="vae", dtype=dt)
-        clip = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", dtype=dt)
-        t5 = T5EncoderModel.from_pretrained(name, subfolder="text_encoder_2", dtype=dt)
-        self.transformer = self.place(self.transformer, self.cfg.quantize)
-        self.vae = self.place(self.vae, "none")
-        clip = self.place(clip, "none")  # 123M parameters: not worth quantizing
-        t5 = self.place(t5, self.cfg.quantize_text_encoder)
+        self.vae = self.place(AutoencoderKL.from_pretrained(name, subfolder="vae", dtype=dt), "none")
+        clip = self.place(CLIPTextModel.from_pretrained(name, subfolder="text_encoder", dtype=dt), "none")  # 123M: not worth it
+        t5 = self.place(T5EncoderModel.from_pretrained(name, subfolder="text_encoder_2", dtype=dt), self.cfg.quantize_text_encoder)
         self.text_pipe = FluxPipeline(
             scheduler=None, vae=None, transformer=None, text_encoder=clip, text_encoder_2=t5,
             tokenizer=AutoTokenizer.from_pretrained(name, subfolder="tokenizer"),
@@ -65,6 +60,10 @@ class FluxAdapter(ModelAdapter):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         self.scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(name, subfolder="scheduler"))
+
+    def load_transformer(self) -> None:
+        t = FluxTransformer2DModel.from_pretrained(self.cfg.pretrained_model_name_or_path, subfolder="transformer", dtype=self.weight_dtype)
+        self.transformer = self.place(t, self.cfg.quantize)
         self.guidance = bool(self.transformer.config.guidance_embeds)
 
     def count_tokens(self, captions: list[str]) -> list[int]:

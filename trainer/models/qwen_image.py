@@ -29,15 +29,12 @@ class QwenImageAdapter(ModelAdapter):
     pipeline_classes = ("QwenImagePipeline",)
     default_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
-    def load(self) -> None:
+    def load_encoders(self) -> None:
         name, dt = self.cfg.pretrained_model_name_or_path, self.weight_dtype
-        self.transformer = QwenImageTransformer2DModel.from_pretrained(name, subfolder="transformer", dtype=dt)
-        self.vae = AutoencoderKLQwenImage.from_pretrained(name, subfolder="vae", dtype=dt)
+        self.vae = self.place(AutoencoderKLQwenImage.from_pretrained(name, subfolder="vae", dtype=dt), "none")
         text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(name, subfolder="text_encoder", dtype=dt)
-        tokenizer = AutoTokenizer.from_pretrained(name, subfolder="tokenizer")
-        self.transformer = self.place(self.transformer, self.cfg.quantize)
-        self.vae = self.place(self.vae, "none")
         text_encoder = self.place(text_encoder, self.cfg.quantize_text_encoder)
+        tokenizer = AutoTokenizer.from_pretrained(name, subfolder="tokenizer")
         # The pipeline object is only used for its prompt template and encode_prompt (no transformer / VAE inside).
         self.text_pipe = self.pipeline_class(
             scheduler=None, vae=None, text_encoder=text_encoder, tokenizer=tokenizer, transformer=None, **self.extra_text_components()
@@ -48,6 +45,10 @@ class QwenImageAdapter(ModelAdapter):
         z = self.vae.config.z_dim
         self.latents_mean = torch.tensor(self.vae.config.latents_mean).view(1, z, 1, 1, 1).to(self.device, torch.float32)
         self.latents_std = torch.tensor(self.vae.config.latents_std).view(1, z, 1, 1, 1).to(self.device, torch.float32)
+
+    def load_transformer(self) -> None:
+        t = QwenImageTransformer2DModel.from_pretrained(self.cfg.pretrained_model_name_or_path, subfolder="transformer", dtype=self.weight_dtype)
+        self.transformer = self.place(t, self.cfg.quantize)
 
     def extra_text_components(self) -> dict:
         return {}

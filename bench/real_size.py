@@ -1,0 +1,154 @@
+"""Real-size GPU memory and speed of the training step, without downloading a model.
+
+Builds the released Qwen-Image (20B) or FLUX.1-dev (12B) transformer architecture with random weights directly on
+the GPU, quantizes it block by block with the trainer's own code, attaches the LoRA, and times full training steps
+(flow-matching loss, backward, clip, optimizer) at the given resolution with random latents and prompt embeddings.
+The text encoders and VAE are not loaded: this is the training phase after their embeddings were precomputed.
+
+    python bench/real_size.py --family qwen-image --quantize none,qfloat8,qint4,nf4 --resolution 1024
+    python bench/real_size.py --family flux --quantize none,nf4 --tiny      # CPU smoke run on a 2-block model
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from trainer import flow_matching as fm  # noqa: E402
+from trainer.config import TrainConfig  # noqa: E402
+from trainer.models.base import ModelAdapter  # noqa: E402
+from trainer.optim import make_optimizer  # noqa: E402
+from trainer.quantize import quantize_model, weight_bytes  # noqa: E402
+
+GB = 1024**3
+QWEN_SCHEDULER = dict(use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=8192, base_shift=0.5, max_shift=0.9)
+
+
+def build(family: str, tiny: bool, device: torch.device):
+    from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
+
+    from trainer.models.flux import FluxAdapter
+    from trainer.models.qwen_image import QwenImageAdapter
+
+    if family == "qwen-image":
+        cls, adapter_cls, kw = QwenImageTransformer2DModel, QwenImageAdapter, {}
+        if tiny:
+            kw = dict(num_layers=2)
+    else:
+        cls, adapter_cls, kw = FluxTransformer2DModel, FluxAdapter, dict(guidance_embeds=True)
+        if tiny:
+            kw.update(num_layers=1, num_single_layers=1)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = cls(**kw)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    return model.requires_grad_(False), adapter_cls
+
+
+def conditioning(family: str, model, batch: int, device) -> dict:
+    g = torch.Generator(device=device).manual_seed(0)
+    if family == "qwen-image":
+        emb = torch.randn(batch, 256, model.config.joint_attention_dim, generator=g, device=device).to(torch.bfloat16)
+        return {"prompt_embeds": emb, "prompt_embeds_mask": torch.ones(batch, 256, dtype=torch.long, device=device)}
+    emb = torch.randn(batch, 512, model.config.joint_attention_dim, generator=g, device=device).to(torch.bfloat16)
+    pooled = torch.randn(batch, model.config.pooled_projection_dim, generator=g, device=device).to(torch.bfloat16)
+    return {"prompt_embeds": emb, "pooled": pooled, "text_ids": torch.zeros(512, 3, device=device, dtype=torch.bfloat16)}
+
+
+def run(family: str, mode: str, args, device: torch.device) -> dict:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    model, adapter_cls = build(family, args.tiny, device)
+    n_params = sum(p.numel() for p in model.parameters())
+    cfg = TrainConfig(quantize=mode, optimizer=args.optimizer, rank=args.rank, gradient_checkpointing=not args.no_checkpointing)
+    model = quantize_model(model, mode, device, torch.bfloat16)
+    build_s = time.time() - t0
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    weights = weight_bytes(model)
+
+    adapter = adapter_cls.__new__(adapter_cls)
+    ModelAdapter.__init__(adapter, cfg, device, torch.bfloat16)
+    adapter.transformer, adapter.guidance = model, family == "flux"
+    params = adapter.add_lora()
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    optimizer = make_optimizer(cfg, params)
+    cond = conditioning(family, model, args.batch, device)
+    lat = args.resolution // 8
+    g = torch.Generator(device=device).manual_seed(0)
+    x0 = torch.randn(args.batch, 16, lat, lat, generator=g, device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        noise = torch.randn(x0.shape, generator=g, device=device)
+        sig = fm.sample_sigmas(args.batch, "shift", QWEN_SCHEDULER, adapter.image_seq_len(x0), g)
+        pred = adapter.predict(model, fm.add_noise(x0, noise, sig), sig, cond)
+        loss = fm.flow_matching_loss(pred, fm.velocity_target(x0, noise), sig)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    result = {
+        "mode": mode,
+        "params": n_params,
+        "weights_gib": weights / GB,
+        "peak_gib": peak / GB,
+        "reserved_gib": torch.cuda.max_memory_reserved() / GB if device.type == "cuda" else 0,
+        "s_per_step": statistics.median(times[1:] if len(times) > 1 else times),
+        "build_s": build_s,
+        "loss": float(loss.detach()),
+    }
+    del model, adapter, params, optimizer, cond, x0, pred, loss
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", choices=["qwen-image", "flux"], default="qwen-image")
+    p.add_argument("--quantize", default="none,qfloat8,qint4,nf4")
+    p.add_argument("--resolution", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--optimizer", default="adamw8bit")
+    p.add_argument("--no_checkpointing", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="2-block model, for a CPU smoke run of this script")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"{args.family} {'(tiny) ' if args.tiny else ''}on {name}: {args.resolution}px, batch {args.batch}, rank {args.rank}, "
+          f"{args.optimizer}, gradient checkpointing {'off' if args.no_checkpointing else 'on'}")
+    print(f"{'quantize':>9} {'params':>15} {'weights GiB':>12} {'peak GiB':>9} {'reserved GiB':>13} {'s/step':>7} {'loss':>7}")
+    for mode in args.quantize.split(","):
+        try:
+            r = run(args.family, mode, args, device)
+            print(f"{r['mode']:>9} {r['params']:>15,} {r['weights_gib']:>12.2f} {r['peak_gib']:>9.2f} {r['reserved_gib']:>13.2f} "
+                  f"{r['s_per_step']:>7.2f} {r['loss']:>7.3f}", flush=True)
+        except Exception as e:  # keep measuring the other modes
+            print(f"{mode:>9} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

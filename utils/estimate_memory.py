@@ -1,0 +1,207 @@
+"""Dry-run GPU memory planner: will this config fit my card?
+
+    python utils/estimate_memory.py --config train_configs/train_lora_4090.yaml [--resolution 1024] [--vram_gb 24] [key=value ...]
+
+The transformer is built from its config on PyTorch's meta device (no weights are read or allocated), so this works
+for the real 20B Qwen-Image and 12B FLUX.1 models without downloading them: a local model folder or a cached hub
+model gives its own config; otherwise the diffusers default constructor arguments are used, which are the released
+Qwen-Image / FLUX.1 architectures. Weights, LoRA, gradients and optimizer states are counted exactly; activations
+are an estimate (see `activation_bytes`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+GB = 1024**3
+# Bytes per weight of a quantized Linear, scales included (quanto: per-channel scales, qint4 group 128 with
+# scale + shift; bitsandbytes nf4: 4 bits + double-quantized absmax per 64 weights; int8: per-row scales).
+QUANT_BYTES = {"none": 2.0, "qfloat8": 1.0, "qint8": 1.0, "int8": 1.0, "qint4": 0.5 + 4 / 128, "nf4": 0.5 + 1 / 64}
+# fp32 optimizer state per trainable parameter
+OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "adafactor": 0.5, "prodigy": 16.0}
+# Text encoders / VAEs of the released models (parameters), used when their configs are not on this machine.
+KNOWN_PARAMS = {
+    "qwen2.5-vl-7b": 8_292_166_656,
+    "t5-xxl-encoder": 4_762_310_656,
+    "clip-l-text": 123_060_480,
+    "flux-vae": 83_819_683,
+}
+FAMILY_OF_PIPELINE = {
+    "QwenImagePipeline": "qwen-image",
+    "QwenImageEditPipeline": "qwen-image",
+    "QwenImageEditPlusPipeline": "qwen-image",
+    "FluxPipeline": "flux",
+    "FluxKontextPipeline": "flux",
+}
+
+
+@dataclass
+class Row:
+    component: str
+    params: int
+    bytes_: float
+    note: str = ""
+
+
+def _local_file(name: str, rel: str) -> Path | None:
+    p = Path(name) / rel
+    if p.is_file():
+        return p
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(name, rel, local_files_only=True))
+    except Exception:
+        return None
+
+
+def model_family(name: str) -> tuple[str, str]:
+    """(family, pipeline class name) from model_index.json, or from a well-known hub id."""
+    index = _local_file(name, "model_index.json")
+    if index is not None:
+        cls = json.loads(index.read_text())["_class_name"]
+        return FAMILY_OF_PIPELINE.get(cls, "qwen-image"), cls
+    lowered = name.lower()
+    if "flux" in lowered:
+        return "flux", "FluxKontextPipeline" if "kontext" in lowered else "FluxPipeline"
+    return "qwen-image", "QwenImageEditPlusPipeline" if "2509" in lowered else "QwenImagePipeline"
+
+
+def build_transformer_on_meta(name: str, family: str, pipeline_class: str):
+    import torch
+    from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
+
+    cls = FluxTransformer2DModel if family == "flux" else QwenImageTransformer2DModel
+    cfg_file = _local_file(name, "transformer/config.json")
+    if cfg_file is not None:
+        config = cls.load_config(str(cfg_file.parent))
+        source = str(cfg_file)
+    else:
+        config = {}  # the constructor defaults are the released architecture
+        if family == "flux" and "schnell" not in name.lower():
+            config["guidance_embeds"] = True  # dev and Kontext are guidance-distilled
+        source = f"{cls.__name__} default constructor (the released architecture)"
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    return model, source
+
+
+def lora_params(model, rank: int, targets: list[str]) -> int:
+    import torch
+
+    total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+            total += rank * (module.in_features + module.out_features)
+    return total
+
+
+def activation_bytes(model, family: str, resolution: int, batch: int, checkpointing: bool, text_tokens: int) -> float:
+    """Estimate of what the backward pass keeps, bf16.
+
+    With gradient checkpointing only each block's input (S x D) is stored, plus one block's internals while it is
+    recomputed; without it every block keeps ~24 S x D values (q, k, v, attention output, 4x MLP, norms, both
+    streams). Flash / memory-efficient attention is assumed (no S^2 term).
+    """
+    d = model.config.num_attention_heads * model.config.attention_head_dim
+    blocks = sum(1 for m in model.modules() if type(m).__name__ in model._repeated_blocks)
+    seq = (resolution // 16) ** 2 + text_tokens
+    per_block_full = 24 * seq * d * 2 * batch
+    per_block_input = 2 * seq * d * 2 * batch
+    return blocks * per_block_input + per_block_full if checkpointing else blocks * per_block_full
+
+
+def plan(cfg, resolution: int) -> tuple[list[Row], dict]:
+    import torch
+    from diffusers import AutoencoderKLQwenImage
+
+    name = cfg.pretrained_model_name_or_path
+    family, pipeline_class = model_family(name)
+    model, source = build_transformer_on_meta(name, family, pipeline_class)
+    quant = cfg.quantize
+    blocks = [m for m in model.modules() if type(m).__name__ in model._repeated_blocks]
+    quantizable = sum(mod.weight.numel() for b in blocks for mod in b.modules() if isinstance(mod, torch.nn.Linear))
+    total = sum(p.numel() for p in model.parameters())
+    rows = [Row(f"transformer ({quant})", total, quantizable * QUANT_BYTES[quant] + (total - quantizable) * 2,
+                f"{quantizable / total:.1%} of weights quantizable")]
+
+    if family == "qwen-image":
+        with torch.device("meta"):
+            vae_params = sum(p.numel() for p in AutoencoderKLQwenImage().parameters())
+        text = [("text encoder Qwen2.5-VL-7B", KNOWN_PARAMS["qwen2.5-vl-7b"], cfg.quantize_text_encoder)]
+        text_tokens = 256
+    else:
+        vae_params = KNOWN_PARAMS["flux-vae"]
+        text = [("text encoder T5-XXL", KNOWN_PARAMS["t5-xxl-encoder"], cfg.quantize_text_encoder),
+                ("text encoder CLIP-L", KNOWN_PARAMS["clip-l-text"], "none")]
+        text_tokens = cfg.t5_max_sequence_length
+    enc_rows = [Row(f"{label} ({q})", n, n * QUANT_BYTES[q] * 0.97 + n * 2 * 0.03) for label, n, q in text]
+    enc_rows.append(Row("VAE (bf16)", vae_params, vae_params * 2))
+
+    from trainer.models.flux import FluxAdapter
+    from trainer.models.qwen_image import QwenImageAdapter
+
+    targets = cfg.lora_target_modules or list((FluxAdapter if family == "flux" else QwenImageAdapter).default_target_modules)
+    n_lora = lora_params(model, cfg.rank, targets)
+    batch = cfg.data_config.train_batch_size
+    train_rows = [
+        Row(f"LoRA weights (rank {cfg.rank}, fp32)", n_lora, n_lora * 4),
+        Row("LoRA gradients (fp32)", n_lora, n_lora * 4),
+        Row(f"optimizer state ({cfg.optimizer})", n_lora, n_lora * OPTIMIZER_BYTES[cfg.optimizer]),
+        Row(f"activations ({resolution}px, batch {batch}, checkpointing {'on' if cfg.gradient_checkpointing else 'off'})", 0,
+            activation_bytes(model, family, resolution, batch, cfg.gradient_checkpointing, text_tokens), "estimate"),
+        Row("CUDA context + allocator slack", 0, 1.0 * GB, "typical"),
+    ]
+    cached = cfg.precompute_text_embeddings and cfg.precompute_image_embeddings
+    train_total = sum(r.bytes_ for r in rows + train_rows)
+    enc_total = sum(r.bytes_ for r in enc_rows)
+    if cached:
+        # Encoders run first to fill the cache and are freed before the transformer loads.
+        peak = max(train_total, enc_total + 1.0 * GB)
+        phase = "encoders freed before the transformer loads (precomputed embeddings)"
+    else:
+        peak = train_total + enc_total
+        phase = "text encoder and VAE stay resident (no precomputed embeddings)"
+    info = {"family": family, "pipeline": pipeline_class, "source": source, "peak": peak, "phase": phase,
+            "transformer_params": total, "lora_params": n_lora}
+    return rows + enc_rows + train_rows, info
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--resolution", type=int, default=None, help="default: data_config.img_size")
+    p.add_argument("--vram_gb", type=float, default=24.0, help="card size to check against")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = p.parse_args(argv)
+
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from trainer.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides, check_paths=False)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    resolution = args.resolution or cfg.data_config.img_size
+    rows, info = plan(cfg, resolution)
+    print(f"model: {cfg.pretrained_model_name_or_path} ({info['pipeline']}), transformer config: {info['source']}")
+    print(f"{'component':58} {'params':>15} {'GiB':>8}")
+    for r in rows:
+        print(f"{r.component:58} {r.params:>15,} {r.bytes_ / GB:>8.2f}  {r.note}")
+    print(f"{'peak (' + info['phase'] + ')':58} {'':>15} {info['peak'] / GB:>8.2f}")
+    fits = info["peak"] <= args.vram_gb * GB
+    print(f"{'fits a ' + format(args.vram_gb, 'g') + ' GB card':58} {'':>15} {'yes' if fits else 'NO':>8}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
