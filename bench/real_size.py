@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as the trainer sets it
 
 import torch  # noqa: E402
 
@@ -84,6 +86,7 @@ def run(family: str, mode: str, args, device: torch.device) -> dict:
     adapter = adapter_cls.__new__(adapter_cls)
     ModelAdapter.__init__(adapter, cfg, device, torch.bfloat16)
     adapter.transformer, adapter.guidance = model, family == "flux"
+    adapter.configure_attention()
     params = adapter.add_lora()
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()

@@ -51,6 +51,8 @@ def main(adapter: str, description: str, argv: list[str] | None = None, preset: 
     log = logging.getLogger("trainer")
     try:
         cfg = load_config(args.config, args.overrides, preset=preset)
+        # Must be set before CUDA initialises: fewer fragmentation OOMs when shapes vary (buckets, captions).
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         from trainer.loop import Interrupted, TrainingError, train  # heavy imports after the config is known good
 
         train(cfg, load_adapter(adapter))

@@ -87,6 +87,7 @@ class TrainConfig:
     mixed_precision: str = doc("bf16", f"dtype the frozen models are loaded and run in: {', '.join(MIXED_PRECISIONS)} (no = fp32)")
     gradient_checkpointing: bool = doc(False, "recompute transformer activations in the backward pass (less memory, ~30% slower)")
     allow_tf32: bool = doc(True, "allow TF32 matmuls on Ampere+ GPUs")
+    attention_backend: str = doc("auto", "auto = PyTorch SDPA without its cuDNN kernel (its backward fails on FLUX shapes, pytorch#190321); sdpa = every SDPA kernel; or a diffusers backend name (flash, _flash_3, sage, ...) when that package is installed")
 
     optimizer: str = doc("adamw", "adamw, adamw8bit (bitsandbytes, ~4x less optimizer memory), adafactor, prodigy (learning_rate ~1.0)")
     adam8bit: bool = doc(False, "FlyMyAI alias: true selects optimizer=adamw8bit")

@@ -215,6 +215,7 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
             adapter.free_vae()
 
     adapter.load_transformer()
+    adapter.configure_attention()
     params = adapter.add_lora()
     transformer = adapter.transformer
     if cfg.gradient_checkpointing:

@@ -167,6 +167,22 @@ class ModelAdapter(ABC):
         self.vae = None
         _release_memory()
 
+    def configure_attention(self) -> None:
+        """Apply cfg.attention_backend to the loaded transformer."""
+        from trainer.config import ConfigError
+
+        name = self.cfg.attention_backend
+        if name == "auto":
+            if torch.cuda.is_available():
+                # cuDNN fused attention's backward fails on FLUX-sized sequences ("mha_graph.execute(...).is_good()"),
+                # pytorch/pytorch#190321; flash / memory-efficient SDPA are as fast for bf16 training.
+                torch.backends.cuda.enable_cudnn_sdp(False)
+        elif name != "sdpa":
+            try:
+                self.transformer.set_attention_backend(name)
+            except Exception as e:
+                raise ConfigError(f"config key 'attention_backend': '{name}' cannot be used here ({str(e).splitlines()[0]})") from None
+
     def place(self, model: torch.nn.Module, quantize: str) -> torch.nn.Module:
         """Move a frozen model to the device, quantizing its blocks on the way when asked."""
         from trainer.quantize import quantize_model
