@@ -23,6 +23,8 @@ class Sample:
     size: tuple[int, int]  # training (width, height) after resize + crop
     controls: tuple[Path, ...] = ()  # reference / source images for edit and Kontext training
     control_sizes: tuple[tuple[int, int], ...] = ()
+    source_size: tuple[int, int] = (0, 0)  # the file's own (width, height), EXIF orientation applied
+    control_source_sizes: tuple[tuple[int, int], ...] = ()
 
     @property
     def group(self) -> tuple:
@@ -48,7 +50,7 @@ def read_caption(path: Path) -> str:
 
 
 def _check_image(path: Path, img_size: int, decode: bool, result: ScanResult) -> tuple[int, int] | None:
-    """Training size of one image, or None (and a problem line) when it cannot be used."""
+    """Source (width, height) of one usable image, or None (and a problem line) when it cannot be used."""
     try:
         w, h = oriented_size(path)
         size = target_size(w, h, img_size)
@@ -59,17 +61,53 @@ def _check_image(path: Path, img_size: int, decode: bool, result: ScanResult) ->
         return None
     if min(w, h) < min(size) // 2:
         result.warnings.append(f"{path}: {w}x{h} is much smaller than the training size {size[0]}x{size[1]} and will be upscaled")
-    return size
+    return w, h
 
 
 def _add_sample(result: ScanResult, image: Path, caption: str, caption_name: str, controls: list[Path], img_size: int, decode: bool) -> None:
-    size = _check_image(image, img_size, decode, result)
-    control_sizes = [_check_image(c, img_size, decode, result) for c in controls]
-    if size is None or any(cs is None for cs in control_sizes):
+    source = _check_image(image, img_size, decode, result)
+    control_sources = [_check_image(c, img_size, decode, result) for c in controls]
+    if source is None or any(cs is None for cs in control_sources):
         return
     if not caption:
         result.warnings.append(f"{caption_name}: caption is empty (the image trains unconditionally)")
-    result.samples.append(Sample(image, caption, size, tuple(controls), tuple(control_sizes)))
+    result.samples.append(Sample(
+        image, caption, target_size(*source, img_size), tuple(controls),
+        tuple(target_size(*c, img_size) for c in control_sources), source, tuple(control_sources),
+    ))
+
+
+def bucket_sizes(resolution: int, multiple: int = 16, max_ratio: float = 4.0) -> list[tuple[int, int]]:
+    """(width, height) buckets of about resolution**2 pixels, sides multiples of `multiple`, aspect 1:4 to 4:1."""
+    area, out = resolution * resolution, set()
+    for w in range(multiple, int(resolution * max_ratio**0.5) + multiple, multiple):
+        h = area // w // multiple * multiple
+        if h >= multiple and 1 / max_ratio <= w / h <= max_ratio:
+            out.add((w, h))
+    return sorted(out)
+
+
+def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    import math
+
+    ratio = math.log(width / height)
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
+
+
+def expand_samples(samples: list[Sample], resolutions: Sequence[int], bucketing: bool, repeats: int) -> list[Sample]:
+    """Training entries: every sample once per resolution (sizes snapped to buckets when bucketing), times repeats."""
+    from dataclasses import replace
+
+    out = []
+    for res in resolutions:
+        buckets = bucket_sizes(res) if bucketing else None
+
+        def size(src: tuple[int, int]) -> tuple[int, int]:
+            return nearest_bucket(*src, buckets) if buckets else target_size(*src, res)
+
+        for s in samples:
+            out.append(replace(s, size=size(s.source_size), control_sizes=tuple(size(c) for c in s.control_source_sizes)))
+    return out * repeats
 
 
 def _find_control(control_dir: Path, stem: str) -> Path | None:
@@ -127,10 +165,14 @@ def scan_caption_folder(
 
 
 def scan_dataset(d, decode: bool = True) -> ScanResult:
-    """The dataset a DataConfig describes: a metadata file, or a caption folder (with control_dir for edit pairs)."""
+    """The dataset a DataConfig describes: a metadata file, or a caption folder (with control_dir for edit pairs),
+    expanded over data_config.resolutions / bucketing / repeats."""
     if d.metadata_file:
-        return scan_metadata(d.metadata_file, d.img_size, decode)
-    return scan_caption_folder(d.img_dir, d.img_size, d.caption_type, decode, d.control_dir)
+        result = scan_metadata(d.metadata_file, d.img_size, decode)
+    else:
+        result = scan_caption_folder(d.img_dir, d.img_size, d.caption_type, decode, d.control_dir)
+    result.samples = expand_samples(result.samples, d.resolutions or [d.img_size], d.bucketing, d.repeats)
+    return result
 
 
 CONTROL_COLUMNS = ("control_image", "control_image_2", "control_image_3")
@@ -216,7 +258,7 @@ class CaptionDataset(Dataset):
         s = self.samples[index]
         rng = sample_rng(self.seed, epoch, index)
         drop = rng.random() < self.caption_dropout_rate
-        item = {"index": index, "dropped": drop, "caption": "" if drop else s.caption, "path": str(s.image)}
+        item = {"index": index, "epoch": epoch, "dropped": drop, "caption": "" if drop else s.caption, "path": str(s.image)}
         if not self.load_pixels:
             return {**item, "pixel_values": None, "controls": []}
         img = resize_and_crop(self._load(s.image, s.size), s.size, rng if self.random_crop else None)
@@ -241,6 +283,7 @@ def collate(items: list[dict]) -> dict:
     pixels = [it["pixel_values"] for it in items]
     return {
         "indices": [it["index"] for it in items],
+        "epochs": [it["epoch"] for it in items],
         "dropped": [it["dropped"] for it in items],
         "pixel_values": None if pixels[0] is None else torch.stack(pixels),
         "controls": [torch.stack([it["controls"][k] for it in items]) for k in range(n_controls)],
@@ -253,7 +296,7 @@ class SizeGroupedBatchSampler(Sampler):
     """Shuffled batches in which every item has the same group (training size, control sizes).
 
     The order is a pure function of (seed, epoch), so a resumed run sees exactly the batches the uninterrupted run
-    would have seen. Batches are dealt round-robin to processes (rank::world_size); every process gets the same number.
+    would have seen, and every process gets the same number of batches.
     """
 
     def __init__(self, groups: Sequence[Hashable], batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
@@ -269,22 +312,26 @@ class SizeGroupedBatchSampler(Sampler):
         self.epoch, self.start_batch = epoch, start_batch
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """Global batches (batch_size x world_size items of one group) of an epoch, in training order."""
         rng = random.Random(f"{self.seed}-batches-{epoch}")
         order = list(range(len(self.groups)))
         rng.shuffle(order)
         groups: dict[Hashable, list[int]] = {}
         for i in order:
             groups.setdefault(self.groups[i], []).append(i)
-        batches = [g[k : k + self.batch_size] for g in groups.values() for k in range(0, len(g), self.batch_size)]
+        size = self.batch_size * self.world_size
+        batches = [g[k : k + size] for g in groups.values() for k in range(0, len(g), size)]
+        if self.world_size > 1:  # every process needs its full share of each global batch
+            batches = [b for b in batches if len(b) == size]
         rng.shuffle(batches)
-        usable = len(batches) - len(batches) % self.world_size if len(batches) >= self.world_size else len(batches)
-        return batches[:usable]
+        return batches
 
     def __len__(self) -> int:
-        return len(self.epoch_batches(0)) // self.world_size or 1
+        return len(self.epoch_batches(0))
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        batches = self.epoch_batches(self.epoch)
-        mine = batches[self.rank :: self.world_size] or batches[:1]
-        for b in mine[self.start_batch :]:
-            yield [(i, self.epoch) for i in b]
+        # Process r takes items [r*B, (r+1)*B) of every global batch, so N processes at batch B see exactly the
+        # samples one process sees at batch N*B.
+        lo = self.rank * self.batch_size
+        for b in self.epoch_batches(self.epoch)[self.start_batch :]:
+            yield [(i, self.epoch) for i in b[lo : lo + self.batch_size]]

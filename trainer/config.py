@@ -61,6 +61,9 @@ class DataConfig:
     random_ratio: bool = doc(False, "random crop position instead of a center crop (FlyMyAI's multi-crop option)")
     caption_type: str = doc("txt", "caption file extension next to each image (txt, caption, ...)")
     skip_bad_files: bool = doc(False, "skip and list unreadable images / missing captions instead of refusing to start")
+    bucketing: bool = doc(False, "snap every image to the nearest of a fixed set of aspect-ratio buckets (about img_size**2 pixels, 1:4 to 4:1) so mixed sizes batch together")
+    resolutions: Optional[list[int]] = doc(None, "multi-resolution training, e.g. [512, 768, 1024]: every image is used once per resolution (overrides img_size for sizing)")
+    repeats: int = doc(1, "how many times each image appears per epoch")
     control_dir: Optional[str] = doc(None, "edit / Kontext: folder of control (source) images with the same stems as img_dir's images")
     metadata_file: Optional[str] = doc(None, "edit: metadata.csv or .jsonl with columns image, prompt, control_image[, control_image_2, control_image_3] (replaces img_dir)")
 
@@ -206,6 +209,13 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         raise ConfigError(f"config key 'data_config.caption_dropout_rate' must be in [0, 1], got {d.caption_dropout_rate}")
     if d.img_size % 16:
         raise ConfigError(f"config key 'data_config.img_size' must be a multiple of 16, got {d.img_size}")
+    for r in d.resolutions or []:
+        if r <= 0 or r % 16:
+            raise ConfigError(f"config key 'data_config.resolutions' must hold positive multiples of 16, got {r}")
+    if d.resolutions is not None and not d.resolutions:
+        raise ConfigError("config key 'data_config.resolutions' is an empty list; remove it to train at img_size")
+    if d.repeats < 1:
+        raise ConfigError(f"config key 'data_config.repeats' must be >= 1, got {d.repeats}")
     if cfg.logit_std <= 0:
         raise ConfigError(f"config key 'logit_std' must be > 0, got {cfg.logit_std}")
     if cfg.lora_target_modules is not None and not cfg.lora_target_modules:

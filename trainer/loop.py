@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
@@ -32,6 +32,7 @@ from trainer.checkpoint import (
 from trainer.config import ConfigError, TrainConfig
 from trainer.models.base import ModelAdapter
 from trainer.optim import make_optimizer
+from trainer.report import plot_losses, read_log, write_summary
 
 logger = logging.getLogger("trainer")
 # We step the schedule on skipped (non-finite) updates on purpose, to keep it aligned with global_step.
@@ -187,6 +188,9 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
         mixed_precision=cfg.mixed_precision,
         log_with=make_trackers(cfg) or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / cfg.logging_dir)),
+        # The last block's text-stream projections feed nothing (only image tokens leave the model), so their LoRA
+        # gets no gradient; DDP must be told or it waits for them forever.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -241,11 +245,15 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
     sampler = SizeGroupedBatchSampler(
         [s.group for s in samples], d.train_batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes
     )
+    if len(sampler) == 0:
+        raise ConfigError(
+            f"data_config: no full batch of {d.train_batch_size} x {accelerator.num_processes} process(es) can be formed from "
+            f"{len(samples)} sample(s) of equal size; lower train_batch_size or use data_config.bucketing"
+        )
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=d.num_workers, pin_memory=device.type == "cuda"
     )
-    noise_gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + accelerator.process_index)
-    generators = {"noise": noise_gen}
+    generators: dict[str, torch.Generator] = {}  # noise is drawn per sample (see sample_generator): nothing to carry
 
     state = TrainState()
     if payload is not None:
@@ -270,17 +278,21 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
             len(samples), len(sampler), d.train_batch_size, cfg.gradient_accumulation_steps, accelerator.num_processes, f"{n_params:,}",
         )
 
-    def loss_of(x0: torch.Tensor, cond: dict) -> torch.Tensor:
-        noise = torch.randn(x0.shape, generator=noise_gen, device=device, dtype=torch.float32)
-        sigmas = fm.sample_sigmas(
-            x0.shape[0], cfg.timestep_sampling, adapter.scheduler_config, adapter.image_seq_len(x0), noise_gen,
-            cfg.logit_mean, cfg.logit_std,
-        )
+    def loss_of(x0: torch.Tensor, cond: dict, keys: list[tuple[int, int]]) -> torch.Tensor:
+        # One generator per (epoch, sample): noise and sigma do not depend on batch size, process count or resume point.
+        gens = [sample_generator(cfg.seed, epoch, index, device) for epoch, index in keys]
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=g, device=device) for g in gens])
+        seq_len = adapter.image_seq_len(x0)
+        sigmas = torch.cat([
+            fm.sample_sigmas(1, cfg.timestep_sampling, adapter.scheduler_config, seq_len, g, cfg.logit_mean, cfg.logit_std)
+            for g in gens
+        ])
         pred = adapter.predict(transformer, fm.add_noise(x0, noise, sigmas), sigmas, cond)
         return fm.flow_matching_loss(pred, fm.velocity_target(x0, noise), sigmas, cfg.loss_weighting)
 
     log_path = out / "train_log.jsonl"
-    pending: list[tuple[int, torch.Tensor, float]] = []
+    pending: list[tuple[int, torch.Tensor, float, torch.Tensor]] = []  # step, loss, lr, grad norm
+    flush_clock, last_loss = [time.time()], [float("nan")]
     step_losses: list[torch.Tensor] = []
     step_paths: list[str] = []
     progress = tqdm(
@@ -288,15 +300,24 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
     )
 
     def flush_logs() -> None:
-        if not pending or not accelerator.is_main_process:
-            pending.clear()
+        if not pending:
             return
-        values = torch.stack([v for _, v, _ in pending]).float().cpu().tolist()  # one device sync per flush
-        with open(log_path, "a") as f:
-            for (step, _, lr), loss in zip(pending, values):
-                f.write(json.dumps({"step": step, "loss": loss, "lr": lr}) + "\n")
-                accelerator.log({"train/loss": loss, "train/lr": lr}, step=step)
-        progress.set_postfix(loss=f"{values[-1]:.4f}", lr=f"{pending[-1][2]:.2e}")
+        # One device sync (and, with several processes, one all-reduce) per flush instead of per step.
+        values = torch.stack([torch.stack([loss, norm.float()]) for _, loss, _, norm in pending]).float()
+        if accelerator.num_processes > 1:
+            values = accelerator.reduce(values, reduction="mean")
+        values = values.cpu().tolist()
+        now = time.time()
+        rate = len(pending) / max(now - flush_clock[0], 1e-9)
+        flush_clock[0] = now
+        if accelerator.is_main_process:
+            with open(log_path, "a") as f:
+                for (step, _, lr, _), (loss, norm) in zip(pending, values):
+                    f.write(json.dumps({"step": step, "loss": loss, "lr": lr, "grad_norm": norm}) + "\n")
+                    accelerator.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": norm}, step=step)
+            accelerator.log({"train/steps_per_second": rate}, step=pending[-1][0])
+            progress.set_postfix(loss=f"{values[-1][0]:.4f}", lr=f"{pending[-1][2]:.2e}")
+        last_loss[0] = values[-1][0]
         pending.clear()
 
     t_start = time.time() - state.elapsed_seconds
@@ -306,15 +327,18 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
             for batch in loader:
                 latents, cond = encode(batch)
                 with accelerator.accumulate(transformer):
-                    loss = loss_of(latents, cond)
+                    loss = loss_of(latents, cond, list(zip(batch["epochs"], batch["indices"])))
                     accelerator.backward(loss)
                     step_losses.append(loss.detach())
                     step_paths.extend(batch["paths"])
                     if accelerator.sync_gradients:
-                        finite = _grads_finite(params, loss)
+                        if accelerator.scaler is not None:  # fp16: norms and clipping act on unscaled gradients
+                            accelerator.unscale_gradients()
+                        norm = grad_norm(params)
+                        finite = bool(torch.isfinite(norm + loss.detach().float() * 0))  # one host sync per step
                         if finite:
                             if cfg.max_grad_norm > 0:
-                                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                                torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, norm)
                             optimizer.step()
                         lr_scheduler.step()  # a skipped update still uses up its step of the schedule
                         optimizer.zero_grad(set_to_none=True)
@@ -324,7 +348,7 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
                 state.global_step += 1
                 if finite:
                     state.nonfinite_steps = 0
-                    pending.append((state.global_step, torch.stack(step_losses).mean(), lr_scheduler.get_last_lr()[0]))
+                    pending.append((state.global_step, torch.stack(step_losses).mean(), lr_scheduler.get_last_lr()[0], norm))
                 else:
                     state.nonfinite_steps += 1
                     logger.warning(
@@ -365,7 +389,11 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
             f"stopped by {signal.Signals(stop.signum).name} at step {state.global_step}; checkpoint saved in {ckpt}. "
             f"Resume with the same command plus resume_from_checkpoint=latest"
         )
-    logger.info("done: %d steps in %.1f s; LoRA written to %s", state.global_step, time.time() - t_start, final)
+    if accelerator.is_main_process:
+        elapsed = time.time() - t_start
+        write_summary(out, cfg, state.global_step, state.epoch, elapsed, last_loss[0], final)
+        plot_losses(read_log(log_path), out / "loss_curve.png")
+        logger.info("done: %d steps in %.1f s; LoRA written to %s", state.global_step, elapsed, final)
     return final
 
 
@@ -373,11 +401,16 @@ class Interrupted(RuntimeError):
     pass
 
 
-def _grads_finite(params: list[torch.nn.Parameter], loss: torch.Tensor) -> bool:
-    """One fused reduction and one host sync per optimizer step."""
+def sample_generator(seed: int, epoch: int, index: int, device: torch.device) -> torch.Generator:
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}-noise-{epoch}-{index}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """Total L2 norm of the gradients, one fused reduction, left on the device."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return bool(torch.isfinite(loss))
-    norms = torch._foreach_norm(grads)
-    total = torch.stack(norms).sum() + loss.detach().float() * 0
-    return bool(torch.isfinite(total))
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
