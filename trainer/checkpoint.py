@@ -21,6 +21,7 @@ import torch
 
 STATE_FILE = "training_state.pt"
 LORA_FILE = "pytorch_lora_weights.safetensors"
+COMFY_FILE = "pytorch_lora_weights_comfyui.safetensors"  # written too when lora_format: comfyui
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 

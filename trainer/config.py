@@ -114,6 +114,13 @@ class TrainConfig:
     t5_max_sequence_length: int = doc(512, "FLUX: T5 prompt tokens (prompts are padded to this length, as in the pipeline)")
     guidance_scale: float = doc(3.5, "FLUX dev / Kontext: the distilled guidance value fed to the transformer during training (ignored by models without a guidance embedding)")
 
+    lora_format: str = doc("diffusers", "diffusers, or comfyui to also write pytorch_lora_weights_comfyui.safetensors (ComfyUI key names + alpha) next to every LoRA file")
+    validation_prompts: list[str] = doc([], "prompts rendered with the current LoRA into output_dir/samples/step-N.png (and TensorBoard)")
+    validation_images: list[str] = doc([], "edit / Kontext: input image per validation prompt (one image is shared by all prompts)")
+    validation_steps: int = doc(0, "render the validation prompts every N steps (0 = only at the end)")
+    validation_num_inference_steps: int = doc(20, "denoising steps for validation samples")
+    validation_guidance_scale: float = doc(4.0, "Qwen: true CFG scale for validation samples (FLUX uses guidance_scale)")
+    validation_seed: int = doc(0, "seed of the validation samples (fixed, so samples are comparable across steps)")
     checkpointing_steps: int = doc(500, "save a checkpoint every N optimizer steps (0 disables intermediate checkpoints)")
     checkpoints_total_limit: Optional[int] = doc(None, "keep at most this many checkpoints (oldest deleted first)")
     resume_from_checkpoint: Optional[str] = doc(None, "'latest', a checkpoint folder, or null to start fresh")
@@ -162,6 +169,7 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
     _check_choice("loss_weighting", cfg.loss_weighting, LOSS_WEIGHTINGS)
     _check_choice("lr_scheduler", cfg.lr_scheduler, LR_SCHEDULERS)
     _check_choice("report_to", cfg.report_to, TRACKERS)
+    _check_choice("lora_format", cfg.lora_format, ("diffusers", "comfyui"))
     cfg.quantize = normalize_mode(cfg.quantize)
     cfg.quantize_text_encoder = normalize_mode(cfg.quantize_text_encoder)
     _check_choice("quantize", cfg.quantize, QUANTIZE_CHOICES)
@@ -234,7 +242,14 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
             raise ConfigError("config key 'data_config.img_dir' is not set: point it to your folder of images + captions")
         if not Path(d.img_dir).is_dir():
             raise ConfigError(f"config key 'data_config.img_dir': folder '{d.img_dir}' does not exist")
+    if cfg.validation_steps < 0 or cfg.validation_num_inference_steps < 1:
+        raise ConfigError("config keys 'validation_steps' must be >= 0 and 'validation_num_inference_steps' >= 1")
+    if cfg.validation_images and len(cfg.validation_images) not in (1, len(cfg.validation_prompts)):
+        raise ConfigError("config key 'validation_images' needs one image, or one per validation prompt")
     if check_paths:
+        for img in cfg.validation_images:
+            if not Path(img).is_file():
+                raise ConfigError(f"config key 'validation_images': file '{img}' does not exist")
         check_model_path(cfg.pretrained_model_name_or_path)
         if cfg.resume_from_checkpoint not in (None, "latest") and not Path(cfg.resume_from_checkpoint).is_dir():
             raise ConfigError(

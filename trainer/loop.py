@@ -21,6 +21,7 @@ from image_datasets import CaptionDataset, SizeGroupedBatchSampler, collate, sca
 from trainer import flow_matching as fm
 from trainer.cache import EmbeddingCache
 from trainer.checkpoint import (
+    COMFY_FILE,
     LORA_FILE,
     TrainState,
     atomic_copy,
@@ -33,6 +34,7 @@ from trainer.config import ConfigError, TrainConfig
 from trainer.models.base import ModelAdapter
 from trainer.optim import make_optimizer
 from trainer.report import plot_losses, read_log, write_summary
+from trainer.validation import Validator
 
 logger = logging.getLogger("trainer")
 # We step the schedule on skipped (non-finite) updates on purpose, to keep it aligned with global_step.
@@ -207,6 +209,9 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
     for name, n in long_captions[:20]:
         logger.warning("caption of %s has %d tokens; only the first %d are used (max_sequence_length)", name, n, cfg.max_sequence_length)
 
+    validator = Validator(adapter, cfg)
+    validator.prepare()  # prompt embeddings now, while the text encoders are loaded
+
     cache = None
     if cfg.precompute_text_embeddings or cfg.precompute_image_embeddings:
         cache = EmbeddingCache(adapter, samples, cfg, Path(cfg.cache_dir or out / "cache") if cfg.save_cache_on_disk else None)
@@ -215,7 +220,7 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
         # Freed before the transformer loads: on a 24 GB card the encoders and the transformer never coexist.
         if cfg.precompute_text_embeddings:
             adapter.free_text_encoders()
-        if cfg.precompute_image_embeddings:
+        if cfg.precompute_image_embeddings and not cfg.validation_prompts:  # sampling still decodes with it
             adapter.free_vae()
 
     adapter.load_transformer()
@@ -371,6 +376,11 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
                 if (periodic or at_end or stop.signum is not None) and accelerator.is_main_process:
                     path = checkpoint()
                     logger.info("saved %s", path)
+                sample_now = cfg.validation_steps and state.global_step % cfg.validation_steps == 0
+                if (sample_now or at_end) and cfg.validation_prompts:
+                    if accelerator.is_main_process:
+                        validator.render(accelerator.unwrap_model(transformer), state.global_step, out, accelerator)
+                    accelerator.wait_for_everyone()
                 if at_end or stop.signum is not None:
                     break
             else:
@@ -383,6 +393,8 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
     if accelerator.is_main_process:
         ckpt = out / f"checkpoint-{state.global_step}"
         atomic_copy(ckpt / LORA_FILE, final)
+        if (ckpt / COMFY_FILE).is_file():
+            atomic_copy(ckpt / COMFY_FILE, out / COMFY_FILE)
     accelerator.end_training()
     if stop.signum is not None:
         raise Interrupted(

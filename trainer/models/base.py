@@ -183,6 +183,21 @@ class ModelAdapter(ABC):
             except Exception as e:
                 raise ConfigError(f"config key 'attention_backend': '{name}' cannot be used here ({str(e).splitlines()[0]})") from None
 
+    # --- sampling (validation images during training) ------------------------------------------------------
+    def sampling_pipeline(self, transformer: torch.nn.Module):
+        """The family's diffusers pipeline around the training transformer; prompts come in as embeddings."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
+        return self.pipeline_class(scheduler=scheduler, vae=self.vae, transformer=transformer, **self.no_text_components())
+
+    def no_text_components(self) -> dict:
+        return {"text_encoder": None, "tokenizer": None}
+
+    @abstractmethod
+    def sampling_kwargs(self, cond: dict, negative: dict, size: tuple[int, int]) -> dict:
+        """Pipeline call arguments for one validation sample from precomputed prompt embeddings."""
+
     def place(self, model: torch.nn.Module, quantize: str) -> torch.nn.Module:
         """Move a frozen model to the device, quantizing its blocks on the way when asked."""
         from trainer.quantize import quantize_model
@@ -212,6 +227,12 @@ class ModelAdapter(ABC):
             transformer_lora_layers=self.lora_state_dict(transformer),
             transformer_lora_adapter_metadata=self.lora_config().to_dict(),
         )
+        if self.cfg.lora_format == "comfyui":
+            from trainer.lora_format import save_comfyui
+
+            d = Path(directory)
+            save_comfyui(d / "pytorch_lora_weights.safetensors", d / "pytorch_lora_weights_comfyui.safetensors",
+                         self.family, self.cfg.rank)
 
     def load_lora_into(self, transformer: torch.nn.Module, directory: str | Path) -> None:
         """Restore the trainable LoRA weights written by `save_lora` (exact, fp32)."""

@@ -66,6 +66,15 @@ class FluxAdapter(ModelAdapter):
         self.transformer = self.place(t, self.cfg.quantize)
         self.guidance = bool(self.transformer.config.guidance_embeds)
 
+    def no_text_components(self) -> dict:
+        return {"text_encoder": None, "tokenizer": None, "text_encoder_2": None, "tokenizer_2": None}
+
+    def sampling_kwargs(self, cond: dict, negative: dict, size: tuple[int, int]) -> dict:
+        kwargs = {"prompt_embeds": cond["prompt_embeds"], "pooled_prompt_embeds": cond["pooled"], "guidance_scale": self.cfg.guidance_scale}
+        if self.kontext:  # Kontext scales width x height up to max_area (1 MP) unless told the real area
+            kwargs.update(_auto_resize=False, max_area=size[0] * size[1])
+        return kwargs
+
     def count_tokens(self, captions: list[str]) -> list[int]:
         return [len(ids) for ids in self.text_pipe.tokenizer_2(captions).input_ids]
 

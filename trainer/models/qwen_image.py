@@ -88,6 +88,13 @@ class QwenImageAdapter(ModelAdapter):
         embeds, mask = pad_and_stack([it["prompt_embeds"] for it in items], [it["prompt_embeds_mask"] for it in items])
         return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
 
+    def sampling_kwargs(self, cond: dict, negative: dict, size: tuple[int, int]) -> dict:
+        return {
+            "prompt_embeds": cond["prompt_embeds"], "prompt_embeds_mask": cond["prompt_embeds_mask"],
+            "negative_prompt_embeds": negative["prompt_embeds"], "negative_prompt_embeds_mask": negative["prompt_embeds_mask"],
+            "true_cfg_scale": self.cfg.validation_guidance_scale,
+        }
+
     def predict(self, transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, cond: dict) -> torch.Tensor:
         """Control latents (edit models) ride along on the sequence axis with their own img_shapes entries;
         the prediction is sliced back to the target tokens, as the edit pipelines do."""
@@ -164,6 +171,9 @@ class QwenImageEditAdapter(QwenImageAdapter):
                 f"data_config: {len(over)} sample(s) have more than {limit} control image(s) (e.g. {over[0]}); "
                 + ("Qwen-Image-Edit takes one; use Qwen-Image-Edit-2509 for several" if not plus else "the limit is 3")
             )
+
+    def no_text_components(self) -> dict:
+        return {"text_encoder": None, "tokenizer": None, "processor": None}
 
     def extra_text_components(self) -> dict:
         from .qwen_processor import load_qwen_processor

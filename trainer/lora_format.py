@@ -1,0 +1,61 @@
+"""LoRA file formats: diffusers (what pipe.load_lora_weights reads) and ComfyUI.
+
+ComfyUI names, as its LoRA loader maps them (and diffusers' own converters read them back):
+  Qwen-Image : diffusion_model.<module>.lora_A.weight / .lora_B.weight / .alpha
+  FLUX.1     : lora_transformer_<module with . -> _>.lora_down.weight / .lora_up.weight / .alpha
+The alpha tensors carry the strength (scale = alpha / rank), so a file converted either way renders the same.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+PREFIX = "transformer."
+
+
+def read_alpha(path: str | Path, default_rank: int) -> float:
+    """lora_alpha stored by diffusers' save_lora_weights in the file metadata (falls back to the rank)."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    raw = meta.get("lora_adapter_metadata")
+    if raw:
+        info = json.loads(raw)
+        info = info.get("transformer", info)
+        if "lora_alpha" in info:
+            return float(info["lora_alpha"])
+    return float(default_rank)
+
+
+def diffusers_to_comfyui(sd: dict[str, torch.Tensor], family: str, alpha: float) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in sd.items():
+        module, _, kind = key.removeprefix(PREFIX).rpartition(".lora_")
+        kind = "lora_" + kind  # lora_A.weight / lora_B.weight
+        if family.startswith("flux"):
+            name = "lora_transformer_" + module.replace(".", "_")
+            out[f"{name}.{'lora_down' if kind.startswith('lora_A') else 'lora_up'}.weight"] = value
+        else:
+            name = "diffusion_model." + module
+            out[f"{name}.{kind}"] = value
+        out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def save_comfyui(diffusers_file: str | Path, out: str | Path, family: str, rank: int) -> Path:
+    sd = load_file(str(diffusers_file))
+    converted = diffusers_to_comfyui(sd, family, read_alpha(diffusers_file, rank))
+    out = Path(out)
+    save_file({k: v.contiguous() for k, v in converted.items()}, str(out), metadata={"format": "pt", "family": family})
+    return out
+
+
+def comfyui_to_diffusers(path: str | Path, pipeline_class) -> dict[str, torch.Tensor]:
+    """Any format diffusers understands -> diffusers keys with the alpha folded into lora_B (scale 1)."""
+    sd = pipeline_class.lora_state_dict(str(path))
+    sd = sd[0] if isinstance(sd, tuple) else sd
+    return {k: v for k, v in sd.items()}

@@ -1,0 +1,89 @@
+"""Validation samples during training: fixed prompts and seeds rendered with the LoRA as it trains.
+
+Prompt embeddings are computed once while the text encoders are loaded, so sampling never needs them again (they may
+have been freed to make room for the transformer). The VAE is kept for decoding.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from image_datasets import load_image, resize_and_crop, target_size, to_tensor
+from trainer.config import TrainConfig
+from trainer.models.base import ModelAdapter
+
+logger = logging.getLogger("trainer")
+
+
+class Validator:
+    def __init__(self, adapter: ModelAdapter, cfg: TrainConfig):
+        self.adapter, self.cfg = adapter, cfg
+        self.items: list[dict] = []
+
+    def prepare(self) -> None:
+        """Encode the validation prompts (and a blank negative) while the text encoders are still loaded."""
+        cfg = self.cfg
+        for i, prompt in enumerate(cfg.validation_prompts):
+            images = []
+            if cfg.validation_images:
+                path = Path(cfg.validation_images[i if len(cfg.validation_images) > 1 else 0])
+                img = load_image(path)
+                images = [resize_and_crop(img, target_size(*img.size, cfg.data_config.img_size))]
+            controls = [to_tensor(im).unsqueeze(0) for im in images]
+            cond = self.adapter.encode_text({"captions": [prompt], "controls": controls, "pixel_values": None})
+            neg = self.adapter.encode_text({"captions": [" "], "controls": controls, "pixel_values": None})
+            size = images[0].size if images else (cfg.data_config.img_size,) * 2
+            self.items.append({"cond": _cpu(cond), "neg": _cpu(neg), "images": images, "size": size})
+
+    @torch.no_grad()
+    def render(self, transformer: torch.nn.Module, step: int, out: Path, accelerator) -> Path | None:
+        if not self.items:
+            return None
+        pipe = self.adapter.sampling_pipeline(transformer)
+        was_training = transformer.training
+        transformer.eval()
+        images = []
+        for it in self.items:
+            kwargs = self.adapter.sampling_kwargs({k: _to(v, self.adapter.device) for k, v in it["cond"].items()},
+                                                  {k: _to(v, self.adapter.device) for k, v in it["neg"].items()}, it["size"])
+            if it["images"]:
+                kwargs["image"] = it["images"] if self.adapter.family == "qwen-image-edit" and getattr(self.adapter, "plus", False) else it["images"][0]
+            result = pipe(**kwargs, width=it["size"][0], height=it["size"][1],
+                          num_inference_steps=self.cfg.validation_num_inference_steps,
+                          generator=torch.Generator("cpu").manual_seed(self.cfg.validation_seed))
+            images.append(result.images[0])
+        transformer.train(was_training)
+        grid = _grid(images)
+        path = out / "samples" / f"step-{step}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        try:
+            tb = accelerator.get_tracker("tensorboard", unwrap=True)
+            tb.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+        except Exception:  # no tensorboard tracker configured
+            pass
+        logger.info("validation samples: %s", path)
+        return path
+
+
+def _cpu(d: dict) -> dict:
+    return {k: v.detach().to("cpu") if isinstance(v, torch.Tensor) else v for k, v in d.items()}
+
+
+def _to(v, device):
+    return v.to(device) if isinstance(v, torch.Tensor) else v
+
+
+def _grid(images: list[Image.Image]) -> Image.Image:
+    h = max(im.height for im in images)
+    grid = Image.new("RGB", (sum(im.width for im in images), h), "white")
+    x = 0
+    for im in images:
+        grid.paste(im, (x, 0))
+        x += im.width
+    return grid
