@@ -24,10 +24,10 @@ def read_alpha(path: str | Path, default_rank: int) -> float:
         meta = f.metadata() or {}
     raw = meta.get("lora_adapter_metadata")
     if raw:
-        info = json.loads(raw)
-        info = info.get("transformer", info)
-        if "lora_alpha" in info:
-            return float(info["lora_alpha"])
+        info = json.loads(raw)  # flat keys such as "transformer.lora_alpha"
+        for key in ("transformer.lora_alpha", "lora_alpha"):
+            if info.get(key) is not None:
+                return float(info[key])
     return float(default_rank)
 
 
