@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import logging
 import random
 from dataclasses import dataclass, field
@@ -111,16 +112,10 @@ def expand_samples(samples: list[Sample], resolutions: Sequence[int], bucketing:
 
 
 def _find_control(control_dir: Path, stem: str) -> Path | None:
-    for p in sorted(control_dir.glob(glob_escape(stem) + ".*")):
+    for p in sorted(control_dir.glob(glob.escape(stem) + ".*")):
         if p.stem == stem and is_image_file(p):
             return p
     return None
-
-
-def glob_escape(text: str) -> str:
-    import glob
-
-    return glob.escape(text)
 
 
 def scan_caption_folder(

@@ -138,6 +138,12 @@ def test_resume_with_changed_rank_is_refused(tiny_qwen, tmp_path):
     with pytest.raises(ConfigError, match="rank"):
         train(load_config(None, base_overrides(tiny_qwen, data, out, max_train_steps=4, rank=8,
                                                resume_from_checkpoint="latest")), QwenImageAdapter)
+    with pytest.raises(ConfigError, match="seed"):
+        train(load_config(None, base_overrides(tiny_qwen, data, out, max_train_steps=4, seed=5,
+                                               resume_from_checkpoint="latest")), QwenImageAdapter)
+    train(load_config(None, base_overrides(tiny_qwen, data, out, max_train_steps=4, seed=5, resume_from_checkpoint="latest",
+                                           resume_allow_config_change=True)), QwenImageAdapter)
+    assert len(read_losses(out)) == 4, "continued from step 2 instead of restarting"
 
 
 def test_half_written_checkpoint_is_never_latest(tmp_path):

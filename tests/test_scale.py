@@ -165,3 +165,10 @@ def test_attention_backend_and_tf32_keep_the_loss(tiny_qwen, tmp_path):
         train(load_config(None, base_overrides(tiny_qwen, data, tmp_path / name, max_train_steps=3, **extra)), QwenImageAdapter)
         runs[name] = read_losses(tmp_path / name)
     assert runs["native"] == pytest.approx(runs["auto"], rel=1e-5) and runs["tf32off"] == pytest.approx(runs["auto"], rel=1e-5)
+
+
+def test_torch_compile_keeps_the_loss(tiny_qwen, tmp_path):
+    data = write_dataset(tmp_path / "d", n=2)
+    for name, extra in {"eager": {}, "compiled": {"torch_compile": True}}.items():
+        train(load_config(None, base_overrides(tiny_qwen, data, tmp_path / name, max_train_steps=3, **extra)), QwenImageAdapter)
+    assert read_losses(tmp_path / "compiled") == pytest.approx(read_losses(tmp_path / "eager"), rel=1e-4)

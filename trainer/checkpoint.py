@@ -14,7 +14,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -104,7 +104,7 @@ def set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
 def save_checkpoint(
     output_dir: str | Path,
     state: TrainState,
-    write_lora: "callable",
+    write_lora: Callable[[Path], None],
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
     generators: dict[str, torch.Generator],

@@ -90,6 +90,7 @@ class TrainConfig:
     mixed_precision: str = doc("bf16", f"dtype the frozen models are loaded and run in: {', '.join(MIXED_PRECISIONS)} (no = fp32)")
     gradient_checkpointing: bool = doc(False, "recompute transformer activations in the backward pass (less memory, ~30% slower)")
     allow_tf32: bool = doc(True, "allow TF32 matmuls on Ampere+ GPUs")
+    torch_compile: bool = doc(False, "compile the transformer's repeated blocks with torch.compile (regional: one compile serves every block)")
     attention_backend: str = doc("auto", "auto = PyTorch SDPA without its cuDNN kernel (its backward fails on FLUX shapes, pytorch#190321); sdpa = every SDPA kernel; or a diffusers backend name (flash, _flash_3, sage, ...) when that package is installed")
 
     optimizer: str = doc("adamw", "adamw, adamw8bit (bitsandbytes, ~4x less optimizer memory), adafactor, prodigy (learning_rate ~1.0)")
@@ -124,6 +125,7 @@ class TrainConfig:
     checkpointing_steps: int = doc(500, "save a checkpoint every N optimizer steps (0 disables intermediate checkpoints)")
     checkpoints_total_limit: Optional[int] = doc(None, "keep at most this many checkpoints (oldest deleted first)")
     resume_from_checkpoint: Optional[str] = doc(None, "'latest', a checkpoint folder, or null to start fresh")
+    resume_allow_config_change: bool = doc(False, "resume even though the model, LoRA shape, resolution, batch size, seed or dataset changed (warns instead of stopping)")
 
     max_nonfinite_steps: int = doc(10, "stop with an error after this many optimizer steps in a row with a non-finite loss or gradient (each is skipped)")
     logging_steps: int = doc(10, "read the loss back from the device and log it every N steps (per-step values are kept)")

@@ -132,10 +132,12 @@ def check_resume_compatible(cfg: TrainConfig, ckpt: Path, fingerprint: str, save
     ]
     if saved_fingerprint is not None and saved_fingerprint != fingerprint:
         changed.append("dataset content (images or captions) changed")
-    if changed:
+    if changed and cfg.resume_allow_config_change:
+        logger.warning("resuming %s although the setup changed (resume_allow_config_change): %s", ckpt, "; ".join(changed))
+    elif changed:
         raise ConfigError(
             f"resume_from_checkpoint: {ckpt} was trained with a different setup ({'; '.join(changed)}); "
-            "resume with the same config, or start a new output_dir"
+            "resume with the same config, start a new output_dir, or set resume_allow_config_change=true"
         )
 
 
@@ -229,6 +231,8 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
     transformer = adapter.transformer
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    if cfg.torch_compile:
+        transformer.compile_repeated_blocks()  # diffusers' regional compile: each block type compiled once
     n_params = sum(p.numel() for p in params)
     optimizer = make_optimizer(cfg, params)
     # Stepped by us once per optimizer step (not prepared), so warm-up and length mean optimizer steps.
@@ -390,8 +394,8 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
     progress.close()
     accelerator.wait_for_everyone()
     final = out / LORA_FILE
+    ckpt = out / f"checkpoint-{state.global_step}"
     if accelerator.is_main_process:
-        ckpt = out / f"checkpoint-{state.global_step}"
         atomic_copy(ckpt / LORA_FILE, final)
         if (ckpt / COMFY_FILE).is_file():
             atomic_copy(ckpt / COMFY_FILE, out / COMFY_FILE)
