@@ -30,7 +30,8 @@ demo: setup
 	@echo "  tiny model      demo/tiny-qwen-image/"
 	@echo "  dataset         demo/dataset/"
 	@echo "  LoRA            demo/output/pytorch_lora_weights.safetensors (+ checkpoints in demo/output/checkpoint-*)"
-	@echo "  loss per step   demo/output/train_log.jsonl   (tensorboard --logdir demo/output/logs)"
+	@echo "  loss per step   demo/output/train_log.jsonl, loss_curve.png, training_summary.json"
+	@echo "  tensorboard     tensorboard --logdir demo/output/logs"
 	@echo "  sample image    demo/sample.png"
 
 test: setup

@@ -80,6 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--resolutions", default="256,512")
+    p.add_argument("--batches", default="1,4")
     args = p.parse_args(argv)
     logging.disable(logging.WARNING)
     from utils.make_demo_dataset import make_dataset
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
         data = make_dataset(root / f"data{res}", count=8, size=res)
         for p_ in list(data.glob("shape_0[04].*")):  # keep one aspect ratio: every batch has the same shape
             p_.unlink()
-        for batch in (1, 4):
+        for batch in [int(b) for b in args.batches.split(",")]:
             out = root / f"out-{res}-{batch}"
             step, fb = run(model, data, out, res, batch, args.steps)
             print(f"{res:>5} {batch:>5} {1 / step:>8.2f} {step * 1000:>8.1f} {fb * 1000:>11.1f} {step / fb:>9.3f}", flush=True)

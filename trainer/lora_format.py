@@ -57,5 +57,4 @@ def save_comfyui(diffusers_file: str | Path, out: str | Path, family: str, rank:
 def comfyui_to_diffusers(path: str | Path, pipeline_class) -> dict[str, torch.Tensor]:
     """Any format diffusers understands -> diffusers keys with the alpha folded into lora_B (scale 1)."""
     sd = pipeline_class.lora_state_dict(str(path))
-    sd = sd[0] if isinstance(sd, tuple) else sd
-    return {k: v for k, v in sd.items()}
+    return dict(sd[0] if isinstance(sd, tuple) else sd)

@@ -44,10 +44,9 @@ def main(argv=None) -> int:
         from diffusers import FluxPipeline, QwenImagePipeline
 
         cls = FluxPipeline if args.family == "flux" else QwenImagePipeline
-        sd = comfyui_to_diffusers(src, cls)
-        sd = {k if k.startswith("transformer.") else f"transformer.{k}": v for k, v in sd.items()}
+        layers = {k.removeprefix("transformer."): v for k, v in comfyui_to_diffusers(src, cls).items()}
         out_dir = Path(args.out)
-        cls.save_lora_weights(out_dir, transformer_lora_layers={k.removeprefix("transformer."): v for k, v in sd.items()})
+        cls.save_lora_weights(out_dir, transformer_lora_layers=layers)
         out = out_dir / "pytorch_lora_weights.safetensors"
     print(f"wrote {out}")
     return 0
