@@ -3,6 +3,7 @@
 import logging
 import statistics
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -113,3 +114,21 @@ def test_train_4090_flymyai_keys_end_to_end(tiny_qwen, tmp_path):
     assert "quantized 2 QwenImageTransformerBlock blocks" in r.stderr and "to qfloat8" in r.stderr
     assert "embedding cache: text 3 encoded" in r.stderr
     assert (out / "pytorch_lora_weights.safetensors").is_file() and any((out / "cache").rglob("*.safetensors"))
+
+
+def test_memory_planner_counts_the_real_models_without_weights():
+    from utils.estimate_memory import plan
+
+    qwen = load_config(ROOT / "train_configs/train_lora_4090.yaml", check_paths=False)
+    rows, info = plan(qwen, 1024)
+    assert info["transformer_params"] == 20_430_401_088  # Qwen-Image's published 20.43B
+    flux = load_config(ROOT / "train_configs/train_flux_config.yaml", check_paths=False)
+    _, flux_info = plan(flux, 1024)
+    assert flux_info["transformer_params"] == 11_901_408_320  # FLUX.1-dev with its guidance embedder
+    _, nf4 = plan(load_config(ROOT / "train_configs/train_lora_4090.yaml", ["quantize=nf4"], check_paths=False), 1024)
+    assert nf4["peak"] < 0.75 * info["peak"]
+    lora = next(r for r in rows if r.component.startswith("LoRA weights"))
+    assert lora.params == info["lora_params"] > 0
+    r = subprocess.run([sys.executable, "utils/estimate_memory.py", "--config", "train_configs/train_lora_4090.yaml",
+                        "--vram_gb", "24", "quantize=nf4"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "fits a 24 GB card" in r.stdout and r.stdout.strip().endswith("yes")

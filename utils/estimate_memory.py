@@ -184,6 +184,9 @@ def main(argv=None) -> int:
     import logging
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()  # optional-dependency notices (torchvision) are not our output
     from trainer.config import ConfigError, load_config
 
     try:
