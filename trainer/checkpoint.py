@@ -76,27 +76,25 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return ckpts[-1][1] if ckpts else None
 
 
-def rng_state(generators: dict[str, torch.Generator]) -> dict:
+def rng_state() -> dict:
+    """Global RNGs (python, numpy, torch, CUDA). Noise and caption dropout are seeded per sample and need none of it,
+    but user code and library internals may draw from these."""
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
         "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
         "torch": torch.get_rng_state(),
-        "generators": {k: g.get_state() for k, g in generators.items()},
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
+def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
-    for k, g in generators.items():
-        if k in state["generators"]:
-            g.set_state(state["generators"][k])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -107,7 +105,6 @@ def save_checkpoint(
     write_lora: Callable[[Path], None],
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
-    generators: dict[str, torch.Generator],
     config_yaml: str,
     total_limit: int | None = None,
 ) -> Path:
@@ -123,7 +120,7 @@ def save_checkpoint(
             "train_state": asdict(state),
             "optimizer": optimizer.state_dict(),
             "lr_scheduler": lr_scheduler.state_dict(),
-            "rng": rng_state(generators),
+            "rng": rng_state(),
         },
         tmp / STATE_FILE,
     )
@@ -145,12 +142,10 @@ def load_training_state(ckpt: str | Path) -> dict:
     return torch.load(Path(ckpt) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def restore(
-    payload: dict, optimizer: torch.optim.Optimizer, lr_scheduler: Any, generators: dict[str, torch.Generator]
-) -> TrainState:
+def restore(payload: dict, optimizer: torch.optim.Optimizer, lr_scheduler: Any) -> TrainState:
     optimizer.load_state_dict(payload["optimizer"])
     lr_scheduler.load_state_dict(payload["lr_scheduler"])
-    set_rng_state(payload["rng"], generators)
+    set_rng_state(payload["rng"])
     return TrainState(**payload["train_state"])
 
 

@@ -262,12 +262,11 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=d.num_workers, pin_memory=device.type == "cuda"
     )
-    generators: dict[str, torch.Generator] = {}  # noise is drawn per sample (see sample_generator): nothing to carry
 
     state = TrainState()
     if payload is not None:
         adapter.load_lora_into(accelerator.unwrap_model(transformer), resume_from)
-        state = restore(payload, optimizer, lr_scheduler, generators)
+        state = restore(payload, optimizer, lr_scheduler)
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, state.global_step, state.epoch, state.batch_in_epoch)
     elif cfg.resume_from_checkpoint == "latest":
         logger.info("resume_from_checkpoint=latest: no checkpoint in %s yet, starting fresh", out)
@@ -278,7 +277,7 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
         adapter.save_lora(accelerator.unwrap_model(transformer), directory)
 
     def checkpoint() -> Path:
-        return save_checkpoint(out, state, write_lora, optimizer, lr_scheduler, generators, config_yaml, cfg.checkpoints_total_limit)
+        return save_checkpoint(out, state, write_lora, optimizer, lr_scheduler, config_yaml, cfg.checkpoints_total_limit)
 
     if accelerator.is_main_process:
         accelerator.init_trackers(cfg.tracker_project_name, config=_flat_config(cfg))
