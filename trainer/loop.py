@@ -201,6 +201,15 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
         torch.backends.cudnn.allow_tf32 = True
     set_seed(cfg.seed)
     device = accelerator.device
+    # Batches are known as soon as the process count is: a dataset too small for them fails before any model loads.
+    sampler = SizeGroupedBatchSampler(
+        [s.group for s in samples], cfg.data_config.train_batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes
+    )
+    if len(sampler) == 0:
+        raise ConfigError(
+            f"data_config: no full batch of {cfg.data_config.train_batch_size} x {accelerator.num_processes} process(es) can be formed from "
+            f"{len(samples)} sample(s) of equal size; lower train_batch_size or use data_config.bucketing"
+        )
 
     adapter = adapter_cls(cfg, device, DTYPES[cfg.mixed_precision])
     logger.info("loading %s from %s in %s", adapter.family, cfg.pretrained_model_name_or_path, adapter.weight_dtype)
@@ -251,14 +260,6 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
     d = cfg.data_config
     need_pixels = not cfg.precompute_image_embeddings or (not cfg.precompute_text_embeddings and adapter.text_needs_pixels)
     dataset = CaptionDataset(samples, d.caption_dropout_rate, d.random_ratio, cfg.seed, load_pixels=need_pixels)
-    sampler = SizeGroupedBatchSampler(
-        [s.group for s in samples], d.train_batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes
-    )
-    if len(sampler) == 0:
-        raise ConfigError(
-            f"data_config: no full batch of {d.train_batch_size} x {accelerator.num_processes} process(es) can be formed from "
-            f"{len(samples)} sample(s) of equal size; lower train_batch_size or use data_config.bucketing"
-        )
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=d.num_workers, pin_memory=device.type == "cuda"
     )
