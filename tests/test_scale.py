@@ -72,10 +72,11 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_qwen, tmp_path)
     two = tmp_path / "two"
     cmd = [str(ACCELERATE[0]), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "train.py", "--config", "train_configs/train_lora.yaml"] + base_overrides(
-        tiny_qwen, data, two, **common, **{"data_config.train_batch_size": 1})
+        tiny_qwen, data, two, **common, **{"data_config.train_batch_size": 1, "blocks_to_swap": 1})  # DDP + swapped blocks
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "ACCELERATE_USE_CPU": "true"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "x 2 process(es)" in r.stderr
+    assert "blocks_to_swap: 1 of 2 blocks keep their weights in host RAM" in r.stderr
     assert read_losses(two) == pytest.approx(read_losses(one), abs=1e-5)
     a, b = load_file(one / "pytorch_lora_weights.safetensors"), load_file(two / "pytorch_lora_weights.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5

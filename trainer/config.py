@@ -89,6 +89,7 @@ class TrainConfig:
 
     mixed_precision: str = doc("bf16", f"dtype the frozen models are loaded and run in: {', '.join(MIXED_PRECISIONS)} (no = fp32)")
     gradient_checkpointing: bool = doc(False, "recompute transformer activations in the backward pass (less memory, ~30% slower)")
+    blocks_to_swap: int = doc(0, "keep the frozen weights of the last N transformer blocks in CPU RAM and copy each block to the GPU only while it runs (saves ~N blocks of VRAM, costs two host-to-GPU copies of them per step); 0 = off")
     allow_tf32: bool = doc(True, "allow TF32 matmuls on Ampere+ GPUs")
     torch_compile: bool = doc(False, "compile the transformer's repeated blocks with torch.compile (regional: one compile serves every block)")
     attention_backend: str = doc("auto", "auto = PyTorch SDPA without its cuDNN kernel (its backward fails on FLUX shapes, pytorch#190321); sdpa = every SDPA kernel; or a diffusers backend name (flash, _flash_3, sage, ...) when that package is installed")
@@ -183,6 +184,10 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
     _check_choice("optimizer", cfg.optimizer, OPTIMIZERS)
     if cfg.precompute_image_embeddings and d.random_ratio:
         raise ConfigError("config key 'precompute_image_embeddings' cannot be used with data_config.random_ratio (random crops change every epoch)")
+    if cfg.blocks_to_swap and cfg.torch_compile:
+        raise ConfigError("config key 'blocks_to_swap' cannot be combined with torch_compile (swapping changes the blocks' weights every call)")
+    if cfg.blocks_to_swap and cfg.quantize == "int8":
+        raise ConfigError("config key 'blocks_to_swap' does not work with quantize=int8 (bitsandbytes LLM.int8 keeps per-module state); use nf4, qint8 or qfloat8")
     if cfg.save_cache_on_disk and not (cfg.precompute_text_embeddings or cfg.precompute_image_embeddings):
         raise ConfigError("config key 'save_cache_on_disk' needs precompute_text_embeddings and/or precompute_image_embeddings")
     positive = {
@@ -207,6 +212,7 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         "data_config.num_workers": d.num_workers,
         "adam_weight_decay": cfg.adam_weight_decay,
         "lora_dropout": cfg.lora_dropout,
+        "blocks_to_swap": cfg.blocks_to_swap,
     }
     for name, value in non_negative.items():
         if value < 0:

@@ -235,6 +235,8 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
             adapter.free_vae()
 
     adapter.load_transformer()
+    if cfg.blocks_to_swap and device.type == "cpu":
+        logger.warning("blocks_to_swap=%d on the CPU: weights are in host RAM anyway, swapping only adds copies", cfg.blocks_to_swap)
     adapter.configure_attention()
     params = adapter.add_lora()
     transformer = adapter.transformer

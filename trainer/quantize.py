@@ -46,34 +46,59 @@ def _to_bnb(linear: nn.Linear, mode: str, compute_dtype: torch.dtype, device: to
     return new.to(device)  # bitsandbytes quantizes while moving
 
 
-def quantize_model(model: nn.Module, mode: str, device: torch.device, compute_dtype: torch.dtype) -> nn.Module:
+def quantize_model(
+    model: nn.Module, mode: str, device: torch.device, compute_dtype: torch.dtype, blocks_to_swap: int = 0
+) -> nn.Module:
     """Quantize `model` in place block by block, leaving every block on `device`.
 
     Blocks are moved to the device one at a time and quantized there, so the device never holds more than the
     quantized model plus one unquantized block, and host RAM never holds more than one copy in the load dtype.
+    With `blocks_to_swap` = N the last N blocks keep their frozen weights in host RAM (see trainer/offload.py);
+    an unquantized swapped block never touches the device here. The BlockSwap is left in `model.block_swap`.
     """
     mode = normalize_mode(mode)
-    if mode == "none":
+    if mode == "none" and not blocks_to_swap:
         return model.to(device)
     blocks = repeated_blocks(model)
     if not blocks:
-        raise ValueError(f"cannot find transformer blocks to quantize in {type(model).__name__}")
-    for block in blocks:
-        block.to(device)
-        if mode in QUANTO_MODES:
-            from optimum import quanto
+        raise ValueError(f"cannot find transformer blocks to quantize or swap in {type(model).__name__}")
+    if blocks_to_swap > len(blocks):
+        raise ValueError(f"blocks_to_swap={blocks_to_swap} but {type(model).__name__} has {len(blocks)} blocks")
+    swapped = {id(b) for b in blocks[len(blocks) - blocks_to_swap :]}
+    swap = None
+    if swapped:
+        from trainer.offload import BlockSwap
 
-            quanto.quantize(block, weights=getattr(quanto, mode))
-            quanto.freeze(block)
+        swap = BlockSwap(model, device)
+    for block in blocks:
+        if mode != "none":
+            block.to(device)
+            _quantize_block(block, mode, compute_dtype, device)
+        if id(block) in swapped:
+            swap.add(block)
         else:
-            for parent in list(block.modules()):
-                for name, child in list(parent.named_children()):
-                    if type(child) is nn.Linear:
-                        setattr(parent, name, _to_bnb(child, mode, compute_dtype, device))
+            block.to(device)
         gc.collect()
-    model.to(device)  # the non-block rest (embedders, norms, output projection)
-    logger.info("quantized %d %s blocks of %s to %s", len(blocks), type(blocks[0]).__name__, type(model).__name__, mode)
+    model.to(device)  # the non-block rest (embedders, norms, output projection) and swapped blocks' placeholders
+    model.block_swap = swap
+    if mode != "none":
+        logger.info("quantized %d %s blocks of %s to %s", len(blocks), type(blocks[0]).__name__, type(model).__name__, mode)
+    if swap is not None:
+        logger.info("blocks_to_swap: %d of %d blocks keep their weights in host RAM (%.2f GiB)", len(swap.blocks), len(blocks), swap.host_bytes / 2**30)
     return model
+
+
+def _quantize_block(block: nn.Module, mode: str, compute_dtype: torch.dtype, device: torch.device) -> None:
+    if mode in QUANTO_MODES:
+        from optimum import quanto
+
+        quanto.quantize(block, weights=getattr(quanto, mode))
+        quanto.freeze(block)
+    else:
+        for parent in list(block.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear:
+                    setattr(parent, name, _to_bnb(child, mode, compute_dtype, device))
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -6,6 +6,7 @@ timestep scaling and guidance vectors live in the adapter's `predict`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from abc import ABC, abstractmethod
@@ -21,14 +22,14 @@ from trainer.config import TrainConfig
 logger = logging.getLogger(__name__)
 
 
-def model_index(name_or_path: str) -> dict:
-    """model_index.json of a local folder or a cached / downloadable hub id."""
+def model_index(name_or_path: str, file: str = "model_index.json") -> dict:
+    """model_index.json (or another json file) of a local folder or a cached / downloadable hub id."""
     p = Path(name_or_path)
     if not p.is_dir():
         from huggingface_hub import hf_hub_download
 
-        p = Path(hf_hub_download(name_or_path, "model_index.json")).parent
-    return json.loads((p / "model_index.json").read_text())
+        return json.loads(Path(hf_hub_download(name_or_path, file)).read_text())
+    return json.loads((p / file).read_text())
 
 
 def _release_memory() -> None:
@@ -55,6 +56,7 @@ class ModelAdapter(ABC):
     pipeline_classes: tuple[str, ...] = ()  # model_index.json `_class_name`s this adapter trains
     default_target_modules: tuple[str, ...] = ()
     controls: str = "never"  # "never", "optional" or "required": whether samples carry control images
+    block_count_keys: tuple[str, ...] = ("num_layers",)  # transformer config keys that together count its blocks
 
     @classmethod
     def check_setup(cls, cfg: TrainConfig) -> None:
@@ -71,6 +73,14 @@ class ModelAdapter(ABC):
                 f"config key 'pretrained_model_name_or_path' is a {name} model, which {cls.entry} does not train"
                 + (f"; use {hint}" if hint else "")
             )
+        if cfg.blocks_to_swap:
+            try:
+                tcfg = model_index(cfg.pretrained_model_name_or_path, "transformer/config.json")
+                n_blocks = sum(int(tcfg[k]) for k in cls.block_count_keys)
+            except Exception as e:
+                raise ConfigError(f"config key 'blocks_to_swap': cannot read the transformer's config.json to count its blocks ({type(e).__name__}: {e})") from None
+            if cfg.blocks_to_swap >= n_blocks:
+                raise ConfigError(f"config key 'blocks_to_swap' is {cfg.blocks_to_swap}, but this transformer has {n_blocks} blocks; use at most {n_blocks - 1}")
         d = cfg.data_config
         has_controls = d.control_dir is not None or d.metadata_file is not None
         if cls.controls == "required" and not has_controls:
@@ -116,8 +126,10 @@ class ModelAdapter(ABC):
         t = self.transformer
         t.requires_grad_(False)
         cfg = self.lora_config()
+        swap = getattr(t, "block_swap", None)  # blocks_to_swap: peft must see the swapped blocks' real weights
         try:
-            t.add_adapter(cfg)
+            with swap.host_weights() if swap is not None else contextlib.nullcontext():
+                t.add_adapter(cfg)
         except ValueError as e:
             raise ValueError(f"config key 'lora_target_modules': {e}") from None
         params = [p for p in t.parameters() if p.requires_grad]
@@ -198,11 +210,12 @@ class ModelAdapter(ABC):
     def sampling_kwargs(self, cond: dict, negative: dict, size: tuple[int, int]) -> dict:
         """Pipeline call arguments for one validation sample from precomputed prompt embeddings."""
 
-    def place(self, model: torch.nn.Module, quantize: str) -> torch.nn.Module:
-        """Move a frozen model to the device, quantizing its blocks on the way when asked."""
+    def place(self, model: torch.nn.Module, quantize: str, blocks_to_swap: int = 0) -> torch.nn.Module:
+        """Move a frozen model to the device, quantizing its blocks on the way when asked (and keeping the last
+        `blocks_to_swap` blocks' weights in host RAM)."""
         from trainer.quantize import quantize_model
 
-        return quantize_model(model.requires_grad_(False).eval(), quantize, self.device, self.weight_dtype)
+        return quantize_model(model.requires_grad_(False).eval(), quantize, self.device, self.weight_dtype, blocks_to_swap)
 
     def count_tokens(self, captions: list[str]) -> list[int]:
         return [0 for _ in captions]

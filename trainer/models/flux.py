@@ -23,6 +23,7 @@ class FluxAdapter(ModelAdapter):
     pipeline_classes = ("FluxPipeline", "FluxKontextPipeline")
     default_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     controls = "optional"  # Kontext reference images (data_config.control_dir / metadata_file)
+    block_count_keys = ("num_layers", "num_single_layers")  # double-stream + single-stream blocks
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -43,9 +44,9 @@ class FluxAdapter(ModelAdapter):
     def check_samples(cls, cfg, samples) -> None:
         from trainer.config import ConfigError
 
-        over = [s.image.name for s in samples if len(s.controls) > 1]
+        over = [s for s in samples if len(s.controls) > 1]
         if over:
-            raise ConfigError(f"data_config: FLUX Kontext takes one reference image per sample; {over[0]} has {len(samples[0].controls)}")
+            raise ConfigError(f"data_config: FLUX Kontext takes one reference image per sample; {over[0].image.name} has {len(over[0].controls)}")
 
     def load_encoders(self) -> None:
         name, dt = self.cfg.pretrained_model_name_or_path, self.weight_dtype
@@ -63,7 +64,7 @@ class FluxAdapter(ModelAdapter):
 
     def load_transformer(self) -> None:
         t = FluxTransformer2DModel.from_pretrained(self.cfg.pretrained_model_name_or_path, subfolder="transformer", dtype=self.weight_dtype)
-        self.transformer = self.place(t, self.cfg.quantize)
+        self.transformer = self.place(t, self.cfg.quantize, self.cfg.blocks_to_swap)
         self.guidance = bool(self.transformer.config.guidance_embeds)
 
     def no_text_components(self) -> dict:

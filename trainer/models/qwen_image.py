@@ -48,7 +48,7 @@ class QwenImageAdapter(ModelAdapter):
 
     def load_transformer(self) -> None:
         t = QwenImageTransformer2DModel.from_pretrained(self.cfg.pretrained_model_name_or_path, subfolder="transformer", dtype=self.weight_dtype)
-        self.transformer = self.place(t, self.cfg.quantize)
+        self.transformer = self.place(t, self.cfg.quantize, self.cfg.blocks_to_swap)
 
     def extra_text_components(self) -> dict:
         return {}

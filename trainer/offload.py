@@ -1,0 +1,257 @@
+"""Block swapping (`blocks_to_swap: N`): train with the frozen weights of N transformer blocks kept in host RAM.
+
+Each swapped block's frozen weights (plain, optimum-quanto or bitsandbytes-4bit) live in pinned host memory. Between
+uses, the block holds empty placeholders on the device, so `model.to(device)`, DDP and `model.device` / `model.dtype`
+see an ordinary model. When the block runs, its weights are copied to the device, the block computes, and the copies
+are dropped again before the next block starts:
+
+- forward: the swapped block runs under non-reentrant activation checkpointing (diffusers' own when
+  `gradient_checkpointing` is on, ours otherwise), so autograd saves none of its tensors, and nothing keeps the
+  device copies alive once the block returns;
+- backward: checkpointing re-runs the block's forward, which copies the weights in again; autograd holds those copies
+  only until the block's backward is done.
+
+The device therefore holds at most one swapped block's weights at a time (plus whatever the caching allocator keeps),
+at the price of two host->device copies of every swapped block per step. LoRA weights of swapped blocks are ordinary
+trainable parameters on the device and never move.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import types
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def _map_storage(t: torch.Tensor, fn) -> torch.Tensor:
+    """Apply `fn` to every plain tensor inside `t` and rebuild the same tensor type around the results.
+
+    optimum-quanto weights are tensor subclasses whose inner tensors hold the (possibly kernel-packed) data and
+    scales; rebuilding from the moved inner tensors keeps their layout, so nothing is re-packed on the way.
+    """
+    if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        names, ctx = t.__tensor_flatten__()
+        inner = {n: _map_storage(getattr(t, n), fn) for n in names}
+        return type(t).__tensor_unflatten__(inner, ctx, t.size(), t.stride())
+    return fn(t.detach())
+
+
+def _map_quant_state(state, fn):
+    state = copy.copy(state)  # QuantState.to() moves in place; work on a copy so the source stays where it is
+    state.absmax, state.code = fn(state.absmax), fn(state.code)
+    if getattr(state, "nested", False):
+        state.offset = fn(state.offset) if isinstance(state.offset, torch.Tensor) else state.offset
+        state.state2 = copy.copy(state.state2)
+        state.state2.absmax, state.state2.code = fn(state.state2.absmax), fn(state.state2.code)
+    return state
+
+
+def map_weight(p: torch.Tensor, fn) -> nn.Parameter:
+    """A frozen parameter whose storage is `fn` of `p`'s (plain, quanto or bitsandbytes Params4bit)."""
+    try:
+        from bitsandbytes.nn import Int8Params, Params4bit
+    except ImportError:  # bitsandbytes is optional for this module
+        Int8Params = Params4bit = ()
+    if Params4bit and isinstance(p, Params4bit):
+        return Params4bit(
+            fn(p.data), requires_grad=False, quant_state=_map_quant_state(p.quant_state, fn), blocksize=p.blocksize,
+            compress_statistics=p.compress_statistics, quant_type=p.quant_type, quant_storage=p.quant_storage,
+            module=p.module, bnb_quantized=p.bnb_quantized,
+        )
+    if Int8Params and isinstance(p, Int8Params):
+        raise ValueError("blocks_to_swap does not support bitsandbytes int8 weights; use quantize nf4, qint8 or qfloat8")
+    return nn.Parameter(_map_storage(p, fn), requires_grad=False)
+
+
+_STATE_TENSORS = ("absmax", "code", "offset")
+
+
+def _split_quant_state(state) -> tuple[object, list]:
+    """A QuantState -> (a copy without tensors, its tensors), so the tensors can go through save_for_backward."""
+    skeleton, tensors = copy.copy(state), []
+    parts = [(skeleton, _STATE_TENSORS)]
+    if getattr(state, "nested", False):
+        skeleton.state2 = copy.copy(state.state2)
+        parts.append((skeleton.state2, ("absmax", "code")))
+    for obj, names in parts:
+        for name in names:
+            value = getattr(obj, name, None)
+            if isinstance(value, torch.Tensor):
+                tensors.append(value)
+                setattr(obj, name, len(tensors) - 1)  # placeholder: index into the tensor list
+    return skeleton, tensors
+
+
+def _join_quant_state(skeleton, tensors):
+    state = copy.copy(skeleton)
+    parts = [(state, _STATE_TENSORS)]
+    if getattr(skeleton, "nested", False):
+        state.state2 = copy.copy(skeleton.state2)
+        parts.append((state.state2, ("absmax", "code")))
+    for obj, names in parts:
+        for name in names:
+            value = getattr(obj, name, None)
+            if isinstance(value, int) and not isinstance(value, bool):
+                setattr(obj, name, tensors[value])
+    return state
+
+
+class _Matmul4bit(torch.autograd.Function):
+    """`bnb.matmul_4bit` for frozen weights, saving the packed weight through save_for_backward.
+
+    bitsandbytes' own autograd function keeps the weight and its quant state as ctx attributes, which activation
+    checkpointing cannot drop: every swapped block's device copy would stay alive from its forward to its backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, skeleton, *state_tensors):
+        import bitsandbytes as bnb
+
+        ctx.skeleton = skeleton
+        ctx.save_for_backward(weight, *state_tensors)
+        return bnb.matmul_4bit(x, weight, quant_state=_join_quant_state(skeleton, state_tensors), bias=bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import bitsandbytes.functional as F
+
+        weight, *state_tensors = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            w = F.dequantize_4bit(weight.view(-1, 1), _join_quant_state(ctx.skeleton, state_tensors))
+            grad_x = torch.matmul(grad, w.to(grad.dtype))
+        return (grad_x, None, None, None, *([None] * len(state_tensors)))
+
+
+def _linear4bit_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes Linear4bit.forward (training path) on top of _Matmul4bit."""
+    inp_dtype = x.dtype
+    if self.compute_dtype is not None:
+        x = x.to(self.compute_dtype)
+    bias = None if self.bias is None else self.bias.to(x.dtype)
+    skeleton, tensors = _split_quant_state(self.weight.quant_state)
+    return _Matmul4bit.apply(x, self.weight, bias, skeleton, *tensors).to(inp_dtype)
+
+
+class BlockSwap:
+    """Keeps the frozen weights of the given blocks on the host; see the module docstring."""
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        self.model = model
+        self.device = torch.device(device)
+        self.pin = self.device.type == "cuda"
+        self.blocks: list[nn.Module] = []
+        self.host_bytes = 0
+        self.onloads = 0  # number of block weight uploads so far (forward + recompute), for tests and logs
+
+    def add(self, block: nn.Module) -> None:
+        """Move `block`'s parameters to host memory; the block keeps empty placeholders on the device.
+
+        Call it before LoRA is added: every parameter the block has now is treated as frozen (quanto's freeze()
+        leaves its quantized weights with requires_grad=True).
+        """
+        slots = []
+        for module in block.modules():
+            for name, p in list(module._parameters.items()):
+                if p is None:
+                    continue
+                master = map_weight(p, self._to_host)
+                slots.append((module, name, master, nn.Parameter(torch.empty(0, dtype=p.dtype, device=self.device), requires_grad=False)))
+                module._parameters[name] = slots[-1][3]
+                if getattr(module, "quant_state", None) is not None and getattr(master, "quant_state", None) is not None:
+                    module.quant_state = master.quant_state  # bitsandbytes keeps a second reference on the module
+                self.host_bytes += _nbytes(master)
+        for module in block.modules():
+            if _is_linear4bit(module):
+                module.forward = types.MethodType(_linear4bit_forward, module)
+        block._swap_slots = slots
+        block.forward = _SwappedForward(self, block, block.forward)
+        self.blocks.append(block)
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(t, device="cpu", pin_memory=self.pin).copy_(t)
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device, non_blocking=True, copy=True)
+
+    @contextlib.contextmanager
+    def host_weights(self):
+        """Give the swapped blocks their real (host) weights for a while, e.g. while peft wraps their layers.
+
+        peft and quanto read the base weights' type, device and quantization attributes when LoRA is added; an
+        empty placeholder would not do. Trainable parameters created meanwhile (LoRA) are moved to the device.
+        """
+        for block in self.blocks:
+            for module, name, master, _ in block._swap_slots:
+                module._parameters[name] = master
+        try:
+            yield
+        finally:
+            for block in self.blocks:
+                self.offload(block)
+                slots = {id(placeholder) for *_, placeholder in block._swap_slots}
+                for p in block.parameters():
+                    if id(p) not in slots and p.device != self.device:
+                        p.data = p.data.to(self.device)
+
+    def onload(self, block: nn.Module) -> None:
+        for module, name, master, _ in block._swap_slots:
+            module._parameters[name] = map_weight(master, self._to_device)
+        self.onloads += 1
+
+    def offload(self, block: nn.Module) -> None:
+        for module, name, _, placeholder in block._swap_slots:
+            module._parameters[name] = placeholder
+
+
+class _SwappedForward:
+    """Replaces a swapped block's forward: weights in, compute, weights out (checkpointed when training)."""
+
+    def __init__(self, swap: BlockSwap, block: nn.Module, forward):
+        self.swap, self.block, self.forward = swap, block, forward
+
+    def run(self, *args, **kwargs):
+        self.swap.onload(self.block)
+        try:
+            return self.forward(*args, **kwargs)
+        finally:  # also when checkpointing stops a recompute early by raising
+            self.swap.offload(self.block)
+
+    def __call__(self, *args, **kwargs):
+        if torch.is_grad_enabled() and not getattr(self.swap.model, "gradient_checkpointing", False):
+            return checkpoint(self.run, *args, use_reentrant=False, **kwargs)
+        return self.run(*args, **kwargs)
+
+
+def _is_linear4bit(module: nn.Module) -> bool:
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return False
+    return isinstance(module, Linear4bit)
+
+
+def _nbytes(p: torch.Tensor) -> int:
+    total = 0
+
+    def count(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    map_weight(p, count)
+    return total
+
+
+def swap_blocks(model: nn.Module, blocks: list[nn.Module], device: torch.device) -> BlockSwap:
+    swap = BlockSwap(model, device)
+    for block in blocks:
+        swap.add(block)
+    return swap
