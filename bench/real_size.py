@@ -7,6 +7,11 @@ The text encoders and VAE are not loaded: this is the training phase after their
 
     python bench/real_size.py --family qwen-image --quantize none,qfloat8,qint4,nf4 --resolution 1024
     python bench/real_size.py --family flux --quantize none,nf4 --tiny      # CPU smoke run on a 2-block model
+    python bench/real_size.py --quantize qfloat8 --blocks_to_swap 0,20,40   # blocks_to_swap: VRAM vs speed
+
+With --blocks_to_swap the table also gives the swapped weights in flight: the most bytes of swapped-block copies
+alive at any moment of the step (tracked per storage, so it is measured on the CPU as well), and the bytes copied
+host -> device per step.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ GB = 1024**3
 QWEN_SCHEDULER = dict(use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=8192, base_shift=0.5, max_shift=0.9)
 
 
-def build(family: str, tiny: bool, device: torch.device):
+def build(family: str, tiny: bool, device: torch.device, layers: int | None = None):
     from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
 
     from trainer.models.flux import FluxAdapter
@@ -42,12 +47,12 @@ def build(family: str, tiny: bool, device: torch.device):
 
     if family == "qwen-image":
         cls, adapter_cls, kw = QwenImageTransformer2DModel, QwenImageAdapter, {}
-        if tiny:
-            kw = dict(num_layers=2)
+        if tiny or layers:
+            kw = dict(num_layers=layers or 2)
     else:
         cls, adapter_cls, kw = FluxTransformer2DModel, FluxAdapter, dict(guidance_embeds=True)
-        if tiny:
-            kw.update(num_layers=1, num_single_layers=1)
+        if tiny or layers:
+            kw.update(num_layers=1, num_single_layers=(layers or 2) - 1)
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device(device):
@@ -67,16 +72,44 @@ def conditioning(family: str, model, batch: int, device) -> dict:
     return {"prompt_embeds": emb, "pooled": pooled, "text_ids": torch.zeros(512, 3, device=device, dtype=torch.bfloat16)}
 
 
-def run(family: str, mode: str, args, device: torch.device) -> dict:
+class SwapTracker:
+    """Peak bytes of swapped-block weight copies alive at once, and bytes copied in, over a training step."""
+
+    def __init__(self, swap):
+        import weakref
+
+        self.live, self.peak, self.copied = [], 0, 0
+        to_device, onload = swap._to_device, swap.onload
+
+        def tracked_copy(master):
+            from trainer.offload import plain_tensors
+
+            out = to_device(master)
+            for t in plain_tensors(out):
+                self.live.append((weakref.ref(t.untyped_storage()), t.numel() * t.element_size()))
+                self.copied += self.live[-1][1]
+            return out
+
+        def tracked_onload(block):
+            onload(block)
+            self.live = [(r, n) for r, n in self.live if r() is not None]
+            self.peak = max(self.peak, sum(n for _, n in self.live))
+
+        swap._to_device, swap.onload = tracked_copy, tracked_onload
+
+
+def run(family: str, mode: str, args, device: torch.device, swap: int = 0) -> dict:
+    torch.manual_seed(0)  # same random weights for every setting, so the losses are comparable
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    model, adapter_cls = build(family, args.tiny, device)
+    model, adapter_cls = build(family, args.tiny, device, args.layers)
     n_params = sum(p.numel() for p in model.parameters())
     cfg = TrainConfig(quantize=mode, optimizer=args.optimizer, rank=args.rank, gradient_checkpointing=not args.no_checkpointing)
-    model = quantize_model(model, mode, device, torch.bfloat16)
+    model = quantize_model(model, mode, device, torch.bfloat16, swap)
+    tracker = SwapTracker(model.block_swap) if swap else None
     build_s = time.time() - t0
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -97,7 +130,7 @@ def run(family: str, mode: str, args, device: torch.device) -> dict:
     x0 = torch.randn(args.batch, 16, lat, lat, generator=g, device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, copied = [], 0
     for _ in range(args.steps):
         t = time.perf_counter()
         noise = torch.randn(x0.shape, generator=g, device=device)
@@ -111,9 +144,14 @@ def run(family: str, mode: str, args, device: torch.device) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
+        if tracker is not None:
+            copied, tracker.copied = tracker.copied, 0
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
     result = {
         "mode": mode,
+        "swap": swap,
+        "in_flight_gib": tracker.peak / GB if tracker else 0,
+        "copied_gib": copied / GB,
         "params": n_params,
         "weights_gib": weights / GB,
         "peak_gib": peak / GB,
@@ -122,7 +160,7 @@ def run(family: str, mode: str, args, device: torch.device) -> dict:
         "build_s": build_s,
         "loss": float(loss.detach()),
     }
-    del model, adapter, params, optimizer, cond, x0, pred, loss
+    del model, adapter, params, optimizer, cond, x0, pred, loss, tracker
     return result
 
 
@@ -137,19 +175,25 @@ def main(argv=None) -> int:
     p.add_argument("--optimizer", default="adamw8bit")
     p.add_argument("--no_checkpointing", action="store_true")
     p.add_argument("--tiny", action="store_true", help="2-block model, for a CPU smoke run of this script")
+    p.add_argument("--layers", type=int, default=None, help="real width but only this many blocks (CPU measurements)")
+    p.add_argument("--blocks_to_swap", default="0", help="comma-separated blocks_to_swap values to measure")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"{args.family} {'(tiny) ' if args.tiny else ''}on {name}: {args.resolution}px, batch {args.batch}, rank {args.rank}, "
+    size = f"({args.layers} blocks) " if args.layers else "(tiny) " if args.tiny else ""
+    print(f"{args.family} {size}on {name}: {args.resolution}px, batch {args.batch}, rank {args.rank}, "
           f"{args.optimizer}, gradient checkpointing {'off' if args.no_checkpointing else 'on'}")
-    print(f"{'quantize':>9} {'params':>15} {'weights GiB':>12} {'peak GiB':>9} {'reserved GiB':>13} {'s/step':>7} {'loss':>7}")
+    print(f"{'quantize':>9} {'swap':>5} {'params':>15} {'weights GiB':>12} {'in flight GiB':>14} {'copied GiB':>11} {'peak GiB':>9} "
+          f"{'reserved GiB':>13} {'s/step':>7} {'loss':>7}")
     for mode in args.quantize.split(","):
-        try:
-            r = run(args.family, mode, args, device)
-            print(f"{r['mode']:>9} {r['params']:>15,} {r['weights_gib']:>12.2f} {r['peak_gib']:>9.2f} {r['reserved_gib']:>13.2f} "
-                  f"{r['s_per_step']:>7.2f} {r['loss']:>7.3f}", flush=True)
-        except Exception as e:  # keep measuring the other modes
-            print(f"{mode:>9} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+        for swap in (int(n) for n in args.blocks_to_swap.split(",")):
+            try:
+                r = run(args.family, mode, args, device, swap)
+                print(f"{r['mode']:>9} {swap:>5} {r['params']:>15,} {r['weights_gib']:>12.2f} {r['in_flight_gib']:>14.2f} "
+                      f"{r['copied_gib']:>11.2f} {r['peak_gib']:>9.2f} {r['reserved_gib']:>13.2f} {r['s_per_step']:>7.2f} {r['loss']:>7.3f}",
+                      flush=True)
+            except Exception as e:  # keep measuring the other settings
+                print(f"{mode:>9} {swap:>5} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
     return 0
 
 

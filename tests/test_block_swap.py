@@ -13,6 +13,7 @@ from trainer.config import ConfigError, load_config
 from trainer.loop import train
 from trainer.models.flux import FluxAdapter
 from trainer.models.qwen_image import QwenImageAdapter
+from trainer.offload import plain_tensors
 from trainer.quantize import quantize_model
 from utils.make_tiny_models import build_qwen_transformer
 
@@ -77,9 +78,9 @@ def test_device_copies_do_not_outlive_their_block(mode):
     storages = []
     to_device = swap._to_device
 
-    def tracked(t):
-        out = to_device(t)
-        storages.append(weakref.ref(out.untyped_storage()))
+    def tracked(master):
+        out = to_device(master)
+        storages.extend(weakref.ref(t.untyped_storage()) for t in plain_tensors(out))
         return out
 
     swap._to_device = tracked
@@ -103,7 +104,7 @@ def test_swap_without_tracking_would_be_caught():
         block.forward = lambda *a, _f=fwd, **k: _f.run(*a, **k)  # no checkpoint around the block
     storages = []
     to_device = model.block_swap._to_device
-    model.block_swap._to_device = lambda t: (lambda o: (storages.append(weakref.ref(o.untyped_storage())), o)[1])(to_device(t))
+    model.block_swap._to_device = lambda m: (lambda o: (storages.extend(weakref.ref(t.untyped_storage()) for t in plain_tensors(o)), o)[1])(to_device(m))
     out = _forward(model)
     gc.collect()
     assert isinstance(fwd, _SwappedForward) and [s for s in storages if s() is not None]

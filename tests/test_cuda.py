@@ -30,3 +30,51 @@ def test_bf16_quantized_cached_training_on_gpu(family, adapter, quantize, tiny_m
     assert all(l == l for l in losses), "no NaN losses in bf16"
     assert statistics.mean(losses[-10:]) < 0.9 * statistics.mean(losses[:10])
     assert torch.cuda.max_memory_allocated() > 0
+
+
+def grads(params) -> torch.Tensor:
+    """All LoRA gradients as one vector (the last block's text-stream LoRA gets none: its output is unused)."""
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float() for p in params])
+
+
+@pytest.mark.parametrize("quantize", ["none", "qfloat8", "nf4"])
+def test_blocks_to_swap_lowers_peak_memory_and_keeps_gradients(quantize):
+    """Width-1024, 6-block Qwen-Image transformer in bf16: swapping 4 blocks must free about 3 blocks of weights from
+    the peak (one swapped block is on the GPU at a time) and give the same loss and LoRA gradients."""
+    from diffusers import QwenImageTransformer2DModel
+
+    from trainer.models.base import ModelAdapter
+    from trainer.config import TrainConfig
+    from trainer.quantize import quantize_model, weight_bytes
+
+    device = torch.device("cuda")
+    results = {}
+    for swap in (0, 4):
+        torch.manual_seed(0)
+        model = QwenImageTransformer2DModel(num_layers=6, attention_head_dim=128, num_attention_heads=8, joint_attention_dim=256,
+                                            axes_dims_rope=(16, 56, 56)).to(torch.bfloat16).requires_grad_(False)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        model = quantize_model(model, quantize, device, torch.bfloat16, swap)
+        block_bytes = weight_bytes(model.transformer_blocks[0]) if not swap else None
+        adapter = QwenImageAdapter.__new__(QwenImageAdapter)
+        ModelAdapter.__init__(adapter, TrainConfig(rank=8), device, torch.bfloat16)
+        adapter.transformer = model
+        torch.manual_seed(1)
+        params = adapter.add_lora()
+        model.enable_gradient_checkpointing()
+        g = torch.Generator(device=device).manual_seed(2)
+        x = torch.randn(1, 16, 64, 64, generator=g, device=device)
+        cond = {"prompt_embeds": torch.randn(1, 32, 256, generator=g, device=device).to(torch.bfloat16),
+                "prompt_embeds_mask": torch.ones(1, 32, dtype=torch.long, device=device)}
+        torch.cuda.reset_peak_memory_stats()
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = adapter.predict(model, x, torch.tensor([0.5], device=device), cond).float().pow(2).mean()
+        loss.backward()
+        results[swap] = (loss.item(), grads(params), torch.cuda.max_memory_allocated() - base, block_bytes)
+        del model, adapter, params, loss
+    (l0, g0, peak0, block), (l1, g1, peak1, _) = results[0], results[4]
+    assert l0 == pytest.approx(l1, rel=1e-3)
+    assert torch.allclose(g0, g1, rtol=2e-2, atol=1e-4)
+    assert peak1 < peak0 - 2.5 * block, (peak0, peak1, block)

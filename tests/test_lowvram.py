@@ -132,3 +132,22 @@ def test_memory_planner_counts_the_real_models_without_weights():
     r = subprocess.run([sys.executable, "utils/estimate_memory.py", "--config", "train_configs/train_lora_4090.yaml",
                         "--vram_gb", "24", "quantize=nf4"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0 and "fits a 24 GB card" in r.stdout and r.stdout.strip().endswith("yes")
+
+
+def test_memory_planner_counts_swapped_blocks_in_host_ram():
+    from utils.estimate_memory import plan
+
+    base_rows, base = plan(load_config(ROOT / "train_configs/train_lora_4090.yaml", check_paths=False), 1024)
+    rows, info = plan(load_config(ROOT / "train_configs/train_lora_4090.yaml", ["blocks_to_swap=20"], check_paths=False), 1024)
+    assert info["blocks"] == 60
+    # Qwen-Image's 60 blocks are identical: 20 swapped, one of them on the GPU at a time
+    per_block = (base_rows[0].bytes_ - rows[0].bytes_) / 19
+    assert 0.30 * 2**30 < per_block < 0.33 * 2**30  # ~340M weights per block at 1 byte (qfloat8) + bf16 norms / biases
+    assert info["peak"] == pytest.approx(base["peak"] - 19 * per_block)
+    assert "last 20 of 60 blocks in host RAM" in rows[0].note
+    r = subprocess.run([sys.executable, "utils/estimate_memory.py", "--config", "train_configs/train_lora_4090.yaml",
+                        "--vram_gb", "16", "quantize_text_encoder=nf4"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "hint: blocks_to_swap=" in r.stdout
+    n = int(r.stdout.split("hint: blocks_to_swap=")[1].split()[0])
+    _, q = plan(load_config(ROOT / "train_configs/train_lora_4090.yaml", ["quantize_text_encoder=nf4"], check_paths=False), 1024)
+    assert q["peak_by_swap"][n] <= 16 * 2**30 < q["peak_by_swap"][n - 1]

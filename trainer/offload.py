@@ -1,6 +1,7 @@
 """Block swapping (`blocks_to_swap: N`): train with the frozen weights of N transformer blocks kept in host RAM.
 
-Each swapped block's frozen weights (plain, optimum-quanto or bitsandbytes-4bit) live in pinned host memory. Between
+Each swapped block's frozen weights (plain, optimum-quanto or bitsandbytes-4bit) live in pinned host memory (quanto
+weights in their portable form; quanto re-packs them for the GPU kernel, e.g. Marlin fp8, on every copy). Between
 uses, the block holds empty placeholders on the device, so `model.to(device)`, DDP and `model.device` / `model.dtype`
 see an ordinary model. When the block runs, its weights are copied to the device, the block computes, and the copies
 are dropped again before the next block starts:
@@ -30,13 +31,26 @@ from torch.utils.checkpoint import checkpoint
 logger = logging.getLogger(__name__)
 
 
-def _map_storage(t: torch.Tensor, fn) -> torch.Tensor:
-    """Apply `fn` to every plain tensor inside `t` and rebuild the same tensor type around the results.
+def _is_quanto(t: torch.Tensor) -> bool:
+    return type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__")
 
-    optimum-quanto weights are tensor subclasses whose inner tensors hold the (possibly kernel-packed) data and
-    scales; rebuilding from the moved inner tensors keeps their layout, so nothing is re-packed on the way.
-    """
-    if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+
+def _portable(t: torch.Tensor) -> torch.Tensor:
+    """optimum-quanto's kernel layouts (Marlin fp8 / int4, TinyGemm, AWQ) exist only on their device; their
+    generic WeightQBytesTensor / WeightQBitsTensor form can live anywhere. quanto re-packs it for the device's kernel
+    whenever it is moved there."""
+    from optimum.quanto.tensor.weights import WeightQBitsTensor, WeightQBytesTensor
+
+    if isinstance(t, WeightQBytesTensor) and type(t) is not WeightQBytesTensor:
+        return t.weight_qbytes_tensor()
+    if isinstance(t, WeightQBitsTensor) and type(t) is not WeightQBitsTensor:
+        return t.weight_qbits_tensor()
+    return t
+
+
+def _map_storage(t: torch.Tensor, fn) -> torch.Tensor:
+    """Apply `fn` to every plain tensor inside `t` (quanto tensors nest theirs) and rebuild the same type around them."""
+    if _is_quanto(t):
         names, ctx = t.__tensor_flatten__()
         inner = {n: _map_storage(getattr(t, n), fn) for n in names}
         return type(t).__tensor_unflatten__(inner, ctx, t.size(), t.stride())
@@ -53,12 +67,17 @@ def _map_quant_state(state, fn):
     return state
 
 
-def map_weight(p: torch.Tensor, fn) -> nn.Parameter:
-    """A frozen parameter whose storage is `fn` of `p`'s (plain, quanto or bitsandbytes Params4bit)."""
+def _bnb_classes():
     try:
         from bitsandbytes.nn import Int8Params, Params4bit
     except ImportError:  # bitsandbytes is optional for this module
-        Int8Params = Params4bit = ()
+        return (), ()
+    return Int8Params, Params4bit
+
+
+def map_weight(p: torch.Tensor, fn) -> nn.Parameter:
+    """A frozen parameter whose storage is `fn` of each plain tensor inside `p` (plain, quanto, bitsandbytes 4-bit)."""
+    Int8Params, Params4bit = _bnb_classes()
     if Params4bit and isinstance(p, Params4bit):
         return Params4bit(
             fn(p.data), requires_grad=False, quant_state=_map_quant_state(p.quant_state, fn), blocksize=p.blocksize,
@@ -68,6 +87,28 @@ def map_weight(p: torch.Tensor, fn) -> nn.Parameter:
     if Int8Params and isinstance(p, Int8Params):
         raise ValueError("blocks_to_swap does not support bitsandbytes int8 weights; use quantize nf4, qint8 or qfloat8")
     return nn.Parameter(_map_storage(p, fn), requires_grad=False)
+
+
+def plain_tensors(p: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding a weight's bytes (for byte counts and storage tracking)."""
+    found = []
+    map_weight(p, lambda t: found.append(t) or t)
+    return found
+
+
+def host_copy(p: torch.Tensor, pin: bool) -> nn.Parameter:
+    """A host-memory copy of a frozen weight, in a form that can be copied back to any device."""
+    def to_host(t):
+        return torch.empty_like(t, device="cpu", pin_memory=pin).copy_(t)
+
+    return map_weight(_portable(p) if _is_quanto(p) else p, to_host)
+
+
+def device_copy(master: torch.Tensor, device: torch.device) -> nn.Parameter:
+    """The weight on `device`; asynchronous from pinned memory. quanto picks its kernel layout for the device."""
+    if _is_quanto(master):
+        return nn.Parameter(master.to(device, non_blocking=True, copy=True), requires_grad=False)
+    return map_weight(master, lambda t: t.to(device, non_blocking=True, copy=True))
 
 
 _STATE_TENSORS = ("absmax", "code", "offset")
@@ -162,12 +203,12 @@ class BlockSwap:
             for name, p in list(module._parameters.items()):
                 if p is None:
                     continue
-                master = map_weight(p, self._to_host)
+                master = self._to_host(p)
                 slots.append((module, name, master, nn.Parameter(torch.empty(0, dtype=p.dtype, device=self.device), requires_grad=False)))
                 module._parameters[name] = slots[-1][3]
                 if getattr(module, "quant_state", None) is not None and getattr(master, "quant_state", None) is not None:
                     module.quant_state = master.quant_state  # bitsandbytes keeps a second reference on the module
-                self.host_bytes += _nbytes(master)
+                self.host_bytes += sum(t.numel() * t.element_size() for t in plain_tensors(master))
         for module in block.modules():
             if _is_linear4bit(module):
                 module.forward = types.MethodType(_linear4bit_forward, module)
@@ -175,11 +216,17 @@ class BlockSwap:
         block.forward = _SwappedForward(self, block, block.forward)
         self.blocks.append(block)
 
-    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.empty_like(t, device="cpu", pin_memory=self.pin).copy_(t)
+    def _to_host(self, p: torch.Tensor) -> nn.Parameter:
+        if self.pin:
+            try:  # pinned pages make the copies to the GPU asynchronous and about twice as fast
+                return host_copy(p, pin=True)
+            except RuntimeError as e:
+                self.pin = False
+                logger.warning("blocks_to_swap: cannot pin more host memory (%s); using pageable memory (slower copies)", str(e).splitlines()[0])
+        return host_copy(p, pin=False)
 
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.device, non_blocking=True, copy=True)
+    def _to_device(self, master: torch.Tensor) -> nn.Parameter:
+        return device_copy(master, self.device)
 
     @contextlib.contextmanager
     def host_weights(self):
@@ -203,7 +250,7 @@ class BlockSwap:
 
     def onload(self, block: nn.Module) -> None:
         for module, name, master, _ in block._swap_slots:
-            module._parameters[name] = map_weight(master, self._to_device)
+            module._parameters[name] = self._to_device(master)
         self.onloads += 1
 
     def offload(self, block: nn.Module) -> None:
@@ -236,22 +283,3 @@ def _is_linear4bit(module: nn.Module) -> bool:
     except ImportError:
         return False
     return isinstance(module, Linear4bit)
-
-
-def _nbytes(p: torch.Tensor) -> int:
-    total = 0
-
-    def count(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    map_weight(p, count)
-    return total
-
-
-def swap_blocks(model: nn.Module, blocks: list[nn.Module], device: torch.device) -> BlockSwap:
-    swap = BlockSwap(model, device)
-    for block in blocks:
-        swap.add(block)
-    return swap

@@ -6,7 +6,8 @@ The transformer is built from its config on PyTorch's meta device (no weights ar
 for the real 20B Qwen-Image and 12B FLUX.1 models without downloading them: a local model folder or a cached hub
 model gives its own config; otherwise the diffusers default constructor arguments are used, which are the released
 Qwen-Image / FLUX.1 architectures. Weights, LoRA, gradients and optimizer states are counted exactly; activations
-are an estimate (see `activation_bytes`).
+are an estimate (see `activation_bytes`). With `blocks_to_swap=N` the last N blocks' weights are counted in host RAM
+and one swapped block on the GPU; when the config does not fit, the smallest blocks_to_swap that would is printed.
 """
 
 from __future__ import annotations
@@ -126,10 +127,31 @@ def plan(cfg, resolution: int) -> tuple[list[Row], dict]:
     model, source = build_transformer_on_meta(name, family, pipeline_class)
     quant = cfg.quantize
     blocks = [m for m in model.modules() if type(m).__name__ in model._repeated_blocks]
+    inner = {id(m) for b in blocks for m in b.modules() if m is not b}
+    blocks = [b for b in blocks if id(b) not in inner]  # forward order, as trainer.quantize.repeated_blocks
+
+    def weight_bytes(modules) -> tuple[int, float]:
+        lin = sum(m.weight.numel() for mod in modules for m in mod.modules() if isinstance(m, torch.nn.Linear))
+        n = sum(p.numel() for mod in modules for p in mod.parameters())
+        return n, lin * QUANT_BYTES[quant] + (n - lin) * 2
+
+    total, all_bytes = weight_bytes([model])
     quantizable = sum(mod.weight.numel() for b in blocks for mod in b.modules() if isinstance(mod, torch.nn.Linear))
-    total = sum(p.numel() for p in model.parameters())
-    rows = [Row(f"transformer ({quant})", total, quantizable * QUANT_BYTES[quant] + (total - quantizable) * 2,
-                f"{quantizable / total:.1%} of weights quantizable")]
+    block_bytes = [weight_bytes([b])[1] for b in blocks]
+    swap = cfg.blocks_to_swap
+    if swap >= len(blocks):
+        raise ValueError(f"config key 'blocks_to_swap' is {swap}, but this transformer has {len(blocks)} blocks; use at most {len(blocks) - 1}")
+
+    def resident(n_swapped: int) -> float:
+        """Transformer bytes on the GPU with the last n blocks swapped: the rest plus one swapped block in flight."""
+        swapped = block_bytes[len(blocks) - n_swapped :] if n_swapped else []
+        return all_bytes - sum(swapped) + max(swapped, default=0)
+
+    note = f"{quantizable / total:.1%} of weights quantizable"
+    if swap:
+        host = sum(block_bytes[len(blocks) - swap :])
+        note += f"; last {swap} of {len(blocks)} blocks in host RAM ({host / GB:.2f} GiB), one at a time on the GPU"
+    rows = [Row(f"transformer ({quant}{', blocks_to_swap ' + str(swap) if swap else ''})", total, resident(swap), note)]
 
     if family == "qwen-image":
         with torch.device("meta"):
@@ -159,17 +181,18 @@ def plan(cfg, resolution: int) -> tuple[list[Row], dict]:
         Row("CUDA context + allocator slack", 0, 1.0 * GB, "typical"),
     ]
     cached = cfg.precompute_text_embeddings and cfg.precompute_image_embeddings
-    train_total = sum(r.bytes_ for r in rows + train_rows)
     enc_total = sum(r.bytes_ for r in enc_rows)
-    if cached:
-        # Encoders run first to fill the cache and are freed before the transformer loads.
-        peak = max(train_total, enc_total + 1.0 * GB)
-        phase = "encoders freed before the transformer loads (precomputed embeddings)"
-    else:
-        peak = train_total + enc_total
-        phase = "text encoder and VAE stay resident (no precomputed embeddings)"
-    info = {"family": family, "pipeline": pipeline_class, "source": source, "peak": peak, "phase": phase,
-            "transformer_params": total, "lora_params": n_lora}
+
+    def peak_with(n_swapped: int) -> float:
+        train_total = sum(r.bytes_ for r in rows + train_rows) - rows[0].bytes_ + resident(n_swapped)
+        # With precomputed embeddings the encoders run first and are freed before the transformer loads.
+        return max(train_total, enc_total + 1.0 * GB) if cached else train_total + enc_total
+
+    phase = ("encoders freed before the transformer loads (precomputed embeddings)" if cached
+             else "text encoder and VAE stay resident (no precomputed embeddings)")
+    info = {"family": family, "pipeline": pipeline_class, "source": source, "peak": peak_with(swap), "phase": phase,
+            "transformer_params": total, "lora_params": n_lora, "blocks": len(blocks), "encoder_peak": enc_total + 1.0 * GB, "cached": bool(cached),
+            "peak_by_swap": [peak_with(n) for n in range(len(blocks))]}
     return rows + enc_rows + train_rows, info
 
 
@@ -195,7 +218,11 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     resolution = args.resolution or cfg.data_config.img_size
-    rows, info = plan(cfg, resolution)
+    try:
+        rows, info = plan(cfg, resolution)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"model: {cfg.pretrained_model_name_or_path} ({info['pipeline']}), transformer config: {info['source']}")
     print(f"{'component':58} {'params':>15} {'GiB':>8}")
     for r in rows:
@@ -203,6 +230,16 @@ def main(argv=None) -> int:
     print(f"{'peak (' + info['phase'] + ')':58} {'':>15} {info['peak'] / GB:>8.2f}")
     fits = info["peak"] <= args.vram_gb * GB
     print(f"{'fits a ' + format(args.vram_gb, 'g') + ' GB card':58} {'':>15} {'yes' if fits else 'NO':>8}")
+    if not fits:
+        enough = [n for n, peak in enumerate(info["peak_by_swap"]) if peak <= args.vram_gb * GB]
+        if enough:
+            print(f"hint: blocks_to_swap={enough[0]} (of {info['blocks']}) would bring the peak to "
+                  f"{info['peak_by_swap'][enough[0]] / GB:.2f} GiB, at the cost of copying those blocks to the GPU twice per step")
+        elif info["cached"] and info["encoder_peak"] > args.vram_gb * GB:
+            print(f"hint: the caching phase (text encoder + VAE) alone needs {info['encoder_peak'] / GB:.2f} GiB; "
+                  "set quantize_text_encoder (qfloat8 or nf4), then run this again")
+        else:
+            print("hint: even swapping all but one block does not fit; lower the resolution / batch or quantize further")
     return 0
 
 
