@@ -196,6 +196,8 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
         # gets no gradient; DDP must be told or it waits for them forever.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    if cfg.blocks_to_swap and accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        raise ConfigError(f"config key 'blocks_to_swap' does not work with {accelerator.distributed_type.name} (it shards the weights itself); use DDP or set blocks_to_swap: 0")
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -58,12 +58,16 @@ def _map_storage(t: torch.Tensor, fn) -> torch.Tensor:
 
 
 def _map_quant_state(state, fn):
-    state = copy.copy(state)  # QuantState.to() moves in place; work on a copy so the source stays where it is
-    state.absmax, state.code = fn(state.absmax), fn(state.code)
+    """A copy of a bitsandbytes QuantState with `fn` applied to each of its tensors (QuantState.to() works in place)."""
+    state = copy.copy(state)
+    parts = [(state, ("absmax", "code", "offset"))]
     if getattr(state, "nested", False):
-        state.offset = fn(state.offset) if isinstance(state.offset, torch.Tensor) else state.offset
         state.state2 = copy.copy(state.state2)
-        state.state2.absmax, state.state2.code = fn(state.state2.absmax), fn(state.state2.code)
+        parts.append((state.state2, ("absmax", "code")))
+    for obj, names in parts:
+        for name in names:
+            if getattr(obj, name, None) is not None:
+                setattr(obj, name, fn(getattr(obj, name)))
     return state
 
 
@@ -111,37 +115,14 @@ def device_copy(master: torch.Tensor, device: torch.device) -> nn.Parameter:
     return map_weight(master, lambda t: t.to(device, non_blocking=True, copy=True))
 
 
-_STATE_TENSORS = ("absmax", "code", "offset")
-
-
 def _split_quant_state(state) -> tuple[object, list]:
-    """A QuantState -> (a copy without tensors, its tensors), so the tensors can go through save_for_backward."""
-    skeleton, tensors = copy.copy(state), []
-    parts = [(skeleton, _STATE_TENSORS)]
-    if getattr(state, "nested", False):
-        skeleton.state2 = copy.copy(state.state2)
-        parts.append((skeleton.state2, ("absmax", "code")))
-    for obj, names in parts:
-        for name in names:
-            value = getattr(obj, name, None)
-            if isinstance(value, torch.Tensor):
-                tensors.append(value)
-                setattr(obj, name, len(tensors) - 1)  # placeholder: index into the tensor list
-    return skeleton, tensors
+    """A QuantState -> (a copy holding indices instead of tensors, its tensors) for save_for_backward."""
+    tensors = []
+    return _map_quant_state(state, lambda t: tensors.append(t) or len(tensors) - 1), tensors
 
 
 def _join_quant_state(skeleton, tensors):
-    state = copy.copy(skeleton)
-    parts = [(state, _STATE_TENSORS)]
-    if getattr(skeleton, "nested", False):
-        state.state2 = copy.copy(skeleton.state2)
-        parts.append((state.state2, ("absmax", "code")))
-    for obj, names in parts:
-        for name in names:
-            value = getattr(obj, name, None)
-            if isinstance(value, int) and not isinstance(value, bool):
-                setattr(obj, name, tensors[value])
-    return state
+    return _map_quant_state(skeleton, lambda i: tensors[i])
 
 
 class _Matmul4bit(torch.autograd.Function):
