@@ -85,6 +85,14 @@ def test_inference_script_sizes_and_scale_zero(launched_run, tiny_qwen, tmp_path
     full = run("--lora_weights", str(out / "checkpoint-4"))
     assert np.array_equal(zero, base)
     assert np.abs(full - base).max() > 0
+    for mode in ("qint8", "nf4"):  # low-VRAM inference: LoRA on top of the quantized transformer
+        q_base = run("--quantize", mode)
+        q_full = run("--quantize", mode, "--lora_weights", str(out / "checkpoint-4"))
+        assert np.abs(q_full - q_base).max() > 0, f"{mode}: the LoRA changed nothing"
+        assert np.abs(q_full - full).mean() < 0.5 * np.abs(full - base).mean(), f"{mode}: far from the unquantized result"
+    r = subprocess.run([PY, "inference.py", "--model_name", str(tiny_qwen), "--prompt", "a", "--offload", "model", "--device", "cpu"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--offload" in r.stderr
 
 
 def test_overfit_one_image_lowers_loss(tiny_qwen, tmp_path):
