@@ -16,8 +16,10 @@ import os
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from trainer.config import QUANTIZE_CHOICES  # noqa: E402
+
 LORA_FILE = "pytorch_lora_weights.safetensors"
-QUANTIZE_CHOICES = ("none", "qfloat8", "qint8", "qint4", "nf4", "int8")  # as trainer.config
 
 # model_index.json `_class_name` -> (family, how many --image inputs it takes, guidance style)
 FAMILIES = {
@@ -95,7 +97,6 @@ def load_pipeline(model_name: str, family: str, dtype, device: str, lora: str | 
                   quantize: str = "none", offload: str = "none"):
     from diffusers import DiffusionPipeline
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     extra = {}
     if family.startswith("qwen-image-edit"):
         from trainer.models.qwen_processor import load_qwen_processor

@@ -72,23 +72,24 @@ def _map_quant_state(state, fn):
 
 
 def _bnb_classes():
+    """(Int8Params, Params4bit, Linear4bit), or empty tuples (isinstance is then False) without bitsandbytes."""
     try:
-        from bitsandbytes.nn import Int8Params, Params4bit
+        from bitsandbytes.nn import Int8Params, Linear4bit, Params4bit
     except ImportError:  # bitsandbytes is optional for this module
-        return (), ()
-    return Int8Params, Params4bit
+        return (), (), ()
+    return Int8Params, Params4bit, Linear4bit
 
 
 def map_weight(p: torch.Tensor, fn) -> nn.Parameter:
     """A frozen parameter whose storage is `fn` of each plain tensor inside `p` (plain, quanto, bitsandbytes 4-bit)."""
-    Int8Params, Params4bit = _bnb_classes()
-    if Params4bit and isinstance(p, Params4bit):
+    Int8Params, Params4bit, _ = _bnb_classes()
+    if isinstance(p, Params4bit):
         return Params4bit(
             fn(p.data), requires_grad=False, quant_state=_map_quant_state(p.quant_state, fn), blocksize=p.blocksize,
             compress_statistics=p.compress_statistics, quant_type=p.quant_type, quant_storage=p.quant_storage,
             module=p.module, bnb_quantized=p.bnb_quantized,
         )
-    if Int8Params and isinstance(p, Int8Params):
+    if isinstance(p, Int8Params):
         raise ValueError("blocks_to_swap does not support bitsandbytes int8 weights; use quantize nf4, qint8 or qfloat8")
     return nn.Parameter(_map_storage(p, fn), requires_grad=False)
 
@@ -191,7 +192,7 @@ class BlockSwap:
                     module.quant_state = master.quant_state  # bitsandbytes keeps a second reference on the module
                 self.host_bytes += sum(t.numel() * t.element_size() for t in plain_tensors(master))
         for module in block.modules():
-            if _is_linear4bit(module):
+            if isinstance(module, _bnb_classes()[2]):
                 module.forward = types.MethodType(_linear4bit_forward, module)
         block._swap_slots = slots
         block.forward = _SwappedForward(self, block, block.forward)
@@ -256,11 +257,3 @@ class _SwappedForward:
         if torch.is_grad_enabled() and not getattr(self.swap.model, "gradient_checkpointing", False):
             return checkpoint(self.run, *args, use_reentrant=False, **kwargs)
         return self.run(*args, **kwargs)
-
-
-def _is_linear4bit(module: nn.Module) -> bool:
-    try:
-        from bitsandbytes.nn import Linear4bit
-    except ImportError:
-        return False
-    return isinstance(module, Linear4bit)

@@ -111,7 +111,9 @@ def activation_bytes(model, family: str, resolution: int, batch: int, checkpoint
     streams). Flash / memory-efficient attention is assumed (no S^2 term).
     """
     d = model.config.num_attention_heads * model.config.attention_head_dim
-    blocks = sum(1 for m in model.modules() if type(m).__name__ in model._repeated_blocks)
+    from trainer.quantize import repeated_blocks
+
+    blocks = len(repeated_blocks(model))
     seq = (resolution // 16) ** 2 + text_tokens
     per_block_full = 24 * seq * d * 2 * batch
     per_block_input = 2 * seq * d * 2 * batch
@@ -122,22 +124,25 @@ def plan(cfg, resolution: int) -> tuple[list[Row], dict]:
     import torch
     from diffusers import AutoencoderKLQwenImage
 
+    from trainer.quantize import repeated_blocks
+
     name = cfg.pretrained_model_name_or_path
     family, pipeline_class = model_family(name)
     model, source = build_transformer_on_meta(name, family, pipeline_class)
     quant = cfg.quantize
-    blocks = [m for m in model.modules() if type(m).__name__ in model._repeated_blocks]
-    inner = {id(m) for b in blocks for m in b.modules() if m is not b}
-    blocks = [b for b in blocks if id(b) not in inner]  # forward order, as trainer.quantize.repeated_blocks
+    blocks = repeated_blocks(model)  # forward order, the blocks the trainer quantizes and swaps
 
-    def weight_bytes(modules) -> tuple[int, float]:
-        lin = sum(m.weight.numel() for mod in modules for m in mod.modules() if isinstance(m, torch.nn.Linear))
-        n = sum(p.numel() for mod in modules for p in mod.parameters())
-        return n, lin * QUANT_BYTES[quant] + (n - lin) * 2
+    def block_size(block) -> tuple[int, int, float]:
+        """(params, Linear weights, bytes): the trainer quantizes the Linear layers of the blocks only."""
+        lin = sum(m.weight.numel() for m in block.modules() if isinstance(m, torch.nn.Linear))
+        n = sum(p.numel() for p in block.parameters())
+        return n, lin, lin * QUANT_BYTES[quant] + (n - lin) * 2
 
-    total, all_bytes = weight_bytes([model])
-    quantizable = sum(mod.weight.numel() for b in blocks for mod in b.modules() if isinstance(mod, torch.nn.Linear))
-    block_bytes = [weight_bytes([b])[1] for b in blocks]
+    sizes = [block_size(b) for b in blocks]
+    block_bytes = [size[2] for size in sizes]
+    total = sum(p.numel() for p in model.parameters())
+    quantizable = sum(size[1] for size in sizes)
+    all_bytes = sum(block_bytes) + (total - sum(size[0] for size in sizes)) * 2
     swap = cfg.blocks_to_swap
     if swap >= len(blocks):
         raise ValueError(f"config key 'blocks_to_swap' is {swap}, but this transformer has {len(blocks)} blocks; use at most {len(blocks) - 1}")
