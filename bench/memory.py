@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 MB = 1024**2
 
 
@@ -26,22 +25,20 @@ def one(kind: str, value: str) -> dict:
 
     from bench.real_size import build
     from trainer.config import TrainConfig
-    from trainer.models.base import ModelAdapter
+    from trainer.methods.lora import LoRAMethod
     from trainer.optim import make_optimizer, optimizer_state_bytes
-    from trainer.quantize import quantize_model, repeated_blocks, weight_bytes
+    from trainer.quantize import place_model, repeated_blocks, weight_bytes
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if kind == "weights":
         model, _ = build("qwen-image", tiny=True, device=torch.device("cpu"))
-        model = quantize_model(model, value, device, torch.bfloat16)
+        place_model(model, value, device, torch.bfloat16)
         return {"tracked": sum(weight_bytes(b) for b in repeated_blocks(model))}
     if kind == "optimizer":
-        model, adapter_cls = build("qwen-image", tiny=True, device=device)
-        adapter = adapter_cls.__new__(adapter_cls)
-        ModelAdapter.__init__(adapter, TrainConfig(optimizer=value, rank=16), device, torch.bfloat16)
-        adapter.transformer = model
-        params = adapter.add_lora()
-        opt = make_optimizer(adapter.cfg, params)
+        cfg = TrainConfig(optimizer=value, rank=16)
+        model, adapter = build("qwen-image", tiny=True, device=device, cfg=cfg)
+        params = LoRAMethod(cfg, adapter).attach(model)
+        opt = make_optimizer(cfg, params)
         for p in params:
             p.grad = torch.randn_like(p) * 1e-3
         opt.step()
@@ -62,10 +59,10 @@ def one(kind: str, value: str) -> dict:
         resident = {}
 
         class Probe(QwenImageAdapter):
-            def add_lora(self):  # called once the encoders are (or are not) freed and the transformer is loaded
-                mods = [self.transformer] + [m for m in (getattr(self, "vae", None), getattr(getattr(self, "text_pipe", None), "text_encoder", None)) if m is not None]
+            def configure_attention(self):  # called once the encoders are (or are not) freed and the transformer is loaded
+                mods = [self.transformer] + [m for m in (self.vae, getattr(self.text_pipe, "text_encoder", None)) if m is not None]
                 resident["tracked"] = sum(weight_bytes(m) for m in mods)
-                return super().add_lora()
+                return super().configure_attention()
 
         on = value == "on"
         cfg = load_config(None, [f"pretrained_model_name_or_path={model}", f"data_config.img_dir={data}", "data_config.img_size=64",

@@ -24,52 +24,37 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as the trainer sets it
 
 import torch  # noqa: E402
 
 from trainer import flow_matching as fm  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
-from trainer.models.base import ModelAdapter  # noqa: E402
+from trainer.methods.lora import LoRAMethod  # noqa: E402
+from trainer.models import variants  # noqa: E402
 from trainer.optim import make_optimizer  # noqa: E402
-from trainer.quantize import quantize_model, weight_bytes  # noqa: E402
+from trainer.quantize import place_model, weight_bytes  # noqa: E402
 
 GB = 1024**3
 QWEN_SCHEDULER = dict(use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=8192, base_shift=0.5, max_shift=0.9)
 
 
-def build(family: str, tiny: bool, device: torch.device, layers: int | None = None):
-    from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
+def build(family: str, tiny: bool, device: torch.device, layers: int | None = None, cfg: TrainConfig | None = None):
+    """(transformer with the released architecture (or only `layers` / 2 blocks of it) in bf16 on `device`, adapter)."""
+    import diffusers
 
-    from trainer.models.flux import FluxAdapter
-    from trainer.models.qwen_image import QwenImageAdapter
-
-    if family == "qwen-image":
-        cls, adapter_cls, kw = QwenImageTransformer2DModel, QwenImageAdapter, {}
-        if tiny or layers:
-            kw = dict(num_layers=layers or 2)
-    else:
-        cls, adapter_cls, kw = FluxTransformer2DModel, FluxAdapter, dict(guidance_embeds=True)
-        if tiny or layers:
-            kw.update(num_layers=1, num_single_layers=(layers or 2) - 1)
+    cls, variant = variants()[family]
+    adapter = cls(cfg or TrainConfig(), variant, device, torch.bfloat16)
+    config = adapter.released_transformer_config()
+    if tiny or layers:
+        config = adapter.with_blocks(config, layers or 2)
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device(device):
-            model = cls(**kw)
+            model = getattr(diffusers, adapter.transformer_class).from_config(config)
     finally:
         torch.set_default_dtype(torch.float32)
-    return model.requires_grad_(False), adapter_cls
-
-
-def conditioning(family: str, model, batch: int, device) -> dict:
-    g = torch.Generator(device=device).manual_seed(0)
-    if family == "qwen-image":
-        emb = torch.randn(batch, 256, model.config.joint_attention_dim, generator=g, device=device).to(torch.bfloat16)
-        return {"prompt_embeds": emb, "prompt_embeds_mask": torch.ones(batch, 256, dtype=torch.long, device=device)}
-    emb = torch.randn(batch, 512, model.config.joint_attention_dim, generator=g, device=device).to(torch.bfloat16)
-    pooled = torch.randn(batch, model.config.pooled_projection_dim, generator=g, device=device).to(torch.bfloat16)
-    return {"prompt_embeds": emb, "pooled": pooled, "text_ids": torch.zeros(512, 3, device=device, dtype=torch.bfloat16)}
+    return model.requires_grad_(False), adapter
 
 
 class SwapTracker:
@@ -105,26 +90,25 @@ def run(family: str, mode: str, args, device: torch.device, swap: int = 0) -> di
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    model, adapter_cls = build(family, args.tiny, device, args.layers)
-    n_params = sum(p.numel() for p in model.parameters())
     cfg = TrainConfig(quantize=mode, optimizer=args.optimizer, rank=args.rank, gradient_checkpointing=not args.no_checkpointing)
-    model = quantize_model(model, mode, device, torch.bfloat16, swap)
-    tracker = SwapTracker(model.block_swap) if swap else None
+    model, adapter = build(family, args.tiny, device, args.layers, cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    placement = place_model(model, mode, device, torch.bfloat16, swap)
+    tracker = SwapTracker(placement.swap) if swap else None
     build_s = time.time() - t0
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
     weights = weight_bytes(model)
 
-    adapter = adapter_cls.__new__(adapter_cls)
-    ModelAdapter.__init__(adapter, cfg, device, torch.bfloat16)
-    adapter.transformer, adapter.guidance = model, family == "flux"
+    adapter.transformer, adapter.placement = model, placement
+    adapter.guidance = bool(getattr(model.config, "guidance_embeds", False))
     adapter.configure_attention()
-    params = adapter.add_lora()
+    params = LoRAMethod(cfg, adapter).attach(model, placement)
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     optimizer = make_optimizer(cfg, params)
-    cond = conditioning(family, model, args.batch, device)
+    cond = adapter.random_conditioning(model, args.batch, device, torch.bfloat16)
     lat = args.resolution // 8
     g = torch.Generator(device=device).manual_seed(0)
     x0 = torch.randn(args.batch, 16, lat, lat, generator=g, device=device)
@@ -166,7 +150,7 @@ def run(family: str, mode: str, args, device: torch.device, swap: int = 0) -> di
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--family", choices=["qwen-image", "flux"], default="qwen-image")
+    p.add_argument("--family", choices=sorted(variants()), default="qwen-image")
     p.add_argument("--quantize", default="none,qfloat8,qint4,nf4")
     p.add_argument("--resolution", type=int, default=1024)
     p.add_argument("--batch", type=int, default=1)

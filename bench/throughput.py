@@ -18,9 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import torch  # noqa: E402
+import torch
 
 
 def bench_model(root: Path, layers: int) -> Path:
@@ -49,7 +47,7 @@ def run(model: Path, data: Path, out: Path, res: int, batch: int, steps: int) ->
     class Timed(QwenImageAdapter):
         def predict(self, transformer, noisy, sigmas, cond):
             stamps.append(time.perf_counter())
-            keep.update(transformer=transformer, noisy=noisy, sigmas=sigmas, cond=cond)
+            keep.update(adapter=self, transformer=transformer, noisy=noisy, sigmas=sigmas, cond=cond)
             return super().predict(transformer, noisy, sigmas, cond)
 
     cfg = load_config(None, [
@@ -61,8 +59,7 @@ def run(model: Path, data: Path, out: Path, res: int, batch: int, steps: int) ->
     train(cfg, Timed)
     step = statistics.median(b - a for a, b in zip(stamps[1:], stamps[2:]))
 
-    adapter = Timed.__new__(Timed)
-    adapter.weight_dtype, adapter.cfg = torch.float32, cfg
+    adapter = keep["adapter"]
     t, params = keep["transformer"], [p for p in keep["transformer"].parameters() if p.requires_grad]
     times = []
     for _ in range(steps):

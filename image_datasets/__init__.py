@@ -11,7 +11,7 @@ from .caption_dataset import (
     scan_dataset,
     scan_metadata,
 )
-from .images import BadImageError, load_image, resize_and_crop, target_size, to_tensor
+from .images import BadImageError, load_image, resize_and_crop, resize_exact, target_size, to_tensor
 
 __all__ = [
     "BadImageError",
@@ -23,6 +23,7 @@ __all__ = [
     "load_image",
     "read_caption",
     "resize_and_crop",
+    "resize_exact",
     "scan_caption_folder",
     "scan_dataset",
     "scan_metadata",

@@ -7,12 +7,16 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Hashable, Iterator, Sequence
+from typing import Callable, Hashable, Iterator, Sequence
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .images import BadImageError, is_image_file, load_image, oriented_size, resize_and_crop, target_size, to_tensor
+from .images import BadImageError, is_image_file, load_image, oriented_size, resize_and_crop, resize_exact, target_size, to_tensor
+
+# (source width, source height) -> (VAE view size, [text-encoder view size]) of a reference image; the family's
+# `ModelAdapter.reference_sizes`. Without one, references are sized like targets.
+ReferenceSizer = Callable[[int, int], tuple[tuple[int, int], ...]]
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +27,8 @@ class Sample:
     caption: str
     size: tuple[int, int]  # training (width, height) after resize + crop
     controls: tuple[Path, ...] = ()  # reference / source images for edit and Kontext training
-    control_sizes: tuple[tuple[int, int], ...] = ()
+    control_sizes: tuple[tuple[int, int], ...] = ()  # each reference's VAE view (width, height)
+    condition_sizes: tuple[tuple[int, int], ...] = ()  # each reference's text-encoder view, when the family has one
     source_size: tuple[int, int] = (0, 0)  # the file's own (width, height), EXIF orientation applied
     control_source_sizes: tuple[tuple[int, int], ...] = ()
 
@@ -73,8 +78,9 @@ def _add_sample(result: ScanResult, image: Path, caption: str, caption_name: str
     if not caption:
         result.warnings.append(f"{caption_name}: caption is empty (the image trains unconditionally)")
     result.samples.append(Sample(
-        image, caption, target_size(*source, img_size), tuple(controls),
-        tuple(target_size(*c, img_size) for c in control_sources), source, tuple(control_sources),
+        image, caption, target_size(*source, img_size), controls=tuple(controls),
+        control_sizes=tuple(target_size(*c, img_size) for c in control_sources), source_size=source,
+        control_source_sizes=tuple(control_sources),
     ))
 
 
@@ -95,19 +101,31 @@ def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> t
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
 
 
-def expand_samples(samples: list[Sample], resolutions: Sequence[int], bucketing: bool, repeats: int) -> list[Sample]:
-    """Training entries: every sample once per resolution (sizes snapped to buckets when bucketing), times repeats."""
+def expand_samples(samples: list[Sample], resolutions: Sequence[int], bucketing: bool, repeats: int,
+                   reference_sizes: ReferenceSizer | None = None) -> list[Sample]:
+    """Training entries: every sample once per resolution (sizes snapped to buckets when bucketing), times repeats.
+
+    References get the family's sizes (`reference_sizes`); with bucketing their VAE view snaps to a bucket of the
+    same area, so that batches form."""
     from dataclasses import replace
+
+    bucket_cache: dict[int, list[tuple[int, int]]] = {}
+
+    def buckets(res: int) -> list[tuple[int, int]]:
+        return bucket_cache.setdefault(res, bucket_sizes(res))
 
     out = []
     for res in resolutions:
-        buckets = bucket_sizes(res) if bucketing else None
-
         def size(src: tuple[int, int]) -> tuple[int, int]:
-            return nearest_bucket(*src, buckets) if buckets else target_size(*src, res)
+            return nearest_bucket(*src, buckets(res)) if bucketing else target_size(*src, res)
 
         for s in samples:
-            out.append(replace(s, size=size(s.source_size), control_sizes=tuple(size(c) for c in s.control_source_sizes)))
+            views = [reference_sizes(*c) if reference_sizes else (size(c),) for c in s.control_source_sizes]
+            vae = []
+            for src, (w, h) in zip(s.control_source_sizes, (v[0] for v in views)):
+                vae.append(nearest_bucket(*src, buckets(max(16, round((w * h) ** 0.5 / 16) * 16))) if bucketing else (w, h))
+            out.append(replace(s, size=size(s.source_size), control_sizes=tuple(vae),
+                               condition_sizes=tuple(v[1] for v in views if len(v) > 1)))
     return out * repeats
 
 
@@ -159,14 +177,14 @@ def scan_caption_folder(
     return result
 
 
-def scan_dataset(d, decode: bool = True) -> ScanResult:
+def scan_dataset(d, decode: bool = True, reference_sizes: ReferenceSizer | None = None) -> ScanResult:
     """The dataset a DataConfig describes: a metadata file, or a caption folder (with control_dir for edit pairs),
-    expanded over data_config.resolutions / bucketing / repeats."""
+    expanded over data_config.resolutions / bucketing / repeats, references sized by the family's `reference_sizes`."""
     if d.metadata_file:
         result = scan_metadata(d.metadata_file, d.img_size, decode)
     else:
         result = scan_caption_folder(d.img_dir, d.img_size, d.caption_type, decode, d.control_dir)
-    result.samples = expand_samples(result.samples, d.resolutions or [d.img_size], d.bucketing, d.repeats)
+    result.samples = expand_samples(result.samples, d.resolutions or [d.img_size], d.bucketing, d.repeats, reference_sizes)
     return result
 
 
@@ -238,12 +256,14 @@ class CaptionDataset(Dataset):
         random_crop: bool = False,
         seed: int = 0,
         load_pixels: bool = True,
+        empty_caption: str = "",
     ):
         self.samples = list(samples)
         self.caption_dropout_rate = caption_dropout_rate
         self.random_crop = random_crop
         self.seed = seed
         self.load_pixels = load_pixels  # False when every latent is precomputed: no decoding at all
+        self.empty_caption = empty_caption  # what a dropped caption becomes (the family's empty prompt)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -253,18 +273,25 @@ class CaptionDataset(Dataset):
         s = self.samples[index]
         rng = sample_rng(self.seed, epoch, index)
         drop = rng.random() < self.caption_dropout_rate
-        item = {"index": index, "epoch": epoch, "dropped": drop, "caption": "" if drop else s.caption, "path": str(s.image)}
+        item = {"index": index, "epoch": epoch, "dropped": drop, "caption": self.empty_caption if drop else s.caption, "path": str(s.image)}
         if not self.load_pixels:
-            return {**item, "pixel_values": None, "controls": []}
+            return {**item, "pixel_values": None, "controls": [], "condition_images": []}
         img = resize_and_crop(self._load(s.image, s.size), s.size, rng if self.random_crop else None)
-        controls = [to_tensor(resize_and_crop(self._load(c, size), size)) for c, size in zip(s.controls, s.control_sizes)]
-        return {**item, "pixel_values": to_tensor(img), "controls": controls}
+        # References are resized whole from the original file, as the pipelines resize them (no crop, Lanczos, no
+        # JPEG draft decoding), once per view.
+        controls, views = [], []
+        for k, (path, size) in enumerate(zip(s.controls, s.control_sizes)):
+            ref = self._load(path, size, draft=False)
+            controls.append(to_tensor(resize_exact(ref, size)))
+            if s.condition_sizes:
+                views.append(to_tensor(resize_exact(ref, s.condition_sizes[k])))
+        return {**item, "pixel_values": to_tensor(img), "controls": controls, "condition_images": views}
 
 
     @staticmethod
-    def _load(path: Path, size: tuple[int, int]):
+    def _load(path: Path, size: tuple[int, int], draft: bool = True):
         try:
-            return load_image(path, draft_size=size)
+            return load_image(path, draft_size=size if draft else None)
         except BadImageError as e:
             # The file changed or broke after the start-up scan: keep training, say which file.
             logger.warning("%s; using a grey image for this sample", e)
@@ -282,6 +309,7 @@ def collate(items: list[dict]) -> dict:
         "dropped": [it["dropped"] for it in items],
         "pixel_values": None if pixels[0] is None else torch.stack(pixels),
         "controls": [torch.stack([it["controls"][k] for it in items]) for k in range(n_controls)],
+        "condition_images": [it.get("condition_images", []) for it in items],  # per sample: text-encoder views
         "captions": [it["caption"] for it in items],
         "paths": [it["path"] for it in items],
     }

@@ -39,6 +39,7 @@ def base_overrides(model: Path, data: Path, out: Path, **extra) -> list[str]:
         "checkpointing_steps": 0,
         "learning_rate": 1e-3,
         "seed": 0,
+        "data_config.control_size": 64,  # references at 64x64 area instead of the pipelines' ~1 MP: fast tests
     }
     cfg.update(extra)
     return [f"{k}={v}" for k, v in cfg.items()]

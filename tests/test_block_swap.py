@@ -14,8 +14,8 @@ from trainer.loop import train
 from trainer.models.flux import FluxAdapter
 from trainer.models.qwen_image import QwenImageAdapter
 from trainer.offload import plain_tensors
-from trainer.quantize import quantize_model
-from utils.make_tiny_models import build_qwen_transformer
+from trainer.models.qwen_image import build_qwen_transformer
+from trainer.quantize import place_model
 
 MODES = ["none", "qfloat8", "qint8", "qint4", "nf4"]
 
@@ -23,20 +23,17 @@ MODES = ["none", "qfloat8", "qint8", "qint4", "nf4"]
 def _model(mode: str, swap: int, checkpointing: bool):
     torch.manual_seed(0)
     model = build_qwen_transformer(num_layers=3).requires_grad_(False).eval()
-    model = quantize_model(model, mode, torch.device("cpu"), torch.float32, swap)
+    placement = place_model(model, mode, torch.device("cpu"), torch.float32, swap)
     torch.manual_seed(1)
     lora = LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-    if swap:
-        with model.block_swap.host_weights():
-            model.add_adapter(lora)
-    else:
+    with placement.host_weights():
         model.add_adapter(lora)
     model.requires_grad_(False)
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
     if checkpointing:
         model.enable_gradient_checkpointing()
-    return model
+    return model, placement.swap
 
 
 def _forward(model):
@@ -53,13 +50,13 @@ def _forward(model):
 def test_swapped_blocks_give_the_same_loss_and_gradients(mode, checkpointing):
     grads = []
     for swap in (0, 2):
-        model = _model(mode, swap, checkpointing)
+        model, block_swap = _model(mode, swap, checkpointing)
         loss = _forward(model).pow(2).mean()
         loss.backward()
         grads.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])))
         if swap:
             # forward + the recompute in backward, for each swapped block
-            assert model.block_swap.onloads == 4
+            assert block_swap.onloads == 4
             assert all(not p.requires_grad and p.numel() == 0 for b in model.transformer_blocks[1:] for p in b.parameters(recurse=True) if not p.requires_grad)
             assert all(p.numel() > 0 for p in model.transformer_blocks[0].parameters())
     (l0, g0), (l1, g1) = grads
@@ -73,8 +70,7 @@ def test_device_copies_do_not_outlive_their_block(mode):
 
     Tracked at the storage level, so views kept by autograd (e.g. bitsandbytes' ctx attributes) count too.
     """
-    model = _model(mode, 2, checkpointing=False)
-    swap = model.block_swap
+    model, swap = _model(mode, 2, checkpointing=False)
     storages = []
     to_device = swap._to_device
 
@@ -98,13 +94,13 @@ def test_swap_without_tracking_would_be_caught():
     """Guard for the test above: without checkpointing the swapped block, autograd keeps its weights."""
     from trainer.offload import _SwappedForward
 
-    model = _model("none", 2, checkpointing=False)
-    for block in model.block_swap.blocks:
+    model, swap = _model("none", 2, checkpointing=False)
+    for block in swap.blocks:
         fwd = block.forward
         block.forward = lambda *a, _f=fwd, **k: _f.run(*a, **k)  # no checkpoint around the block
     storages = []
-    to_device = model.block_swap._to_device
-    model.block_swap._to_device = lambda m: (lambda o: (storages.extend(weakref.ref(t.untyped_storage()) for t in plain_tensors(o)), o)[1])(to_device(m))
+    to_device = swap._to_device
+    swap._to_device = lambda m: (lambda o: (storages.extend(weakref.ref(t.untyped_storage()) for t in plain_tensors(o)), o)[1])(to_device(m))
     out = _forward(model)
     gc.collect()
     assert isinstance(fwd, _SwappedForward) and [s for s in storages if s() is not None]

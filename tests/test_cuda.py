@@ -43,9 +43,10 @@ def test_blocks_to_swap_lowers_peak_memory_and_keeps_gradients(quantize):
     the peak (one swapped block is on the GPU at a time) and give the same loss and LoRA gradients."""
     from diffusers import QwenImageTransformer2DModel
 
-    from trainer.models.base import ModelAdapter
     from trainer.config import TrainConfig
-    from trainer.quantize import quantize_model, weight_bytes
+    from trainer.methods.lora import LoRAMethod
+    from trainer.models import variants
+    from trainer.quantize import place_model, weight_bytes
 
     device = torch.device("cuda")
     results = {}
@@ -56,13 +57,12 @@ def test_blocks_to_swap_lowers_peak_memory_and_keeps_gradients(quantize):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        model = quantize_model(model, quantize, device, torch.bfloat16, swap)
+        placement = place_model(model, quantize, device, torch.bfloat16, swap)
         block_bytes = weight_bytes(model.transformer_blocks[0]) if not swap else None
-        adapter = QwenImageAdapter.__new__(QwenImageAdapter)
-        ModelAdapter.__init__(adapter, TrainConfig(rank=8), device, torch.bfloat16)
-        adapter.transformer = model
+        cfg = TrainConfig(rank=8)
+        adapter = QwenImageAdapter(cfg, variants()["qwen-image"][1], device, torch.bfloat16)
         torch.manual_seed(1)
-        params = adapter.add_lora()
+        params = LoRAMethod(cfg, adapter).attach(model, placement)
         model.enable_gradient_checkpointing()
         g = torch.Generator(device=device).manual_seed(2)
         x = torch.randn(1, 16, 64, 64, generator=g, device=device)

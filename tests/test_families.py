@@ -86,11 +86,11 @@ def test_qwen_edit_lora_loads_in_its_pipeline(family, launched, tiny_models, pai
     pipe = FAMILIES[family][2].from_pretrained(model, processor=load_qwen_processor(model))
     assert type(pipe).__name__ == FAMILIES[family][2].__name__
     cfg = load_config(None, overrides(model, pairs, launched[family], True), check_paths=False)
-    adapter = QwenImageEditAdapter(cfg, torch.device("cpu"), torch.float32)
+    adapter = QwenImageEditAdapter.from_model(cfg)
     adapter.load()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, 8, 8, generator=g)
-    cond = adapter.encode_prompts(["make it blue"], [torch.rand(1, 3, 64, 48) * 2 - 1])
+    cond = adapter.encode_text({"captions": ["make it blue"], "controls": [torch.rand(1, 3, 64, 48) * 2 - 1]})
     cond["control_latents"] = [torch.randn(1, 4, 16, 12, generator=g)]
     with torch.no_grad():
         base = adapter.predict(pipe.transformer, x, torch.tensor([0.5]), cond)
@@ -120,7 +120,7 @@ def test_prediction_depends_on_control_image(family, tiny_models, pairs):
     model = tiny_models(family)
     adapter_cls = FAMILIES[family][1]
     cfg = load_config(None, overrides(model, pairs, ROOT, True), check_paths=False)
-    adapter = adapter_cls(cfg, torch.device("cpu"), torch.float32)
+    adapter = adapter_cls.from_model(cfg)
     adapter.load()
     g = torch.Generator().manual_seed(0)
     target = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
@@ -187,5 +187,8 @@ def test_inference_with_input_image(launched, tiny_models, pairs, tmp_path):
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert Image.open(out).size == (48, 32)
-    r = subprocess.run(cmd[:6] + ["--prompt", "x"], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 2 and "--image" in r.stderr
+    edit = [PY, "inference.py", "--model_name", str(tiny_models("qwen-image-edit")), "--prompt", "x"]
+    r = subprocess.run(edit, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "--image" in r.stderr, "an edit model needs its input image"
+    r = subprocess.run(edit + ["--image", cmd[7]] * 2, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "at most 1" in r.stderr

@@ -26,7 +26,7 @@ def test_quantized_training_learns_and_lora_loads_unquantized(mode, layer, tiny_
     losses = read_losses(out)
     assert statistics.mean(losses[-10:]) < 0.85 * statistics.mean(losses[:10])
 
-    adapter = QwenImageAdapter(cfg, torch.device("cpu"), torch.float32)
+    adapter = QwenImageAdapter.from_model(cfg)
     adapter.load()
     assert type(adapter.transformer.transformer_blocks[0].attn.to_q).__name__ == layer
     plain = QwenImagePipeline.from_pretrained(tiny_qwen)

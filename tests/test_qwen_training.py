@@ -106,7 +106,7 @@ def test_overfit_one_image_lowers_loss(tiny_qwen, tmp_path):
 
 def test_padding_does_not_leak_into_prediction(tiny_qwen):
     cfg = load_config(None, base_overrides(tiny_qwen, ROOT, ROOT), check_paths=False)
-    adapter = QwenImageAdapter(cfg, torch.device("cpu"), torch.float32)
+    adapter = QwenImageAdapter.from_model(cfg)
     adapter.load()
     short, long = "a cat", "a very long caption about a cat sitting on a red chair in the sun at the beach"
     both = adapter.encode_prompts([short, long])

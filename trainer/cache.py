@@ -20,7 +20,6 @@ from safetensors.torch import load_file, save_file
 
 from image_datasets import CaptionDataset, Sample, collate
 from trainer.config import TrainConfig
-from trainer.models.base import ModelAdapter
 
 logger = logging.getLogger("trainer")
 
@@ -37,14 +36,15 @@ def file_digest(path: Path, _memo: dict = {}) -> str:  # noqa: B006 - deliberate
     return _memo[key]
 
 
-def model_fingerprint(name_or_path: str, family: str) -> str:
-    """Identity of the encoders: the hub id, or a local folder's component configs and weight file sizes."""
+def model_fingerprint(name_or_path: str, family: str, folders: Sequence[str]) -> str:
+    """Identity of the encoders: the hub id, or a local folder's encoder components (the family's
+    `encoder_folders`): their configs and weight file sizes."""
     h = hashlib.sha256(f"{family}\0{name_or_path}".encode())
     root = Path(name_or_path)
     if root.is_dir():
         h = hashlib.sha256(family.encode())
         for p in sorted(root.rglob("*")):
-            if p.is_file() and p.parent.name in ("text_encoder", "text_encoder_2", "vae", "tokenizer", "tokenizer_2", "processor"):
+            if p.is_file() and p.parent.name in folders:
                 h.update(f"{p.relative_to(root)}\0{p.stat().st_size}\0".encode())
                 if p.suffix == ".json":
                     h.update(p.read_bytes())
@@ -56,12 +56,12 @@ def _digest(*parts) -> str:
 
 
 class EmbeddingCache:
-    def __init__(self, adapter: ModelAdapter, samples: Sequence[Sample], cfg: TrainConfig, directory: Path | None):
+    def __init__(self, adapter: "ModelAdapter", samples: Sequence[Sample], cfg: TrainConfig, directory: Path | None):
         self.adapter = adapter
         self.samples = list(samples)
         self.cfg = cfg
         self.dir = directory
-        self.model = model_fingerprint(cfg.pretrained_model_name_or_path, adapter.family)
+        self.model = model_fingerprint(cfg.pretrained_model_name_or_path, adapter.variant.name, adapter.encoder_folders)
         self.text: dict[str, dict[str, torch.Tensor]] = {}
         self.latents: dict[str, dict[str, torch.Tensor]] = {}
         self.text_keys: list[tuple[str, str]] = []  # per sample: (caption key, empty-caption key)
@@ -71,7 +71,7 @@ class EmbeddingCache:
 
     # --- keys ----------------------------------------------------------------------------------------------
     def _controls(self, s: Sample) -> list:
-        return [(file_digest(c), size) for c, size in zip(s.controls, s.control_sizes)]
+        return [(file_digest(c), size) for c, size in zip(s.controls, s.control_sizes)] + list(s.condition_sizes)
 
     def _text_key(self, s: Sample, caption: str) -> str:
         controls = self._controls(s) if self.adapter.text_needs_pixels else []
@@ -112,7 +112,7 @@ class EmbeddingCache:
         """Encode whatever is missing. Runs one sample at a time (a one-off pass; memory stays flat)."""
         ds = CaptionDataset(self.samples)
         for i, s in enumerate(self.samples):
-            self.text_keys.append((self._text_key(s, s.caption), self._text_key(s, "")))
+            self.text_keys.append((self._text_key(s, s.caption), self._text_key(s, self.adapter.empty_prompt)))
             self.latent_keys.append(self._latent_key(s))
         for i, s in enumerate(self.samples):
             batch = None
@@ -128,7 +128,7 @@ class EmbeddingCache:
                 continue
             captions = [(s.caption, self.text_keys[i][0])]
             if need_empty_captions:
-                captions.append(("", self.text_keys[i][1]))
+                captions.append((self.adapter.empty_prompt, self.text_keys[i][1]))
             for caption, key in captions:
                 if self._lookup("text", key) is not None:
                     self.reused["text"] += 1

@@ -1,7 +1,7 @@
 """Checkpoints: written to a temporary folder, fsynced, then renamed into place, so `latest` never finds half of one.
 
 checkpoint-N/
-    pytorch_lora_weights.safetensors   the LoRA at step N, diffusers format (loads with pipe.load_lora_weights)
+    <the training method's files>      e.g. pytorch_lora_weights.safetensors (trainer/methods/)
     training_state.pt                  optimizer, LR schedule, step, data position, every RNG (torch.load weights_only)
     config.yaml                        the configuration the run used
 """
@@ -19,9 +19,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-STATE_FILE = "training_state.pt"
-LORA_FILE = "pytorch_lora_weights.safetensors"
-COMFY_FILE = "pytorch_lora_weights_comfyui.safetensors"  # written too when lora_format: comfyui
+from trainer.constants import CONFIG_FILE, STATE_FILE
+
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -58,21 +57,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def complete_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every finished checkpoint, oldest first. Half-written temporary folders are ignored."""
+def complete_checkpoints(output_dir: str | Path, required: tuple[str, ...] = ()) -> list[tuple[int, Path]]:
+    """(step, path) of every finished checkpoint (holding the state file and `required`), oldest first.
+    Half-written temporary folders are ignored."""
     out = Path(output_dir)
     if not out.is_dir():
         return []
     found = []
     for p in out.iterdir():
         m = _CKPT_RE.match(p.name)
-        if m and p.is_dir() and (p / STATE_FILE).is_file() and (p / LORA_FILE).is_file():
+        if m and p.is_dir() and all((p / f).is_file() for f in (STATE_FILE, *required)):
             found.append((int(m.group(1)), p))
     return sorted(found)
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    ckpts = complete_checkpoints(output_dir)
+def latest_checkpoint(output_dir: str | Path, required: tuple[str, ...] = ()) -> Path | None:
+    ckpts = complete_checkpoints(output_dir, required)
     return ckpts[-1][1] if ckpts else None
 
 
@@ -102,7 +102,7 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(
     output_dir: str | Path,
     state: TrainState,
-    write_lora: Callable[[Path], None],
+    write_weights: Callable[[Path], None],
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
     config_yaml: str,
@@ -114,7 +114,7 @@ def save_checkpoint(
     tmp = out / f".tmp-checkpoint-{state.global_step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write_lora(tmp)
+    write_weights(tmp)
     torch.save(
         {
             "train_state": asdict(state),
@@ -124,14 +124,14 @@ def save_checkpoint(
         },
         tmp / STATE_FILE,
     )
-    (tmp / "config.yaml").write_text(config_yaml)
+    (tmp / CONFIG_FILE).write_text(config_yaml)
     fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(out)
     if total_limit is not None:
-        ckpts = complete_checkpoints(out)
+        ckpts = complete_checkpoints(out)  # every finished one: a checkpoint is renamed into place whole
         for _step, path in ckpts[: max(0, len(ckpts) - total_limit)]:
             shutil.rmtree(path, ignore_errors=True)
     return final

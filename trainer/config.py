@@ -66,6 +66,7 @@ class DataConfig:
     repeats: int = doc(1, "how many times each image appears per epoch")
     control_dir: Optional[str] = doc(None, "edit / Kontext: folder of control (source) images with the same stems as img_dir's images")
     metadata_file: Optional[str] = doc(None, "edit: metadata.csv or .jsonl with columns image, prompt, control_image[, control_image_2, control_image_3] (replaces img_dir)")
+    control_size: Optional[int] = doc(None, "edit / Kontext: size control images to about control_size x control_size pixels; null = as the family's pipeline does at inference (Qwen-Image-Edit: 1024x1024 area; Kontext: its preferred resolutions); smaller is faster but differs from inference")
 
 
 @dataclass
@@ -130,17 +131,13 @@ class TrainConfig:
 
     max_nonfinite_steps: int = doc(10, "stop with an error after this many optimizer steps in a row with a non-finite loss or gradient (each is skipped)")
     logging_steps: int = doc(10, "read the loss back from the device and log it every N steps (per-step values are kept)")
-    report_to: str = doc("tensorboard", f"experiment tracker: {', '.join(TRACKERS)}")
+    report_to: Optional[str] = doc("tensorboard", f"experiment tracker: {', '.join(TRACKERS)} (null = none)")
     logging_dir: str = doc("logs", "tracker folder, relative to output_dir")
     tracker_project_name: str = doc("lora", "project / run group name given to the tracker")
     wandb_project_name: Optional[str] = doc(None, "wandb project (defaults to tracker_project_name)")
     wandb_run_name: Optional[str] = doc(None, "wandb run name")
     wandb_entity: Optional[str] = doc(None, "wandb user or team")
     wandb_tags: list[str] = doc([], "wandb tags")
-
-    @property
-    def weight_dtype_name(self) -> str:
-        return {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}[self.mixed_precision]
 
 
 def _one_line(exc: OmegaConfBaseException) -> str:
@@ -171,6 +168,8 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
     _check_choice("timestep_sampling", cfg.timestep_sampling, TIMESTEP_SAMPLINGS)
     _check_choice("loss_weighting", cfg.loss_weighting, LOSS_WEIGHTINGS)
     _check_choice("lr_scheduler", cfg.lr_scheduler, LR_SCHEDULERS)
+    if cfg.report_to is None or cfg.report_to.lower() in ("null", "none", "false"):
+        cfg.report_to = "none"
     _check_choice("report_to", cfg.report_to, TRACKERS)
     _check_choice("lora_format", cfg.lora_format, ("diffusers", "comfyui"))
     cfg.quantize = normalize_mode(cfg.quantize)
@@ -223,6 +222,8 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         raise ConfigError(f"config key 'checkpoints_total_limit' must be >= 1 or null, got {cfg.checkpoints_total_limit}")
     if not 0.0 <= d.caption_dropout_rate <= 1.0:
         raise ConfigError(f"config key 'data_config.caption_dropout_rate' must be in [0, 1], got {d.caption_dropout_rate}")
+    if d.control_size is not None and (d.control_size <= 0 or d.control_size % 16):
+        raise ConfigError(f"config key 'data_config.control_size' must be a positive multiple of 16 or null, got {d.control_size}")
     if d.img_size % 16:
         raise ConfigError(f"config key 'data_config.img_size' must be a multiple of 16, got {d.img_size}")
     for r in d.resolutions or []:

@@ -1,6 +1,6 @@
 """LoRA file formats: diffusers (what pipe.load_lora_weights reads) and ComfyUI.
 
-ComfyUI names, as its LoRA loader maps them (and diffusers' own converters read them back):
+ComfyUI key names come from the family (`ModelAdapter.comfyui_names`), e.g.
   Qwen-Image : diffusion_model.<module>.lora_A.weight / .lora_B.weight / .alpha
   FLUX.1     : lora_transformer_<module with . -> _>.lora_down.weight / .lora_up.weight / .alpha
 The alpha tensors carry the strength (scale = alpha / rank), so a file converted either way renders the same.
@@ -31,26 +31,21 @@ def read_alpha(path: str | Path, default_rank: int) -> float:
     return float(default_rank)
 
 
-def diffusers_to_comfyui(sd: dict[str, torch.Tensor], family: str, alpha: float) -> dict[str, torch.Tensor]:
+def diffusers_to_comfyui(sd: dict[str, torch.Tensor], adapter, alpha: float) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in sd.items():
         module, _, kind = key.removeprefix(PREFIX).rpartition(".lora_")
-        kind = "lora_" + kind  # lora_A.weight / lora_B.weight
-        if family.startswith("flux"):
-            name = "lora_transformer_" + module.replace(".", "_")
-            out[f"{name}.{'lora_down' if kind.startswith('lora_A') else 'lora_up'}.weight"] = value
-        else:
-            name = "diffusion_model." + module
-            out[f"{name}.{kind}"] = value
-        out[f"{name}.alpha"] = torch.tensor(float(alpha))
+        down, up, alpha_key = adapter.comfyui_names(module)
+        out[down if kind.startswith("A") else up] = value
+        out[alpha_key] = torch.tensor(float(alpha))
     return out
 
 
-def save_comfyui(diffusers_file: str | Path, out: str | Path, family: str, rank: int) -> Path:
+def save_comfyui(diffusers_file: str | Path, out: str | Path, adapter, rank: int) -> Path:
     sd = load_file(str(diffusers_file))
-    converted = diffusers_to_comfyui(sd, family, read_alpha(diffusers_file, rank))
+    converted = diffusers_to_comfyui(sd, adapter, read_alpha(diffusers_file, rank))
     out = Path(out)
-    save_file({k: v.contiguous() for k, v in converted.items()}, str(out), metadata={"format": "pt", "family": family})
+    save_file({k: v.contiguous() for k, v in converted.items()}, str(out), metadata={"format": "pt", "family": adapter.variant.name})
     return out
 
 

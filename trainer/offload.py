@@ -171,6 +171,8 @@ class BlockSwap:
         self.device = torch.device(device)
         self.pin = self.device.type == "cuda"
         self.blocks: list[nn.Module] = []
+        # per swapped block: (module, parameter name, host master copy, empty device placeholder)
+        self.slots: dict[int, list[tuple[nn.Module, str, nn.Parameter, nn.Parameter]]] = {}
         self.host_bytes = 0
         self.onloads = 0  # number of block weight uploads so far (forward + recompute), for tests and logs
 
@@ -194,7 +196,7 @@ class BlockSwap:
         for module in block.modules():
             if isinstance(module, _bnb_classes()[2]):
                 module.forward = types.MethodType(_linear4bit_forward, module)
-        block._swap_slots = slots
+        self.slots[id(block)] = slots
         block.forward = _SwappedForward(self, block, block.forward)
         self.blocks.append(block)
 
@@ -218,25 +220,25 @@ class BlockSwap:
         empty placeholder would not do. Trainable parameters created meanwhile (LoRA) are moved to the device.
         """
         for block in self.blocks:
-            for module, name, master, _ in block._swap_slots:
+            for module, name, master, _ in self.slots[id(block)]:
                 module._parameters[name] = master
         try:
             yield
         finally:
             for block in self.blocks:
                 self.offload(block)
-                slots = {id(placeholder) for *_, placeholder in block._swap_slots}
+                slots = {id(placeholder) for *_, placeholder in self.slots[id(block)]}
                 for p in block.parameters():
                     if id(p) not in slots and p.device != self.device:
                         p.data = p.data.to(self.device)
 
     def onload(self, block: nn.Module) -> None:
-        for module, name, master, _ in block._swap_slots:
+        for module, name, master, _ in self.slots[id(block)]:
             module._parameters[name] = self._to_device(master)
         self.onloads += 1
 
     def offload(self, block: nn.Module) -> None:
-        for module, name, _, placeholder in block._swap_slots:
+        for module, name, _, placeholder in self.slots[id(block)]:
             module._parameters[name] = placeholder
 
 

@@ -8,15 +8,17 @@ weights stay fp32 and are saved in the same diffusers format as an unquantized r
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-logger = logging.getLogger(__name__)
-
 from trainer.config import normalize_mode
+
+logger = logging.getLogger(__name__)
 
 QUANTO_MODES = ("qfloat8", "qint8", "qint4")
 
@@ -46,19 +48,37 @@ def _to_bnb(linear: nn.Linear, mode: str, compute_dtype: torch.dtype, device: to
     return new.to(device)  # bitsandbytes quantizes while moving
 
 
-def quantize_model(
+@dataclass
+class Placement:
+    """Where a frozen model's weights live: the quantization mode and the blocks whose weights stay in host RAM.
+
+    Returned by `place_model` and passed to the code that needs it (the training method wraps swapped blocks' real
+    weights through `host_weights`, benches and tests read `swap`)."""
+
+    device: torch.device
+    quantize: str = "none"
+    swap: "BlockSwap | None" = None
+
+    def host_weights(self):
+        """Context in which swapped blocks hold their real weights (for peft when it wraps their layers)."""
+        return self.swap.host_weights() if self.swap is not None else contextlib.nullcontext()
+
+
+def place_model(
     model: nn.Module, mode: str, device: torch.device, compute_dtype: torch.dtype, blocks_to_swap: int = 0
-) -> nn.Module:
+) -> Placement:
     """Quantize `model` in place block by block, leaving every block on `device`.
 
     Blocks are moved to the device one at a time and quantized there, so the device never holds more than the
     quantized model plus one unquantized block, and host RAM never holds more than one copy in the load dtype.
     With `blocks_to_swap` = N the last N blocks keep their frozen weights in host RAM (see trainer/offload.py);
-    an unquantized swapped block never touches the device here. The BlockSwap is left in `model.block_swap`.
+    an unquantized swapped block never touches the device here.
     """
     mode = normalize_mode(mode)
+    device = torch.device(device)
     if mode == "none" and not blocks_to_swap:
-        return model.to(device)
+        model.to(device)
+        return Placement(device)
     blocks = repeated_blocks(model)
     if not blocks:
         raise ValueError(f"cannot find transformer blocks to quantize or swap in {type(model).__name__}")
@@ -80,12 +100,11 @@ def quantize_model(
             block.to(device)
         gc.collect()
     model.to(device)  # the non-block rest (embedders, norms, output projection) and swapped blocks' placeholders
-    model.block_swap = swap
     if mode != "none":
         logger.info("quantized %d %s blocks of %s to %s", len(blocks), type(blocks[0]).__name__, type(model).__name__, mode)
     if swap is not None:
         logger.info("blocks_to_swap: %d of %d blocks keep their weights in host RAM (%.2f GiB)", len(swap.blocks), len(blocks), swap.host_bytes / 2**30)
-    return model
+    return Placement(device, mode, swap)
 
 
 def _quantize_block(block: nn.Module, mode: str, compute_dtype: torch.dtype, device: torch.device) -> None:

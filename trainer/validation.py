@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from image_datasets import load_image, resize_and_crop, target_size, to_tensor
+from image_datasets import load_image, resize_exact, to_tensor
 from trainer.config import TrainConfig
 from trainer.models.base import ModelAdapter
 
@@ -26,18 +26,23 @@ class Validator:
         self.items: list[dict] = []
 
     def prepare(self) -> None:
-        """Encode the validation prompts (and a blank negative) while the text encoders are still loaded."""
+        """Encode the validation prompts (and the family's blank negative) while the text encoders are still
+        loaded. Reference images are sized as the training references are (the family's reference_sizes)."""
+        from image_datasets import target_size
+
         cfg = self.cfg
         for i, prompt in enumerate(cfg.validation_prompts):
-            images = []
+            images, controls, views = [], [], []
             if cfg.validation_images:
-                path = Path(cfg.validation_images[i if len(cfg.validation_images) > 1 else 0])
-                img = load_image(path)
-                images = [resize_and_crop(img, target_size(*img.size, cfg.data_config.img_size))]
-            controls = [to_tensor(im).unsqueeze(0) for im in images]
-            cond = self.adapter.encode_text({"captions": [prompt], "controls": controls, "pixel_values": None})
-            neg = self.adapter.encode_text({"captions": [" "], "controls": controls, "pixel_values": None})
-            size = images[0].size if images else (cfg.data_config.img_size,) * 2
+                img = load_image(Path(cfg.validation_images[i if len(cfg.validation_images) > 1 else 0]))
+                images = [img]
+                sizes = self.adapter.reference_sizes(*img.size)
+                controls = [to_tensor(resize_exact(img, sizes[0])).unsqueeze(0)]
+                views = [[to_tensor(resize_exact(img, s)) for s in sizes[1:]]]
+            batch = {"controls": controls, "condition_images": views, "pixel_values": None}
+            cond = self.adapter.encode_text({**batch, "captions": [prompt]})
+            neg = self.adapter.encode_text({**batch, "captions": [self.adapter.empty_prompt]})
+            size = target_size(*images[0].size, cfg.data_config.img_size) if images else (cfg.data_config.img_size,) * 2
             self.items.append({"cond": _cpu(cond), "neg": _cpu(neg), "images": images, "size": size})
 
     @torch.no_grad()
@@ -50,9 +55,8 @@ class Validator:
         images = []
         for it in self.items:
             kwargs = self.adapter.sampling_kwargs({k: _to(v, self.adapter.device) for k, v in it["cond"].items()},
-                                                  {k: _to(v, self.adapter.device) for k, v in it["neg"].items()}, it["size"])
-            if it["images"]:
-                kwargs["image"] = it["images"] if self.adapter.family == "qwen-image-edit" and getattr(self.adapter, "plus", False) else it["images"][0]
+                                                  {k: _to(v, self.adapter.device) for k, v in it["neg"].items()}, it["size"],
+                                                  it["images"])
             result = pipe(**kwargs, width=it["size"][0], height=it["size"][1],
                           num_inference_steps=self.cfg.validation_num_inference_steps,
                           generator=torch.Generator("cpu").manual_seed(self.cfg.validation_seed))

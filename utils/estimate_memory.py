@@ -18,28 +18,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 GB = 1024**3
 # Bytes per weight of a quantized Linear, scales included (quanto: per-channel scales, qint4 group 128 with
 # scale + shift; bitsandbytes nf4: 4 bits + double-quantized absmax per 64 weights; int8: per-row scales).
 QUANT_BYTES = {"none": 2.0, "qfloat8": 1.0, "qint8": 1.0, "int8": 1.0, "qint4": 0.5 + 4 / 128, "nf4": 0.5 + 1 / 64}
 # fp32 optimizer state per trainable parameter
 OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "adafactor": 0.5, "prodigy": 16.0}
-# Text encoders / VAEs of the released models (parameters), used when their configs are not on this machine.
-KNOWN_PARAMS = {
-    "qwen2.5-vl-7b": 8_292_166_656,
-    "t5-xxl-encoder": 4_762_310_656,
-    "clip-l-text": 123_060_480,
-    "flux-vae": 83_819_683,
-}
-FAMILY_OF_PIPELINE = {
-    "QwenImagePipeline": "qwen-image",
-    "QwenImageEditPipeline": "qwen-image",
-    "QwenImageEditPlusPipeline": "qwen-image",
-    "FluxPipeline": "flux",
-    "FluxKontextPipeline": "flux",
-}
 
 
 @dataclass
@@ -62,32 +46,37 @@ def _local_file(name: str, rel: str) -> Path | None:
         return None
 
 
-def model_family(name: str) -> tuple[str, str]:
-    """(family, pipeline class name) from model_index.json, or from a well-known hub id."""
-    index = _local_file(name, "model_index.json")
+def model_adapter(cfg):
+    """The family adapter (no weights) from model_index.json, or from a well-known hub id when it is not here."""
+    from trainer.models import families, lookup
+
+    index = _local_file(cfg.pretrained_model_name_or_path, "model_index.json")
     if index is not None:
-        cls = json.loads(index.read_text())["_class_name"]
-        return FAMILY_OF_PIPELINE.get(cls, "qwen-image"), cls
-    lowered = name.lower()
-    if "flux" in lowered:
-        return "flux", "FluxKontextPipeline" if "kontext" in lowered else "FluxPipeline"
-    return "qwen-image", "QwenImageEditPlusPipeline" if "2509" in lowered else "QwenImagePipeline"
+        found = lookup(json.loads(index.read_text())["_class_name"])
+        if found is None:
+            raise ValueError(f"{cfg.pretrained_model_name_or_path}: its pipeline is not one this trainer trains")
+        cls, variant = found
+        return cls(cfg, variant)
+    hits = [(cls, cls.variant_from_hub_id(cfg.pretrained_model_name_or_path)) for cls in families()]
+    hits = [(cls, v) for cls, v in hits if v is not None]
+    if not hits:
+        raise ValueError(f"cannot tell the family of '{cfg.pretrained_model_name_or_path}' without its model_index.json")
+    cls, variant = max(hits, key=lambda h: max(len(x) for x in h[1].hub_hints if x in cfg.pretrained_model_name_or_path.lower()))
+    return cls(cfg, variant)
 
 
-def build_transformer_on_meta(name: str, family: str, pipeline_class: str):
+def build_transformer_on_meta(adapter):
+    """The family's transformer on the meta device: from the model's own config.json when it is here, else the
+    released architecture the family file names."""
+    import diffusers
     import torch
-    from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
 
-    cls = FluxTransformer2DModel if family == "flux" else QwenImageTransformer2DModel
-    cfg_file = _local_file(name, "transformer/config.json")
+    cls = getattr(diffusers, adapter.transformer_class)
+    cfg_file = _local_file(adapter.cfg.pretrained_model_name_or_path, "transformer/config.json")
     if cfg_file is not None:
-        config = cls.load_config(str(cfg_file.parent))
-        source = str(cfg_file)
+        config, source = cls.load_config(str(cfg_file.parent)), str(cfg_file)
     else:
-        config = {}  # the constructor defaults are the released architecture
-        if family == "flux" and "schnell" not in name.lower():
-            config["guidance_embeds"] = True  # dev and Kontext are guidance-distilled
-        source = f"{cls.__name__} default constructor (the released architecture)"
+        config, source = adapter.released_transformer_config(), f"{cls.__name__} released architecture"
     with torch.device("meta"):
         model = cls.from_config(config)
     return model, source
@@ -103,7 +92,7 @@ def lora_params(model, rank: int, targets: list[str]) -> int:
     return total
 
 
-def activation_bytes(model, family: str, resolution: int, batch: int, checkpointing: bool, text_tokens: int) -> float:
+def activation_bytes(model, resolution: int, batch: int, checkpointing: bool, text_tokens: int) -> float:
     """Estimate of what the backward pass keeps, bf16.
 
     With gradient checkpointing only each block's input (S x D) is stored, plus one block's internals while it is
@@ -122,13 +111,11 @@ def activation_bytes(model, family: str, resolution: int, batch: int, checkpoint
 
 def plan(cfg, resolution: int) -> tuple[list[Row], dict]:
     import torch
-    from diffusers import AutoencoderKLQwenImage
 
     from trainer.quantize import repeated_blocks
 
-    name = cfg.pretrained_model_name_or_path
-    family, pipeline_class = model_family(name)
-    model, source = build_transformer_on_meta(name, family, pipeline_class)
+    adapter = model_adapter(cfg)
+    model, source = build_transformer_on_meta(adapter)
     quant = cfg.quantize
     blocks = repeated_blocks(model)  # forward order, the blocks the trainer quantizes and swaps
 
@@ -158,23 +145,14 @@ def plan(cfg, resolution: int) -> tuple[list[Row], dict]:
         note += f"; last {swap} of {len(blocks)} blocks in host RAM ({host / GB:.2f} GiB), one at a time on the GPU"
     rows = [Row(f"transformer ({quant}{', blocks_to_swap ' + str(swap) if swap else ''})", total, resident(swap), note)]
 
-    if family == "qwen-image":
-        with torch.device("meta"):
-            vae_params = sum(p.numel() for p in AutoencoderKLQwenImage().parameters())
-        text = [("text encoder Qwen2.5-VL-7B", KNOWN_PARAMS["qwen2.5-vl-7b"], cfg.quantize_text_encoder)]
-        text_tokens = 256
-    else:
-        vae_params = KNOWN_PARAMS["flux-vae"]
-        text = [("text encoder T5-XXL", KNOWN_PARAMS["t5-xxl-encoder"], cfg.quantize_text_encoder),
-                ("text encoder CLIP-L", KNOWN_PARAMS["clip-l-text"], "none")]
-        text_tokens = cfg.t5_max_sequence_length
-    enc_rows = [Row(f"{label} ({q})", n, n * QUANT_BYTES[q] * 0.97 + n * 2 * 0.03) for label, n, q in text]
-    enc_rows.append(Row("VAE (bf16)", vae_params, vae_params * 2))
+    spec = adapter.planner_spec()
+    enc_rows = []
+    for label, n, quantized in spec.encoders:
+        q = cfg.quantize_text_encoder if quantized else "none"
+        enc_rows.append(Row(f"{label} ({q})", n, n * QUANT_BYTES[q] * 0.97 + n * 2 * 0.03))
+    enc_rows.append(Row("VAE (bf16)", spec.vae_params, spec.vae_params * 2))
 
-    from trainer.models.flux import FluxAdapter
-    from trainer.models.qwen_image import QwenImageAdapter
-
-    targets = cfg.lora_target_modules or list((FluxAdapter if family == "flux" else QwenImageAdapter).default_target_modules)
+    targets = cfg.lora_target_modules or list(adapter.default_target_modules)
     n_lora = lora_params(model, cfg.rank, targets)
     batch = cfg.data_config.train_batch_size
     train_rows = [
@@ -182,7 +160,7 @@ def plan(cfg, resolution: int) -> tuple[list[Row], dict]:
         Row("LoRA gradients (fp32)", n_lora, n_lora * 4),
         Row(f"optimizer state ({cfg.optimizer})", n_lora, n_lora * OPTIMIZER_BYTES[cfg.optimizer]),
         Row(f"activations ({resolution}px, batch {batch}, checkpointing {'on' if cfg.gradient_checkpointing else 'off'})", 0,
-            activation_bytes(model, family, resolution, batch, cfg.gradient_checkpointing, text_tokens), "estimate"),
+            activation_bytes(model, resolution, batch, cfg.gradient_checkpointing, spec.text_tokens), "estimate"),
         Row("CUDA context + allocator slack", 0, 1.0 * GB, "typical"),
     ]
     cached = cfg.precompute_text_embeddings and cfg.precompute_image_embeddings
@@ -195,7 +173,7 @@ def plan(cfg, resolution: int) -> tuple[list[Row], dict]:
 
     phase = ("encoders freed before the transformer loads (precomputed embeddings)" if cached
              else "text encoder and VAE stay resident (no precomputed embeddings)")
-    info = {"family": family, "pipeline": pipeline_class, "source": source, "peak": peak_with(swap), "phase": phase,
+    info = {"family": adapter.variant.name, "pipeline": adapter.variant.pipeline, "source": source, "peak": peak_with(swap), "phase": phase,
             "transformer_params": total, "lora_params": n_lora, "blocks": len(blocks), "encoder_peak": enc_total + 1.0 * GB, "cached": bool(cached),
             "peak_by_swap": [peak_with(n) for n in range(len(blocks))]}
     return rows + enc_rows + train_rows, info

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main(argv=None) -> int:
@@ -20,14 +17,17 @@ def main(argv=None) -> int:
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of the saved model")
     args = p.parse_args(argv)
-    import torch
 
-    from inference import FAMILIES, load_pipeline, pipeline_class_name, resolve_lora
+    from trainer.constants import torch_dtype
+    from trainer.pipelines import ToolError, adapter_for, load_pipeline, resolve_lora
 
-    family = FAMILIES.get(pipeline_class_name(args.model_name), ("?",))[0]
-    resolve_lora(args.lora_weights)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    pipe = load_pipeline(args.model_name, family, dtype, "cpu", args.lora_weights, 1.0)
+    try:
+        adapter = adapter_for(args.model_name)
+        resolve_lora(args.lora_weights)
+    except ToolError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    pipe = load_pipeline(adapter, torch_dtype(args.dtype), "cpu", args.lora_weights, 1.0)
     pipe.fuse_lora(components=["transformer"], lora_scale=args.scale)
     pipe.unload_lora_weights()
     pipe.save_pretrained(args.out)

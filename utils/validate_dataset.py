@@ -15,10 +15,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from image_datasets import scan_dataset  # noqa: E402
-from trainer.config import DataConfig  # noqa: E402
+from image_datasets import scan_dataset
+from trainer.config import DataConfig
 
 
 def main(argv: list[str] | None = None) -> int:

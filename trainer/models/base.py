@@ -1,103 +1,180 @@
-"""What the training loop needs from a model family.
+"""What the trainer and its tools need from a model family.
 
-The loop only sees normalized latents B x C x H x W and sigma in [0, 1]. Packing, position ids, image shapes,
-timestep scaling and guidance vectors live in the adapter's `predict`.
+A family file (trainer/models/<family>.py) holds one `ModelAdapter` subclass, registered with
+`trainer.models.register`, and everything else about the family: which pipelines it trains (its `variants`), how to
+load, encode prompts and images, `predict` (packing, position ids, timestep scaling, guidance, reference tokens),
+sampling arguments, ComfyUI key naming, planner and bench dimensions, and how to build its tiny test model.
+
+The loop only sees normalized latents B x C x H x W and sigma in [0, 1], and a conditioning dict (`Cond`) that it
+passes back to `predict` untouched. The adapter knows nothing about LoRA or full fine-tuning (trainer/methods/).
+
+Conditioning (`Cond`): every tensor value is batch-first (dim 0 = sample), so the embedding cache can split a batch
+into samples and stack samples back into a batch. `control_latents` is a list with one B x C x h x w tensor per
+reference image. Each family documents its keys in a TypedDict next to its adapter.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
+import gc
 import logging
 from abc import ABC, abstractmethod
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-from trainer.config import TrainConfig
+from trainer.config import ConfigError, TrainConfig
 
 logger = logging.getLogger(__name__)
 
-
-def model_index(name_or_path: str, file: str = "model_index.json") -> dict:
-    """model_index.json (or another json file) of a local folder or a cached / downloadable hub id."""
-    p = Path(name_or_path)
-    if not p.is_dir():
-        from huggingface_hub import hf_hub_download
-
-        return json.loads(Path(hf_hub_download(name_or_path, file)).read_text())
-    return json.loads((p / file).read_text())
+Cond = dict[str, Any]
 
 
-def _release_memory() -> None:
-    import gc
+@dataclass(frozen=True)
+class Variant:
+    """One pipeline a family trains (e.g. Qwen-Image-Edit-2509 inside the Qwen-Image family)."""
 
+    name: str  # user-facing name, e.g. "qwen-image-edit-plus" (make_tiny_models --family, convert_lora --family)
+    pipeline: str  # model_index.json `_class_name`
+    references: tuple[int, int] = (0, 0)  # (min, max) reference / control images per sample
+    hub_hints: tuple[str, ...] = ()  # lower-case substrings of hub ids of this variant (planner without a model folder)
+
+
+@dataclass
+class InferenceRequest:
+    """What `inference.py` was asked for, in family-neutral terms; the family turns it into pipeline arguments."""
+
+    prompt: str
+    images: list = field(default_factory=list)  # PIL reference images, in order
+    width: int | None = None
+    height: int | None = None
+    guidance_scale: float | None = None  # distilled guidance (None = the family's default)
+    true_cfg_scale: float = 4.0  # classifier-free guidance for models that run it
+    negative_prompt: str | None = None
+    max_sequence_length: int | None = None
+    auto_resize: bool = True  # let the pipeline snap reference images to the sizes the model was trained on
+
+
+@dataclass
+class PlannerSpec:
+    """Sizes the memory planner needs that are not in the transformer's config."""
+
+    encoders: list[tuple[str, int, bool]]  # (label, parameters, quantized by quantize_text_encoder)
+    vae_params: int
+    text_tokens: int  # prompt tokens the transformer sees in a typical step
+
+
+def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
-ENTRY_FOR_PIPELINE = {
-    "QwenImagePipeline": "train.py (or train_4090.py)",
-    "QwenImageEditPipeline": "train_qwen_edit_lora.py",
-    "QwenImageEditPlusPipeline": "train_qwen_edit_lora.py",
-    "FluxPipeline": "train_flux_lora.py",
-    "FluxKontextPipeline": "train_flux_lora.py",
-}
-
-
 class ModelAdapter(ABC):
-    family: str = ""
+    # --- what the family is: read by the registry, the tools and the training methods -----------------------
+    family: str = ""  # e.g. "qwen-image"
     entry: str = ""  # the train_*.py script for this family, for error messages
-    pipeline_class: Any = None  # diffusers pipeline whose save_lora_weights / load_lora_weights we target
-    pipeline_classes: tuple[str, ...] = ()  # model_index.json `_class_name`s this adapter trains
-    default_target_modules: tuple[str, ...] = ()
-    controls: str = "never"  # "never", "optional" or "required": whether samples carry control images
+    variants: tuple[Variant, ...] = ()
+    transformer_class: str = ""  # diffusers class name of the denoiser
+    default_target_modules: tuple[str, ...] = ()  # Linear layers a LoRA adapts by default
     block_count_keys: tuple[str, ...] = ("num_layers",)  # transformer config keys that together count its blocks
+    encoder_folders: tuple[str, ...] = ("text_encoder", "tokenizer", "vae")  # model subfolders the cached embeddings depend on
+    text_needs_pixels = False  # True when prompt encoding looks at the reference images (Qwen-Image-Edit)
+
+    def __init__(self, cfg: TrainConfig, variant: Variant, device: torch.device | str = "cpu",
+                 weight_dtype: torch.dtype = torch.float32):
+        """Pure: reads nothing from disk. `from_model` picks the variant from the model folder."""
+        import diffusers
+
+        self.cfg = cfg
+        self.variant = variant
+        self.device = torch.device(device)
+        self.weight_dtype = weight_dtype
+        self.pipeline_class = getattr(diffusers, variant.pipeline)
+        self.transformer: torch.nn.Module | None = None
+        self.placement = None  # trainer.quantize.Placement of the transformer, set by load_transformer
+        self.vae: torch.nn.Module | None = None
+        self.text_pipe = None  # the family's pipeline holding only its text encoder(s), for encode_prompt
+        self.scheduler_config: dict = {}
 
     @classmethod
+    def from_model(cls, cfg: TrainConfig, device: torch.device | str = "cpu", weight_dtype: torch.dtype = torch.float32):
+        """The adapter for cfg.pretrained_model_name_or_path (its variant read from model_index.json)."""
+        return cls(cfg, cls.variant_of(cfg.pretrained_model_name_or_path), device, weight_dtype)
+
+    @classmethod
+    def variant_of(cls, name_or_path: str) -> Variant:
+        from trainer.models import read_model_index
+
+        name = read_model_index(name_or_path).get("_class_name", "?")
+        for v in cls.variants:
+            if v.pipeline == name:
+                return v
+        raise ConfigError(f"config key 'pretrained_model_name_or_path' is a {name} model, which {cls.entry} does not train")
+
+    @classmethod
+    def variant_from_hub_id(cls, name: str) -> Variant | None:
+        """The variant a hub id most likely is (longest matching hint), for tools run without the model's files."""
+        lowered = name.lower()
+        hits = [(len(h), v) for v in cls.variants for h in v.hub_hints if h in lowered]
+        return max(hits, key=lambda t: t[0])[1] if hits else None
+
+    # --- checks before any data or model is read ------------------------------------------------------------
+    @classmethod
     def check_setup(cls, cfg: TrainConfig) -> None:
-        """Cheap checks before any data or model is read: right script for the model, dataset kind fits the family."""
-        from trainer.config import ConfigError
+        """Right script for the model, dataset kind fits the variant, blocks_to_swap fits the transformer."""
+        from trainer.models import lookup, read_model_index
 
         try:
-            name = model_index(cfg.pretrained_model_name_or_path).get("_class_name", "?")
+            name = read_model_index(cfg.pretrained_model_name_or_path).get("_class_name", "?")
         except Exception as e:
             raise ConfigError(f"config key 'pretrained_model_name_or_path': cannot read model_index.json ({type(e).__name__}: {e})") from None
-        if name not in cls.pipeline_classes:
-            hint = ENTRY_FOR_PIPELINE.get(name)
+        variant = next((v for v in cls.variants if v.pipeline == name), None)
+        if variant is None:
+            found = lookup(name)
             raise ConfigError(
                 f"config key 'pretrained_model_name_or_path' is a {name} model, which {cls.entry} does not train"
-                + (f"; use {hint}" if hint else "")
+                + (f"; use {found[0].entry}" if found else "")
             )
         if cfg.blocks_to_swap:
             try:
-                tcfg = model_index(cfg.pretrained_model_name_or_path, "transformer/config.json")
+                tcfg = read_model_index(cfg.pretrained_model_name_or_path, "transformer/config.json")
                 n_blocks = sum(int(tcfg[k]) for k in cls.block_count_keys)
             except Exception as e:
                 raise ConfigError(f"config key 'blocks_to_swap': cannot read the transformer's config.json to count its blocks ({type(e).__name__}: {e})") from None
             if cfg.blocks_to_swap >= n_blocks:
                 raise ConfigError(f"config key 'blocks_to_swap' is {cfg.blocks_to_swap}, but this transformer has {n_blocks} blocks; use at most {n_blocks - 1}")
         d = cfg.data_config
-        has_controls = d.control_dir is not None or d.metadata_file is not None
-        if cls.controls == "required" and not has_controls:
-            raise ConfigError(f"{cls.entry} needs control images: set data_config.control_dir or data_config.metadata_file")
-        if cls.controls == "never" and has_controls:
+        has_refs = d.control_dir is not None or d.metadata_file is not None
+        low, high = variant.references
+        if low and not has_refs:
+            raise ConfigError(f"{cls.entry} needs control images for a {name} model: set data_config.control_dir or data_config.metadata_file")
+        if not high and has_refs:
             raise ConfigError(f"a {name} model takes no control images: remove data_config.control_dir / metadata_file")
-
-    def __init__(self, cfg: TrainConfig, device: torch.device, weight_dtype: torch.dtype):
-        self.cfg = cfg
-        self.device = device
-        self.weight_dtype = weight_dtype
-        self.transformer: torch.nn.Module | None = None
-        self.scheduler_config: dict = {}
 
     @classmethod
     def check_samples(cls, cfg: TrainConfig, samples: list) -> None:
-        """Family-specific dataset checks after the scan, before any model loads (raise ConfigError)."""
+        """After the scan, before any model loads: every sample has a number of references the variant takes."""
+        variant = cls.variant_of(cfg.pretrained_model_name_or_path)
+        low, high = variant.references
+        for bad, what in (([s for s in samples if len(s.controls) > high], f"more than {high}"),
+                          ([s for s in samples if len(s.controls) < low], f"fewer than {low}")):
+            if not bad:
+                continue
+            more = [v for v in cls.variants if v.references[1] > high]
+            hint = f"; {more[0].pipeline} models take up to {more[0].references[1]}" if more and what.startswith("more") else ""
+            raise ConfigError(
+                f"data_config: {len(bad)} sample(s) have {what} control image(s) (e.g. {bad[0].image.name} has "
+                f"{len(bad[0].controls)}); a {variant.pipeline} model takes {low} to {high}{hint}"
+            )
+
+    # --- references: sizes the pipeline gives reference images ---------------------------------------------
+    def reference_sizes(self, width: int, height: int) -> tuple[tuple[int, int], ...]:
+        """(width, height) of each view of a reference image of this size: the VAE view first, then any view the
+        text encoder sees. The default is the target's own sizing (img_size area, aspect kept, sides multiples of 16)."""
+        from image_datasets import target_size
+
+        return (target_size(width, height, self.cfg.data_config.control_size or self.cfg.data_config.img_size),)
 
     # --- loading -------------------------------------------------------------------------------------------
     @abstractmethod
@@ -106,83 +183,31 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def load_transformer(self) -> None:
-        """Load (and quantize) the transformer in weight_dtype onto self.device as self.transformer."""
+        """Load (and place: quantize / swap) the transformer as self.transformer, its Placement as self.placement."""
 
     def load(self) -> None:
         self.load_encoders()
         self.load_transformer()
 
-    def lora_config(self) -> LoraConfig:
-        return LoraConfig(
-            r=self.cfg.rank,
-            lora_alpha=self.cfg.lora_alpha or self.cfg.rank,
-            lora_dropout=self.cfg.lora_dropout,
-            init_lora_weights="gaussian",
-            target_modules=list(self.cfg.lora_target_modules or self.default_target_modules),
-        )
+    def place(self, model: torch.nn.Module, quantize: str, blocks_to_swap: int = 0):
+        """Move a frozen model to the device, quantizing its blocks on the way when asked (and keeping the last
+        `blocks_to_swap` blocks' weights in host RAM). Returns (model, Placement)."""
+        from trainer.quantize import place_model
 
-    def add_lora(self) -> list[torch.nn.Parameter]:
-        """Attach a fresh LoRA to the transformer; returns its (fp32) trainable parameters."""
-        t = self.transformer
-        t.requires_grad_(False)
-        cfg = self.lora_config()
-        swap = getattr(t, "block_swap", None)  # blocks_to_swap: peft must see the swapped blocks' real weights
-        try:
-            with swap.host_weights() if swap is not None else contextlib.nullcontext():
-                t.add_adapter(cfg)
-        except ValueError as e:
-            raise ValueError(f"config key 'lora_target_modules': {e}") from None
-        params = [p for p in t.parameters() if p.requires_grad]
-        for p in params:
-            p.data = p.data.float()  # train LoRA in fp32 even when the base runs in bf16
-        return params
-
-    # --- conditioning --------------------------------------------------------------------------------------
-    @abstractmethod
-    def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor | None]:
-        """Text conditioning for a batch (padded, with masks where the model takes them)."""
-
-    @abstractmethod
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels B x 3 x H x W in [-1, 1] -> normalized latents B x C x h x w."""
-
-    text_needs_pixels = False  # True when prompt encoding looks at the control images (Qwen-Image-Edit)
-
-    def encode_text(self, batch: dict) -> dict:
-        """Prompt conditioning of a collated batch."""
-        return self.encode_prompts(batch["captions"])
-
-    def encode_latents(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        """(target latents, {"control_latents": [...]}) of a collated batch."""
-        return self.encode_images(batch["pixel_values"]), {"control_latents": [self.encode_images(c) for c in batch["controls"]]}
-
-    def encode_batch(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        """Collated batch -> (target latents, conditioning for predict)."""
-        latents, extra = self.encode_latents(batch)
-        return latents, {**self.encode_text(batch), **extra}
-
-    def split_text(self, cond: dict, n: int) -> list[dict]:
-        """Batched prompt conditioning -> one dict per sample (what the embedding cache stores)."""
-        return [{k: v[i : i + 1] if v.shape[0] == n else v for k, v in cond.items()} for i in range(n)]
-
-    def merge_text(self, items: list[dict]) -> dict:
-        """Inverse of split_text for a batch assembled from cached samples."""
-        first = items[0]
-        return {k: torch.cat([it[k] for it in items]) if v.ndim >= 2 and v.shape[0] == 1 else v for k, v in first.items()}
+        placement = place_model(model.requires_grad_(False).eval(), quantize, self.device, self.weight_dtype, blocks_to_swap)
+        return model, placement
 
     def free_text_encoders(self) -> None:
         """Drop the text encoder(s) once every prompt embedding is cached."""
         self.text_pipe = None
-        _release_memory()
+        release_memory()
 
     def free_vae(self) -> None:
         self.vae = None
-        _release_memory()
+        release_memory()
 
     def configure_attention(self) -> None:
         """Apply cfg.attention_backend to the loaded transformer."""
-        from trainer.config import ConfigError
-
         name = self.cfg.attention_backend
         if name == "auto":
             if torch.cuda.is_available():
@@ -194,6 +219,57 @@ class ModelAdapter(ABC):
                 self.transformer.set_attention_backend(name)
             except Exception as e:
                 raise ConfigError(f"config key 'attention_backend': '{name}' cannot be used here ({str(e).splitlines()[0]})") from None
+
+    # --- conditioning --------------------------------------------------------------------------------------
+    @abstractmethod
+    def encode_prompts(self, captions: list[str]) -> Cond:
+        """Text conditioning for a batch (padded, with masks where the model takes them)."""
+
+    @abstractmethod
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels B x 3 x H x W in [-1, 1] -> normalized latents B x C x h x w."""
+
+    def encode_text(self, batch: dict) -> Cond:
+        """Prompt conditioning of a collated batch."""
+        return self.encode_prompts(batch["captions"])
+
+    def encode_latents(self, batch: dict) -> tuple[torch.Tensor, Cond]:
+        """(target latents, {"control_latents": [...]}) of a collated batch."""
+        return self.encode_images(batch["pixel_values"]), {"control_latents": [self.encode_images(c) for c in batch["controls"]]}
+
+    def encode_batch(self, batch: dict) -> tuple[torch.Tensor, Cond]:
+        """Collated batch -> (target latents, conditioning for predict)."""
+        latents, extra = self.encode_latents(batch)
+        return latents, {**self.encode_text(batch), **extra}
+
+    def split_text(self, cond: Cond, n: int) -> list[Cond]:
+        """Batched prompt conditioning -> one dict per sample (what the embedding cache stores)."""
+        return [{k: v[i : i + 1] for k, v in cond.items()} for i in range(n)]
+
+    def merge_text(self, items: list[Cond]) -> Cond:
+        """Inverse of split_text for a batch assembled from cached samples."""
+        return {k: torch.cat([it[k] for it in items]) for k in items[0]}
+
+    empty_prompt = ""  # the caption of a dropped-caption sample and the default negative prompt
+
+    def count_tokens(self, captions: list[str]) -> list[int]:
+        return [0 for _ in captions]
+
+    def sequence_warnings(self, samples: list) -> list[str]:
+        """One line per sample whose conditioning the model will not see whole (default: captions over
+        max_sequence_length tokens, which are cut)."""
+        limit = self.cfg.max_sequence_length
+        counts = self.count_tokens([s.caption for s in samples])
+        return [f"caption of {s.image.name} has {n} tokens; only the first {limit} are used (max_sequence_length)"
+                for s, n in zip(samples, counts) if n > limit]
+
+    @abstractmethod
+    def image_seq_len(self, latents: torch.Tensor) -> int:
+        """Number of image tokens the transformer sees for these latents (drives the resolution shift)."""
+
+    @abstractmethod
+    def predict(self, transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """Velocity prediction, same shape as `noisy`."""
 
     # --- sampling (validation images during training) ------------------------------------------------------
     def sampling_pipeline(self, transformer: torch.nn.Module):
@@ -207,54 +283,43 @@ class ModelAdapter(ABC):
         return {"text_encoder": None, "tokenizer": None}
 
     @abstractmethod
-    def sampling_kwargs(self, cond: dict, negative: dict, size: tuple[int, int]) -> dict:
-        """Pipeline call arguments for one validation sample from precomputed prompt embeddings."""
+    def sampling_kwargs(self, cond: Cond, negative: Cond, size: tuple[int, int], images: list) -> dict:
+        """Pipeline call arguments for one validation sample from precomputed prompt embeddings and the
+        reference images (PIL, possibly none)."""
 
-    def place(self, model: torch.nn.Module, quantize: str, blocks_to_swap: int = 0) -> torch.nn.Module:
-        """Move a frozen model to the device, quantizing its blocks on the way when asked (and keeping the last
-        `blocks_to_swap` blocks' weights in host RAM)."""
-        from trainer.quantize import quantize_model
-
-        return quantize_model(model.requires_grad_(False).eval(), quantize, self.device, self.weight_dtype, blocks_to_swap)
-
-    def count_tokens(self, captions: list[str]) -> list[int]:
-        return [0 for _ in captions]
+    # --- inference.py -----------------------------------------------------------------------------------------
+    def pipeline_components(self, name_or_path: str) -> dict:
+        """Extra components from_pretrained needs on this machine (e.g. a processor), by name."""
+        return {}
 
     @abstractmethod
-    def image_seq_len(self, latents: torch.Tensor) -> int:
-        """Number of image tokens the transformer sees for these latents (drives the resolution shift)."""
+    def inference_kwargs(self, request: InferenceRequest) -> dict:
+        """Pipeline call arguments for inference.py (guidance style, references)."""
+
+    # --- ComfyUI LoRA naming ---------------------------------------------------------------------------------
+    def comfyui_names(self, module: str) -> tuple[str, str, str]:
+        """(down, up, alpha) ComfyUI keys of the LoRA on transformer module `module` (diffusers naming)."""
+        name = "diffusion_model." + module
+        return f"{name}.lora_A.weight", f"{name}.lora_B.weight", f"{name}.alpha"
+
+    # --- planner, benches, tiny models ------------------------------------------------------------------------
+    def released_transformer_config(self) -> dict:
+        """Constructor arguments of the released transformer of this variant ({} = the class defaults)."""
+        return {}
+
+    def with_blocks(self, config: dict, n: int) -> dict:
+        """The same transformer config with only n blocks (bench / CPU measurements at real width)."""
+        return {**config, self.block_count_keys[0]: n}
 
     @abstractmethod
-    def predict(self, transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, cond: dict) -> torch.Tensor:
-        """Velocity prediction, same shape as `noisy`."""
+    def planner_spec(self) -> PlannerSpec:
+        """Encoder / VAE sizes and text length of the released model."""
 
-    # --- saving --------------------------------------------------------------------------------------------
-    def lora_state_dict(self, transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
-        sd = get_peft_model_state_dict(transformer)
-        return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
+    @abstractmethod
+    def random_conditioning(self, transformer: torch.nn.Module, batch: int, device: torch.device, dtype: torch.dtype) -> Cond:
+        """Random prompt conditioning at the released text length (real-size benches)."""
 
-    def save_lora(self, transformer: torch.nn.Module, directory: str | Path) -> None:
-        """Diffusers-format LoRA file loadable with `<Pipeline>.load_lora_weights(directory)`."""
-        self.pipeline_class.save_lora_weights(
-            directory,
-            transformer_lora_layers=self.lora_state_dict(transformer),
-            transformer_lora_adapter_metadata=self.lora_config().to_dict(),
-        )
-        if self.cfg.lora_format == "comfyui":
-            from trainer.lora_format import save_comfyui
-
-            d = Path(directory)
-            save_comfyui(d / "pytorch_lora_weights.safetensors", d / "pytorch_lora_weights_comfyui.safetensors",
-                         self.family, self.cfg.rank)
-
-    def load_lora_into(self, transformer: torch.nn.Module, directory: str | Path) -> None:
-        """Restore the trainable LoRA weights written by `save_lora` (exact, fp32)."""
-        from safetensors.torch import load_file
-
-        sd = load_file(str(Path(directory) / "pytorch_lora_weights.safetensors"))
-        prefix = "transformer."
-        sd = {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in sd.items()}
-        result = set_peft_model_state_dict(transformer, sd)
-        missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
-        if missing or getattr(result, "unexpected_keys", []):
-            raise ValueError(f"checkpoint {directory} does not match this LoRA (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
+    @abstractmethod
+    def make_tiny_model(self, out, realistic: bool = False) -> None:
+        """Save a tiny random-weight pipeline of this variant to `out` with save_pretrained. realistic=True gives
+        its processors / tokenizers the released pixel budgets and templates (real sequence lengths)."""

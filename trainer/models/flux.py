@@ -1,13 +1,39 @@
-"""FLUX.1 dev / schnell / Kontext: MMDiT on 2x2-packed latents with 3-axis position ids, CLIP pooled + T5 prompts."""
+"""FLUX.1 dev / schnell / Kontext: MMDiT on 2x2-packed latents with 3-axis position ids, CLIP pooled + T5 prompts.
+
+What the trainer feeds the transformer, and where it follows the diffusers pipelines:
+- prompt: the pipeline's `encode_prompt` (CLIP pooled output + T5 hidden states padded to `t5_max_sequence_length`,
+  512 as the pipeline's default for dev, schnell and Kontext; BFL trained schnell with 256: set 256 here and
+  `--max_sequence_length 256` in inference.py to follow BFL instead).
+- guidance (dev, Kontext): `guidance_scale` (default 3.5, the pipelines' default) as the distilled-guidance input,
+  which the transformer multiplies by 1000 as in the pipeline; schnell has no guidance embedding and gets none.
+- Kontext reference: sized as the pipeline sizes it by default (`_auto_resize`: the preferred Kontext resolution
+  nearest its aspect ratio, Lanczos, no crop), appended after the target tokens with position ids whose first axis
+  is 1; the prediction is sliced back to the target tokens. timestep = sigma (the pipelines pass t / 1000).
+- dropped captions are "" (no negative prompt is used by these guidance-distilled models).
+"""
 
 from __future__ import annotations
 
-import torch
-from diffusers import AutoencoderKL, FluxKontextPipeline, FluxPipeline, FluxTransformer2DModel
-from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+from typing import TypedDict
 
-from .base import ModelAdapter, model_index
+import torch
+from diffusers import FluxPipeline
+
+from . import register
+from .base import Cond, InferenceRequest, ModelAdapter, PlannerSpec, Variant
 from .qwen_image import pack_latents, unpack_latents
+
+T5_XXL_PARAMS = 4_762_310_656
+CLIP_L_PARAMS = 123_060_480
+FLUX_VAE_PARAMS = 83_819_683
+DEFAULT_GUIDANCE = 3.5  # the dev / Kontext pipelines' default guidance_scale
+
+
+class FluxCond(TypedDict, total=False):
+    prompt_embeds: torch.Tensor  # B x T x 4096 T5 hidden states (padded to t5_max_sequence_length)
+    pooled: torch.Tensor  # B x 768 CLIP pooled output
+    text_ids: torch.Tensor  # T x 3 zeros (shared by the batch; not batch-first, the cache keeps it whole)
+    control_latents: list[torch.Tensor]  # Kontext: one B x C x h x w latent per reference image
 
 
 def latent_ids(h: int, w: int, index: int, device, dtype) -> torch.Tensor:
@@ -17,74 +43,81 @@ def latent_ids(h: int, w: int, index: int, device, dtype) -> torch.Tensor:
     return ids
 
 
+@register
 class FluxAdapter(ModelAdapter):
     family = "flux"
     entry = "train_flux_lora.py"
-    pipeline_classes = ("FluxPipeline", "FluxKontextPipeline")
+    variants = (
+        Variant("flux", "FluxPipeline", hub_hints=("flux",)),
+        Variant("flux-kontext", "FluxKontextPipeline", (0, 1), hub_hints=("kontext",)),
+    )
+    transformer_class = "FluxTransformer2DModel"
     default_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-    controls = "optional"  # Kontext reference images (data_config.control_dir / metadata_file)
     block_count_keys = ("num_layers", "num_single_layers")  # double-stream + single-stream blocks
+    encoder_folders = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.kontext = model_index(self.cfg.pretrained_model_name_or_path)["_class_name"] == "FluxKontextPipeline"
-        self.pipeline_class = FluxKontextPipeline if self.kontext else FluxPipeline
+        self.guidance = False  # the transformer has a guidance embedding (dev, Kontext); set when it loads
 
-    @classmethod
-    def check_setup(cls, cfg) -> None:
-        super().check_setup(cfg)
-        from trainer.config import ConfigError
+    def reference_sizes(self, width: int, height: int) -> tuple[tuple[int, int], ...]:
+        """Kontext's preferred resolution nearest the aspect ratio (the pipeline's _auto_resize), or an area of
+        control_size^2 when that is set."""
+        from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
 
-        kontext = model_index(cfg.pretrained_model_name_or_path)["_class_name"] == "FluxKontextPipeline"
-        d = cfg.data_config
-        if not kontext and (d.control_dir or d.metadata_file):
-            raise ConfigError("control images need a FLUX.1 Kontext model: remove data_config.control_dir / metadata_file")
+        from image_datasets import target_size
 
-    @classmethod
-    def check_samples(cls, cfg, samples) -> None:
-        from trainer.config import ConfigError
-
-        over = [s for s in samples if len(s.controls) > 1]
-        if over:
-            raise ConfigError(f"data_config: FLUX Kontext takes one reference image per sample; {over[0].image.name} has {len(over[0].controls)}")
+        if self.cfg.data_config.control_size:
+            return (target_size(width, height, self.cfg.data_config.control_size),)
+        _, w, h = min((abs(width / height - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
+        return ((w // 16 * 16, h // 16 * 16),)
 
     def load_encoders(self) -> None:
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
         name, dt = self.cfg.pretrained_model_name_or_path, self.weight_dtype
-        self.vae = self.place(AutoencoderKL.from_pretrained(name, subfolder="vae", dtype=dt), "none")
-        clip = self.place(CLIPTextModel.from_pretrained(name, subfolder="text_encoder", dtype=dt), "none")  # 123M: not worth it
-        t5 = self.place(T5EncoderModel.from_pretrained(name, subfolder="text_encoder_2", dtype=dt), self.cfg.quantize_text_encoder)
+        self.vae, _ = self.place(AutoencoderKL.from_pretrained(name, subfolder="vae", dtype=dt), "none")
+        clip, _ = self.place(CLIPTextModel.from_pretrained(name, subfolder="text_encoder", dtype=dt), "none")  # 123M: not worth it
+        t5, _ = self.place(T5EncoderModel.from_pretrained(name, subfolder="text_encoder_2", dtype=dt), self.cfg.quantize_text_encoder)
         self.text_pipe = FluxPipeline(
             scheduler=None, vae=None, transformer=None, text_encoder=clip, text_encoder_2=t5,
             tokenizer=AutoTokenizer.from_pretrained(name, subfolder="tokenizer"),
             tokenizer_2=AutoTokenizer.from_pretrained(name, subfolder="tokenizer_2"),
         )
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
         self.scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(name, subfolder="scheduler"))
 
     def load_transformer(self) -> None:
+        from diffusers import FluxTransformer2DModel
+
         t = FluxTransformer2DModel.from_pretrained(self.cfg.pretrained_model_name_or_path, subfolder="transformer", dtype=self.weight_dtype)
-        self.transformer = self.place(t, self.cfg.quantize, self.cfg.blocks_to_swap)
+        self.transformer, self.placement = self.place(t, self.cfg.quantize, self.cfg.blocks_to_swap)
         self.guidance = bool(self.transformer.config.guidance_embeds)
 
     def no_text_components(self) -> dict:
         return {"text_encoder": None, "tokenizer": None, "text_encoder_2": None, "tokenizer_2": None}
 
-    def sampling_kwargs(self, cond: dict, negative: dict, size: tuple[int, int]) -> dict:
-        kwargs = {"prompt_embeds": cond["prompt_embeds"], "pooled_prompt_embeds": cond["pooled"], "guidance_scale": self.cfg.guidance_scale}
-        if self.kontext:  # Kontext scales width x height up to max_area (1 MP) unless told the real area
-            kwargs.update(_auto_resize=False, max_area=size[0] * size[1])
-        return kwargs
-
     def count_tokens(self, captions: list[str]) -> list[int]:
         return [len(ids) for ids in self.text_pipe.tokenizer_2(captions).input_ids]
 
+    def sequence_warnings(self, samples: list) -> list[str]:
+        limit = self.cfg.t5_max_sequence_length
+        counts = self.count_tokens([s.caption for s in samples])
+        return [f"caption of {s.image.name} has {n} T5 tokens; only the first {limit} are used (t5_max_sequence_length)"
+                for s, n in zip(samples, counts) if n > limit]
+
     @torch.no_grad()
-    def encode_prompts(self, captions: list[str]) -> dict:
+    def encode_prompts(self, captions: list[str]) -> FluxCond:
         embeds, pooled, text_ids = self.text_pipe.encode_prompt(
             captions, prompt_2=None, device=self.device, max_sequence_length=self.cfg.t5_max_sequence_length
         )
         return {"prompt_embeds": embeds.to(self.weight_dtype), "pooled": pooled.to(self.weight_dtype), "text_ids": text_ids}
+
+    def split_text(self, cond: Cond, n: int) -> list[Cond]:
+        return [{k: v if k == "text_ids" else v[i : i + 1] for k, v in cond.items()} for i in range(n)]
+
+    def merge_text(self, items: list[Cond]) -> Cond:
+        return {k: items[0][k] if k == "text_ids" else torch.cat([it[k] for it in items]) for k in items[0]}
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -94,7 +127,7 @@ class FluxAdapter(ModelAdapter):
     def image_seq_len(self, latents: torch.Tensor) -> int:
         return (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
 
-    def predict(self, transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, cond: dict) -> torch.Tensor:
+    def predict(self, transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Cond) -> torch.Tensor:
         """Kontext: reference latents appended on the sequence axis with ids[:, 0] = 1; loss on target tokens only."""
         b, _c, h, w = noisy.shape
         dev, dt = noisy.device, self.weight_dtype
@@ -114,3 +147,128 @@ class FluxAdapter(ModelAdapter):
             return_dict=False,
         )[0]
         return unpack_latents(out[:, : target.shape[1]], h, w)
+
+    # --- sampling and inference ----------------------------------------------------------------------------
+    def sampling_kwargs(self, cond: Cond, negative: Cond, size: tuple[int, int], images: list) -> dict:
+        kwargs = {"prompt_embeds": cond["prompt_embeds"], "pooled_prompt_embeds": cond["pooled"], "guidance_scale": self.cfg.guidance_scale}
+        if self.variant.pipeline == "FluxKontextPipeline":
+            # The output at the training size (Kontext otherwise scales width x height to 1 MP); the reference
+            # arrives already at the size training gives it.
+            kwargs.update(_auto_resize=False, max_area=size[0] * size[1])
+            if images:
+                from image_datasets import resize_exact
+
+                kwargs["image"] = resize_exact(images[0], self.reference_sizes(*images[0].size)[0])
+        return kwargs
+
+    def inference_kwargs(self, request: InferenceRequest) -> dict:
+        kwargs = {"guidance_scale": DEFAULT_GUIDANCE if request.guidance_scale is None else request.guidance_scale}
+        if request.max_sequence_length is not None:
+            kwargs["max_sequence_length"] = request.max_sequence_length
+        if request.images:
+            kwargs["image"] = request.images[0]
+        if self.variant.pipeline == "FluxKontextPipeline":
+            kwargs["_auto_resize"] = request.auto_resize
+            if request.width and request.height:
+                # Kontext treats width/height as an aspect ratio scaled to max_area (1 MP); honour the asked size.
+                kwargs["max_area"] = request.width * request.height
+        return kwargs
+
+    def comfyui_names(self, module: str) -> tuple[str, str, str]:
+        name = "lora_transformer_" + module.replace(".", "_")
+        return f"{name}.lora_down.weight", f"{name}.lora_up.weight", f"{name}.alpha"
+
+    # --- planner, benches, tiny models ---------------------------------------------------------------------
+    def released_transformer_config(self) -> dict:
+        # The class defaults are FLUX.1's architecture; dev and Kontext add the guidance embedder, schnell does not.
+        return {"guidance_embeds": "schnell" not in self.cfg.pretrained_model_name_or_path.lower()}
+
+    def planner_spec(self) -> PlannerSpec:
+        return PlannerSpec(
+            encoders=[("text encoder T5-XXL", T5_XXL_PARAMS, True), ("text encoder CLIP-L", CLIP_L_PARAMS, False)],
+            vae_params=FLUX_VAE_PARAMS, text_tokens=self.cfg.t5_max_sequence_length,
+        )
+
+    def random_conditioning(self, transformer, batch: int, device, dtype) -> Cond:
+        g = torch.Generator(device=device).manual_seed(0)
+        emb = torch.randn(batch, 512, transformer.config.joint_attention_dim, generator=g, device=device).to(dtype)
+        pooled = torch.randn(batch, transformer.config.pooled_projection_dim, generator=g, device=device).to(dtype)
+        return {"prompt_embeds": emb, "pooled": pooled, "text_ids": torch.zeros(512, 3, device=device, dtype=dtype)}
+
+    def with_blocks(self, config: dict, n: int) -> dict:
+        return {**config, "num_layers": 1, "num_single_layers": max(1, n - 1)}
+
+    def make_tiny_model(self, out, realistic: bool = False) -> None:
+        """CLIP (77 tokens) and T5 (padded to 512) already give the released text lengths; the VAE downsamples 8x
+        as the released one does, so image token counts are the real ones."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        torch.manual_seed(0)
+        clip, clip_tok = build_clip()
+        t5, t5_tok = build_t5()
+        self.pipeline_class(
+            scheduler=FlowMatchEulerDiscreteScheduler(
+                base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15, shift=3.0, use_dynamic_shifting=True,
+            ),
+            vae=build_flux_vae(), text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5, tokenizer_2=t5_tok,
+            transformer=build_flux_transformer(guidance_embeds=True),
+        ).save_pretrained(out)
+
+
+def build_clip(hidden: int = 32):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from .tiny import train_byte_level_bpe
+
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    vocab, merges = train_byte_level_bpe(300, specials)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, projection_dim=hidden,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+    )
+    return CLIPTextModel(config), tokenizer
+
+
+def build_t5(hidden: int = 32):
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    from .tiny import CORPUS
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False)
+    tok.train_from_iterator(CORPUS * 20, trainer=trainer)
+    vocab = [tuple(v) for v in json.loads(tok.to_str())["model"]["vocab"]]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+    config = T5Config(
+        vocab_size=len(tokenizer), d_model=hidden, d_kv=8, d_ff=hidden * 2, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )
+    return T5EncoderModel(config), tokenizer
+
+
+def build_flux_transformer(guidance_embeds: bool, joint_attention_dim: int = 32, pooled_dim: int = 32):
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=16, out_channels=None, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=joint_attention_dim, pooled_projection_dim=pooled_dim,
+        guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8),
+    )
+
+
+def build_flux_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(4, 8, 8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+    )

@@ -1,12 +1,44 @@
-"""Qwen-Image: MMDiT on 2x2-packed latents of a 3D (video-style) VAE, prompts from Qwen2.5-VL hidden states."""
+"""Qwen-Image, Qwen-Image-Edit, Qwen-Image-Edit-2509 / 2511 ("Plus"): MMDiT on 2x2-packed latents of a 3D
+(video-style) VAE, prompts from Qwen2.5-VL hidden states.
+
+What the trainer feeds the transformer, and where it follows the diffusers pipelines:
+- prompt: the pipeline's own template and `encode_prompt` (template prefix dropped). Qwen-Image cuts the result to
+  `max_sequence_length` tokens as its pipeline does (default 512); the edit pipelines cut nothing, so neither do we
+  (their sequence starts with ~1,300 vision tokens per 1 MP image).
+- reference images (edit): sized as the pipelines size them, from the original file: the VAE view at a 1024x1024
+  area (aspect kept, sides multiples of 32, Lanczos, no crop); the Qwen2.5-VL view is the same image for Edit and a
+  384x384-area resize of the original for Edit-2509 / 2511. `data_config.control_size` trades this for speed.
+- reference latents ride on the sequence axis after the target tokens with their own `img_shapes` entries; the
+  prediction is sliced back to the target tokens; timestep = sigma (the pipelines pass t / 1000). Edit-2511's
+  `zero_cond_t` (reference tokens modulated at t = 0) is inside the transformer and driven by `img_shapes`.
+- dropped captions and the default negative prompt are " " (the pipelines' reference usage for true CFG).
+"""
 
 from __future__ import annotations
 
-import torch
-from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
-from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+import inspect
+import logging
+from typing import TypedDict
 
-from .base import ModelAdapter
+import torch
+from diffusers import QwenImagePipeline
+
+from . import register
+from .base import Cond, InferenceRequest, ModelAdapter, PlannerSpec, Variant
+
+logger = logging.getLogger(__name__)
+
+VAE_AREA = 1024 * 1024  # the edit pipelines' VAE (and Edit's VL) image area
+PLUS_CONDITION_AREA = 384 * 384  # Edit-2509's Qwen2.5-VL image area
+PLUS_IMAGE_PROMPT = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"  # Edit-2509's per-image prompt prefix
+ROPE_POSITIONS = 4096  # QwenEmbedRope's table: text positions start after the largest image side (in patches / 2)
+QWEN25_VL_PARAMS = 8_292_166_656
+
+
+class QwenCond(TypedDict, total=False):
+    prompt_embeds: torch.Tensor  # B x L x D last hidden states of Qwen2.5-VL (template prefix dropped), zero-padded
+    prompt_embeds_mask: torch.Tensor  # B x L, 1 for real tokens
+    control_latents: list[torch.Tensor]  # edit: one B x C x h x w normalized latent per reference image
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -22,99 +54,6 @@ def unpack_latents(packed: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x.reshape(b, c, h, w)
 
 
-class QwenImageAdapter(ModelAdapter):
-    family = "qwen-image"
-    entry = "train.py"
-    pipeline_class = QwenImagePipeline
-    pipeline_classes = ("QwenImagePipeline",)
-    default_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-
-    def load_encoders(self) -> None:
-        name, dt = self.cfg.pretrained_model_name_or_path, self.weight_dtype
-        self.vae = self.place(AutoencoderKLQwenImage.from_pretrained(name, subfolder="vae", dtype=dt), "none")
-        text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(name, subfolder="text_encoder", dtype=dt)
-        text_encoder = self.place(text_encoder, self.cfg.quantize_text_encoder)
-        tokenizer = AutoTokenizer.from_pretrained(name, subfolder="tokenizer")
-        # The pipeline object is only used for its prompt template and encode_prompt (no transformer / VAE inside).
-        self.text_pipe = self.pipeline_class(
-            scheduler=None, vae=None, text_encoder=text_encoder, tokenizer=tokenizer, transformer=None, **self.extra_text_components()
-        )
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        self.scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(name, subfolder="scheduler"))
-        z = self.vae.config.z_dim
-        self.latents_mean = torch.tensor(self.vae.config.latents_mean).view(1, z, 1, 1, 1).to(self.device, torch.float32)
-        self.latents_std = torch.tensor(self.vae.config.latents_std).view(1, z, 1, 1, 1).to(self.device, torch.float32)
-
-    def load_transformer(self) -> None:
-        t = QwenImageTransformer2DModel.from_pretrained(self.cfg.pretrained_model_name_or_path, subfolder="transformer", dtype=self.weight_dtype)
-        self.transformer = self.place(t, self.cfg.quantize, self.cfg.blocks_to_swap)
-
-    def extra_text_components(self) -> dict:
-        return {}
-
-    def count_tokens(self, captions: list[str]) -> list[int]:
-        tok = self.text_pipe.tokenizer
-        return [len(ids) for ids in tok(captions).input_ids]
-
-    @torch.no_grad()
-    def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor | None]:
-        embeds, mask = self.text_pipe.encode_prompt(
-            captions, device=self.device, max_sequence_length=self.cfg.max_sequence_length
-        )
-        if mask is None:
-            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-        return {"prompt_embeds": embeds.to(self.weight_dtype), "prompt_embeds_mask": mask}
-
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = pixels.to(self.device, self.vae.dtype).unsqueeze(2)  # B x 3 x 1 x H x W (one video frame)
-        z = self.vae.encode(x).latent_dist.mode().float()
-        return ((z - self.latents_mean) / self.latents_std).squeeze(2)
-
-    def image_seq_len(self, latents: torch.Tensor) -> int:
-        return (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
-
-    def split_text(self, cond: dict, n: int) -> list[dict]:
-        """Per-sample embeddings without their padding (the cache stores only real tokens)."""
-        out = []
-        for i in range(n):
-            length = int(cond["prompt_embeds_mask"][i].sum())
-            out.append({"prompt_embeds": cond["prompt_embeds"][i : i + 1, :length],
-                        "prompt_embeds_mask": cond["prompt_embeds_mask"][i : i + 1, :length]})
-        return out
-
-    def merge_text(self, items: list[dict]) -> dict:
-        embeds, mask = pad_and_stack([it["prompt_embeds"] for it in items], [it["prompt_embeds_mask"] for it in items])
-        return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
-
-    def sampling_kwargs(self, cond: dict, negative: dict, size: tuple[int, int]) -> dict:
-        return {
-            "prompt_embeds": cond["prompt_embeds"], "prompt_embeds_mask": cond["prompt_embeds_mask"],
-            "negative_prompt_embeds": negative["prompt_embeds"], "negative_prompt_embeds_mask": negative["prompt_embeds_mask"],
-            "true_cfg_scale": self.cfg.validation_guidance_scale,
-        }
-
-    def predict(self, transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, cond: dict) -> torch.Tensor:
-        """Control latents (edit models) ride along on the sequence axis with their own img_shapes entries;
-        the prediction is sliced back to the target tokens, as the edit pipelines do."""
-        b, _c, h, w = noisy.shape
-        target = pack_latents(noisy.to(self.weight_dtype))
-        controls = cond.get("control_latents", [])
-        hidden = torch.cat([target, *(pack_latents(c.to(self.weight_dtype)) for c in controls)], dim=1)
-        shapes = [(1, h // 2, w // 2)] + [(1, c.shape[-2] // 2, c.shape[-1] // 2) for c in controls]
-        mask = cond["prompt_embeds_mask"]
-        out = transformer(
-            hidden_states=hidden,
-            timestep=sigmas.to(self.weight_dtype),  # the pipeline passes t/1000 = sigma
-            encoder_hidden_states=cond["prompt_embeds"],
-            encoder_hidden_states_mask=None if bool(mask.all()) else mask,
-            img_shapes=[shapes] * b,
-            return_dict=False,
-        )[0]
-        return unpack_latents(out[:, : target.shape[1]], h, w)
-
-
 def pad_and_stack(embeds: list[torch.Tensor], masks: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample [1, L_i, D] prompt embeddings -> zero-padded [B, L, D] and the matching 0/1 mask."""
     longest = max(e.shape[1] for e in embeds)
@@ -128,85 +67,346 @@ def pad_and_stack(embeds: list[torch.Tensor], masks: list[torch.Tensor | None]) 
 
 
 def to_pil(pixels: torch.Tensor):
-    """3 x H x W in [-1, 1] -> PIL image."""
+    """3 x H x W in [-1, 1] -> PIL image (exact for tensors made from 8-bit images)."""
     from PIL import Image
 
     arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(arr)
 
 
-class QwenImageEditAdapter(QwenImageAdapter):
-    """Qwen-Image-Edit (one control image) and Edit-2509 "Plus" (1-3 control images), picked from model_index.json.
+def calculate_dimensions(area: int, ratio: float) -> tuple[int, int]:
+    """The edit pipelines' reference sizing: about `area` pixels, this aspect ratio, sides multiples of 32."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions as pipeline_dims
 
-    Each control image is seen twice, as the pipelines do: by Qwen2.5-VL inside the prompt (Plus: at about 384x384,
-    Edit: at the training size) and as VAE latents appended to the target tokens.
+    return pipeline_dims(area, ratio)
+
+
+@register
+class QwenImageAdapter(ModelAdapter):
+    family = "qwen-image"
+    entry = "train.py"
+    variants = (Variant("qwen-image", "QwenImagePipeline", hub_hints=("qwen-image",)),)
+    transformer_class = "QwenImageTransformer2DModel"
+    default_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    encoder_folders = ("text_encoder", "tokenizer", "vae", "processor")
+    empty_prompt = " "
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.latents_mean: torch.Tensor | None = None  # 1 x C x 1 x 1 x 1, from the VAE config
+        self.latents_std: torch.Tensor | None = None
+
+    # --- loading -------------------------------------------------------------------------------------------
+    def load_encoders(self) -> None:
+        from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler
+        from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+        name, dt = self.cfg.pretrained_model_name_or_path, self.weight_dtype
+        self.vae, _ = self.place(AutoencoderKLQwenImage.from_pretrained(name, subfolder="vae", dtype=dt), "none")
+        text_encoder, _ = self.place(
+            Qwen2_5_VLForConditionalGeneration.from_pretrained(name, subfolder="text_encoder", dtype=dt), self.cfg.quantize_text_encoder
+        )
+        tokenizer = AutoTokenizer.from_pretrained(name, subfolder="tokenizer")
+        # The pipeline object is only used for its prompt template and encode_prompt (no transformer / VAE inside).
+        self.text_pipe = self.pipeline_class(
+            scheduler=None, vae=None, text_encoder=text_encoder, tokenizer=tokenizer, transformer=None, **self.pipeline_components(name)
+        )
+        self.scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(name, subfolder="scheduler"))
+        z = self.vae.config.z_dim
+        self.latents_mean = torch.tensor(self.vae.config.latents_mean).view(1, z, 1, 1, 1).to(self.device, torch.float32)
+        self.latents_std = torch.tensor(self.vae.config.latents_std).view(1, z, 1, 1, 1).to(self.device, torch.float32)
+
+    def load_transformer(self) -> None:
+        from diffusers import QwenImageTransformer2DModel
+
+        t = QwenImageTransformer2DModel.from_pretrained(self.cfg.pretrained_model_name_or_path, subfolder="transformer", dtype=self.weight_dtype)
+        self.transformer, self.placement = self.place(t, self.cfg.quantize, self.cfg.blocks_to_swap)
+
+    # --- conditioning --------------------------------------------------------------------------------------
+    def count_tokens(self, captions: list[str]) -> list[int]:
+        tok = self.text_pipe.tokenizer
+        return [len(ids) for ids in tok(captions).input_ids]
+
+    @torch.no_grad()
+    def encode_prompts(self, captions: list[str]) -> QwenCond:
+        embeds, mask = self.text_pipe.encode_prompt(captions, device=self.device, max_sequence_length=self.cfg.max_sequence_length)
+        if mask is None:
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        return {"prompt_embeds": embeds.to(self.weight_dtype), "prompt_embeds_mask": mask}
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.to(self.device, self.vae.dtype).unsqueeze(2)  # B x 3 x 1 x H x W (one video frame)
+        z = self.vae.encode(x).latent_dist.mode().float()
+        return ((z - self.latents_mean) / self.latents_std).squeeze(2)
+
+    def image_seq_len(self, latents: torch.Tensor) -> int:
+        return (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
+
+    def split_text(self, cond: Cond, n: int) -> list[Cond]:
+        """Per-sample embeddings without their padding (the cache stores only real tokens)."""
+        out = []
+        for i in range(n):
+            length = int(cond["prompt_embeds_mask"][i].sum())
+            out.append({"prompt_embeds": cond["prompt_embeds"][i : i + 1, :length],
+                        "prompt_embeds_mask": cond["prompt_embeds_mask"][i : i + 1, :length]})
+        return out
+
+    def merge_text(self, items: list[Cond]) -> Cond:
+        embeds, mask = pad_and_stack([it["prompt_embeds"] for it in items], [it["prompt_embeds_mask"] for it in items])
+        return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
+
+    def predict(self, transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """Control latents (edit models) ride along on the sequence axis with their own img_shapes entries;
+        the prediction is sliced back to the target tokens, as the edit pipelines do."""
+        b, _c, h, w = noisy.shape
+        target = pack_latents(noisy.to(self.weight_dtype))
+        controls = cond.get("control_latents", [])
+        hidden = torch.cat([target, *(pack_latents(c.to(self.weight_dtype)) for c in controls)], dim=1)
+        shapes = [(1, h // 2, w // 2)] + [(1, c.shape[-2] // 2, c.shape[-1] // 2) for c in controls]
+        mask = cond["prompt_embeds_mask"]
+        out = transformer(
+            hidden_states=hidden,
+            timestep=sigmas.to(self.weight_dtype),  # the pipeline passes t/1000 = sigma
+            encoder_hidden_states=cond["prompt_embeds"],
+            encoder_hidden_states_mask=None if bool(mask.all()) else mask,  # the pipelines pass None when unpadded
+            img_shapes=[shapes] * b,
+            return_dict=False,
+        )[0]
+        return unpack_latents(out[:, : target.shape[1]], h, w)
+
+    # --- sampling and inference ----------------------------------------------------------------------------
+    def sampling_kwargs(self, cond: Cond, negative: Cond, size: tuple[int, int], images: list) -> dict:
+        kwargs = {
+            "prompt_embeds": cond["prompt_embeds"], "prompt_embeds_mask": cond["prompt_embeds_mask"],
+            "negative_prompt_embeds": negative["prompt_embeds"], "negative_prompt_embeds_mask": negative["prompt_embeds_mask"],
+            "true_cfg_scale": self.cfg.validation_guidance_scale,
+        }
+        if images:
+            kwargs["image"] = images if self.variant.references[1] > 1 else images[0]
+        return kwargs
+
+    def inference_kwargs(self, request: InferenceRequest) -> dict:
+        # Qwen's reference usage enables CFG with a blank negative prompt when none is given.
+        negative = request.negative_prompt
+        if negative is None and request.true_cfg_scale > 1:
+            negative = self.empty_prompt
+        kwargs = {"negative_prompt": negative, "true_cfg_scale": request.true_cfg_scale}
+        if request.max_sequence_length is not None:
+            kwargs["max_sequence_length"] = request.max_sequence_length
+        if request.images:
+            kwargs["image"] = request.images if self.variant.references[1] > 1 else request.images[0]
+        return kwargs
+
+    # --- planner, benches, tiny models ---------------------------------------------------------------------
+    def planner_spec(self) -> PlannerSpec:
+        from diffusers import AutoencoderKLQwenImage
+
+        with torch.device("meta"):
+            vae_params = sum(p.numel() for p in AutoencoderKLQwenImage().parameters())
+        return PlannerSpec(encoders=[("text encoder Qwen2.5-VL-7B", QWEN25_VL_PARAMS, True)], vae_params=vae_params, text_tokens=256)
+
+    def random_conditioning(self, transformer, batch: int, device, dtype) -> Cond:
+        g = torch.Generator(device=device).manual_seed(0)
+        emb = torch.randn(batch, 256, transformer.config.joint_attention_dim, generator=g, device=device).to(dtype)
+        return {"prompt_embeds": emb, "prompt_embeds_mask": torch.ones(batch, 256, dtype=torch.long, device=device)}
+
+    def make_tiny_model(self, out, realistic: bool = False) -> None:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        torch.manual_seed(0)
+        tokenizer = build_qwen_tokenizer(self.pipeline_class)
+        components = dict(
+            scheduler=FlowMatchEulerDiscreteScheduler(
+                base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, shift=1.0,
+                shift_terminal=0.02, use_dynamic_shifting=True, time_shift_type="exponential",
+            ),
+            vae=build_qwen_vae(),
+            text_encoder=build_qwen_text_encoder(tokenizer),
+            tokenizer=tokenizer,
+            transformer=build_qwen_transformer(),
+        )
+        has_processor = "processor" in inspect.signature(self.pipeline_class.__init__).parameters
+        if has_processor:
+            components["processor"] = None
+        self.pipeline_class(**components).save_pretrained(out)
+        if has_processor:
+            save_qwen_processor(tokenizer, out, realistic)
+
+
+@register
+class QwenImageEditAdapter(QwenImageAdapter):
+    """Qwen-Image-Edit (one reference image) and Edit-2509 / 2511 "Plus" (1-3 reference images).
+
+    Each reference is seen twice, as the pipelines do: by Qwen2.5-VL inside the prompt and as VAE latents appended
+    to the target tokens.
     """
 
     family = "qwen-image-edit"
     entry = "train_qwen_edit_lora.py"
-    pipeline_classes = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline")
-    controls = "required"
+    variants = (
+        Variant("qwen-image-edit", "QwenImageEditPipeline", (1, 1), hub_hints=("qwen-image-edit",)),
+        Variant("qwen-image-edit-plus", "QwenImageEditPlusPipeline", (1, 3),
+                hub_hints=("qwen-image-edit-2509", "qwen-image-edit-2511", "qwen-image-edit-plus")),
+    )
+    text_needs_pixels = True
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        import diffusers
+    @property
+    def plus(self) -> bool:
+        return self.variant.references[1] > 1
 
-        from .base import model_index
+    def reference_sizes(self, width: int, height: int) -> tuple[tuple[int, int], ...]:
+        """VAE view at 1024x1024 area (control_size^2 when set); Plus adds its 384x384-area Qwen2.5-VL view."""
+        side = self.cfg.data_config.control_size
+        vae = calculate_dimensions(side * side if side else VAE_AREA, width / height)
+        return (vae, calculate_dimensions(PLUS_CONDITION_AREA, width / height)) if self.plus else (vae,)
 
-        name = model_index(self.cfg.pretrained_model_name_or_path)["_class_name"]
-        self.plus = name == "QwenImageEditPlusPipeline"
-        self.pipeline_class = getattr(diffusers, name)
+    def pipeline_components(self, name_or_path: str) -> dict:
+        from .qwen_processor import load_qwen_processor
 
-    @classmethod
-    def check_samples(cls, cfg, samples) -> None:
-        from trainer.config import ConfigError
-
-        from .base import model_index
-
-        plus = model_index(cfg.pretrained_model_name_or_path)["_class_name"] == "QwenImageEditPlusPipeline"
-        limit = 3 if plus else 1
-        over = [s.image.name for s in samples if len(s.controls) > limit]
-        if over:
-            raise ConfigError(
-                f"data_config: {len(over)} sample(s) have more than {limit} control image(s) (e.g. {over[0]}); "
-                + ("Qwen-Image-Edit takes one; use Qwen-Image-Edit-2509 for several" if not plus else "the limit is 3")
-            )
+        return {"processor": load_qwen_processor(name_or_path)}
 
     def no_text_components(self) -> dict:
         return {"text_encoder": None, "tokenizer": None, "processor": None}
 
-    def extra_text_components(self) -> dict:
-        from .qwen_processor import load_qwen_processor
-
-        return {"processor": load_qwen_processor(self.cfg.pretrained_model_name_or_path)}
-
-    def condition_images(self, controls: list[torch.Tensor], i: int) -> list:
-        images = [to_pil(c[i]) for c in controls]
-        if not self.plus:
-            return images
-        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import CONDITION_IMAGE_SIZE, calculate_dimensions
-
-        resized = []
-        for img in images:
-            w, h = calculate_dimensions(CONDITION_IMAGE_SIZE, img.width / img.height)
-            resized.append(img.resize((w, h), resample=3))
-        return resized
+    def condition_images(self, batch: dict, i: int) -> list:
+        """Sample i's references as Qwen2.5-VL sees them: the extra view when the dataset made one (Plus), else the
+        VAE view (Edit feeds its resized VAE image to the text encoder)."""
+        views = batch.get("condition_images") or []
+        if views and views[i]:
+            return [to_pil(v) for v in views[i]]
+        return [to_pil(c[i]) for c in batch["controls"]]
 
     @torch.no_grad()
-    def encode_prompts(self, captions: list[str], controls: list[torch.Tensor] | None = None) -> dict:
+    def encode_text(self, batch: dict) -> QwenCond:
         embeds, masks = [], []
-        for i, caption in enumerate(captions):
-            images = self.condition_images(controls, i)
-            e, m = self.text_pipe.encode_prompt(
-                [caption], image=images if self.plus else images[0], device=self.device,
-                max_sequence_length=self.cfg.max_sequence_length,
-            )
-            embeds.append(e[:, : self.cfg.max_sequence_length])
-            masks.append(None if m is None else m[:, : self.cfg.max_sequence_length])
+        for i, caption in enumerate(batch["captions"]):
+            images = self.condition_images(batch, i)
+            e, m = self.text_pipe.encode_prompt([caption], image=images if self.plus else images[0], device=self.device)
+            embeds.append(e)  # no cut: the edit pipelines keep the whole vision + text sequence
+            masks.append(m)
         prompt_embeds, mask = pad_and_stack(embeds, masks)
         return {"prompt_embeds": prompt_embeds.to(self.weight_dtype), "prompt_embeds_mask": mask}
 
-    text_needs_pixels = True
+    def encode_prompts(self, captions: list[str]) -> QwenCond:
+        raise TypeError("Qwen-Image-Edit prompts need their reference images: use encode_text(batch)")
 
-    def encode_text(self, batch: dict) -> dict:
-        return self.encode_prompts(batch["captions"], batch["controls"])
+    def sequence_warnings(self, samples: list) -> list[str]:
+        """Edit prompts are not cut; a sequence longer than the transformer's RoPE table cannot run at all.
+        Counted exactly: the pipeline's template and per-image prompt, each image's vision tokens at the size the
+        text encoder sees it, the caption."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        pipe = self.text_pipe
+        ip = pipe.processor.image_processor
+        factor = ip.patch_size * ip.merge_size
+        lo = getattr(ip, "min_pixels", None) or ip.size["shortest_edge"]
+        hi = getattr(ip, "max_pixels", None) or ip.size["longest_edge"]
+        lines = []
+        for s in samples:
+            views = s.condition_sizes or s.control_sizes
+            images = "".join(PLUS_IMAGE_PROMPT.format(k + 1) for k in range(len(views))) if self.plus else ""
+            ids = pipe.processor.tokenizer(pipe.prompt_template_encode.format(images + s.caption)).input_ids
+            vision = [(rh // factor) * (rw // factor) for rh, rw in (smart_resize(h, w, factor=factor, min_pixels=lo, max_pixels=hi)
+                                                                     for w, h in views)]
+            total = len(ids) - pipe.prompt_template_encode_start_idx + sum(n - 1 for n in vision)  # each <|image_pad|> expands
+            longest = max(max(w, h) for w, h in (s.size, *s.control_sizes)) // 32  # QwenEmbedRope: max side in patches / 2
+            if total > ROPE_POSITIONS - longest:
+                lines.append(f"{s.image}: its prompt sequence is {total} tokens ({sum(vision)} of them vision tokens), over the "
+                             f"{ROPE_POSITIONS - longest} text positions the transformer has at this size; shorten the caption")
+        return lines
+
+
+# --- tiny models ------------------------------------------------------------------------------------------
+
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
+    "<|video_pad|>",
+]
+# The released Qwen2.5-VL processor's pixel budget (preprocessor_config.json): a 1024x1024 image -> 1,369 tokens.
+RELEASED_VL_PIXELS = dict(min_pixels=3136, max_pixels=12845056)
+
+
+def build_qwen_tokenizer(pipeline_class=None):
+    """A byte-level BPE Qwen2 tokenizer. With a pipeline class, its prompt template's system prefix tokenizes to
+    exactly the number of tokens the pipeline drops (as with the released tokenizer)."""
+    from transformers import Qwen2Tokenizer
+
+    from .tiny import pin_prefix_length, train_byte_level_bpe
+
+    vocab, merges = train_byte_level_bpe(400, QWEN_SPECIAL_TOKENS)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=32768)
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS[1:]})
+    if pipeline_class is not None:
+        extra = {"processor": None} if "processor" in inspect.signature(pipeline_class.__init__).parameters else {}
+        probe = pipeline_class(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=None, **extra)
+        template, drop = probe.prompt_template_encode, probe.prompt_template_encode_start_idx
+        prefix = template[: template.index("{}")].split("<|vision_start|>")[0]
+        pin_prefix_length(tokenizer, prefix, QWEN_SPECIAL_TOKENS, drop)
+    return tokenizer
+
+
+def build_qwen_text_encoder(tokenizer, hidden_size: int = 32):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "hidden_size": hidden_size, "intermediate_size": hidden_size * 2, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 2, "vocab_size": len(tokenizer), "max_position_embeddings": 32768,
+            "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"],
+            "rope_scaling": {"mrope_section": [2, 2, 4], "rope_type": "default", "type": "default"}, "rope_theta": 1000000.0,
+        },
+        vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": hidden_size,
+                       "fullatt_block_indexes": [1]},
+        hidden_size=hidden_size, vocab_size=len(tokenizer), bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"], image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def build_qwen_vae(z_dim: int = 4):
+    from diffusers import AutoencoderKLQwenImage
+
+    g = torch.Generator().manual_seed(1)
+    return AutoencoderKLQwenImage(
+        # 8x spatial downsampling like the released VAE, so image token counts are the real ones
+        base_dim=z_dim * 4, z_dim=z_dim, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True],
+        # Non-trivial statistics so that latent normalisation bugs show up in tests.
+        latents_mean=(torch.randn(z_dim, generator=g) * 0.1).tolist(),
+        latents_std=(1.0 + torch.rand(z_dim, generator=g)).tolist(),
+    )
+
+
+def build_qwen_transformer(z_dim: int = 4, joint_attention_dim: int = 32, num_layers: int = 2, **extra):
+    from diffusers import QwenImageTransformer2DModel
+
+    return QwenImageTransformer2DModel(
+        patch_size=2, in_channels=z_dim * 4, out_channels=z_dim, num_layers=num_layers, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=joint_attention_dim, guidance_embeds=False, axes_dims_rope=(8, 4, 4), **extra,
+    )
+
+
+def save_qwen_processor(tokenizer, out, realistic: bool = False) -> None:
+    """Write a Qwen2VLProcessor folder (image processor + tokenizer) and name it in model_index.json.
+
+    Built from its parts because transformers can only instantiate Qwen2VLProcessor when torchvision is
+    installed; the saved files are the same, and load with Qwen2VLProcessor.from_pretrained where it is.
+    """
+    import json
+    from pathlib import Path
+
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    out = Path(out)
+    # Toy budget (16 tokens per image) for fast tests; realistic = the released budget.
+    pixels = RELEASED_VL_PIXELS if realistic else dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
+    image_processor = Qwen2VLImageProcessorPil(**pixels)
+    folder = out / "processor"
+    image_processor.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}, indent=2))
+    index = json.loads((out / "model_index.json").read_text())
+    index["processor"] = ["transformers", "Qwen2VLProcessor"]
+    (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))

@@ -1,0 +1,51 @@
+"""Training methods: what is trained on top of a family's transformer (LoRA today; full fine-tuning next).
+
+A method attaches its trainable parameters to the placed transformer, saves and loads them, and says which files
+make a checkpoint complete and which it publishes in output_dir at the end. It knows nothing about a family beyond
+the adapter's public attributes (its pipeline class, default target modules and ComfyUI key naming).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+
+from trainer.config import TrainConfig
+
+
+class TrainingMethod(ABC):
+    name: str = ""
+    # config keys whose change makes a resumed run a different experiment (beside the family-independent ones)
+    resume_keys: tuple[str, ...] = ()
+
+    def __init__(self, cfg: TrainConfig, adapter):
+        self.cfg = cfg
+        self.adapter = adapter
+
+    @abstractmethod
+    def attach(self, transformer: torch.nn.Module, placement) -> list[torch.nn.Parameter]:
+        """Make the transformer trainable the method's way; returns the trainable parameters (fp32)."""
+
+    @abstractmethod
+    def save(self, transformer: torch.nn.Module, directory: Path) -> None:
+        """Write the trained weights into `directory` (a checkpoint's temporary folder)."""
+
+    @abstractmethod
+    def load(self, transformer: torch.nn.Module, directory: Path) -> None:
+        """Restore the weights `save` wrote (exact), for resume."""
+
+    @abstractmethod
+    def checkpoint_files(self) -> tuple[str, ...]:
+        """Files `save` always writes: a checkpoint without them is incomplete."""
+
+    def published_files(self) -> tuple[str, ...]:
+        """Files of the last checkpoint copied into output_dir when training ends (those that exist)."""
+        return self.checkpoint_files()
+
+
+def make_method(cfg: TrainConfig, adapter) -> TrainingMethod:
+    from trainer.methods.lora import LoRAMethod
+
+    return LoRAMethod(cfg, adapter)

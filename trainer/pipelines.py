@@ -1,0 +1,70 @@
+"""Loading a family's diffusers pipeline (plus a LoRA) for the user tools: inference, merge, convert."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trainer.config import TrainConfig
+from trainer.constants import LORA_FILE
+
+
+class ToolError(ValueError):
+    """A user mistake in a tool's arguments; printed as one line."""
+
+
+def adapter_for(model_name: str):
+    """The family adapter (no weights) of a model folder or hub id, from its model_index.json."""
+    from trainer.models import read_model_index, resolve
+
+    p = Path(model_name)
+    if p.exists() and not (p / "model_index.json").is_file():
+        raise ToolError(f"'{model_name}' has no model_index.json; point it to a diffusers model folder")
+    try:
+        read_model_index(model_name)
+    except Exception as e:
+        raise ToolError(f"cannot find '{model_name}' locally or on the hub ({type(e).__name__}); "
+                        f"download it with `huggingface-cli download {model_name}` or pass a local folder") from None
+    try:
+        cls, variant = resolve(model_name)
+    except ValueError as e:
+        raise ToolError(str(e)) from None
+    return cls(TrainConfig(pretrained_model_name_or_path=model_name), variant)
+
+
+def resolve_lora(path: str) -> tuple[str, str]:
+    """(directory, weight_name) for load_lora_weights: a .safetensors file, or a folder holding LORA_FILE."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / LORA_FILE).is_file():
+            raise ToolError(f"folder '{path}' has no {LORA_FILE}")
+        return str(p), LORA_FILE
+    if p.is_file():
+        return str(p.parent), p.name
+    raise ToolError(f"'{path}' does not exist")
+
+
+def load_pipeline(adapter, dtype, device: str, lora: str | None = None, lora_scale: float = 1.0,
+                  quantize: str = "none", offload: str = "none"):
+    """The family's pipeline from its folder, optionally quantized block-wise (as in training) and with a LoRA."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    name = adapter.cfg.pretrained_model_name_or_path
+    pipe = DiffusionPipeline.from_pretrained(name, dtype=dtype, **adapter.pipeline_components(name))
+    if quantize != "none":
+        from trainer.quantize import place_model
+
+        # Block by block on the target device (the GPU never holds the unquantized transformer); with offloading the
+        # quantized transformer then goes back to the CPU until it runs.
+        place_model(pipe.transformer.requires_grad_(False), quantize, torch.device(device), dtype)
+    if lora:
+        directory, weight_name = resolve_lora(lora)
+        pipe.load_lora_weights(directory, weight_name=weight_name, adapter_name="lora")
+        pipe.set_adapters(["lora"], adapter_weights=[lora_scale])
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    return pipe
