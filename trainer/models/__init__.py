@@ -1,19 +1,20 @@
 """The family registry: a model folder's `model_index.json` `_class_name` -> the adapter (and variant) that trains it.
 
 Every module in this package that defines a family registers its adapter class with `@register`; the modules are
-found by listing the package, so a new family file needs no edit here. Tools (inference, planner, converters,
-benches) ask the registry instead of naming families.
+found by listing the package, so a new family file needs no edit here. Families kept outside the package are named
+in the environment variable TRAINER_FAMILIES (comma-separated module names, importable from sys.path). Tools
+(inference, planner, converters, benches) ask the registry instead of naming families.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import os
 import pkgutil
 from pathlib import Path
 
 _BY_PIPELINE: dict[str, type] = {}
-_FAMILIES: dict[str, type] = {}
 _loaded = False
 
 
@@ -24,7 +25,6 @@ def register(cls: type) -> type:
         if other is not None and other is not cls and other.__qualname__ != cls.__qualname__:
             raise ValueError(f"pipeline {v.pipeline} is registered twice ({other.__name__} and {cls.__name__})")
         _BY_PIPELINE[v.pipeline] = cls
-    _FAMILIES[cls.family] = cls
     return cls
 
 
@@ -35,6 +35,8 @@ def _load_all() -> None:
     _loaded = True
     for info in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{info.name}")
+    for name in filter(None, (m.strip() for m in os.environ.get("TRAINER_FAMILIES", "").split(","))):
+        importlib.import_module(name)
 
 
 def families() -> list[type]:
