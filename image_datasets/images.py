@@ -113,6 +113,12 @@ def resize_exact(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     return img if img.size == tuple(size) else img.resize(tuple(size), Image.Resampling.LANCZOS)
 
 
+def resize_exact(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize to exactly `size` (aspect not kept, no crop) with Lanczos: what diffusers' VaeImageProcessor.resize
+    does to the reference images of the edit pipelines, so training sees the pixels inference sees."""
+    return img if img.size == tuple(size) else img.resize(tuple(size), Image.Resampling.LANCZOS)
+
+
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float32 3xHxW in [-1, 1]."""
     arr = np.asarray(img, dtype=np.uint8)

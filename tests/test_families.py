@@ -192,3 +192,21 @@ def test_inference_with_input_image(launched, tiny_models, pairs, tmp_path):
     assert r.returncode == 2 and "--image" in r.stderr, "an edit model needs its input image"
     r = subprocess.run(edit + ["--image", cmd[7]] * 2, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "at most 1" in r.stderr
+
+
+def test_edit_prompt_too_long_for_the_model_is_refused_before_the_transformer_loads(tiny_models, pairs, tmp_path, monkeypatch):
+    targets, controls = pairs
+    data = write_dataset(tmp_path / "t", n=2, captions=["short", "word " * 5000])
+    loaded = []
+    monkeypatch.setattr(QwenImageEditAdapter, "load_transformer", lambda self: loaded.append(1))
+    cfg = load_config(None, base_overrides(tiny_models("qwen-image-edit"), data, tmp_path / "o", **{"data_config.control_dir": str(controls)}))
+    with pytest.raises(ConfigError, match=r"1 sample\(s\) have prompts the model cannot take") as e:
+        train(cfg, QwenImageEditAdapter)
+    assert "img1.png" in str(e.value) and "img0.png" not in str(e.value) and not loaded
+
+
+def test_text_length_over_the_pipeline_limit_is_refused(tiny_models, dataset, tmp_path):
+    with pytest.raises(ConfigError, match="'t5_max_sequence_length' is 600; the FluxPipeline pipeline takes at most 512"):
+        train(load_config(None, base_overrides(tiny_models("flux"), dataset, tmp_path / "o", t5_max_sequence_length=600)), FluxAdapter)
+    with pytest.raises(ConfigError, match="'max_sequence_length' is 2000"):
+        train(load_config(None, base_overrides(tiny_models("qwen-image"), dataset, tmp_path / "o", max_sequence_length=2000)), QwenImageAdapter)

@@ -262,7 +262,7 @@ def prepare_conditioning(cfg: TrainConfig, adapter: ModelAdapter, samples: list,
     from trainer.cache import EmbeddingCache
 
     adapter.load_encoders()
-    problems = adapter.sequence_warnings(samples)
+    problems = adapter.check_sequences(samples)  # raises when a sample's conditioning cannot run at all
     for line in problems[:20]:
         logger.warning(line)
     if len(problems) > 20:

@@ -80,6 +80,7 @@ class ModelAdapter(ABC):
     block_count_keys: tuple[str, ...] = ("num_layers",)  # transformer config keys that together count its blocks
     encoder_folders: tuple[str, ...] = ("text_encoder", "tokenizer", "vae")  # model subfolders the cached embeddings depend on
     text_needs_pixels = False  # True when prompt encoding looks at the reference images (Qwen-Image-Edit)
+    text_limits: dict[str, int] = {}  # config key -> the most its pipeline accepts (checked before anything loads)
 
     def __init__(self, cfg: TrainConfig, variant: Variant, device: torch.device | str = "cpu",
                  weight_dtype: torch.dtype = torch.float32):
@@ -144,6 +145,9 @@ class ModelAdapter(ABC):
                 raise ConfigError(f"config key 'blocks_to_swap': cannot read the transformer's config.json to count its blocks ({type(e).__name__}: {e})") from None
             if cfg.blocks_to_swap >= n_blocks:
                 raise ConfigError(f"config key 'blocks_to_swap' is {cfg.blocks_to_swap}, but this transformer has {n_blocks} blocks; use at most {n_blocks - 1}")
+        for key, most in cls.text_limits.items():
+            if getattr(cfg, key) > most:
+                raise ConfigError(f"config key '{key}' is {getattr(cfg, key)}; the {name} pipeline takes at most {most}")
         d = cfg.data_config
         has_refs = d.control_dir is not None or d.metadata_file is not None
         low, high = variant.references
@@ -255,9 +259,10 @@ class ModelAdapter(ABC):
     def count_tokens(self, captions: list[str]) -> list[int]:
         return [0 for _ in captions]
 
-    def sequence_warnings(self, samples: list) -> list[str]:
-        """One line per sample whose conditioning the model will not see whole (default: captions over
-        max_sequence_length tokens, which are cut)."""
+    def check_sequences(self, samples: list) -> list[str]:
+        """With the text encoders loaded, before the transformer: one warning line per sample whose conditioning
+        the model will not see whole (default: captions over max_sequence_length tokens, which are cut); raises
+        ConfigError naming the files when a sample's conditioning cannot run at all."""
         limit = self.cfg.max_sequence_length
         counts = self.count_tokens([s.caption for s in samples])
         return [f"caption of {s.image.name} has {n} tokens; only the first {limit} are used (max_sequence_length)"

@@ -55,6 +55,7 @@ class FluxAdapter(ModelAdapter):
     default_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     block_count_keys = ("num_layers", "num_single_layers")  # double-stream + single-stream blocks
     encoder_folders = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")
+    text_limits = {"t5_max_sequence_length": 512}  # FluxPipeline refuses more
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -100,7 +101,7 @@ class FluxAdapter(ModelAdapter):
     def count_tokens(self, captions: list[str]) -> list[int]:
         return [len(ids) for ids in self.text_pipe.tokenizer_2(captions).input_ids]
 
-    def sequence_warnings(self, samples: list) -> list[str]:
+    def check_sequences(self, samples: list) -> list[str]:
         limit = self.cfg.t5_max_sequence_length
         counts = self.count_tokens([s.caption for s in samples])
         return [f"caption of {s.image.name} has {n} T5 tokens; only the first {limit} are used (t5_max_sequence_length)"
@@ -121,7 +122,10 @@ class FluxAdapter(ModelAdapter):
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        z = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mode().float()
+        # channels-last, as the pipelines' image processor hands images to the VAE (HWC numpy transposed): the
+        # convolutions then take the same kernels and give the same latents to the last bit
+        x = pixels.to(self.device, self.vae.dtype).contiguous(memory_format=torch.channels_last)
+        z = self.vae.encode(x).latent_dist.mode().float()
         return (z - self.vae.config.shift_factor) * self.vae.config.scaling_factor
 
     def image_seq_len(self, latents: torch.Tensor) -> int:

@@ -24,6 +24,8 @@ import torch
 from diffusers import QwenImagePipeline
 
 from . import register
+from trainer.config import ConfigError
+
 from .base import Cond, InferenceRequest, ModelAdapter, PlannerSpec, Variant
 
 logger = logging.getLogger(__name__)
@@ -89,6 +91,7 @@ class QwenImageAdapter(ModelAdapter):
     transformer_class = "QwenImageTransformer2DModel"
     default_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     encoder_folders = ("text_encoder", "tokenizer", "vae", "processor")
+    text_limits = {"max_sequence_length": 1024}  # QwenImagePipeline refuses more
     empty_prompt = " "
 
     def __init__(self, *args, **kwargs):
@@ -291,10 +294,11 @@ class QwenImageEditAdapter(QwenImageAdapter):
     def encode_prompts(self, captions: list[str]) -> QwenCond:
         raise TypeError("Qwen-Image-Edit prompts need their reference images: use encode_text(batch)")
 
-    def sequence_warnings(self, samples: list) -> list[str]:
-        """Edit prompts are not cut; a sequence longer than the transformer's RoPE table cannot run at all.
-        Counted exactly: the pipeline's template and per-image prompt, each image's vision tokens at the size the
-        text encoder sees it, the caption."""
+    def check_sequences(self, samples: list) -> list[str]:
+        """Edit prompts are not cut (as in the pipelines); a sequence longer than the transformer's RoPE table
+        cannot run at all, so such samples are refused before the transformer loads. Counted exactly: the
+        pipeline's template and per-image prompt, each image's vision tokens at the size the text encoder sees it,
+        the caption."""
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
         pipe = self.text_pipe
@@ -313,8 +317,11 @@ class QwenImageEditAdapter(QwenImageAdapter):
             longest = max(max(w, h) for w, h in (s.size, *s.control_sizes)) // 32  # QwenEmbedRope: max side in patches / 2
             if total > ROPE_POSITIONS - longest:
                 lines.append(f"{s.image}: its prompt sequence is {total} tokens ({sum(vision)} of them vision tokens), over the "
-                             f"{ROPE_POSITIONS - longest} text positions the transformer has at this size; shorten the caption")
-        return lines
+                             f"{ROPE_POSITIONS - longest} text positions the transformer has at this size")
+        if lines:
+            listing = "\n  ".join(lines[:20]) + (f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else "")
+            raise ConfigError(f"data_config: {len(lines)} sample(s) have prompts the model cannot take; shorten their captions:\n  {listing}")
+        return []
 
 
 # --- tiny models ------------------------------------------------------------------------------------------

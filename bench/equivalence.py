@@ -1,0 +1,246 @@
+"""Training conditions the model exactly as inference does: the trainer's encode + predict vs the diffusers pipeline.
+
+For each family / variant, the pipeline's own `__call__` runs with a hook on its transformer; its first transformer
+call (inputs and output) is captured. The trainer then encodes the same prompt and reference images the way it
+does in training (dataset scan, reference sizing, dataset item, collate, `encode_batch`) and calls `predict` on the
+same noisy latent and sigma with the same transformer. Every transformer input (prompt embeddings and mask,
+image + reference latents, position ids / img_shapes, timestep, guidance, pooled projections) and the prediction
+must agree (max abs diff < 1e-4, float32). The tiny models are built with the released pixel budgets and templates
+(`make_tiny_models --realistic`), so sequence lengths are the real ones: a 1 MP reference gives Qwen2.5-VL ~1,300
+vision tokens and the transformer ~4,000 reference tokens.
+
+    python bench/equivalence.py            # prints the table for README / bench/results/equivalence.md
+
+tests/test_equivalence.py runs the same cases and asserts the bound.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+# target (width, height) and reference sizes: all different, none square, none at the training size
+TARGET = (512, 384)
+REFERENCES = [(800, 600), (600, 904), (720, 720)]
+PROMPT = "make the sky purple and add a small red boat on the water"
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str  # row label
+    variant: str  # make_tiny_models family
+    references: int = 0
+    guidance: bool = True  # FLUX: the transformer has a guidance embedding (dev / Kontext); False = schnell
+
+
+CASES = [
+    Case("Qwen-Image", "qwen-image"),
+    Case("Qwen-Image-Edit", "qwen-image-edit", 1),
+    Case("Qwen-Image-Edit-2509, 1 ref", "qwen-image-edit-plus", 1),
+    Case("Qwen-Image-Edit-2509, 2 refs", "qwen-image-edit-plus", 2),
+    Case("Qwen-Image-Edit-2509, 3 refs", "qwen-image-edit-plus", 3),
+    Case("FLUX.1-dev", "flux"),
+    Case("FLUX.1-schnell", "flux", guidance=False),
+    Case("FLUX.1-Kontext-dev, 1 ref", "flux-kontext", 1),
+]
+
+
+class _Captured(Exception):
+    pass
+
+
+def capture_first_call(transformer: torch.nn.Module, fn) -> tuple[dict, torch.Tensor]:
+    """(keyword inputs, output) of the transformer's first forward call inside fn(); fn is stopped right after it."""
+    seen: dict = {}
+
+    def pre(_module, _args, kwargs):
+        seen["inputs"] = dict(kwargs)
+
+    def post(_module, _args, _kwargs, out):
+        seen["output"] = out[0] if isinstance(out, tuple) else out.sample
+        raise _Captured
+
+    hooks = [transformer.register_forward_pre_hook(pre, with_kwargs=True), transformer.register_forward_hook(post, with_kwargs=True)]
+    try:
+        fn()
+    except _Captured:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen["inputs"], seen["output"]
+
+
+def max_diff(a, b) -> float:
+    """Largest absolute difference between two transformer inputs (inf when their structure differs)."""
+    if a is None or b is None:
+        return 0.0 if a is None and b is None else float("inf")
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.shape != b.shape:
+            return float("inf")
+        return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return float("inf")
+        return max((max_diff(x, y) for x, y in zip(a, b)), default=0.0)
+    return 0.0 if a == b else float("inf")
+
+
+IGNORED_INPUTS = ("attention_kwargs", "joint_attention_kwargs", "return_dict", "controlnet_block_samples",
+                  "controlnet_single_block_samples", "controlnet_blocks_repeat")
+
+
+def write_inputs(folder: Path, n_refs: int) -> tuple[Path, list[Path]]:
+    """A target image and its reference images on disk (random pixels, fixed seed)."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "target.png"
+    Image.fromarray((rng.random((TARGET[1], TARGET[0], 3)) * 255).astype("uint8")).save(target)
+    refs = []
+    for k, (w, h) in enumerate(REFERENCES[:n_refs]):
+        refs.append(folder / f"ref{k}.png")
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).save(refs[-1])
+    return target, refs
+
+
+def schnell_copy(flux_model: Path, out: Path) -> Path:
+    """The tiny FLUX pipeline with a transformer without guidance embedding (FLUX.1-schnell's architecture)."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    if not (out / "model_index.json").exists():
+        pipe = FluxPipeline.from_pretrained(flux_model)
+        torch.manual_seed(0)
+        pipe.transformer = FluxTransformer2DModel.from_config({**pipe.transformer.config, "guidance_embeds": False})
+        pipe.save_pretrained(out)
+    return out
+
+
+def trainer_batch(adapter, target: Path, refs: list[Path], captions: list[str], work: Path) -> dict:
+    """A collated training batch of len(captions) samples (same target and references), built as training does."""
+    from image_datasets import CaptionDataset, collate, scan_dataset
+    from trainer.config import DataConfig
+
+    captions = [" ".join(c.split()) for c in captions]  # as the dataset reads them
+    meta = work / "metadata.jsonl"
+    cols = ["control_image"] + [f"control_image_{k + 1}" for k in range(1, len(refs))]
+    meta.write_text("\n".join(json.dumps({"image": str(target), "prompt": c, **{col: str(r) for col, r in zip(cols, refs)}})
+                              for c in captions))
+    d = DataConfig(metadata_file=str(meta), img_size=max(TARGET)) if refs else None
+    if d is None:
+        folder = work / "t2i"
+        folder.mkdir(exist_ok=True)
+        for i, c in enumerate(captions):
+            (folder / f"s{i}.png").write_bytes(target.read_bytes())
+            (folder / f"s{i}.txt").write_text(c)
+        d = DataConfig(img_dir=str(folder), img_size=max(TARGET))
+    scan = scan_dataset(d, reference_sizes=adapter.reference_sizes)
+    assert not scan.problems, scan.problems
+    samples = sorted(scan.samples, key=lambda s: (s.image.name, captions.index(s.caption)))
+    ds = CaptionDataset(samples)
+    return collate([ds[(i, 0)] for i in range(len(samples))])
+
+
+def pipeline_call_kwargs(case: Case, refs: list[Path]) -> dict:
+    w, h = TARGET
+    kwargs = dict(prompt=PROMPT, width=w, height=h, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    images = [Image.open(r).convert("RGB") for r in refs]
+    if case.variant.startswith("qwen"):
+        kwargs["true_cfg_scale"] = 1.0
+    else:
+        kwargs["guidance_scale"] = 3.5
+    if case.variant == "qwen-image-edit":
+        kwargs["image"] = images[0]
+    elif case.variant == "qwen-image-edit-plus":
+        kwargs["image"] = images
+    elif case.variant == "flux-kontext":
+        kwargs.update(image=images[0], max_area=w * h)  # _auto_resize on: the pipeline's default reference sizing
+    return kwargs
+
+
+def compare(case: Case, model: Path, work: Path) -> dict:
+    """Run one case; returns {input name: max abs diff, ..., "prediction": ..., "text_tokens": n, "image_tokens": n}."""
+    from diffusers import DiffusionPipeline
+
+    from trainer.config import load_config
+    from trainer.models import resolve
+
+    cls, variant = resolve(str(model))
+    cfg = load_config(None, [f"pretrained_model_name_or_path={model}", "mixed_precision=no"], check_paths=False)
+    adapter = cls(cfg, variant)
+    adapter.load()
+    pipe = DiffusionPipeline.from_pretrained(model, **adapter.pipeline_components(str(model)))
+    target, refs = write_inputs(work, case.references)
+    with torch.no_grad():
+        ref_inputs, ref_out = capture_first_call(pipe.transformer, lambda: pipe(**pipeline_call_kwargs(case, refs)))
+        batch = trainer_batch(adapter, target, refs, [PROMPT], work)
+        _, cond = adapter.encode_batch(batch)
+        n_target = (TARGET[0] // 16) * (TARGET[1] // 16)
+        noisy = unpack(ref_inputs["hidden_states"][:, :n_target], TARGET)
+        sigma = ref_inputs["timestep"].float()
+        ours_inputs, ours_out = capture_first_call(pipe.transformer, lambda: adapter.predict(pipe.transformer, noisy, sigma, cond))
+        pred = adapter.predict(pipe.transformer, noisy, sigma, cond)
+    result = {k: max_diff(v, ours_inputs.get(k)) for k, v in ref_inputs.items() if k not in IGNORED_INPUTS}
+    result["prediction"] = max_diff(unpack(ref_out[:, :n_target], TARGET), pred)
+    result["transformer output"] = max_diff(ref_out, ours_out)
+    result["text_tokens"] = int(ref_inputs["encoder_hidden_states"].shape[1])
+    result["image_tokens"] = int(ref_inputs["hidden_states"].shape[1])
+    return result
+
+
+def unpack(packed: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    from trainer.models.qwen_image import unpack_latents
+
+    w, h = size
+    return unpack_latents(packed, h // 8, w // 8)
+
+
+def batch_independence(model: Path, work: Path, references: int) -> float:
+    """Sample 0's prediction in a batch of 2 when sample 1's caption changes from short to very long."""
+    from trainer.config import load_config
+    from trainer.models import resolve
+
+    cls, variant = resolve(str(model))
+    adapter = cls(load_config(None, [f"pretrained_model_name_or_path={model}", "mixed_precision=no"], check_paths=False), variant)
+    adapter.load()
+    target, refs = write_inputs(work, references)
+    g = torch.Generator().manual_seed(1)
+    noisy = torch.randn(2, adapter.transformer.config.in_channels // 4, TARGET[1] // 8, TARGET[0] // 8, generator=g)
+    sigma = torch.tensor([0.7, 0.3])
+    preds = []
+    for other in ("a cat", "a very long caption " + "about a red boat on a purple lake at dusk, " * 12):
+        batch = trainer_batch(adapter, target, refs, [PROMPT, other], work)
+        with torch.no_grad():
+            _, cond = adapter.encode_batch(batch)
+            preds.append(adapter.predict(adapter.transformer, noisy, sigma, cond)[0])
+    return (preds[0] - preds[1]).abs().max().item()
+
+
+def main() -> int:
+    logging.disable(logging.WARNING)
+    from utils.make_tiny_models import make_tiny_model
+
+    root = Path(tempfile.mkdtemp())
+    print(f"target {TARGET[0]}x{TARGET[1]}, references {', '.join(f'{w}x{h}' for w, h in REFERENCES)}; tiny models with the "
+          "released processor budgets / templates; float32")
+    print(f"| case | text tokens | image + reference tokens | max abs diff, inputs | max abs diff, prediction |")
+    print("| --- | --- | --- | --- | --- |")
+    for case in CASES:
+        model = make_tiny_model(case.variant, root / case.variant, realistic=True)
+        if not case.guidance:
+            model = schnell_copy(model, root / "flux-schnell")
+        r = compare(case, model, root / case.name.replace(" ", "_").replace(",", ""))
+        inputs = max(v for k, v in r.items() if k not in ("prediction", "transformer output", "text_tokens", "image_tokens"))
+        print(f"| {case.name} | {r['text_tokens']} | {r['image_tokens']} | {inputs:.2e} | {r['prediction']:.2e} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
