@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from trainer.config import QUANTIZE_CHOICES
+from trainer.config import IMAGE_EXTENSIONS, QUANTIZE_CHOICES
 from trainer.constants import LORA_FILE
 
 
@@ -39,9 +39,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output_image", default="output.png")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="auto = bf16 on GPU, fp32 on CPU")
-    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
+    p.add_argument("--quantize", "--quantization", dest="quantize", choices=QUANTIZE_CHOICES, default="none",
                    help="quantize the transformer's blocks (as in training) before the LoRA is applied: qfloat8 / qint8 / qint4 "
-                        "(optimum-quanto), nf4 / int8 (bitsandbytes). Qwen-Image's transformer: 38 GiB bf16, 19 GiB qfloat8, 10 GiB nf4")
+                        "(optimum-quanto), nf4 / int8 (bitsandbytes). Qwen-Image's transformer: 38 GiB bf16, 19 GiB qfloat8, 10 GiB nf4. "
+                        "--quantization is FlyMyAI's name for it")
     p.add_argument("--offload", choices=["none", "model", "sequential"], default="none",
                    help="GPU only. model: each component (text encoder, transformer, VAE) is on the GPU only while it runs "
                         "(diffusers enable_model_cpu_offload); sequential: layer by layer (least VRAM, slowest)")
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from trainer.models.base import InferenceRequest
-    from trainer.pipelines import ToolError, adapter_for, load_pipeline, resolve_lora
+    from trainer.pipelines import ToolError, adapter_for, check_lora, load_pipeline
 
     try:
         adapter = adapter_for(args.model_name)
@@ -66,9 +67,16 @@ def main(argv=None) -> int:
         fail(f"--model_name: {e}")
     try:
         if args.lora_weights:
-            resolve_lora(args.lora_weights)
+            check_lora(args.lora_weights, adapter)
     except ToolError as e:
         fail(f"--lora_weights: {e}")
+    if Path(args.output_image).suffix.lower() not in IMAGE_EXTENSIONS:
+        fail(f"--output_image: '{args.output_image}' needs an image extension ({', '.join(IMAGE_EXTENSIONS)})")
+    multiple = adapter.size_multiple
+    for flag, value in (("--width", args.width), ("--height", args.height)):
+        if value is not None and (value < multiple or value % multiple):
+            print(f"note: {flag} {value} is not a multiple of {multiple}; the pipeline renders "
+                  f"{max(multiple, value // multiple * multiple)}", file=sys.stderr)
     low, high = adapter.variant.references
     name = adapter.variant.name
     if low and not args.image:

@@ -2,6 +2,7 @@
 
 from .caption_dataset import (
     CaptionDataset,
+    ReferenceRule,
     Sample,
     ScanResult,
     SizeGroupedBatchSampler,
@@ -16,6 +17,7 @@ from .images import BadImageError, load_image, resize_and_crop, resize_exact, ta
 __all__ = [
     "BadImageError",
     "CaptionDataset",
+    "ReferenceRule",
     "Sample",
     "ScanResult",
     "SizeGroupedBatchSampler",

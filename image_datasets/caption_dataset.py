@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import logging
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Hashable, Iterator, Sequence
@@ -136,27 +137,55 @@ def _find_control(control_dir: Path, stem: str) -> Path | None:
     return None
 
 
+@dataclass(frozen=True)
+class ReferenceRule:
+    """How many reference (control) images each sample must have for the model being trained."""
+
+    low: int
+    high: int
+    model: str  # e.g. "QwenImageEditPipeline", for the messages
+    hint: str = ""  # appended when a sample has more than `high`
+
+    def problem(self, where: str, n: int) -> str | None:
+        if n > self.high:
+            return f"{where}: {n} control image(s), more than the {self.high} a {self.model} model takes{self.hint}"
+        if n < self.low:
+            return f"{where}: {n} control image(s); a {self.model} model needs {self.low}" + (f" to {self.high}" if self.high > self.low else "")
+        return None
+
+
 def scan_caption_folder(
-    img_dir: str | Path, img_size: int, caption_ext: str = "txt", decode: bool = True, control_dir: str | Path | None = None
+    img_dir: str | Path, img_size: int, caption_ext: str = "txt", decode: bool = True, control_dir: str | Path | None = None,
+    recursive: bool = False, rule: ReferenceRule | None = None,
 ) -> ScanResult:
     """Pair every image with its caption (and its same-stem control image when control_dir is given) and check it.
 
-    decode=True fully decodes each image, which catches truncated files that a header read would miss.
+    decode=True fully decodes each image, which catches truncated files that a header read would miss. With
+    recursive=True images in subfolders are used too (captions beside them, controls under the same relative path);
+    otherwise they are counted and reported.
     """
     root = Path(img_dir)
     result = ScanResult()
     ext = "." + caption_ext.lstrip(".")
-    files = sorted(p for p in root.iterdir() if p.is_file())
+    files = sorted(p for p in (root.rglob("*") if recursive else root.iterdir()) if p.is_file())
     images = [p for p in files if is_image_file(p)]
+    if not recursive:
+        nested = sum(1 for p in root.rglob("*") if p.parent != root and p.is_file() and is_image_file(p))
+        if nested:
+            result.warnings.append(f"{root}: {nested} image(s) in subfolders are not used (set data_config.recursive: true to use them)")
     if not images:
         captions = [p for p in files if p.suffix.lower() == ext]
         what = f"only {len(captions)} caption file(s)" if captions else "no files"
         result.problems.append(f"{root}: no images found (jpg, jpeg, png, webp, bmp); the folder has {what}")
         return result
+    by_stem: dict[tuple[Path, str], list[Path]] = {}
+    for p in files:
+        if p.suffix.lower() == ext:
+            by_stem.setdefault((p.parent, p.stem), []).append(p)
     for img in images:
         cap = img.with_suffix(ext)
         if not cap.is_file():
-            alt = [p for p in files if p.stem == img.stem and p.suffix.lower() == ext]
+            alt = by_stem.get((img.parent, img.stem))
             if not alt:
                 result.problems.append(f"{img}: no caption file {cap.name}")
                 continue
@@ -168,75 +197,139 @@ def scan_caption_folder(
             continue
         controls = []
         if control_dir is not None:
-            control = _find_control(Path(control_dir), img.stem)
+            folder = Path(control_dir) / img.parent.relative_to(root)
+            control = _find_control(folder, img.stem)
             if control is None:
-                result.problems.append(f"{img}: no control image named {img.stem}.* in {control_dir}")
+                result.problems.append(f"{img}: no control image named {img.stem}.* in {folder}")
                 continue
             controls.append(control)
+        problem = rule.problem(str(img), len(controls)) if rule else None
+        if problem:
+            result.problems.append(problem)
+            continue
         _add_sample(result, img, caption, str(cap), controls, img_size, decode)
     return result
 
 
-def scan_dataset(d, decode: bool = True, reference_sizes: ReferenceSizer | None = None) -> ScanResult:
+def scan_dataset(d, decode: bool = True, reference_sizes: ReferenceSizer | None = None, rule: ReferenceRule | None = None) -> ScanResult:
     """The dataset a DataConfig describes: a metadata file, or a caption folder (with control_dir for edit pairs),
-    expanded over data_config.resolutions / bucketing / repeats, references sized by the family's `reference_sizes`."""
+    expanded over data_config.resolutions / bucketing / repeats, references sized by the family's `reference_sizes`
+    and counted against the model's `rule`."""
     if d.metadata_file:
-        result = scan_metadata(d.metadata_file, d.img_size, decode)
+        result = scan_metadata(d.metadata_file, d.img_size, decode, rule)
     else:
-        result = scan_caption_folder(d.img_dir, d.img_size, d.caption_type, decode, d.control_dir)
+        result = scan_caption_folder(d.img_dir, d.img_size, d.caption_type, decode, d.control_dir, d.recursive, rule)
     result.samples = expand_samples(result.samples, d.resolutions or [d.img_size], d.bucketing, d.repeats, reference_sizes)
     return result
 
 
-CONTROL_COLUMNS = ("control_image", "control_image_2", "control_image_3")
+def control_columns(names) -> list[str]:
+    """control_image, control_image_2, control_image_3, ... among `names`, in reference order."""
+    found = [n for n in names if n == "control_image" or re.fullmatch(r"control_image_\d+", n)]
+    return sorted(found, key=lambda n: 1 if n == "control_image" else int(n.rsplit("_", 1)[1]))
 
 
-def read_metadata(path: Path) -> list[dict]:
-    """Rows of a metadata.csv / metadata.jsonl file."""
+def read_metadata(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
+    """(line number, row) of every row of a metadata.csv / .jsonl file, and one problem line ("file:line: why") per
+    row that cannot be read: a JSON line that is not a JSON object, a CSV row with more or fewer cells than the
+    header, a CSV quote left open (which would swallow the rows after it)."""
     import csv
+    import io
     import json
 
     text = path.read_text(encoding="utf-8-sig")
-    if path.suffix.lower() == ".csv":
-        return list(csv.DictReader(text.splitlines()))
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
+    rows, problems = [], []
+    if path.suffix.lower() != ".csv":
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-    return rows
+                problems.append(f"{path}:{n}: not valid JSON ({e.msg})")
+                continue
+            if not isinstance(row, dict):
+                problems.append(f"{path}:{n}: not a JSON object (got {type(row).__name__}); write one {{\"image\": ..., \"prompt\": ...}} per line")
+                continue
+            rows.append((n, row))
+        return rows, problems
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = [h.strip() for h in next(reader)]
+    except StopIteration:
+        return [], []
+    while True:
+        start = reader.line_num + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            problems.append(f"{path}:{start}: not valid CSV ({e})")
+            break
+        if not any(c.strip() for c in cells):
+            continue
+        spanned = [c for c in cells if "\n" in c]
+        if spanned and any(is_image_file(Path(line.split(",")[0].strip().strip('"'))) for c in spanned for line in c.splitlines()[1:]):
+            problems.append(f"{path}:{start}: a quote opened here is not closed before line {reader.line_num}; "
+                            f"the rows in between were read as one cell")
+            continue
+        if len(cells) != len(header):
+            problems.append(f"{path}:{start}: {len(cells)} cell(s), but the header has {len(header)} ({', '.join(header)})")
+            continue
+        rows.append((start, dict(zip(header, cells))))
+    return rows, problems
 
 
-def scan_metadata(metadata_file: str | Path, img_size: int, decode: bool = True) -> ScanResult:
-    """Edit triples from metadata.csv / .jsonl with columns image, prompt, control_image[, control_image_2, _3].
+def scan_metadata(metadata_file: str | Path, img_size: int, decode: bool = True, rule: ReferenceRule | None = None) -> ScanResult:
+    """Edit samples from metadata.csv / .jsonl with columns image, prompt, control_image[, control_image_2, ...].
 
-    Relative paths are resolved from the metadata file's folder.
+    Relative paths are resolved from the metadata file's folder. Every row-level problem is reported as file:line.
     """
     meta = Path(metadata_file)
     result = ScanResult()
     try:
-        rows = read_metadata(meta)
-    except (OSError, ValueError, UnicodeDecodeError) as e:
+        rows, result.problems = read_metadata(meta)
+    except (OSError, UnicodeDecodeError) as e:
         result.problems.append(f"{meta}: cannot read metadata ({e})")
         return result
-    if not rows:
+    if not rows and not result.problems:
         result.problems.append(f"{meta}: no rows")
         return result
-    missing_cols = [c for c in ("image", "prompt") if c not in rows[0]]
-    if missing_cols:
-        result.problems.append(f"{meta}: missing column(s) {', '.join(missing_cols)} (expected image, prompt, control_image, ...)")
-        return result
-    for n, row in enumerate(rows, 2 if meta.suffix.lower() == ".csv" else 1):
+    for n, row in rows:
         where = f"{meta}:{n}"
-        paths = [row.get("image")] + [row.get(c) for c in CONTROL_COLUMNS if row.get(c)]
-        resolved = [(meta.parent / str(p)) if p else None for p in paths]
-        absent = [str(p) for p in resolved if p is None or not p.is_file()]
+        image, prompt = row.get("image"), row.get("prompt")
+        if "prompt" not in row:
+            result.problems.append(f"{where}: no 'prompt' (expected image, prompt, control_image, ...)")
+            continue
+        if not isinstance(image, str) or not image.strip():
+            result.problems.append(f"{where}: no 'image' path (expected image, prompt, control_image, ...)")
+            continue
+        if prompt is not None and not isinstance(prompt, str):
+            result.problems.append(f"{where}: 'prompt' must be text, got {type(prompt).__name__}")
+            continue
+        columns = control_columns(row)
+        values = [row[c] for c in columns]
+        bad = [c for c, v in zip(columns, values) if v is not None and not isinstance(v, str)]
+        if bad:
+            result.problems.append(f"{where}: '{bad[0]}' must be a path, got {type(row[bad[0]]).__name__}")
+            continue
+        filled = [bool(v and v.strip()) for v in values]
+        gap = next((k for k in range(1, len(filled)) if filled[k] and not filled[k - 1]), None)
+        if gap is not None:
+            result.problems.append(f"{where}: {columns[gap]} is set but {columns[gap - 1]} is empty; fill the control images in order")
+            continue
+        given = [(c, v.strip()) for c, v, f in zip(columns, values, filled) if f]
+        problem = rule.problem(where, len(given)) if rule else None
+        if problem:
+            result.problems.append(problem)
+            continue
+        resolved = [meta.parent / p for p in [image.strip()] + [v for _, v in given]]
+        absent = [str(p) for p in resolved if not p.is_file()]
         if absent:
             result.problems.append(f"{where}: file(s) not found: {', '.join(absent)}")
             continue
-        caption = " ".join(str(row.get("prompt") or "").split())
+        caption = " ".join(str(prompt or "").split())
         _add_sample(result, resolved[0], caption, where, resolved[1:], img_size, decode)
     return result
 

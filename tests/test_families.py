@@ -166,7 +166,7 @@ def test_metadata_layout_with_several_controls(tiny_models, pairs, tmp_path):
     csv.write_text("image,prompt,control_image,control_image_2\n" + "".join(
         f"{r['image']},{r['prompt']},{r['control_image']},{r['control_image_2']}\n" for r in rows))
     ov = base_overrides(tiny_models("qwen-image-edit"), targets, tmp_path / "edit", **{"data_config.metadata_file": str(csv)})
-    with pytest.raises(ConfigError, match="more than 1 control"):
+    with pytest.raises(ConfigError, match=r"metadata.csv:2: 2 control image\(s\), more than the 1 a QwenImageEditPipeline model takes"):
         train(load_config(None, ov), QwenImageEditAdapter)
     r = subprocess.run([PY, "utils/validate_dataset.py", "--metadata", str(csv)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout

@@ -8,6 +8,8 @@ checkpoint-N/
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import random
 import re
@@ -21,6 +23,7 @@ import torch
 
 from trainer.constants import CONFIG_FILE, STATE_FILE
 
+logger = logging.getLogger("trainer")
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -112,20 +115,27 @@ def save_checkpoint(
     out = Path(output_dir)
     final = out / f"checkpoint-{state.global_step}"
     tmp = out / f".tmp-checkpoint-{state.global_step}"
+    warn_if_low_on_space(out)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_weights(tmp)
-    torch.save(
-        {
-            "train_state": asdict(state),
-            "optimizer": optimizer.state_dict(),
-            "lr_scheduler": lr_scheduler.state_dict(),
-            "rng": rng_state(),
-        },
-        tmp / STATE_FILE,
-    )
-    (tmp / CONFIG_FILE).write_text(config_yaml)
-    fsync_tree(tmp)
+    try:
+        tmp.mkdir(parents=True)
+        write_weights(tmp)
+        torch.save(
+            {
+                "train_state": asdict(state),
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": lr_scheduler.state_dict(),
+                "rng": rng_state(),
+            },
+            tmp / STATE_FILE,
+        )
+        (tmp / CONFIG_FILE).write_text(config_yaml)
+        fsync_tree(tmp)
+    except Exception as e:  # torch, safetensors and plain writes each raise their own type on a full disk
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not is_disk_full(e):
+            raise
+        raise CheckpointWriteError(disk_full_message(out, final.name)) from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -135,6 +145,43 @@ def save_checkpoint(
         for _step, path in ckpts[: max(0, len(ckpts) - total_limit)]:
             shutil.rmtree(path, ignore_errors=True)
     return final
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full); the message says where and how to go on."""
+
+
+def is_disk_full(e: BaseException) -> bool:
+    # torch.save reports a full disk as a RuntimeError from its zip writer ("enforce fail at inline_container.cc",
+    # "file write failed"), safetensors as SafetensorError ("No space left on device (os error 28)"), plain writes
+    # as OSError ENOSPC / EDQUOT
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(e)
+    return any(s in text for s in ("No space left", "os error 28", "inline_container", "file write failed", "Disk quota"))
+
+
+def disk_full_message(out: Path, what: str) -> str:
+    free = shutil.disk_usage(out).free
+    latest = latest_checkpoint(out)
+    kept = f"the latest complete checkpoint, {latest.name}, is intact" if latest else "no earlier checkpoint exists"
+    return (f"disk full while writing {what} in {out} ({free / 2**20:.1f} MiB free); {kept}. Free some space (or lower "
+            f"checkpoints_total_limit), then resume with the same command plus resume_from_checkpoint=latest")
+
+
+def checkpoint_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def warn_if_low_on_space(out: Path) -> None:
+    """Warn ahead of a save when the disk cannot take another checkpoint as large as the last one."""
+    latest = latest_checkpoint(out)
+    if latest is None:
+        return
+    need, free = checkpoint_bytes(latest), shutil.disk_usage(out).free
+    if free < 2 * need:
+        logger.warning("only %.1f MiB free in %s and the last checkpoint took %.1f MiB: the disk may fill up soon "
+                       "(lower checkpoints_total_limit or free space)", free / 2**20, out, need / 2**20)
 
 
 def load_training_state(ckpt: str | Path) -> dict:
@@ -151,7 +198,13 @@ def restore(payload: dict, optimizer: torch.optim.Optimizer, lr_scheduler: Any) 
 
 def atomic_copy(src: Path, dst: Path) -> None:
     tmp = dst.with_name(f".tmp-{dst.name}")
-    shutil.copyfile(src, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    try:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise CheckpointWriteError(disk_full_message(dst.parent, dst.name)) from None
+        raise
     os.replace(tmp, dst)

@@ -64,8 +64,9 @@ class DataConfig:
     bucketing: bool = doc(False, "snap every image to the nearest of a fixed set of aspect-ratio buckets (about img_size**2 pixels, 1:4 to 4:1) so mixed sizes batch together")
     resolutions: Optional[list[int]] = doc(None, "multi-resolution training, e.g. [512, 768, 1024]: every image is used once per resolution (overrides img_size for sizing)")
     repeats: int = doc(1, "how many times each image appears per epoch")
+    recursive: bool = doc(False, "also use images in subfolders of img_dir (captions beside them; control images under the same relative path in control_dir)")
     control_dir: Optional[str] = doc(None, "edit / Kontext: folder of control (source) images with the same stems as img_dir's images")
-    metadata_file: Optional[str] = doc(None, "edit: metadata.csv or .jsonl with columns image, prompt, control_image[, control_image_2, control_image_3] (replaces img_dir)")
+    metadata_file: Optional[str] = doc(None, "edit: metadata.csv or .jsonl with columns image, prompt, control_image[, control_image_2, ...] (replaces img_dir); paths relative to the file")
     control_size: Optional[int] = doc(None, "edit / Kontext: size control images to about control_size x control_size pixels; null = as the family's pipeline does at inference (Qwen-Image-Edit: 1024x1024 area; Kontext: its preferred resolutions); smaller is faster but differs from inference")
 
 
@@ -308,9 +309,10 @@ def load_config(
             try:
                 loaded = OmegaConf.load(path)
             except Exception as e:
-                raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
-            if loaded is None or not OmegaConf.is_dict(loaded):
-                raise ConfigError(f"config file '{path}' must be a mapping of keys to values")
+                raise ConfigError(f"config file '{path}' is not valid YAML: {_yaml_error(e)}") from None
+            if loaded is None or not OmegaConf.is_dict(loaded) or not len(loaded):
+                raise ConfigError(f"config file '{path}' is empty or not a mapping of keys to values; "
+                                  "start from a file in train_configs/")
             layers.append(loaded)
         if overrides:
             bad = [o for o in overrides if "=" not in o]
@@ -321,7 +323,28 @@ def load_config(
         cfg: TrainConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(_one_line(e)) from None
+    if path is not None:
+        _require_model_and_data(path, layers[-1] if overrides else OmegaConf.create(), loaded)
     return validate(cfg, check_paths=check_paths)
+
+
+def _yaml_error(e: Exception) -> str:
+    """A YAML parse error as one line that keeps where it is (line, column) and what is wrong."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
+def _require_model_and_data(path, overrides, loaded) -> None:
+    """A run needs a model and data named by the user: schema defaults alone would start a 1000-step run on
+    Qwen/Qwen-Image with no dataset (an empty or unrelated YAML must not do that)."""
+    def named(key: str) -> bool:
+        return any(OmegaConf.select(layer, key) is not None for layer in (loaded, overrides))
+
+    if not named("pretrained_model_name_or_path"):
+        raise ConfigError(f"config file '{path}' does not set pretrained_model_name_or_path; a config must name the base model")
+    if not (named("data_config.img_dir") or named("data_config.metadata_file")):
+        raise ConfigError(f"config file '{path}' sets neither data_config.img_dir nor data_config.metadata_file; a config must name the data")
 
 
 def to_dict(cfg: TrainConfig) -> dict:

@@ -11,6 +11,7 @@ TrainingMethod; nothing here knows about packing, LoRA or a family.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import warnings
 from dataclasses import dataclass, field
@@ -24,11 +25,20 @@ from diffusers.optimization import get_scheduler
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from image_datasets import CaptionDataset, SizeGroupedBatchSampler, collate, scan_dataset
+from image_datasets import CaptionDataset, SizeGroupedBatchSampler, collate
 from trainer import flow_matching as fm
-from trainer.checkpoint import TrainState, atomic_copy, latest_checkpoint, load_training_state, restore, save_checkpoint
+from trainer.checkpoint import (
+    CheckpointWriteError,
+    TrainState,
+    atomic_copy,
+    latest_checkpoint,
+    load_training_state,
+    restore,
+    save_checkpoint,
+)
 from trainer.config import ConfigError, TrainConfig
 from trainer.constants import CONFIG_FILE, LOG_FILE, torch_dtype
+from trainer.data import scan_for_training
 from trainer.methods import TrainingMethod, make_method
 from trainer.models.base import ModelAdapter
 from trainer.optim import make_optimizer
@@ -173,8 +183,26 @@ def make_accelerator(cfg: TrainConfig, out: Path) -> Accelerator:
         # gets no gradient; DDP must be told or it waits for them forever.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
-    if cfg.blocks_to_swap and accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
-        raise ConfigError(f"config key 'blocks_to_swap' does not work with {accelerator.distributed_type.name} (it shards the weights itself); use DDP or set blocks_to_swap: 0")
+    engine = accelerator.distributed_type.name
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise ConfigError(
+            f"accelerate launched {launched} processes, but they did not join one training ({engine} with {accelerator.num_processes} "
+            f"process(es) each): they would train {launched} separate copies into one output_dir. "
+            + (f"{engine} needs CUDA GPUs here; on the CPU use ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N"
+               if torch.cuda.device_count() == 0 else "check the accelerate config (distributed_type, use_cpu)")
+        )
+    if cfg.blocks_to_swap and engine in ("FSDP", "DEEPSPEED"):
+        raise ConfigError(f"config key 'blocks_to_swap' does not work with {engine} (it shards the weights itself); use DDP or set blocks_to_swap: 0")
+    if engine == "DEEPSPEED":
+        # DeepSpeed sizes its engine from the micro-batch; without a prepared DataLoader it must be told (else
+        # accelerator.prepare fails after the model has loaded). Accumulation is the trainer's.
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = cfg.data_config.train_batch_size
+        if ds.get("gradient_accumulation_steps") not in (None, "auto", cfg.gradient_accumulation_steps):
+            logger.warning("DeepSpeed config gradient_accumulation_steps=%s replaced by the trainer's %d",
+                           ds["gradient_accumulation_steps"], cfg.gradient_accumulation_steps)
+        ds["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -185,18 +213,17 @@ def make_accelerator(cfg: TrainConfig, out: Path) -> Accelerator:
 def build_dataset(cfg: TrainConfig, adapter: ModelAdapter) -> list:
     """Scan and check the dataset (references sized by the family) and refuse it when it is unusable."""
     d = cfg.data_config
-    scan = scan_dataset(d, reference_sizes=adapter.reference_sizes)
+    scan = scan_for_training(cfg, adapter)
     for w in scan.warnings:
         logger.warning(w)
     if scan.problems:
         listing = "\n  ".join(scan.problems)
         if not d.skip_bad_files or not scan.samples:
             raise ConfigError(
-                f"data_config: {len(scan.problems)} unusable file(s) in '{d.metadata_file or d.img_dir}' "
-                f"(fix them, or set data_config.skip_bad_files=true to skip them):\n  {listing}"
+                f"data_config: {len(scan.problems)} unusable file(s) or row(s) in '{d.metadata_file or d.img_dir}' "
+                f"(fix them, or set data_config.skip_bad_files=true to skip those samples):\n  {listing}"
             )
-        logger.warning("skipping %d unusable file(s):\n  %s", len(scan.problems), listing)
-    type(adapter).check_samples(cfg, scan.samples)
+        logger.warning("skipping %d unusable file(s) or row(s):\n  %s", len(scan.problems), listing)
     return scan.samples
 
 
@@ -433,8 +460,11 @@ def checkpoint(run: Run) -> Path:
     def write_weights(directory: Path) -> None:
         run.method.save(run.accelerator.unwrap_model(run.transformer), directory)
 
-    return save_checkpoint(run.out, run.state, write_weights, run.optimizer, run.lr_scheduler, run.config_yaml,
-                           run.cfg.checkpoints_total_limit)
+    try:
+        return save_checkpoint(run.out, run.state, write_weights, run.optimizer, run.lr_scheduler, run.config_yaml,
+                               run.cfg.checkpoints_total_limit)
+    except CheckpointWriteError as e:
+        raise TrainingError(str(e)) from None
 
 
 # --- finish -------------------------------------------------------------------------------------------------
@@ -450,7 +480,10 @@ def finish(run: Run, stop: "StopRequest") -> Path:
     if acc.is_main_process:
         for name in files:
             if (ckpt / name).is_file():
-                atomic_copy(ckpt / name, out / name)
+                try:
+                    atomic_copy(ckpt / name, out / name)
+                except CheckpointWriteError as e:
+                    raise TrainingError(f"{e} (the weights are in {ckpt})") from None
     acc.end_training()
     if stop.signum is not None:
         raise Interrupted(

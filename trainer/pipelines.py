@@ -43,6 +43,18 @@ def resolve_lora(path: str) -> tuple[str, str]:
     raise ToolError(f"'{path}' does not exist")
 
 
+def check_lora(path: str, adapter) -> None:
+    """ToolError unless every layer of the LoRA maps onto the model (names and sizes, from its config): a LoRA of
+    another family can half-match by name and shape, and diffusers would apply that part silently."""
+    from trainer.lora_format import check_lora_fits
+
+    directory, weight_name = resolve_lora(path)
+    try:
+        check_lora_fits(Path(directory) / weight_name, adapter, adapter.cfg.pretrained_model_name_or_path)
+    except ValueError as e:
+        raise ToolError(str(e)) from None
+
+
 def load_pipeline(adapter, dtype, device: str, lora: str | None = None, lora_scale: float = 1.0,
                   quantize: str = "none", offload: str = "none"):
     """The family's pipeline from its folder, optionally quantized block-wise (as in training) and with a LoRA."""
@@ -50,6 +62,8 @@ def load_pipeline(adapter, dtype, device: str, lora: str | None = None, lora_sca
     from diffusers import DiffusionPipeline
 
     name = adapter.cfg.pretrained_model_name_or_path
+    if lora:
+        check_lora(lora, adapter)  # before the model loads
     pipe = DiffusionPipeline.from_pretrained(name, dtype=dtype, **adapter.pipeline_components(name))
     if quantize != "none":
         from trainer.quantize import place_model

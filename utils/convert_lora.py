@@ -38,6 +38,13 @@ def main(argv=None) -> int:
 
     cls, variant = known[args.family]
     adapter = cls(TrainConfig(), variant)
+    from trainer.lora_format import check_lora_fits
+
+    try:  # every layer must exist in this family's transformer, or the converted file would be half-wrong
+        check_lora_fits(src, adapter)
+    except ValueError as e:
+        print(f"error: --in: {e} (--family {args.family})", file=sys.stderr)
+        return 2
     if args.to == "comfyui":
         from safetensors.torch import load_file
 

@@ -22,6 +22,7 @@ GB = 1024**3
 # Bytes per weight of a quantized Linear, scales included (quanto: per-channel scales, qint4 group 128 with
 # scale + shift; bitsandbytes nf4: 4 bits + double-quantized absmax per 64 weights; int8: per-row scales).
 QUANT_BYTES = {"none": 2.0, "qfloat8": 1.0, "qint8": 1.0, "int8": 1.0, "qint4": 0.5 + 4 / 128, "nf4": 0.5 + 1 / 64}
+SLACK = 1.0 * GB  # CUDA context (~0.5 GiB) + what the caching allocator reserves beyond allocated (0.2-0.4 GiB measured)
 # fp32 optimizer state per trainable parameter
 OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "adafactor": 0.5, "prodigy": 16.0}
 
@@ -95,9 +96,10 @@ def lora_params(model, rank: int, targets: list[str]) -> int:
 def activation_bytes(model, resolution: int, batch: int, checkpointing: bool, text_tokens: int) -> float:
     """Estimate of what the backward pass keeps, bf16.
 
-    With gradient checkpointing only each block's input (S x D) is stored, plus one block's internals while it is
-    recomputed; without it every block keeps ~24 S x D values (q, k, v, attention output, 4x MLP, norms, both
-    streams). Flash / memory-efficient attention is assumed (no S^2 term).
+    With gradient checkpointing only each block's input (S x D, both streams) is stored, plus one block's internals
+    while it is recomputed; without it every block keeps ~24 S x D values (q, k, v, attention output, 4x MLP, norms,
+    both streams). Flash / memory-efficient attention is assumed (no S^2 term). Calibrated against the H100
+    measurements in bench/results/h100_real_size.md (bench/planner_check.py prints the error per row).
     """
     d = model.config.num_attention_heads * model.config.attention_head_dim
     from trainer.quantize import repeated_blocks
@@ -105,7 +107,7 @@ def activation_bytes(model, resolution: int, batch: int, checkpointing: bool, te
     blocks = len(repeated_blocks(model))
     seq = (resolution // 16) ** 2 + text_tokens
     per_block_full = 24 * seq * d * 2 * batch
-    per_block_input = 2 * seq * d * 2 * batch
+    per_block_input = 1.25 * seq * d * 2 * batch  # the stream states in bf16, x1.25 fitted to the H100 peaks
     return blocks * per_block_input + per_block_full if checkpointing else blocks * per_block_full
 
 
@@ -161,21 +163,23 @@ def plan(cfg, resolution: int) -> tuple[list[Row], dict]:
         Row(f"optimizer state ({cfg.optimizer})", n_lora, n_lora * OPTIMIZER_BYTES[cfg.optimizer]),
         Row(f"activations ({resolution}px, batch {batch}, checkpointing {'on' if cfg.gradient_checkpointing else 'off'})", 0,
             activation_bytes(model, resolution, batch, cfg.gradient_checkpointing, spec.text_tokens), "estimate"),
-        Row("CUDA context + allocator slack", 0, 1.0 * GB, "typical"),
+        Row("CUDA context + allocator slack", 0, SLACK, "typical"),
     ]
     cached = cfg.precompute_text_embeddings and cfg.precompute_image_embeddings
     enc_total = sum(r.bytes_ for r in enc_rows)
 
+    def train_peak(n_swapped: int) -> float:
+        return sum(r.bytes_ for r in rows + train_rows) - rows[0].bytes_ + resident(n_swapped)
+
     def peak_with(n_swapped: int) -> float:
-        train_total = sum(r.bytes_ for r in rows + train_rows) - rows[0].bytes_ + resident(n_swapped)
         # With precomputed embeddings the encoders run first and are freed before the transformer loads.
-        return max(train_total, enc_total + 1.0 * GB) if cached else train_total + enc_total
+        return max(train_peak(n_swapped), enc_total + 1.0 * GB) if cached else train_peak(n_swapped) + enc_total
 
     phase = ("encoders freed before the transformer loads (precomputed embeddings)" if cached
              else "text encoder and VAE stay resident (no precomputed embeddings)")
     info = {"family": adapter.variant.name, "pipeline": adapter.variant.pipeline, "source": source, "peak": peak_with(swap), "phase": phase,
             "transformer_params": total, "lora_params": n_lora, "blocks": len(blocks), "encoder_peak": enc_total + 1.0 * GB, "cached": bool(cached),
-            "peak_by_swap": [peak_with(n) for n in range(len(blocks))]}
+            "peak_by_swap": [peak_with(n) for n in range(len(blocks))], "train_peak": train_peak(swap), "slack": SLACK}
     return rows + enc_rows + train_rows, info
 
 

@@ -19,11 +19,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from trainer.constants import torch_dtype
-    from trainer.pipelines import ToolError, adapter_for, load_pipeline, resolve_lora
+    from trainer.pipelines import ToolError, adapter_for, check_lora, load_pipeline
 
     try:
         adapter = adapter_for(args.model_name)
-        resolve_lora(args.lora_weights)
+        check_lora(args.lora_weights, adapter)
     except ToolError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,11 +1,13 @@
 """Check a training dataset before spending GPU time on it.
 
-    python utils/validate_dataset.py --path ./my_dataset [--img_size 1024] [--caption_type txt]
+    python utils/validate_dataset.py --config train_configs/my_run.yaml           # exactly the check training runs
+    python utils/validate_dataset.py --path ./my_dataset [--img_size 1024] [--caption_type txt] [--recursive]
     python utils/validate_dataset.py --path ./targets --control_dir ./sources      # edit / Kontext pairs
-    python utils/validate_dataset.py --metadata ./edits/metadata.csv                 # edit triples
+    python utils/validate_dataset.py --metadata ./edits/metadata.csv                 # edit samples
 
-Every image is fully decoded and paired with its caption. Exit 0 when the dataset is usable; otherwise exit 1 and
-print one line per problem file (all problems at once, not just the first).
+Every image is fully decoded and paired with its caption; every metadata row is checked (file:line). With --config,
+references are sized and counted as the config's model takes them, by the same code that runs before training loads
+any model. Exit 0 when the dataset is usable; otherwise exit 1 and print one line per problem (all at once).
 """
 
 from __future__ import annotations
@@ -15,35 +17,56 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from image_datasets import scan_dataset
-from trainer.config import DataConfig
-
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="a training YAML: check its data_config for its model, as training does")
     p.add_argument("--path", help="folder of images with same-stem caption files")
     p.add_argument("--control_dir", help="folder of control images with the same stems (edit / Kontext datasets)")
-    p.add_argument("--metadata", help="metadata.csv / .jsonl with image, prompt, control_image[, _2, _3] columns")
+    p.add_argument("--metadata", help="metadata.csv / .jsonl with image, prompt, control_image[, control_image_2, ...] columns")
     p.add_argument("--img_size", type=int, default=1024, help="training resolution, to report the crop sizes")
     p.add_argument("--caption_type", default="txt", help="caption file extension")
+    p.add_argument("--recursive", action="store_true", help="also use images in subfolders")
+    p.add_argument("overrides", nargs="*", help="with --config: key=value overrides, as for training")
     args = p.parse_args(argv)
-    if bool(args.path) == bool(args.metadata):
-        p.error("give exactly one of --path and --metadata")
-    for flag, value, is_ok in (("--path", args.path, Path.is_dir), ("--control_dir", args.control_dir, Path.is_dir), ("--metadata", args.metadata, Path.is_file)):
-        if value and not is_ok(Path(value)):
-            print(f"error: {flag}: '{value}' does not exist", file=sys.stderr)
-            return 1
-    d = DataConfig(img_dir=args.path or "", img_size=args.img_size, caption_type=args.caption_type,
-                   control_dir=args.control_dir, metadata_file=args.metadata)
-    scan = scan_dataset(d)
+    if sum(bool(x) for x in (args.config, args.path, args.metadata)) != 1:
+        p.error("give exactly one of --config, --path and --metadata")
+
+    from image_datasets import scan_dataset
+    from trainer.config import ConfigError, DataConfig, load_config
+
+    if args.config:
+        try:
+            cfg = load_config(args.config, args.overrides)
+            from trainer.data import scan_for_training
+            from trainer.models import resolve
+
+            cls, variant = resolve(cfg.pretrained_model_name_or_path)
+            scan = scan_for_training(cfg, cls(cfg, variant))
+        except (ConfigError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        img_size = cfg.data_config.img_size
+    else:
+        for flag, value, is_ok in (("--path", args.path, Path.is_dir), ("--control_dir", args.control_dir, Path.is_dir),
+                                   ("--metadata", args.metadata, Path.is_file)):
+            if value and not is_ok(Path(value)):
+                print(f"error: {flag}: '{value}' does not exist", file=sys.stderr)
+                return 1
+        d = DataConfig(img_dir=args.path or "", img_size=args.img_size, caption_type=args.caption_type,
+                       control_dir=args.control_dir, metadata_file=args.metadata, recursive=args.recursive)
+        scan = scan_dataset(d)
+        img_size = args.img_size
     for w in scan.warnings:
         print(f"warning: {w}")
     for prob in scan.problems:
         print(f"error: {prob}")
     sizes = Counter(s.size for s in scan.samples)
+    refs = Counter(len(s.controls) for s in scan.samples)
     print(
-        f"{len(scan.samples)} usable sample(s), {len(scan.problems)} problem(s); training sizes at img_size={args.img_size}: "
+        f"{len(scan.samples)} usable sample(s), {len(scan.problems)} problem(s); training sizes at img_size={img_size}: "
         + ", ".join(f"{w}x{h} ({n})" for (w, h), n in sizes.most_common())
+        + ("; control images per sample: " + ", ".join(f"{k} ({n})" for k, n in sorted(refs.items())) if any(refs) else "")
     )
     return 1 if scan.problems or not scan.samples else 0
 

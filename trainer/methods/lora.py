@@ -55,10 +55,11 @@ class LoRAMethod(TrainingMethod):
             transformer_lora_layers=self.state_dict(transformer),
             transformer_lora_adapter_metadata=self.lora_config().to_dict(),
         )
-        if self.cfg.lora_format == "comfyui":
-            from trainer.lora_format import save_comfyui
+        from trainer.lora_format import VARIANT_KEY, add_metadata, save_comfyui
 
-            d = Path(directory)
+        d = Path(directory)
+        add_metadata(d / LORA_FILE, {VARIANT_KEY: self.adapter.variant.name})  # tools can then say what a file is for
+        if self.cfg.lora_format == "comfyui":
             save_comfyui(d / LORA_FILE, d / COMFY_FILE, self.adapter, self.cfg.rank)
 
     def load(self, transformer: torch.nn.Module, directory: Path) -> None:

@@ -81,6 +81,7 @@ class ModelAdapter(ABC):
     encoder_folders: tuple[str, ...] = ("text_encoder", "tokenizer", "vae")  # model subfolders the cached embeddings depend on
     text_needs_pixels = False  # True when prompt encoding looks at the reference images (Qwen-Image-Edit)
     text_limits: dict[str, int] = {}  # config key -> the most its pipeline accepts (checked before anything loads)
+    size_multiple = 16  # image sides the pipeline renders are multiples of this (VAE factor x patch size)
 
     def __init__(self, cfg: TrainConfig, variant: Variant, device: torch.device | str = "cpu",
                  weight_dtype: torch.dtype = torch.float32):
@@ -156,21 +157,14 @@ class ModelAdapter(ABC):
         if not high and has_refs:
             raise ConfigError(f"a {name} model takes no control images: remove data_config.control_dir / metadata_file")
 
-    @classmethod
-    def check_samples(cls, cfg: TrainConfig, samples: list) -> None:
-        """After the scan, before any model loads: every sample has a number of references the variant takes."""
-        variant = cls.variant_of(cfg.pretrained_model_name_or_path)
-        low, high = variant.references
-        for bad, what in (([s for s in samples if len(s.controls) > high], f"more than {high}"),
-                          ([s for s in samples if len(s.controls) < low], f"fewer than {low}")):
-            if not bad:
-                continue
-            more = [v for v in cls.variants if v.references[1] > high]
-            hint = f"; {more[0].pipeline} models take up to {more[0].references[1]}" if more and what.startswith("more") else ""
-            raise ConfigError(
-                f"data_config: {len(bad)} sample(s) have {what} control image(s) (e.g. {bad[0].image.name} has "
-                f"{len(bad[0].controls)}); a {variant.pipeline} model takes {low} to {high}{hint}"
-            )
+    def reference_rule(self):
+        """How many reference images each sample must have (checked by the dataset scan, file by file)."""
+        from image_datasets import ReferenceRule
+
+        low, high = self.variant.references
+        more = [v for v in type(self).variants if v.references[1] > high]
+        hint = f" (a {more[0].pipeline} model takes up to {more[0].references[1]})" if more else ""
+        return ReferenceRule(low, high, self.variant.pipeline, hint)
 
     # --- references: sizes the pipeline gives reference images ---------------------------------------------
     def reference_sizes(self, width: int, height: int) -> tuple[tuple[int, int], ...]:
