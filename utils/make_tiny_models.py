@@ -38,14 +38,16 @@ def make_tiny_model(family: str, out: str | Path, realistic: bool = False) -> Pa
 def main(argv: list[str] | None = None) -> int:
     from trainer.models import variants
 
+    names = sorted(variants())
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--family", choices=sorted(variants()), required=True)
+    p.add_argument("--family", choices=names + ["all"], required=True, help="a variant name, or all (one subfolder each)")
     p.add_argument("--out", required=True, help="folder to write the diffusers pipeline to")
     p.add_argument("--realistic", action="store_true",
                    help="processors / tokenizers with the released pixel budgets and templates (real sequence lengths)")
     args = p.parse_args(argv)
-    path = make_tiny_model(args.family, args.out, args.realistic)
-    print(f"tiny {args.family} pipeline at {path}")
+    targets = {n: Path(args.out) / n for n in names} if args.family == "all" else {args.family: Path(args.out)}
+    for family, out in targets.items():
+        print(f"tiny {family} pipeline at {make_tiny_model(family, out, args.realistic)}")
     return 0
 
 
