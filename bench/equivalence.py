@@ -39,6 +39,7 @@ class Case:
     variant: str  # make_tiny_models family
     references: int = 0
     guidance: bool = True  # FLUX: the transformer has a guidance embedding (dev / Kontext); False = schnell
+    layout: str = "packed"  # how the pipeline passes latents: packed tokens (hidden_states=...) or "frames" (a list)
 
 
 CASES = [
@@ -50,6 +51,7 @@ CASES = [
     Case("FLUX.1-dev", "flux"),
     Case("FLUX.1-schnell", "flux", guidance=False),
     Case("FLUX.1-Kontext-dev, 1 ref", "flux-kontext", 1),
+    Case("Z-Image", "z-image", layout="frames"),
 ]
 
 
@@ -58,11 +60,12 @@ class _Captured(Exception):
 
 
 def capture_first_call(transformer: torch.nn.Module, fn) -> tuple[dict, torch.Tensor]:
-    """(keyword inputs, output) of the transformer's first forward call inside fn(); fn is stopped right after it."""
+    """(inputs, output) of the transformer's first forward call inside fn(); fn is stopped right after it. Inputs
+    are the keyword arguments plus the positional ones as "arg0", "arg1", ..."""
     seen: dict = {}
 
-    def pre(_module, _args, kwargs):
-        seen["inputs"] = dict(kwargs)
+    def pre(_module, args, kwargs):
+        seen["inputs"] = {**{f"arg{i}": a for i, a in enumerate(args)}, **kwargs}
 
     def post(_module, _args, _kwargs, out):
         seen["output"] = out[0] if isinstance(out, tuple) else out.sample
@@ -77,6 +80,21 @@ def capture_first_call(transformer: torch.nn.Module, fn) -> tuple[dict, torch.Te
         for h in hooks:
             h.remove()
     return seen["inputs"], seen["output"]
+
+
+def latents_and_sigma(case: Case, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The pipeline call's noisy target latent (B x C x H x W), its sigma and its number of target tokens."""
+    if case.layout == "frames":  # Z-Image: a list of C x 1 x H x W frames, time = 1 - sigma
+        return torch.stack(inputs["arg0"]).squeeze(2).float(), 1.0 - inputs["arg1"].float(), 0
+    n_target = (TARGET[0] // 16) * (TARGET[1] // 16)
+    return unpack(inputs["hidden_states"][:, :n_target], TARGET), inputs["timestep"].float(), n_target
+
+
+def pipeline_prediction(case: Case, output, n_target: int) -> torch.Tensor:
+    """What the pipeline takes as the velocity for the target from the transformer's output."""
+    if case.layout == "frames":
+        return -torch.stack([o.float() for o in output]).squeeze(2)
+    return unpack(output[:, :n_target], TARGET)
 
 
 def max_diff(a, b) -> float:
@@ -154,6 +172,8 @@ def pipeline_call_kwargs(case: Case, refs: list[Path]) -> dict:
     images = [Image.open(r).convert("RGB") for r in refs]
     if case.variant.startswith("qwen"):
         kwargs["true_cfg_scale"] = 1.0
+    elif case.variant == "z-image":
+        kwargs["guidance_scale"] = 0.0  # no CFG: one transformer call per step
     else:
         kwargs["guidance_scale"] = 3.5
     if case.variant == "qwen-image-edit":
@@ -182,16 +202,18 @@ def compare(case: Case, model: Path, work: Path) -> dict:
         ref_inputs, ref_out = capture_first_call(pipe.transformer, lambda: pipe(**pipeline_call_kwargs(case, refs)))
         batch = trainer_batch(adapter, target, refs, [PROMPT], work)
         _, cond = adapter.encode_batch(batch)
-        n_target = (TARGET[0] // 16) * (TARGET[1] // 16)
-        noisy = unpack(ref_inputs["hidden_states"][:, :n_target], TARGET)
-        sigma = ref_inputs["timestep"].float()
+        noisy, sigma, n_target = latents_and_sigma(case, ref_inputs)
         ours_inputs, ours_out = capture_first_call(pipe.transformer, lambda: adapter.predict(pipe.transformer, noisy, sigma, cond))
         pred = adapter.predict(pipe.transformer, noisy, sigma, cond)
     result = {k: max_diff(v, ours_inputs.get(k)) for k, v in ref_inputs.items() if k not in IGNORED_INPUTS}
-    result["prediction"] = max_diff(unpack(ref_out[:, :n_target], TARGET), pred)
+    result["prediction"] = max_diff(pipeline_prediction(case, ref_out, n_target), pred)
     result["transformer output"] = max_diff(ref_out, ours_out)
-    result["text_tokens"] = int(ref_inputs["encoder_hidden_states"].shape[1])
-    result["image_tokens"] = int(ref_inputs["hidden_states"].shape[1])
+    if case.layout == "frames":
+        result["text_tokens"] = int(ref_inputs["arg2"][0].shape[0])
+        result["image_tokens"] = int(ref_inputs["arg0"][0].shape[-2] * ref_inputs["arg0"][0].shape[-1] // 4)
+    else:
+        result["text_tokens"] = int(ref_inputs["encoder_hidden_states"].shape[1])
+        result["image_tokens"] = int(ref_inputs["hidden_states"].shape[1])
     return result
 
 
@@ -211,14 +233,13 @@ def batch_independence(model: Path, work: Path, references: int) -> float:
     adapter = cls(load_config(None, [f"pretrained_model_name_or_path={model}", "mixed_precision=no"], check_paths=False), variant)
     adapter.load()
     target, refs = write_inputs(work, references)
-    g = torch.Generator().manual_seed(1)
-    noisy = torch.randn(2, adapter.transformer.config.in_channels // 4, TARGET[1] // 8, TARGET[0] // 8, generator=g)
     sigma = torch.tensor([0.7, 0.3])
     preds = []
     for other in ("a cat", "a very long caption " + "about a red boat on a purple lake at dusk, " * 12):
         batch = trainer_batch(adapter, target, refs, [PROMPT, other], work)
         with torch.no_grad():
-            _, cond = adapter.encode_batch(batch)
+            latents, cond = adapter.encode_batch(batch)
+            noisy = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
             preds.append(adapter.predict(adapter.transformer, noisy, sigma, cond)[0])
     return (preds[0] - preds[1]).abs().max().item()
 

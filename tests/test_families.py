@@ -7,7 +7,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxKontextPipeline, FluxPipeline, QwenImageEditPipeline, QwenImageEditPlusPipeline
+from diffusers import FluxKontextPipeline, FluxPipeline, QwenImageEditPipeline, QwenImageEditPlusPipeline, ZImagePipeline
 from helpers import ACCELERATE, PY, ROOT, base_overrides, read_losses, write_dataset
 from PIL import Image
 
@@ -16,6 +16,7 @@ from trainer.loop import train
 from trainer.models.flux import FluxAdapter
 from trainer.models.qwen_image import QwenImageAdapter, QwenImageEditAdapter
 from trainer.models.qwen_processor import load_qwen_processor
+from trainer.models.z_image import ZImageAdapter
 
 FAMILIES = {
     # family: (entry script, adapter, pipeline class, uses control images)
@@ -23,6 +24,7 @@ FAMILIES = {
     "flux-kontext": ("train_flux_lora.py", FluxAdapter, FluxKontextPipeline, True),
     "qwen-image-edit": ("train_qwen_edit_lora.py", QwenImageEditAdapter, QwenImageEditPipeline, True),
     "qwen-image-edit-plus": ("train_qwen_edit_lora.py", QwenImageEditAdapter, QwenImageEditPlusPipeline, True),
+    "z-image": ("train_z_image_lora.py", ZImageAdapter, ZImagePipeline, False),
 }
 
 

@@ -109,6 +109,7 @@ class TrainConfig:
     lora_alpha: Optional[int] = doc(None, "LoRA alpha (scale = alpha / rank); defaults to rank")
     lora_dropout: float = doc(0.0, "dropout on the LoRA branch")
     lora_target_modules: Optional[list[str]] = doc(None, "module names to adapt; default: the family's attention projections")
+    assistant_lora: Optional[str] = doc(None, "a LoRA (file or folder) active while training but off for validation previews and left out of the saved LoRA, e.g. a de-distillation adapter that keeps a step-distilled model (Z-Image-Turbo) from losing its distillation")
 
     timestep_sampling: str = doc("shift", f"how sigma is drawn: {', '.join(TIMESTEP_SAMPLINGS)}; shift = the scheduler's resolution-dependent shift used at inference")
     logit_mean: float = doc(0.0, "mean of the normal behind logit_normal (and shift) sampling")
@@ -256,6 +257,8 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         raise ConfigError("config keys 'validation_steps' must be >= 0 and 'validation_num_inference_steps' >= 1")
     if cfg.validation_images and len(cfg.validation_images) not in (1, len(cfg.validation_prompts)):
         raise ConfigError("config key 'validation_images' needs one image, or one per validation prompt")
+    if check_paths and cfg.assistant_lora is not None and not Path(cfg.assistant_lora).exists():
+        raise ConfigError(f"config key 'assistant_lora': '{cfg.assistant_lora}' does not exist")
     if check_paths:
         for img in cfg.validation_images:
             if not Path(img).is_file():

@@ -451,7 +451,9 @@ def after_update(run: Run, update: Update, stop: "StopRequest") -> bool:
     sample_now = cfg.validation_steps and state.global_step % cfg.validation_steps == 0
     if (sample_now or at_end) and cfg.validation_prompts:
         if run.accelerator.is_main_process:
-            run.validator.render(run.accelerator.unwrap_model(run.transformer), state.global_step, run.out, run.accelerator)
+            model = run.accelerator.unwrap_model(run.transformer)
+            with run.method.sampling(model):
+                run.validator.render(model, state.global_step, run.out, run.accelerator)
         run.accelerator.wait_for_everyone()
     return at_end or stop.signum is not None
 

@@ -93,7 +93,7 @@ def lora_params(model, rank: int, targets: list[str]) -> int:
     return total
 
 
-def activation_bytes(model, resolution: int, batch: int, checkpointing: bool, text_tokens: int) -> float:
+def activation_bytes(model, resolution: int, batch: int, checkpointing: bool, text_tokens: int, width: int = 0) -> float:
     """Estimate of what the backward pass keeps, bf16.
 
     With gradient checkpointing only each block's input (S x D, both streams) is stored, plus one block's internals
@@ -101,7 +101,7 @@ def activation_bytes(model, resolution: int, batch: int, checkpointing: bool, te
     both streams). Flash / memory-efficient attention is assumed (no S^2 term). Calibrated against the H100
     measurements in bench/results/h100_real_size.md (bench/planner_check.py prints the error per row).
     """
-    d = model.config.num_attention_heads * model.config.attention_head_dim
+    d = width or model.config.num_attention_heads * model.config.attention_head_dim
     from trainer.quantize import repeated_blocks
 
     blocks = len(repeated_blocks(model))
@@ -162,7 +162,7 @@ def plan(cfg, resolution: int) -> tuple[list[Row], dict]:
         Row("LoRA gradients (fp32)", n_lora, n_lora * 4),
         Row(f"optimizer state ({cfg.optimizer})", n_lora, n_lora * OPTIMIZER_BYTES[cfg.optimizer]),
         Row(f"activations ({resolution}px, batch {batch}, checkpointing {'on' if cfg.gradient_checkpointing else 'off'})", 0,
-            activation_bytes(model, resolution, batch, cfg.gradient_checkpointing, spec.text_tokens), "estimate"),
+            activation_bytes(model, resolution, batch, cfg.gradient_checkpointing, spec.text_tokens, spec.token_width), "estimate"),
         Row("CUDA context + allocator slack", 0, SLACK, "typical"),
     ]
     cached = cfg.precompute_text_embeddings and cfg.precompute_image_embeddings

@@ -7,6 +7,7 @@ the adapter's public attributes (its pipeline class, default target modules and 
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -43,6 +44,10 @@ class TrainingMethod(ABC):
     def published_files(self) -> tuple[str, ...]:
         """Files of the last checkpoint copied into output_dir when training ends (those that exist)."""
         return self.checkpoint_files()
+
+    def sampling(self, transformer: torch.nn.Module):
+        """Context in which validation previews are rendered (the model as users will run it)."""
+        return contextlib.nullcontext()
 
 
 def make_method(cfg: TrainConfig, adapter) -> TrainingMethod:

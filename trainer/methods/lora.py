@@ -14,9 +14,13 @@ from trainer.constants import COMFY_FILE, LORA_FILE
 from trainer.methods import TrainingMethod
 
 
+TRAINED = "default"  # peft adapter name of the LoRA being trained
+ASSISTANT = "assistant"  # peft adapter name of cfg.assistant_lora
+
+
 class LoRAMethod(TrainingMethod):
     name = "lora"
-    resume_keys = ("rank", "lora_alpha", "lora_target_modules")
+    resume_keys = ("rank", "lora_alpha", "lora_target_modules", "assistant_lora")
 
     def lora_config(self) -> LoraConfig:
         cfg = self.cfg
@@ -35,17 +39,52 @@ class LoRAMethod(TrainingMethod):
         transformer.requires_grad_(False)
         # blocks_to_swap: peft must see the swapped blocks' real weights while it wraps their layers
         with placement.host_weights() if placement is not None else contextlib.nullcontext():
+            if self.cfg.assistant_lora:
+                self.load_assistant(transformer)
             try:
-                transformer.add_adapter(self.lora_config())
+                transformer.add_adapter(self.lora_config(), adapter_name=TRAINED)
             except ValueError as e:
                 raise ConfigError(f"config key 'lora_target_modules': {e}") from None
+        if self.cfg.assistant_lora:
+            activate(transformer, [ASSISTANT, TRAINED])
+        transformer.requires_grad_(False)
+        for name, p in transformer.named_parameters():
+            p.requires_grad_(f".{TRAINED}." in name)
         params = [p for p in transformer.parameters() if p.requires_grad]
         for p in params:
             p.data = p.data.float()  # train LoRA in fp32 even when the base runs in bf16
         return params
 
+    def load_assistant(self, transformer: torch.nn.Module) -> None:
+        """cfg.assistant_lora as a frozen second adapter (any format the family's loader reads)."""
+        from trainer.config import ConfigError
+        from trainer.lora_format import lora_layers, mismatches
+
+        path = Path(self.cfg.assistant_lora)
+        path = path / LORA_FILE if path.is_dir() else path
+        try:
+            sd, metadata = self.adapter.pipeline_class.lora_state_dict(str(path), return_lora_metadata=True)
+        except Exception as e:  # the loaders raise many types for foreign files
+            raise ConfigError(f"config key 'assistant_lora': cannot read '{path}' ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        bad = mismatches(lora_layers(sd), transformer)
+        if bad:
+            raise ConfigError(f"config key 'assistant_lora': {len(bad)} layer(s) of '{path.name}' do not fit this model (e.g. {bad[0]})")
+        transformer.load_lora_adapter(sd, prefix="transformer", adapter_name=ASSISTANT, metadata=metadata)
+
+    @contextlib.contextmanager
+    def sampling(self, transformer: torch.nn.Module):
+        """Previews without the assistant LoRA: the model as it will be used."""
+        if not self.cfg.assistant_lora:
+            yield
+            return
+        activate(transformer, [TRAINED])
+        try:
+            yield
+        finally:
+            activate(transformer, [ASSISTANT, TRAINED])
+
     def state_dict(self, transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
-        sd = get_peft_model_state_dict(transformer)
+        sd = get_peft_model_state_dict(transformer, adapter_name=TRAINED)
         return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
 
     def save(self, transformer: torch.nn.Module, directory: Path) -> None:
@@ -69,8 +108,8 @@ class LoRAMethod(TrainingMethod):
         sd = load_file(str(Path(directory) / LORA_FILE))
         prefix = "transformer."
         sd = {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in sd.items()}
-        result = set_peft_model_state_dict(transformer, sd)
-        missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+        result = set_peft_model_state_dict(transformer, sd, adapter_name=TRAINED)
+        missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k and f".{ASSISTANT}." not in k]
         if missing or getattr(result, "unexpected_keys", []):
             raise ValueError(f"checkpoint {directory} does not match this LoRA (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
 
@@ -80,3 +119,13 @@ class LoRAMethod(TrainingMethod):
     def published_files(self) -> tuple[str, ...]:
         return (LORA_FILE, COMFY_FILE)
 
+
+
+def activate(transformer: torch.nn.Module, names: list[str]) -> None:
+    """Make exactly these peft adapters active in every LoRA layer. (peft's own set_adapter also marks the active
+    adapters trainable, which would give the frozen assistant gradients.)"""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in transformer.modules():
+        if isinstance(module, BaseTunerLayer):
+            module._active_adapter = [n for n in names if n in getattr(module, "lora_A", {})]

@@ -62,6 +62,7 @@ class PlannerSpec:
     encoders: list[tuple[str, int, bool]]  # (label, parameters, quantized by quantize_text_encoder)
     vae_params: int
     text_tokens: int  # prompt tokens the transformer sees in a typical step
+    token_width: int = 0  # width of the transformer's token stream (0: heads x head dim from its config)
 
 
 def release_memory() -> None:
@@ -312,7 +313,7 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def planner_spec(self) -> PlannerSpec:
-        """Encoder / VAE sizes and text length of the released model."""
+        """Encoder / VAE sizes, text length and token width of the released model."""
 
     @abstractmethod
     def random_conditioning(self, transformer: torch.nn.Module, batch: int, device: torch.device, dtype: torch.dtype) -> Cond:

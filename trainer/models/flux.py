@@ -268,11 +268,11 @@ def build_flux_transformer(guidance_embeds: bool, joint_attention_dim: int = 32,
     )
 
 
-def build_flux_vae():
+def build_flux_vae(latent_channels: int = 4, scaling_factor: float = 1.5035, shift_factor: float = 0.0609):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(4, 8, 8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32,
-        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+        block_out_channels=(4, 8, 8, 8), layers_per_block=1, latent_channels=latent_channels, norm_num_groups=4, sample_size=32,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=shift_factor, scaling_factor=scaling_factor,
     )

@@ -1,0 +1,188 @@
+"""Z-Image (Base) and Z-Image-Turbo: a single-stream DiT over 2x2 patches of FLUX-VAE latents, prompts from the
+second-to-last hidden states of Qwen3.
+
+What the trainer feeds the transformer, and where it follows `ZImagePipeline`:
+- prompt: the tokenizer's chat template (user turn, generation prompt, thinking on), padded to
+  `max_sequence_length` (512, the pipeline's default), hidden_states[-2]; each sample keeps only its real tokens
+  (the transformer takes a list of variable-length captions; the trainer carries them padded with a mask).
+- latents: one frame per sample (C x 1 x H x W), a list, as the pipeline passes them.
+- time runs the other way: the transformer gets 1 - sigma (the pipeline's (1000 - t) / 1000), and its output is the
+  negated velocity (the pipeline negates it before the scheduler step), so predict returns -output.
+- dropped captions are "" (the pipeline's default negative prompt).
+
+Turbo is step-distilled (8 steps, no CFG): a LoRA trained on it directly drifts away from the distillation. The
+recommended path is to train on Z-Image (Base) and use the LoRA on either; for Turbo itself, set `assistant_lora` to
+a de-distillation LoRA (e.g. ostris' zimage_turbo_training_adapter): it is active while training, off for the
+validation previews, and not part of the saved LoRA.
+"""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+import torch
+
+from . import register
+from .base import Cond, InferenceRequest, ModelAdapter, PlannerSpec, Variant
+from .qwen_image import pad_and_stack
+
+QWEN3_4B_PARAMS = 4_022_468_096  # Qwen3-4B without its LM head
+FLUX_VAE_PARAMS = 83_819_683
+
+
+class ZImageCond(TypedDict):
+    prompt_embeds: torch.Tensor  # B x L x 2560 Qwen3 hidden_states[-2] of the real tokens, zero-padded
+    prompt_embeds_mask: torch.Tensor  # B x L, 1 for real tokens
+
+
+@register
+class ZImageAdapter(ModelAdapter):
+    family = "z-image"
+    entry = "train_z_image_lora.py"
+    variants = (Variant("z-image", "ZImagePipeline", hub_hints=("z-image",)),)
+    transformer_class = "ZImageTransformer2DModel"
+    # every Linear ComfyUI maps for Z-Image (comfy.utils.z_image_to_diffusers): attention and feed-forward
+    default_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+    block_count_keys = ("n_layers", "n_refiner_layers", "n_refiner_layers")  # main layers + noise and context refiners
+    encoder_folders = ("text_encoder", "tokenizer", "vae")
+
+    def load_encoders(self) -> None:
+        import transformers
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline
+
+        from trainer.models import read_model_index
+
+        name, dt = self.cfg.pretrained_model_name_or_path, self.weight_dtype
+        self.vae, _ = self.place(AutoencoderKL.from_pretrained(name, subfolder="vae", dtype=dt), "none")
+        encoder_class = getattr(transformers, read_model_index(name)["text_encoder"][1])
+        text_encoder, _ = self.place(encoder_class.from_pretrained(name, subfolder="text_encoder", dtype=dt), self.cfg.quantize_text_encoder)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name, subfolder="tokenizer")
+        self.text_pipe = ZImagePipeline(scheduler=None, vae=None, text_encoder=text_encoder, tokenizer=tokenizer, transformer=None)
+        self.scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(name, subfolder="scheduler"))
+
+    def load_transformer(self) -> None:
+        from diffusers import ZImageTransformer2DModel
+
+        t = ZImageTransformer2DModel.from_pretrained(self.cfg.pretrained_model_name_or_path, subfolder="transformer", dtype=self.weight_dtype)
+        self.transformer, self.placement = self.place(t, self.cfg.quantize, self.cfg.blocks_to_swap)
+
+    def count_tokens(self, captions: list[str]) -> list[int]:
+        tok = self.text_pipe.tokenizer
+        texts = [tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True,
+                                         enable_thinking=True) for c in captions]
+        return [len(ids) for ids in tok(texts).input_ids]
+
+    @torch.no_grad()
+    def encode_prompts(self, captions: list[str]) -> ZImageCond:
+        embeds = self.text_pipe._encode_prompt(list(captions), device=self.device, max_sequence_length=self.cfg.max_sequence_length)
+        padded, mask = pad_and_stack([e.unsqueeze(0) for e in embeds], [None] * len(embeds))
+        return {"prompt_embeds": padded.to(self.weight_dtype), "prompt_embeds_mask": mask}
+
+    def split_text(self, cond: Cond, n: int) -> list[Cond]:
+        out = []
+        for i in range(n):
+            length = int(cond["prompt_embeds_mask"][i].sum())
+            out.append({"prompt_embeds": cond["prompt_embeds"][i : i + 1, :length],
+                        "prompt_embeds_mask": cond["prompt_embeds_mask"][i : i + 1, :length]})
+        return out
+
+    def merge_text(self, items: list[Cond]) -> Cond:
+        embeds, mask = pad_and_stack([it["prompt_embeds"] for it in items], [it["prompt_embeds_mask"] for it in items])
+        return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        # channels-last, as the pipelines' image processor hands images to the VAE (see FluxAdapter.encode_images)
+        x = pixels.to(self.device, self.vae.dtype).contiguous(memory_format=torch.channels_last)
+        z = self.vae.encode(x).latent_dist.mode().float()
+        return (z - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+
+    def image_seq_len(self, latents: torch.Tensor) -> int:
+        return (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
+
+    def predict(self, transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Cond) -> torch.Tensor:
+        dt = self.weight_dtype
+        frames = list(noisy.to(dt).unsqueeze(2).unbind(0))  # each C x 1 x H x W
+        captions = [e[m.bool()] for e, m in zip(cond["prompt_embeds"].to(dt), cond["prompt_embeds_mask"])]
+        out = transformer(frames, 1.0 - sigmas.float(), captions, return_dict=False)[0]
+        return -torch.stack([o.float() for o in out]).squeeze(2)  # the model predicts the negated velocity
+
+    # --- sampling and inference ----------------------------------------------------------------------------
+    def sampling_kwargs(self, cond: Cond, negative: Cond, size: tuple[int, int], images: list) -> dict:
+        def as_list(c):
+            return [e[m.bool()] for e, m in zip(c["prompt_embeds"], c["prompt_embeds_mask"])]
+
+        return {"prompt_embeds": as_list(cond), "negative_prompt_embeds": as_list(negative),
+                "guidance_scale": self.cfg.validation_guidance_scale}
+
+    def inference_kwargs(self, request: InferenceRequest) -> dict:
+        # ZImagePipeline runs CFG when guidance_scale > 1 (Turbo: 0); its negative prompt defaults to "".
+        kwargs = {"guidance_scale": request.true_cfg_scale}
+        if request.negative_prompt is not None:
+            kwargs["negative_prompt"] = request.negative_prompt
+        if request.max_sequence_length is not None:
+            kwargs["max_sequence_length"] = request.max_sequence_length
+        return kwargs
+
+    # --- planner, benches, tiny models ---------------------------------------------------------------------
+    def planner_spec(self) -> PlannerSpec:
+        return PlannerSpec(encoders=[("text encoder Qwen3-4B", QWEN3_4B_PARAMS, True)], vae_params=FLUX_VAE_PARAMS, text_tokens=128,
+                           token_width=3840)
+
+    def random_conditioning(self, transformer, batch: int, device, dtype) -> Cond:
+        g = torch.Generator(device=device).manual_seed(0)
+        emb = torch.randn(batch, 128, transformer.config.cap_feat_dim, generator=g, device=device).to(dtype)
+        return {"prompt_embeds": emb, "prompt_embeds_mask": torch.ones(batch, 128, dtype=torch.long, device=device)}
+
+    def with_blocks(self, config: dict, n: int) -> dict:
+        return {**config, "n_layers": n, "n_refiner_layers": 1}
+
+    def make_tiny_model(self, out, realistic: bool = False) -> None:
+        """The released prompt layout: Qwen3's chat template, prompts padded to 512 tokens; an 8x VAE."""
+        from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+
+        from .flux import build_flux_vae
+
+        torch.manual_seed(0)
+        tokenizer = build_qwen3_tokenizer()
+        ZImagePipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False),
+            vae=build_flux_vae(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159),
+            text_encoder=build_qwen3(tokenizer), tokenizer=tokenizer, transformer=build_z_image_transformer(),
+        ).save_pretrained(out)
+
+
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
+)
+
+
+def build_qwen3_tokenizer():
+    """A byte-level BPE Qwen2/3 tokenizer with Qwen3's chat template (the part the pipeline uses)."""
+    from .qwen_image import build_qwen_tokenizer
+
+    tokenizer = build_qwen_tokenizer()
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    tokenizer.pad_token = "<|endoftext|>"
+    return tokenizer
+
+
+def build_qwen3(tokenizer, hidden: int = 32):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+    )
+    return Qwen3ForCausalLM(config)  # the released text_encoder class
+
+
+def build_z_image_transformer(cap_feat_dim: int = 32):
+    from diffusers import ZImageTransformer2DModel
+
+    return ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=64, n_layers=2, n_refiner_layers=1, n_heads=2,
+        n_kv_heads=2, cap_feat_dim=cap_feat_dim, axes_dims=[8, 12, 12], axes_lens=[1024, 512, 512],
+    )
