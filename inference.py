@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from trainer.models.base import InferenceRequest
-    from trainer.pipelines import ToolError, adapter_for, check_lora, load_pipeline
+    from trainer.pipelines import ToolError, adapter_for, check_lora, load_pipeline, output_images
 
     try:
         adapter = adapter_for(args.model_name)
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
         generator=torch.Generator(device="cpu").manual_seed(args.seed),
         **adapter.inference_kwargs(request),
     )
-    image = pipe(**kwargs).images[0]
+    image = output_images(pipe(**kwargs))[0]
     out = Path(args.output_image)
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)

@@ -52,6 +52,8 @@ CASES = [
     Case("FLUX.1-schnell", "flux", guidance=False),
     Case("FLUX.1-Kontext-dev, 1 ref", "flux-kontext", 1),
     Case("Z-Image", "z-image", layout="frames"),
+    Case("Chroma", "chroma"),
+    Case("Kandinsky 5.0 Image", "kandinsky5", layout="frames-last"),
 ]
 
 
@@ -86,6 +88,8 @@ def latents_and_sigma(case: Case, inputs: dict) -> tuple[torch.Tensor, torch.Ten
     """The pipeline call's noisy target latent (B x C x H x W), its sigma and its number of target tokens."""
     if case.layout == "frames":  # Z-Image: a list of C x 1 x H x W frames, time = 1 - sigma
         return torch.stack(inputs["arg0"]).squeeze(2).float(), 1.0 - inputs["arg1"].float(), 0
+    if case.layout == "frames-last":  # Kandinsky 5: B x 1 x H x W x C, time = 1000 sigma
+        return inputs["hidden_states"].squeeze(1).permute(0, 3, 1, 2).float(), inputs["timestep"].float() / 1000, 0
     n_target = (TARGET[0] // 16) * (TARGET[1] // 16)
     return unpack(inputs["hidden_states"][:, :n_target], TARGET), inputs["timestep"].float(), n_target
 
@@ -94,6 +98,8 @@ def pipeline_prediction(case: Case, output, n_target: int) -> torch.Tensor:
     """What the pipeline takes as the velocity for the target from the transformer's output."""
     if case.layout == "frames":
         return -torch.stack([o.float() for o in output]).squeeze(2)
+    if case.layout == "frames-last":
+        return output.squeeze(1).permute(0, 3, 1, 2).float()
     return unpack(output[:, :n_target], TARGET)
 
 
@@ -172,8 +178,8 @@ def pipeline_call_kwargs(case: Case, refs: list[Path]) -> dict:
     images = [Image.open(r).convert("RGB") for r in refs]
     if case.variant.startswith("qwen"):
         kwargs["true_cfg_scale"] = 1.0
-    elif case.variant == "z-image":
-        kwargs["guidance_scale"] = 0.0  # no CFG: one transformer call per step
+    elif case.variant in ("z-image", "chroma", "kandinsky5"):
+        kwargs["guidance_scale"] = 1.0  # no CFG: one transformer call per step
     else:
         kwargs["guidance_scale"] = 3.5
     if case.variant == "qwen-image-edit":
@@ -211,6 +217,9 @@ def compare(case: Case, model: Path, work: Path) -> dict:
     if case.layout == "frames":
         result["text_tokens"] = int(ref_inputs["arg2"][0].shape[0])
         result["image_tokens"] = int(ref_inputs["arg0"][0].shape[-2] * ref_inputs["arg0"][0].shape[-1] // 4)
+    elif case.layout == "frames-last":
+        result["text_tokens"] = int(ref_inputs["encoder_hidden_states"].shape[1])
+        result["image_tokens"] = int(ref_inputs["hidden_states"].shape[2] * ref_inputs["hidden_states"].shape[3] // 4)
     else:
         result["text_tokens"] = int(ref_inputs["encoder_hidden_states"].shape[1])
         result["image_tokens"] = int(ref_inputs["hidden_states"].shape[1])

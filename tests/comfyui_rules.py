@@ -63,7 +63,8 @@ def _z_image(transformer) -> set[str]:
 
 
 RULES = {"qwen-image": _direct, "qwen-image-edit": _direct, "qwen-image-edit-plus": _direct, "flux": _flux,
-         "flux-kontext": _flux, "z-image": _z_image}
+         "flux-kontext": _flux, "z-image": _z_image, "chroma": _flux,
+         "kandinsky5": _direct}  # ComfyUI's Chroma is a Flux model
 
 
 def not_loaded(keys, variant: str, transformer) -> list[str]:

@@ -7,7 +7,15 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxKontextPipeline, FluxPipeline, QwenImageEditPipeline, QwenImageEditPlusPipeline, ZImagePipeline
+from diffusers import (
+    ChromaPipeline,
+    FluxKontextPipeline,
+    FluxPipeline,
+    Kandinsky5T2IPipeline,
+    QwenImageEditPipeline,
+    QwenImageEditPlusPipeline,
+    ZImagePipeline,
+)
 from helpers import ACCELERATE, PY, ROOT, base_overrides, read_losses, write_dataset
 from PIL import Image
 
@@ -15,6 +23,8 @@ from trainer.config import ConfigError, load_config
 from trainer.loop import train
 from trainer.models.flux import FluxAdapter
 from trainer.models.qwen_image import QwenImageAdapter, QwenImageEditAdapter
+from trainer.models.chroma import ChromaAdapter
+from trainer.models.kandinsky5 import Kandinsky5Adapter
 from trainer.models.qwen_processor import load_qwen_processor
 from trainer.models.z_image import ZImageAdapter
 
@@ -25,6 +35,8 @@ FAMILIES = {
     "qwen-image-edit": ("train_qwen_edit_lora.py", QwenImageEditAdapter, QwenImageEditPipeline, True),
     "qwen-image-edit-plus": ("train_qwen_edit_lora.py", QwenImageEditAdapter, QwenImageEditPlusPipeline, True),
     "z-image": ("train_z_image_lora.py", ZImageAdapter, ZImagePipeline, False),
+    "chroma": ("train_chroma_lora.py", ChromaAdapter, ChromaPipeline, False),
+    "kandinsky5": ("train_kandinsky_lora.py", Kandinsky5Adapter, Kandinsky5T2IPipeline, False),
 }
 
 

@@ -227,3 +227,25 @@ def test_loader_never_crashes_on_random_bytes_and_names(tmp_path_factory, files)
     ds = CaptionDataset(scan.samples)
     for i in range(len(scan.samples)):
         assert torch.isfinite(ds[(i, 0)]["pixel_values"]).all()
+
+
+def test_lora_that_cannot_learn_is_stopped_at_the_first_checkpoint(tiny_qwen, dataset, tmp_path):
+    """The no-op guard: with the output layer at zero no gradient reaches the LoRA (the failure mode of a
+    zero-initialised or wrongly offloaded model); the run stops with one line instead of saving a LoRA that does
+    nothing."""
+    from diffusers import QwenImagePipeline
+
+    dead = tmp_path / "dead-model"
+    pipe = QwenImagePipeline.from_pretrained(tiny_qwen)
+    torch.nn.init.zeros_(pipe.transformer.proj_out.weight)
+    pipe.save_pretrained(dead)
+    with pytest.raises(TrainingError, match="every lora_B .* is unchanged: the LoRA would do nothing"):
+        train(load_config(None, base_overrides(dead, dataset, tmp_path / "o", max_train_steps=4, checkpointing_steps=2)), QwenImageAdapter)
+    assert not (tmp_path / "o" / "checkpoint-2").exists()
+
+
+def test_layers_without_gradient_are_only_warned_about(tiny_qwen, dataset, tmp_path, caplog):
+    """Qwen-Image's last block's text projections feed nothing: structural, a warning, training goes on."""
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        train(load_config(None, base_overrides(tiny_qwen, dataset, tmp_path / "o", max_train_steps=2)), QwenImageAdapter)
+    assert any("receive no gradient" in r.getMessage() and "transformer_blocks.1" in r.getMessage() for r in caplog.records)

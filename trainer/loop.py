@@ -89,6 +89,7 @@ class Run:
     config_yaml: str
     step_losses: list[torch.Tensor] = field(default_factory=list)  # micro-batch losses of the update in progress
     step_paths: list[str] = field(default_factory=list)
+    checked: bool = False  # the training method's no-op guard ran
 
 
 @dataclass
@@ -148,6 +149,7 @@ def setup(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Run:
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, state.global_step, state.epoch, state.batch_in_epoch)
     elif cfg.resume_from_checkpoint == "latest":
         logger.info("resume_from_checkpoint=latest: no checkpoint in %s yet, starting fresh", out)
+    method.watch(params)  # the weights as this run starts them (fresh or resumed), for the no-op guard
     state.extra["dataset"] = fingerprint
     log = TrainLog(out / LOG_FILE, accelerator, cfg.max_train_steps, state.global_step, state.elapsed_seconds)
     if accelerator.is_main_process:
@@ -395,6 +397,7 @@ def train_step(run: Run, batch: dict) -> Update | None:
             acc.unscale_gradients()
         norm = grad_norm(run.params)
         finite = bool(torch.isfinite(norm + loss.detach().float() * 0))  # the one host sync per step
+        run.method.note_gradients(run.params)
         if finite:
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grads_with_norm_(run.params, cfg.max_grad_norm, norm)
@@ -442,6 +445,13 @@ def after_update(run: Run, update: Update, stop: "StopRequest") -> bool:
     at_end = state.global_step >= cfg.max_train_steps
     periodic = cfg.checkpointing_steps and state.global_step % cfg.checkpointing_steps == 0
     if periodic or at_end or stop.signum is not None:
+        if not run.checked:  # the no-op guard, once per run: before the first checkpoint is written
+            run.checked = True
+            try:
+                for line in run.method.check_trained(run.params, state.global_step):
+                    logger.warning(line)
+            except ValueError as e:
+                raise TrainingError(str(e)) from None
         run.log.flush()  # every step up to a checkpoint is in the log before the checkpoint exists
         state.elapsed_seconds = run.log.elapsed()
         if run.accelerator.is_main_process:

@@ -43,6 +43,11 @@ def resolve_lora(path: str) -> tuple[str, str]:
     raise ToolError(f"'{path}' does not exist")
 
 
+def output_images(output) -> list:
+    """The images of a pipeline's output (Kandinsky's pipelines name the field `image`)."""
+    return output.images if hasattr(output, "images") else output.image
+
+
 def check_lora(path: str, adapter) -> None:
     """ToolError unless every layer of the LoRA maps onto the model (names and sizes, from its config): a LoRA of
     another family can half-match by name and shape, and diffusers would apply that part silently."""

@@ -15,6 +15,7 @@ from PIL import Image
 
 from image_datasets import load_image, resize_exact, to_tensor
 from trainer.config import TrainConfig
+from trainer.pipelines import output_images
 from trainer.models.base import ModelAdapter
 
 logger = logging.getLogger("trainer")
@@ -60,7 +61,7 @@ class Validator:
             result = pipe(**kwargs, width=it["size"][0], height=it["size"][1],
                           num_inference_steps=self.cfg.validation_num_inference_steps,
                           generator=torch.Generator("cpu").manual_seed(self.cfg.validation_seed))
-            images.append(result.images[0])
+            images.append(output_images(result)[0])
         transformer.train(was_training)
         grid = _grid(images)
         path = out / "samples" / f"step-{step}.png"

@@ -45,6 +45,16 @@ class TrainingMethod(ABC):
         """Files of the last checkpoint copied into output_dir when training ends (those that exist)."""
         return self.checkpoint_files()
 
+    def watch(self, params: list[torch.nn.Parameter]) -> None:
+        """Remember the trainable weights as they start (or resume), for `check_trained`."""
+
+    def note_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Called once, at the first update, while the gradients are still there."""
+
+    def check_trained(self, params: list[torch.nn.Parameter], steps: int) -> list[str]:
+        """At the first checkpoint: warnings to log; raises ValueError when training demonstrably does nothing."""
+        return []
+
     def sampling(self, transformer: torch.nn.Module):
         """Context in which validation previews are rendered (the model as users will run it)."""
         return contextlib.nullcontext()

@@ -55,6 +55,40 @@ class LoRAMethod(TrainingMethod):
             p.data = p.data.float()  # train LoRA in fp32 even when the base runs in bf16
         return params
 
+    def watch(self, params: list[torch.nn.Parameter]) -> None:
+        self.initial = [p.detach().to("cpu", copy=True) for p in params]  # LoRA weights are small; host RAM
+        self.no_gradient: set[int] | None = None
+
+    def note_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        if self.no_gradient is None:  # once: a sync per tensor is fine at the first update
+            self.no_gradient = {i for i, p in enumerate(params) if p.grad is None or not bool(p.grad.any())}
+
+    def check_trained(self, params: list[torch.nn.Parameter], steps: int) -> list[str]:
+        """The no-op guard. A LoRA whose weights never move (all lora_B still zero) renders exactly like the base
+        model: a zero-initialised output layer, a frozen or offloaded copy being trained, a wrong target module, an
+        optimizer that never sees the weights. Tensors whose first gradient is absent or all zero are structural
+        (e.g. the last Qwen-Image block's text projections, whose output nothing reads) and only warned about, as long
+        as the LoRA's output side moves somewhere."""
+        names = {id(p): n for n, p in self.adapter.transformer.named_parameters()} if self.adapter.transformer is not None else {}
+        unchanged = [i for i, (p, p0) in enumerate(zip(params, self.initial)) if torch.equal(p.detach().cpu(), p0)]
+        silent = self.no_gradient or set()
+        up = [i for i in range(len(params)) if ".lora_B." in names.get(id(params[i]), "")]
+        if len(unchanged) == len(params) or (up and set(up) <= set(unchanged)):
+            what = "no LoRA weight has changed" if len(unchanged) == len(params) else "every lora_B (the LoRA's output side) is unchanged"
+            raise ValueError(
+                f"after {steps} step(s) {what}: the LoRA would do nothing. Check that the loss is finite and learning_rate > 0, "
+                "and that lora_target_modules names layers whose output reaches the prediction"
+            )
+        stuck = [i for i in unchanged if i not in silent]
+        if stuck:
+            raise ValueError(
+                f"after {steps} step(s) {len(stuck)} LoRA tensor(s) that received gradients are still exactly at their initial "
+                f"values (e.g. {names.get(id(params[stuck[0]]), stuck[0])}): the optimizer does not update them"
+            )
+        unused = sorted({names.get(id(params[i]), str(i)).split(".lora_")[0] for i in unchanged})
+        return [f"{len(unused)} LoRA layer(s) receive no gradient in this model and stay at their initial values "
+                f"(e.g. {unused[0]}); they do no harm, or leave them out of lora_target_modules"] if unused else []
+
     def load_assistant(self, transformer: torch.nn.Module) -> None:
         """cfg.assistant_lora as a frozen second adapter (any format the family's loader reads)."""
         from trainer.config import ConfigError

@@ -218,7 +218,8 @@ class QwenImageAdapter(ModelAdapter):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         torch.manual_seed(0)
-        tokenizer = build_qwen_tokenizer(self.pipeline_class)
+        probe = self.pipeline_class(**{k: None for k in inspect.signature(self.pipeline_class.__init__).parameters if k != "self"})
+        tokenizer = build_qwen_tokenizer(probe.prompt_template_encode, probe.prompt_template_encode_start_idx)
         components = dict(
             scheduler=FlowMatchEulerDiscreteScheduler(
                 base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, shift=1.0,
@@ -334,9 +335,9 @@ QWEN_SPECIAL_TOKENS = [
 RELEASED_VL_PIXELS = dict(min_pixels=3136, max_pixels=12845056)
 
 
-def build_qwen_tokenizer(pipeline_class=None):
-    """A byte-level BPE Qwen2 tokenizer. With a pipeline class, its prompt template's system prefix tokenizes to
-    exactly the number of tokens the pipeline drops (as with the released tokenizer)."""
+def build_qwen_tokenizer(template: str | None = None, drop: int = 0):
+    """A byte-level BPE Qwen2 tokenizer. With a pipeline's prompt template, the template's system prefix tokenizes to
+    exactly the `drop` tokens the pipeline drops (as with the released tokenizer)."""
     from transformers import Qwen2Tokenizer
 
     from .tiny import pin_prefix_length, train_byte_level_bpe
@@ -344,10 +345,7 @@ def build_qwen_tokenizer(pipeline_class=None):
     vocab, merges = train_byte_level_bpe(400, QWEN_SPECIAL_TOKENS)
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=32768)
     tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS[1:]})
-    if pipeline_class is not None:
-        extra = {"processor": None} if "processor" in inspect.signature(pipeline_class.__init__).parameters else {}
-        probe = pipeline_class(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=None, **extra)
-        template, drop = probe.prompt_template_encode, probe.prompt_template_encode_start_idx
+    if template is not None:
         prefix = template[: template.index("{}")].split("<|vision_start|>")[0]
         pin_prefix_length(tokenizer, prefix, QWEN_SPECIAL_TOKENS, drop)
     return tokenizer
@@ -395,7 +393,7 @@ def build_qwen_transformer(z_dim: int = 4, joint_attention_dim: int = 32, num_la
     )
 
 
-def save_qwen_processor(tokenizer, out, realistic: bool = False) -> None:
+def save_qwen_processor(tokenizer, out, realistic: bool = False, subfolder: str = "processor") -> None:
     """Write a Qwen2VLProcessor folder (image processor + tokenizer) and name it in model_index.json.
 
     Built from its parts because transformers can only instantiate Qwen2VLProcessor when torchvision is
@@ -410,10 +408,10 @@ def save_qwen_processor(tokenizer, out, realistic: bool = False) -> None:
     # Toy budget (16 tokens per image) for fast tests; realistic = the released budget.
     pixels = RELEASED_VL_PIXELS if realistic else dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
     image_processor = Qwen2VLImageProcessorPil(**pixels)
-    folder = out / "processor"
+    folder = out / subfolder
     image_processor.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     (folder / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}, indent=2))
     index = json.loads((out / "model_index.json").read_text())
-    index["processor"] = ["transformers", "Qwen2VLProcessor"]
+    index[subfolder] = ["transformers", "Qwen2VLProcessor"]
     (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))

@@ -24,7 +24,7 @@ class QwenVLImageTextProcessor(ProcessorMixin):
         self.image_processor = image_processor
         self.tokenizer = tokenizer
 
-    def __call__(self, text=None, images=None, padding=True, return_tensors="pt", **_unused):
+    def __call__(self, text=None, images=None, padding=True, return_tensors="pt", max_length=None, truncation=None, **_unused):
         text = [text] if isinstance(text, str) else list(text)
         image_inputs = {}
         if images is not None:
@@ -37,8 +37,15 @@ class QwenVLImageTextProcessor(ProcessorMixin):
                     t = t.replace(self.image_token, "<|placeholder|>" * int(grid[index].prod() // merge), 1)
                     index += 1
                 text[i] = t.replace("<|placeholder|>", self.image_token)
-        text_inputs = self.tokenizer(text, padding=padding, return_tensors=return_tensors)
+        text_inputs = self.tokenizer(text, padding=padding, return_tensors=return_tensors, max_length=max_length, truncation=truncation)
         return BatchFeature(data={**text_inputs, **image_inputs}, tensor_type=return_tensors)
+
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
 
 
 def load_qwen_processor(name_or_path: str, subfolder: str = "processor"):

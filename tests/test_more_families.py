@@ -1,0 +1,180 @@
+"""Z-Image, Chroma and FLUX.1-Krea: LoRA loading in their pipelines, inference, quantized and block-swapped training,
+the planner, and the assistant LoRA used to train on Z-Image-Turbo."""
+
+import logging
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from diffusers import ChromaPipeline, Kandinsky5T2IPipeline, ZImagePipeline
+from helpers import ACCELERATE, PY, ROOT, base_overrides, read_losses, write_dataset
+from PIL import Image
+from safetensors.torch import load_file
+
+from trainer.config import load_config
+from trainer.loop import train
+from trainer.methods.lora import LoRAMethod
+from trainer.pipelines import output_images
+from trainer.models.chroma import ChromaAdapter
+from trainer.models.kandinsky5 import Kandinsky5Adapter
+from trainer.models.z_image import ZImageAdapter
+
+
+# variant -> (adapter, pipeline class, pipeline call arguments for a render without CFG, released transformer
+#             parameters, released blocks, a render size the pipeline keeps)
+FAMILIES = {
+    "z-image": (ZImageAdapter, ZImagePipeline, {"guidance_scale": 0.0}, 6_154_908_736, 34, (48, 32)),  # 30 + 2 + 2 refiners
+    "chroma": (ChromaAdapter, ChromaPipeline, {"guidance_scale": 1.0}, 8_899_983_424, 57, (48, 32)),  # 19 double + 38 single
+    # Kandinsky5T2IPipeline renders only its 7 training resolutions
+    "kandinsky5": (Kandinsky5Adapter, Kandinsky5T2IPipeline, {"guidance_scale": 1.0}, 6_022_080_576, 52, (1024, 1024)),
+}
+CONFIGS = {"z-image": "train_z_image_lora.yaml", "chroma": "train_chroma_lora.yaml", "kandinsky5": "train_kandinsky5_lora.yaml"}
+
+
+@pytest.fixture(scope="module")
+def zimage(tiny_models):
+    return tiny_models("z-image")
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_models, tmp_path_factory):
+    """variant -> output folder of a 4-step run with ComfyUI files and a validation sample."""
+    runs = {}
+
+    def get(variant):
+        if variant not in runs:
+            tmp = tmp_path_factory.mktemp(variant)
+            data = write_dataset(tmp / "d", n=2)
+            cls, _pipe, call, *_ = FAMILIES[variant]
+            train(load_config(None, base_overrides(
+                tiny_models(variant), data, tmp / "out", max_train_steps=4, learning_rate=2e-2, lora_format="comfyui",
+                validation_prompts="[a red cat]", validation_num_inference_steps=2,
+                validation_guidance_scale=call["guidance_scale"], **{"data_config.img_size": 32})), cls)
+            runs[variant] = tmp / "out"
+        return runs[variant]
+
+    return get
+
+
+def render(pipe, call, size=(32, 32)):
+    return output_images(pipe("a photo", width=size[0], height=size[1], num_inference_steps=2, output_type="np",
+                              generator=torch.Generator().manual_seed(0), **call))[0]
+
+
+@pytest.mark.parametrize("variant", list(FAMILIES))
+def test_lora_loads_in_the_pipeline_changes_it_and_scale_zero_is_the_base(variant, trained, tiny_models, caplog):
+    cls, pipeline, call, *_, size = FAMILIES[variant]
+    model = tiny_models(variant)
+    pipe = pipeline.from_pretrained(model, **cls.from_model(load_config(None, [f"pretrained_model_name_or_path={model}"],
+                                                                          check_paths=False)).pipeline_components(str(model)))
+    size = (32, 32) if size[0] < 1000 else size
+    base = render(pipe, call, size)
+    with caplog.at_level(logging.WARNING):
+        pipe.load_lora_weights(trained(variant), adapter_name="lora")
+    assert not [r for r in caplog.records if "unexpected keys" in r.getMessage().lower() or "missing keys" in r.getMessage().lower()]
+    assert np.abs(render(pipe, call, size) - base).max() > 1e-4
+    pipe.set_adapters(["lora"], adapter_weights=[0.0])
+    assert np.allclose(render(pipe, call, size), base, atol=1e-6)
+    assert (trained(variant) / "samples" / "step-4.png").is_file()
+
+
+@pytest.mark.parametrize("variant", list(FAMILIES))
+def test_inference_script_renders_with_the_lora(variant, trained, tiny_models, tmp_path):
+    out = tmp_path / "z.png"
+    w, h = FAMILIES[variant][-1]
+    r = subprocess.run([PY, "inference.py", "--model_name", str(tiny_models(variant)), "--lora_weights", str(trained(variant)),
+                        "--prompt", "a cat", "--width", str(w), "--height", str(h), "--num_inference_steps", "2", "--true_cfg_scale", "1",
+                        "--output_image", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert Image.open(out).size == (w, h)
+
+
+@pytest.mark.parametrize("variant", list(FAMILIES))
+@pytest.mark.parametrize("mode", ["qfloat8", "nf4"])
+def test_quantized_and_block_swapped_training_match(variant, mode, tiny_models, tmp_path):
+    data = write_dataset(tmp_path / "d", n=2)
+    runs = {}
+    for swap in (0, 2):
+        out = tmp_path / f"{mode}-{swap}"
+        train(load_config(None, base_overrides(tiny_models(variant), data, out, quantize=mode, blocks_to_swap=swap, max_train_steps=3,
+                                               gradient_checkpointing=True)), FAMILIES[variant][0])
+        runs[swap] = read_losses(out)
+    assert runs[0] == pytest.approx(runs[2], abs=1e-6) and all(np.isfinite(runs[0]))
+
+
+@pytest.mark.parametrize("variant", list(FAMILIES))
+def test_planner_counts_the_released_transformer(variant):
+    from utils.estimate_memory import plan
+
+    *_, params, blocks, _size = FAMILIES[variant]
+    config = f"train_configs/{CONFIGS[variant]}"
+    _rows, info = plan(load_config(ROOT / config, check_paths=False), 1024)
+    assert info["transformer_params"] == params and info["blocks"] == blocks
+    for card in (24, 16, 12):
+        r = subprocess.run([PY, "utils/estimate_memory.py", "--config", config, "--vram_gb", str(card), "quantize=nf4",
+                            "quantize_text_encoder=nf4"], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0 and f"fits a {card} GB card" in r.stdout, r.stdout + r.stderr
+        assert r.stdout.strip().endswith("yes") or "hint: blocks_to_swap=" in r.stdout, r.stdout
+
+
+def test_krea_yaml_trains_at_its_guidance_through_the_flux_entry(tiny_models, tmp_path):
+    """FLUX.1-Krea-dev is the FLUX.1-dev architecture; its YAML trains at Krea's inference guidance, 4.5."""
+    from trainer.models.flux import FluxAdapter
+
+    data = write_dataset(tmp_path / "d", n=2)
+    flux = tiny_models("flux")
+    r = subprocess.run([*ACCELERATE, "train_flux_lora.py", "--config", "train_configs/train_flux_krea.yaml",
+                        f"pretrained_model_name_or_path={flux}", f"data_config.img_dir={data}", "data_config.img_size=64",
+                        f"output_dir={tmp_path / 'o'}", "max_train_steps=2", "report_to=none", "data_config.num_workers=0"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = load_config(ROOT / "train_configs/train_flux_krea.yaml", [f"pretrained_model_name_or_path={flux}"], check_paths=False)
+    adapter = FluxAdapter.from_model(cfg)
+    adapter.load()
+    seen = {}
+    adapter.transformer.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+    cond = adapter.encode_prompts(["a photo"])
+    with torch.no_grad():
+        adapter.predict(adapter.transformer, torch.randn(1, 4, 8, 8), torch.tensor([0.5]), cond)
+    assert seen["guidance"].tolist() == [4.5]
+
+
+def test_assistant_lora_trains_with_it_previews_and_saves_without_it(zimage, tmp_path):
+    """Turbo training: a frozen assistant LoRA is active in the training forward, off in sampling, not saved."""
+    assistant = tmp_path / "assistant"
+    pipe = ZImagePipeline.from_pretrained(zimage)
+    torch.manual_seed(3)
+    layers = {}
+    for name, m in pipe.transformer.named_modules():
+        if name.endswith(("attention.to_q", "attention.to_v")):
+            layers[f"{name}.lora_A.weight"] = torch.randn(4, m.in_features) * 0.3
+            layers[f"{name}.lora_B.weight"] = torch.randn(m.out_features, 4) * 0.3
+    ZImagePipeline.save_lora_weights(assistant, transformer_lora_layers=layers)
+    data = write_dataset(tmp_path / "d", n=2)
+    plain, helped = tmp_path / "plain", tmp_path / "helped"
+    train(load_config(None, base_overrides(zimage, data, plain, max_train_steps=3)), ZImageAdapter)
+    train(load_config(None, base_overrides(zimage, data, helped, max_train_steps=3, assistant_lora=str(assistant))), ZImageAdapter)
+    assert read_losses(plain)[0] != pytest.approx(read_losses(helped)[0], abs=1e-6), "the assistant takes part in training"
+    saved = load_file(helped / "pytorch_lora_weights.safetensors")
+    assert saved.keys() == load_file(plain / "pytorch_lora_weights.safetensors").keys(), "only the trained LoRA is saved"
+
+    cfg = load_config(None, base_overrides(zimage, data, helped, assistant_lora=str(assistant)))
+    adapter = ZImageAdapter.from_model(cfg)
+    adapter.load()
+    method = LoRAMethod(cfg, adapter)
+    params = method.attach(adapter.transformer)
+    method.load(adapter.transformer, helped)
+    assert all(".default." in n for n, p in adapter.transformer.named_parameters() if p.requires_grad) and params
+    g = torch.Generator().manual_seed(0)
+    noisy = torch.randn(1, 16, 4, 4, generator=g)
+    cond = adapter.encode_prompts(["a cat"])
+    with torch.no_grad():
+        with method.sampling(adapter.transformer):
+            previewed = adapter.predict(adapter.transformer, noisy, torch.tensor([0.5]), cond)
+        trained_with = adapter.predict(adapter.transformer, noisy, torch.tensor([0.5]), cond)
+        ref = ZImagePipeline.from_pretrained(zimage)
+        ref.load_lora_weights(helped)
+        as_used = adapter.predict(ref.transformer, noisy, torch.tensor([0.5]), cond)
+    assert (previewed - as_used).abs().max() < 1e-5, "previews show the LoRA without the assistant"
+    assert (trained_with - as_used).abs().max() > 1e-4
