@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ class Case:
     variant: str  # make_tiny_models family
     references: int = 0
     guidance: bool = True  # FLUX: the transformer has a guidance embedding (dev / Kontext); False = schnell
+    zero_cond_t: bool = False  # Qwen-Image-Edit-2511: reference tokens modulated at t = 0 (transformer config)
     layout: str = "packed"  # how the pipeline passes latents: packed tokens (hidden_states=...) or "frames" (a list)
 
 
@@ -48,12 +50,18 @@ CASES = [
     Case("Qwen-Image-Edit-2509, 1 ref", "qwen-image-edit-plus", 1),
     Case("Qwen-Image-Edit-2509, 2 refs", "qwen-image-edit-plus", 2),
     Case("Qwen-Image-Edit-2509, 3 refs", "qwen-image-edit-plus", 3),
+    Case("Qwen-Image-Edit-2511, 2 refs", "qwen-image-edit-plus", 2, zero_cond_t=True),
     Case("FLUX.1-dev", "flux"),
     Case("FLUX.1-schnell", "flux", guidance=False),
     Case("FLUX.1-Kontext-dev, 1 ref", "flux-kontext", 1),
     Case("Z-Image", "z-image", layout="frames"),
     Case("Chroma", "chroma"),
     Case("Kandinsky 5.0 Image", "kandinsky5", layout="frames-last"),
+    Case("FLUX.2 Klein", "flux2-klein", layout="patchified"),
+    Case("FLUX.2 Klein, 1 ref", "flux2-klein", 1, layout="patchified"),
+    Case("FLUX.2 Klein, 2 refs", "flux2-klein", 2, layout="patchified"),
+    Case("FLUX.2 Klein, 3 refs", "flux2-klein", 3, layout="patchified"),
+    Case("FLUX.2 dev, 1 ref", "flux2", 1, layout="patchified"),
 ]
 
 
@@ -90,6 +98,10 @@ def latents_and_sigma(case: Case, inputs: dict) -> tuple[torch.Tensor, torch.Ten
         return torch.stack(inputs["arg0"]).squeeze(2).float(), 1.0 - inputs["arg1"].float(), 0
     if case.layout == "frames-last":  # Kandinsky 5: B x 1 x H x W x C, time = 1000 sigma
         return inputs["hidden_states"].squeeze(1).permute(0, 3, 1, 2).float(), inputs["timestep"].float() / 1000, 0
+    if case.layout == "patchified":  # FLUX.2: one token per 2x2-patchified latent position (16 px)
+        h, w = TARGET[1] // 16, TARGET[0] // 16
+        tokens = inputs["hidden_states"][:, : h * w]
+        return tokens.permute(0, 2, 1).reshape(tokens.shape[0], -1, h, w).float(), inputs["timestep"].float(), h * w
     n_target = (TARGET[0] // 16) * (TARGET[1] // 16)
     return unpack(inputs["hidden_states"][:, :n_target], TARGET), inputs["timestep"].float(), n_target
 
@@ -100,6 +112,9 @@ def pipeline_prediction(case: Case, output, n_target: int) -> torch.Tensor:
         return -torch.stack([o.float() for o in output]).squeeze(2)
     if case.layout == "frames-last":
         return output.squeeze(1).permute(0, 3, 1, 2).float()
+    if case.layout == "patchified":
+        tokens = output[:, :n_target]
+        return tokens.permute(0, 2, 1).reshape(tokens.shape[0], -1, TARGET[1] // 16, TARGET[0] // 16).float()
     return unpack(output[:, :n_target], TARGET)
 
 
@@ -147,6 +162,23 @@ def schnell_copy(flux_model: Path, out: Path) -> Path:
     return out
 
 
+def zero_cond_copy(plus_model: Path, out: Path) -> Path:
+    """The tiny Edit-2509 pipeline with Qwen-Image-Edit-2511's transformer option (zero_cond_t=True)."""
+    from diffusers import QwenImageEditPlusPipeline
+
+    from trainer.models.qwen_image import build_qwen_transformer
+
+    if not (out / "model_index.json").exists():
+        pipe = QwenImageEditPlusPipeline.from_pretrained(plus_model, processor=None)
+        torch.manual_seed(0)
+        pipe.transformer = build_qwen_transformer(zero_cond_t=True)
+        pipe.save_pretrained(out)
+        shutil.copytree(plus_model / "processor", out / "processor", dirs_exist_ok=True)
+        index = json.loads((out / "model_index.json").read_text())
+        (out / "model_index.json").write_text(json.dumps({**index, "processor": ["transformers", "Qwen2VLProcessor"]}))
+    return out
+
+
 def trainer_batch(adapter, target: Path, refs: list[Path], captions: list[str], work: Path) -> dict:
     """A collated training batch of len(captions) samples (same target and references), built as training does."""
     from image_datasets import CaptionDataset, collate, scan_dataset
@@ -168,7 +200,7 @@ def trainer_batch(adapter, target: Path, refs: list[Path], captions: list[str], 
     scan = scan_dataset(d, reference_sizes=adapter.reference_sizes)
     assert not scan.problems, scan.problems
     samples = sorted(scan.samples, key=lambda s: (s.image.name, captions.index(s.caption)))
-    ds = CaptionDataset(samples)
+    ds = CaptionDataset(samples, reference_transform=adapter.reference_transform())
     return collate([ds[(i, 0)] for i in range(len(samples))])
 
 
@@ -178,7 +210,9 @@ def pipeline_call_kwargs(case: Case, refs: list[Path]) -> dict:
     images = [Image.open(r).convert("RGB") for r in refs]
     if case.variant.startswith("qwen"):
         kwargs["true_cfg_scale"] = 1.0
-    elif case.variant in ("z-image", "chroma", "kandinsky5"):
+    elif case.variant == "z-image":
+        kwargs["guidance_scale"] = 0.0  # no CFG (ZImagePipeline runs CFG for any scale > 0)
+    elif case.variant in ("chroma", "kandinsky5", "flux2-klein"):
         kwargs["guidance_scale"] = 1.0  # no CFG: one transformer call per step
     else:
         kwargs["guidance_scale"] = 3.5
@@ -188,6 +222,8 @@ def pipeline_call_kwargs(case: Case, refs: list[Path]) -> dict:
         kwargs["image"] = images
     elif case.variant == "flux-kontext":
         kwargs.update(image=images[0], max_area=w * h)  # _auto_resize on: the pipeline's default reference sizing
+    elif case.variant.startswith("flux2") and images:
+        kwargs["image"] = images
     return kwargs
 
 
@@ -266,6 +302,8 @@ def main() -> int:
         model = make_tiny_model(case.variant, root / case.variant, realistic=True)
         if not case.guidance:
             model = schnell_copy(model, root / "flux-schnell")
+        if case.zero_cond_t:
+            model = zero_cond_copy(model, root / "qwen-image-edit-2511")
         r = compare(case, model, root / case.name.replace(" ", "_").replace(",", ""))
         inputs = max(v for k, v in r.items() if k not in ("prediction", "transformer output", "text_tokens", "image_tokens"))
         print(f"| {case.name} | {r['text_tokens']} | {r['image_tokens']} | {inputs:.2e} | {r['prediction']:.2e} |", flush=True)

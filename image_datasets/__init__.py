@@ -12,7 +12,7 @@ from .caption_dataset import (
     scan_dataset,
     scan_metadata,
 )
-from .images import BadImageError, load_image, resize_and_crop, resize_exact, target_size, to_tensor
+from .images import BadImageError, load_image, resize_and_crop, resize_exact, resize_views, target_size, to_tensor
 
 __all__ = [
     "BadImageError",
@@ -26,6 +26,7 @@ __all__ = [
     "read_caption",
     "resize_and_crop",
     "resize_exact",
+    "resize_views",
     "scan_caption_folder",
     "scan_dataset",
     "scan_metadata",

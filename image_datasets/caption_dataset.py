@@ -13,7 +13,7 @@ from typing import Callable, Hashable, Iterator, Sequence
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .images import BadImageError, is_image_file, load_image, oriented_size, resize_and_crop, resize_exact, target_size, to_tensor
+from .images import BadImageError, is_image_file, load_image, oriented_size, resize_and_crop, resize_views, target_size, to_tensor
 
 # (source width, source height) -> (VAE view size, [text-encoder view size]) of a reference image; the family's
 # `ModelAdapter.reference_sizes`. Without one, references are sized like targets.
@@ -71,10 +71,15 @@ def _check_image(path: Path, img_size: int, decode: bool, result: ScanResult) ->
     return w, h
 
 
-def _add_sample(result: ScanResult, image: Path, caption: str, caption_name: str, controls: list[Path], img_size: int, decode: bool) -> None:
+def _add_sample(result: ScanResult, image: Path, caption: str, caption_name: str, controls: list[Path], img_size: int, decode: bool,
+                rule: ReferenceRule | None = None) -> None:
     source = _check_image(image, img_size, decode, result)
     control_sources = [_check_image(c, img_size, decode, result) for c in controls]
     if source is None or any(cs is None for cs in control_sources):
+        return
+    sized = [rule.size_problem(str(c), *cs) for c, cs in zip(controls, control_sources)] if rule else []
+    if any(sized):
+        result.problems.extend(p for p in sized if p)
         return
     if not caption:
         result.warnings.append(f"{caption_name}: caption is empty (the image trains unconditionally)")
@@ -145,6 +150,15 @@ class ReferenceRule:
     high: int
     model: str  # e.g. "QwenImageEditPipeline", for the messages
     hint: str = ""  # appended when a sample has more than `high`
+    min_side: int = 0  # the pipeline refuses reference images with a shorter side
+    max_aspect: float = 0.0  # ... or a more extreme aspect ratio (0 = no limit)
+
+    def size_problem(self, where: str, width: int, height: int) -> str | None:
+        if self.min_side and min(width, height) < self.min_side:
+            return f"{where}: reference image is {width}x{height}; a {self.model} model needs both sides >= {self.min_side}"
+        if self.max_aspect and max(width / height, height / width) > self.max_aspect:
+            return f"{where}: reference image is {width}x{height}; a {self.model} model takes aspect ratios up to {self.max_aspect:g}:1"
+        return None
 
     def problem(self, where: str, n: int) -> str | None:
         if n > self.high:
@@ -155,10 +169,11 @@ class ReferenceRule:
 
 
 def scan_caption_folder(
-    img_dir: str | Path, img_size: int, caption_ext: str = "txt", decode: bool = True, control_dir: str | Path | None = None,
-    recursive: bool = False, rule: ReferenceRule | None = None,
+    img_dir: str | Path, img_size: int, caption_ext: str = "txt", decode: bool = True,
+    control_dir: str | Path | list | None = None, recursive: bool = False, rule: ReferenceRule | None = None,
 ) -> ScanResult:
-    """Pair every image with its caption (and its same-stem control image when control_dir is given) and check it.
+    """Pair every image with its caption (and its same-stem control images when control_dir is given: one folder,
+    or a list of folders holding reference 1, 2, 3, ... in order) and check it.
 
     decode=True fully decodes each image, which catches truncated files that a header read would miss. With
     recursive=True images in subfolders are used too (captions beside them, controls under the same relative path);
@@ -195,19 +210,22 @@ def scan_caption_folder(
         except (OSError, ValueError) as e:
             result.problems.append(str(e))
             continue
-        controls = []
-        if control_dir is not None:
-            folder = Path(control_dir) / img.parent.relative_to(root)
-            control = _find_control(folder, img.stem)
-            if control is None:
-                result.problems.append(f"{img}: no control image named {img.stem}.* in {folder}")
-                continue
-            controls.append(control)
+        controls, folders = [], [] if control_dir is None else [control_dir] if isinstance(control_dir, (str, Path)) else control_dir
+        found = [_find_control(Path(f) / img.parent.relative_to(root), img.stem) for f in folders]
+        if folders and found[0] is None and (rule is None or rule.low > 0 or len(folders) == 1):
+            result.problems.append(f"{img}: no control image named {img.stem}.* in {Path(folders[0]) / img.parent.relative_to(root)}")
+            continue
+        gap = next((k for k in range(1, len(found)) if found[k] is not None and found[k - 1] is None), None)
+        if gap is not None:
+            result.problems.append(f"{img}: reference {gap + 1} ({found[gap]}) is there but reference {gap} (in {folders[gap - 1]}) "
+                                   "is not; references fill the folders in order")
+            continue
+        controls = [c for c in found if c is not None]
         problem = rule.problem(str(img), len(controls)) if rule else None
         if problem:
             result.problems.append(problem)
             continue
-        _add_sample(result, img, caption, str(cap), controls, img_size, decode)
+        _add_sample(result, img, caption, str(cap), controls, img_size, decode, rule)
     return result
 
 
@@ -330,7 +348,7 @@ def scan_metadata(metadata_file: str | Path, img_size: int, decode: bool = True,
             result.problems.append(f"{where}: file(s) not found: {', '.join(absent)}")
             continue
         caption = " ".join(str(prompt or "").split())
-        _add_sample(result, resolved[0], caption, where, resolved[1:], img_size, decode)
+        _add_sample(result, resolved[0], caption, where, resolved[1:], img_size, decode, rule)
     return result
 
 
@@ -350,6 +368,7 @@ class CaptionDataset(Dataset):
         seed: int = 0,
         load_pixels: bool = True,
         empty_caption: str = "",
+        reference_transform=resize_views,
     ):
         self.samples = list(samples)
         self.caption_dropout_rate = caption_dropout_rate
@@ -357,6 +376,8 @@ class CaptionDataset(Dataset):
         self.seed = seed
         self.load_pixels = load_pixels  # False when every latent is precomputed: no decoding at all
         self.empty_caption = empty_caption  # what a dropped caption becomes (the family's empty prompt)
+        # (original reference image, view sizes) -> the views; picklable, it runs in DataLoader workers
+        self.reference_transform = reference_transform
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -370,14 +391,14 @@ class CaptionDataset(Dataset):
         if not self.load_pixels:
             return {**item, "pixel_values": None, "controls": [], "condition_images": []}
         img = resize_and_crop(self._load(s.image, s.size), s.size, rng if self.random_crop else None)
-        # References are resized whole from the original file, as the pipelines resize them (no crop, Lanczos, no
-        # JPEG draft decoding), once per view.
+        # References are made from the original file the way the family's pipeline makes them (no JPEG draft
+        # decoding), once per view: the VAE view first, then the text encoder's when it has one.
         controls, views = [], []
         for k, (path, size) in enumerate(zip(s.controls, s.control_sizes)):
             ref = self._load(path, size, draft=False)
-            controls.append(to_tensor(resize_exact(ref, size)))
-            if s.condition_sizes:
-                views.append(to_tensor(resize_exact(ref, s.condition_sizes[k])))
+            made = self.reference_transform(ref, (size, s.condition_sizes[k]) if s.condition_sizes else (size,))
+            controls.append(to_tensor(made[0]))
+            views += [to_tensor(v) for v in made[1:]]
         return {**item, "pixel_values": to_tensor(img), "controls": controls, "condition_images": views}
 
 

@@ -119,6 +119,11 @@ def resize_exact(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     return img if img.size == tuple(size) else img.resize(tuple(size), Image.Resampling.LANCZOS)
 
 
+def resize_views(img: Image.Image, sizes) -> list[Image.Image]:
+    """The default reference transform: one Lanczos resize of the original per view size (see resize_exact)."""
+    return [resize_exact(img, s) for s in sizes]
+
+
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float32 3xHxW in [-1, 1]."""
     arr = np.asarray(img, dtype=np.uint8)

@@ -43,6 +43,22 @@ def _flux(transformer) -> set[str]:
     return names
 
 
+def _flux2(transformer) -> set[str]:
+    """FLUX.2 goes through the same table (flux_to_diffusers) with its own block layouts."""
+    c = transformer.config
+    modules = []
+    for i in range(c.num_layers):
+        b = f"transformer_blocks.{i}"
+        modules += [f"{b}.attn.{p}" for p in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out")]
+        modules += [f"{b}.{p}" for p in ("ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out")]
+    for i in range(c.num_single_layers):
+        modules += [f"single_transformer_blocks.{i}.attn.to_qkv_mlp_proj", f"single_transformer_blocks.{i}.attn.to_out"]
+    names = set()
+    for m in modules + ["proj_out", "x_embedder", "context_embedder"]:
+        names |= {f"transformer.{m}", f"lycoris_{m.replace('.', '_')}", f"lora_transformer_{m.replace('.', '_')}", m}
+    return names
+
+
 def _z_image(transformer) -> set[str]:
     c = transformer.config
     modules = []
@@ -64,7 +80,7 @@ def _z_image(transformer) -> set[str]:
 
 RULES = {"qwen-image": _direct, "qwen-image-edit": _direct, "qwen-image-edit-plus": _direct, "flux": _flux,
          "flux-kontext": _flux, "z-image": _z_image, "chroma": _flux,
-         "kandinsky5": _direct}  # ComfyUI's Chroma is a Flux model
+         "kandinsky5": _direct, "flux2": _flux2, "flux2-klein": _flux2}  # ComfyUI's Chroma is a Flux model
 
 
 def not_loaded(keys, variant: str, transformer) -> list[str]:

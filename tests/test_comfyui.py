@@ -10,7 +10,8 @@ from trainer.loop import train
 from trainer.models import resolve
 
 
-@pytest.mark.parametrize("variant", ["qwen-image", "qwen-image-edit", "qwen-image-edit-plus", "flux", "flux-kontext", "z-image", "chroma", "kandinsky5"])
+@pytest.mark.parametrize("variant", ["qwen-image", "qwen-image-edit", "qwen-image-edit-plus", "flux", "flux-kontext", "z-image", "chroma", "kandinsky5",
+                                     "flux2", "flux2-klein"])
 def test_comfyui_file_maps_completely(variant, tiny_models, tmp_path):
     model = tiny_models(variant)
     cls, v = resolve(str(model))

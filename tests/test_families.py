@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffusers import (
     ChromaPipeline,
+    Flux2KleinPipeline,
     FluxKontextPipeline,
     FluxPipeline,
     Kandinsky5T2IPipeline,
@@ -24,6 +25,7 @@ from trainer.loop import train
 from trainer.models.flux import FluxAdapter
 from trainer.models.qwen_image import QwenImageAdapter, QwenImageEditAdapter
 from trainer.models.chroma import ChromaAdapter
+from trainer.models.flux2 import Flux2Adapter
 from trainer.models.kandinsky5 import Kandinsky5Adapter
 from trainer.models.qwen_processor import load_qwen_processor
 from trainer.models.z_image import ZImageAdapter
@@ -37,6 +39,7 @@ FAMILIES = {
     "z-image": ("train_z_image_lora.py", ZImageAdapter, ZImagePipeline, False),
     "chroma": ("train_chroma_lora.py", ChromaAdapter, ChromaPipeline, False),
     "kandinsky5": ("train_kandinsky_lora.py", Kandinsky5Adapter, Kandinsky5T2IPipeline, False),
+    "flux2-klein": ("train_flux2_lora.py", Flux2Adapter, Flux2KleinPipeline, True),
 }
 
 

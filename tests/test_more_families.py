@@ -7,7 +7,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from diffusers import ChromaPipeline, Kandinsky5T2IPipeline, ZImagePipeline
+from diffusers import ChromaPipeline, Flux2KleinPipeline, Flux2Pipeline, Kandinsky5T2IPipeline, ZImagePipeline
 from helpers import ACCELERATE, PY, ROOT, base_overrides, read_losses, write_dataset
 from PIL import Image
 from safetensors.torch import load_file
@@ -17,6 +17,7 @@ from trainer.loop import train
 from trainer.methods.lora import LoRAMethod
 from trainer.pipelines import output_images
 from trainer.models.chroma import ChromaAdapter
+from trainer.models.flux2 import Flux2Adapter
 from trainer.models.kandinsky5 import Kandinsky5Adapter
 from trainer.models.z_image import ZImageAdapter
 
@@ -28,8 +29,11 @@ FAMILIES = {
     "chroma": (ChromaAdapter, ChromaPipeline, {"guidance_scale": 1.0}, 8_899_983_424, 57, (48, 32)),  # 19 double + 38 single
     # Kandinsky5T2IPipeline renders only its 7 training resolutions
     "kandinsky5": (Kandinsky5Adapter, Kandinsky5T2IPipeline, {"guidance_scale": 1.0}, 6_022_080_576, 52, (1024, 1024)),
+    "flux2-klein": (Flux2Adapter, Flux2KleinPipeline, {"guidance_scale": 1.0}, 3_875_544_576, 25, (48, 32)),  # Klein 4B: 5 + 20
+    "flux2": (Flux2Adapter, Flux2Pipeline, {"guidance_scale": 4.0}, 32_223_281_152, 56, (48, 32)),  # dev: 8 double + 48 single
 }
-CONFIGS = {"z-image": "train_z_image_lora.yaml", "chroma": "train_chroma_lora.yaml", "kandinsky5": "train_kandinsky5_lora.yaml"}
+CONFIGS = {"z-image": "train_z_image_lora.yaml", "chroma": "train_chroma_lora.yaml", "kandinsky5": "train_kandinsky5_lora.yaml",
+           "flux2-klein": "train_flux2_klein_base_4b.yaml", "flux2": "train_flux2_dev.yaml"}
 
 
 @pytest.fixture(scope="module")

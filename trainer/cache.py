@@ -110,7 +110,7 @@ class EmbeddingCache:
     # --- building ------------------------------------------------------------------------------------------
     def build(self, text: bool, latents: bool, need_empty_captions: bool) -> None:
         """Encode whatever is missing. Runs one sample at a time (a one-off pass; memory stays flat)."""
-        ds = CaptionDataset(self.samples)
+        ds = CaptionDataset(self.samples, reference_transform=self.adapter.reference_transform())
         for i, s in enumerate(self.samples):
             self.text_keys.append((self._text_key(s, s.caption), self._text_key(s, self.adapter.empty_prompt)))
             self.latent_keys.append(self._latent_key(s))

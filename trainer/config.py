@@ -65,7 +65,7 @@ class DataConfig:
     resolutions: Optional[list[int]] = doc(None, "multi-resolution training, e.g. [512, 768, 1024]: every image is used once per resolution (overrides img_size for sizing)")
     repeats: int = doc(1, "how many times each image appears per epoch")
     recursive: bool = doc(False, "also use images in subfolders of img_dir (captions beside them; control images under the same relative path in control_dir)")
-    control_dir: Optional[str] = doc(None, "edit / Kontext: folder of control (source) images with the same stems as img_dir's images")
+    control_dir: Optional[Any] = doc(None, "edit / Kontext: folder of control (reference) images with the same stems as img_dir's images, or a list of folders: reference 1, 2, 3, ... in order (a sample may lack the later ones where the model allows fewer)")
     metadata_file: Optional[str] = doc(None, "edit: metadata.csv or .jsonl with columns image, prompt, control_image[, control_image_2, ...] (replaces img_dir); paths relative to the file")
     control_size: Optional[int] = doc(None, "edit / Kontext: size control images to about control_size x control_size pixels; null = as the family's pipeline does at inference (Qwen-Image-Edit: 1024x1024 area; Kontext: its preferred resolutions); smaller is faster but differs from inference")
 
@@ -120,8 +120,8 @@ class TrainConfig:
     guidance_scale: float = doc(3.5, "FLUX dev / Kontext: the distilled guidance value fed to the transformer during training (ignored by models without a guidance embedding)")
 
     lora_format: str = doc("diffusers", "diffusers, or comfyui to also write pytorch_lora_weights_comfyui.safetensors (ComfyUI key names + alpha) next to every LoRA file")
-    validation_prompts: list[str] = doc([], "prompts rendered with the current LoRA into output_dir/samples/step-N.png (and TensorBoard)")
-    validation_images: list[str] = doc([], "edit / Kontext: input image per validation prompt (one image is shared by all prompts)")
+    validation_prompts: list[Any] = doc([], "prompts rendered with the current LoRA into output_dir/samples/step-N.png (and TensorBoard); edit models: entries {prompt: ..., images: [ref1, ref2, ...]}")
+    validation_images: list[str] = doc([], "edit / Kontext: input image per validation prompt (one image is shared by all prompts); entries with their own images override it")
     validation_steps: int = doc(0, "render the validation prompts every N steps (0 = only at the end)")
     validation_num_inference_steps: int = doc(20, "denoising steps for validation samples")
     validation_guidance_scale: float = doc(4.0, "Qwen: true CFG scale for validation samples (FLUX uses guidance_scale)")
@@ -246,8 +246,14 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
             raise ConfigError(f"config key 'data_config.metadata_file': file '{d.metadata_file}' does not exist")
         if Path(d.metadata_file).suffix.lower() not in (".csv", ".jsonl"):
             raise ConfigError(f"config key 'data_config.metadata_file': '{d.metadata_file}' must be a .csv or .jsonl file")
-    if check_paths and d.control_dir is not None and not Path(d.control_dir).is_dir():
-        raise ConfigError(f"config key 'data_config.control_dir': folder '{d.control_dir}' does not exist")
+    if d.control_dir is not None:
+        folders = [d.control_dir] if isinstance(d.control_dir, str) else d.control_dir
+        if not isinstance(folders, list) or not folders or not all(isinstance(f, str) and f for f in folders):
+            raise ConfigError("config key 'data_config.control_dir' must be a folder or a list of folders")
+        d.control_dir = folders[0] if len(folders) == 1 else list(folders)
+        for f in folders if check_paths else []:
+            if not Path(f).is_dir():
+                raise ConfigError(f"config key 'data_config.control_dir': folder '{f}' does not exist")
     if check_paths and d.metadata_file is None:
         if not d.img_dir:
             raise ConfigError("config key 'data_config.img_dir' is not set: point it to your folder of images + captions")
@@ -257,6 +263,20 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         raise ConfigError("config keys 'validation_steps' must be >= 0 and 'validation_num_inference_steps' >= 1")
     if cfg.validation_images and len(cfg.validation_images) not in (1, len(cfg.validation_prompts)):
         raise ConfigError("config key 'validation_images' needs one image, or one per validation prompt")
+    for i, entry in enumerate(cfg.validation_prompts):
+        if isinstance(entry, dict):
+            extra = set(entry) - {"prompt", "images"}
+            if extra or not isinstance(entry.get("prompt"), str):
+                raise ConfigError(f"config key 'validation_prompts[{i}]': an entry is a prompt, or {{prompt: ..., images: [...]}}"
+                                  + (f" (unknown key '{sorted(extra)[0]}')" if extra else ""))
+            images = entry.get("images", [])
+            if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+                raise ConfigError(f"config key 'validation_prompts[{i}].images' must be a list of image paths")
+            for img in images if check_paths else []:
+                if not Path(img).is_file():
+                    raise ConfigError(f"config key 'validation_prompts[{i}].images': file '{img}' does not exist")
+        elif not isinstance(entry, str):
+            raise ConfigError(f"config key 'validation_prompts[{i}]' must be a prompt or {{prompt: ..., images: [...]}}")
     if check_paths and cfg.assistant_lora is not None and not Path(cfg.assistant_lora).exists():
         raise ConfigError(f"config key 'assistant_lora': '{cfg.assistant_lora}' does not exist")
     if check_paths:

@@ -28,13 +28,15 @@ def calculate_shift(
     return image_seq_len * m + base_shift - m * base_seq_len
 
 
-def shift_sigmas(sigmas: torch.Tensor, scheduler_config: Mapping[str, Any], image_seq_len: int) -> torch.Tensor:
+def shift_sigmas(sigmas: torch.Tensor, scheduler_config: Mapping[str, Any], image_seq_len: int, mu: float | None = None) -> torch.Tensor:
     """Apply the scheduler's own timestep shift to sigmas in [0, 1].
 
     Dynamic shifting (Qwen-Image, FLUX.1-dev): mu from the token count, exponential or linear time shift.
     Static shifting (e.g. shift=3.0 schedulers): s*t / (1 + (s-1)*t). shift=1 leaves sigmas unchanged.
     """
     cfg = dict(scheduler_config)
+    if mu is not None:  # the pipeline's own mu (FLUX.2's empirical one), exponential time shift
+        return math.exp(mu) / (math.exp(mu) + (1.0 / sigmas - 1.0))
     if cfg.get("use_dynamic_shifting", False):
         mu = calculate_shift(
             image_seq_len,
@@ -58,6 +60,7 @@ def sample_sigmas(
     generator: torch.Generator,
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
+    mu: float | None = None,
 ) -> torch.Tensor:
     """Draw one sigma per sample, float32 on the generator's device.
 
@@ -73,7 +76,7 @@ def sample_sigmas(
             "logit_normal", batch_size, logit_mean=logit_mean, logit_std=logit_std, device=device, generator=generator
         )
     if scheme == "shift":
-        u = shift_sigmas(u, scheduler_config, image_seq_len)
+        u = shift_sigmas(u, scheduler_config, image_seq_len, mu)
     # Keep sigma strictly inside (0, 1): the endpoints carry no learning signal and 1/sigma appears in shifts.
     return u.float().clamp(1e-5, 1.0 - 1e-5)
 

@@ -226,7 +226,25 @@ def build_dataset(cfg: TrainConfig, adapter: ModelAdapter) -> list:
                 f"(fix them, or set data_config.skip_bad_files=true to skip those samples):\n  {listing}"
             )
         logger.warning("skipping %d unusable file(s) or row(s):\n  %s", len(scan.problems), listing)
+    check_validation_references(cfg, adapter)
     return scan.samples
+
+
+def check_validation_references(cfg: TrainConfig, adapter: ModelAdapter) -> None:
+    """Validation previews render at every validation_steps: a reference the pipeline refuses, or one too many,
+    must stop the run now, not after the first hours of training."""
+    from image_datasets.images import oriented_size
+    from trainer.validation import validation_entries
+
+    rule = adapter.reference_rule()
+    for i, (_prompt, paths) in enumerate(validation_entries(cfg)):
+        if paths and not rule.low <= len(paths) <= rule.high:
+            raise ConfigError(f"config key 'validation_prompts[{i}]': {len(paths)} reference image(s); a {rule.model} model takes "
+                              f"{rule.low} to {rule.high}")
+        for p in paths:
+            problem = rule.size_problem(p, *oriented_size(Path(p)))
+            if problem:
+                raise ConfigError(f"config key 'validation_prompts[{i}]': {problem}")
 
 
 def dataset_fingerprint(samples: list) -> str:
@@ -336,7 +354,7 @@ def make_loader(cfg: TrainConfig, adapter: ModelAdapter, samples: list, sampler,
     d = cfg.data_config
     need_pixels = not cfg.precompute_image_embeddings or (not cfg.precompute_text_embeddings and adapter.text_needs_pixels)
     dataset = CaptionDataset(samples, d.caption_dropout_rate, d.random_ratio, cfg.seed, load_pixels=need_pixels,
-                             empty_caption=adapter.empty_prompt)
+                             empty_caption=adapter.empty_prompt, reference_transform=adapter.reference_transform())
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=d.num_workers,
                                        pin_memory=device.type == "cuda")
 
@@ -413,8 +431,9 @@ def flow_matching_loss(run: Run, x0: torch.Tensor, cond: dict, keys: list[tuple[
     gens = [sample_generator(run.cfg.seed, epoch, index, device) for epoch, index in keys]
     noise = torch.stack([torch.randn(x0.shape[1:], generator=g, device=device) for g in gens])
     seq_len = run.adapter.image_seq_len(x0)
+    mu = run.adapter.training_mu(seq_len)
     sigmas = torch.cat([
-        fm.sample_sigmas(1, run.cfg.timestep_sampling, run.adapter.scheduler_config, seq_len, g, run.cfg.logit_mean, run.cfg.logit_std)
+        fm.sample_sigmas(1, run.cfg.timestep_sampling, run.adapter.scheduler_config, seq_len, g, run.cfg.logit_mean, run.cfg.logit_std, mu)
         for g in gens
     ])
     pred = run.adapter.predict(run.transformer, fm.add_noise(x0, noise, sigmas), sigmas, cond)

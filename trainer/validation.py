@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from image_datasets import load_image, resize_exact, to_tensor
+from image_datasets import load_image, to_tensor
 from trainer.config import TrainConfig
 from trainer.pipelines import output_images
 from trainer.models.base import ModelAdapter
@@ -32,14 +32,13 @@ class Validator:
         from image_datasets import target_size
 
         cfg = self.cfg
-        for i, prompt in enumerate(cfg.validation_prompts):
-            images, controls, views = [], [], []
-            if cfg.validation_images:
-                img = load_image(Path(cfg.validation_images[i if len(cfg.validation_images) > 1 else 0]))
-                images = [img]
-                sizes = self.adapter.reference_sizes(*img.size)
-                controls = [to_tensor(resize_exact(img, sizes[0])).unsqueeze(0)]
-                views = [[to_tensor(resize_exact(img, s)) for s in sizes[1:]]]
+        for prompt, paths in validation_entries(cfg):
+            images = [load_image(Path(p)) for p in paths]
+            controls, views = [], [[]]
+            for img in images:
+                sized = self.adapter.reference_views(img)
+                controls.append(to_tensor(sized[0]).unsqueeze(0))
+                views[0] += [to_tensor(v) for v in sized[1:]]
             batch = {"controls": controls, "condition_images": views, "pixel_values": None}
             cond = self.adapter.encode_text({**batch, "captions": [prompt]})
             neg = self.adapter.encode_text({**batch, "captions": [self.adapter.empty_prompt]})
@@ -74,6 +73,19 @@ class Validator:
             pass
         logger.info("validation samples: %s", path)
         return path
+
+
+def validation_entries(cfg: TrainConfig) -> list[tuple[str, list[str]]]:
+    """(prompt, reference image paths) per validation prompt: an entry's own images, else validation_images."""
+    out = []
+    for i, entry in enumerate(cfg.validation_prompts):
+        if isinstance(entry, dict):
+            out.append((entry["prompt"], list(entry.get("images", []))))
+        elif cfg.validation_images:
+            out.append((entry, [cfg.validation_images[i if len(cfg.validation_images) > 1 else 0]]))
+        else:
+            out.append((entry, []))
+    return out
 
 
 def _cpu(d: dict) -> dict:

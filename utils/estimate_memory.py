@@ -86,9 +86,11 @@ def build_transformer_on_meta(adapter):
 def lora_params(model, rank: int, targets: list[str]) -> int:
     import torch
 
+    from trainer.methods.lora import targets as matches
+
     total = 0
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+        if isinstance(module, torch.nn.Linear) and matches(targets, name):
             total += rank * (module.in_features + module.out_features)
     return total
 

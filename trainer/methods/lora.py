@@ -29,7 +29,7 @@ class LoRAMethod(TrainingMethod):
             lora_alpha=cfg.lora_alpha or cfg.rank,
             lora_dropout=cfg.lora_dropout,
             init_lora_weights="gaussian",
-            target_modules=list(cfg.lora_target_modules or self.adapter.default_target_modules),
+            target_modules=target_regex(cfg.lora_target_modules or self.adapter.default_target_modules),
         )
 
     def attach(self, transformer: torch.nn.Module, placement=None) -> list[torch.nn.Parameter]:
@@ -163,3 +163,20 @@ def activate(transformer: torch.nn.Module, names: list[str]) -> None:
     for module in transformer.modules():
         if isinstance(module, BaseTunerLayer):
             module._active_adapter = [n for n in names if n in getattr(module, "lora_A", {})]
+
+
+def target_regex(names) -> str:
+    """peft target_modules as one regex: each name matches a module path ending in it (peft's rule for a list of
+    names), and `*` stands for one path component, e.g. `single_transformer_blocks.*.attn.to_out`, which picks a
+    Linear that a plain `attn.to_out` would confuse with another block type's container of the same name."""
+    import re
+
+    parts = [re.escape(n).replace(r"\*", r"[^.]+") for n in names]
+    return r"(.*\.)?(" + "|".join(parts) + ")"
+
+
+def targets(names, module_name: str) -> bool:
+    """Whether `module_name` is a LoRA target for these names (the same rule as target_regex)."""
+    import re
+
+    return re.fullmatch(target_regex(names), module_name) is not None

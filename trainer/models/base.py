@@ -83,6 +83,7 @@ class ModelAdapter(ABC):
     text_needs_pixels = False  # True when prompt encoding looks at the reference images (Qwen-Image-Edit)
     text_limits: dict[str, int] = {}  # config key -> the most its pipeline accepts (checked before anything loads)
     size_multiple = 16  # image sides the pipeline renders are multiples of this (VAE factor x patch size)
+    reference_limits: tuple[int, float] = (0, 0.0)  # (shortest side, most extreme aspect) the pipeline accepts in a reference
 
     def __init__(self, cfg: TrainConfig, variant: Variant, device: torch.device | str = "cpu",
                  weight_dtype: torch.dtype = torch.float32):
@@ -165,7 +166,7 @@ class ModelAdapter(ABC):
         low, high = self.variant.references
         more = [v for v in type(self).variants if v.references[1] > high]
         hint = f" (a {more[0].pipeline} model takes up to {more[0].references[1]})" if more else ""
-        return ReferenceRule(low, high, self.variant.pipeline, hint)
+        return ReferenceRule(low, high, self.variant.pipeline, hint, *self.reference_limits)
 
     # --- references: sizes the pipeline gives reference images ---------------------------------------------
     def reference_sizes(self, width: int, height: int) -> tuple[tuple[int, int], ...]:
@@ -174,6 +175,17 @@ class ModelAdapter(ABC):
         from image_datasets import target_size
 
         return (target_size(width, height, self.cfg.data_config.control_size or self.cfg.data_config.img_size),)
+
+    def reference_transform(self):
+        """(original image, view sizes) -> the views: how the pipeline makes its reference images. A picklable
+        callable (DataLoader workers run it); the default resizes the original once per view (Lanczos, no crop)."""
+        from image_datasets import resize_views
+
+        return resize_views
+
+    def reference_views(self, img) -> list:
+        """The VAE view (and the text encoder's view, when the family has one) of a reference image."""
+        return self.reference_transform()(img, self.reference_sizes(*img.size))
 
     # --- loading -------------------------------------------------------------------------------------------
     @abstractmethod
@@ -266,6 +278,11 @@ class ModelAdapter(ABC):
     @abstractmethod
     def image_seq_len(self, latents: torch.Tensor) -> int:
         """Number of image tokens the transformer sees for these latents (drives the resolution shift)."""
+
+    def training_mu(self, image_seq_len: int) -> float | None:
+        """The time-shift mu for training sigmas at this token count, when the pipeline computes it its own way
+        (None: the scheduler config's resolution-dependent shift)."""
+        return None
 
     @abstractmethod
     def predict(self, transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Cond) -> torch.Tensor:

@@ -160,9 +160,7 @@ class FluxAdapter(ModelAdapter):
             # arrives already at the size training gives it.
             kwargs.update(_auto_resize=False, max_area=size[0] * size[1])
             if images:
-                from image_datasets import resize_exact
-
-                kwargs["image"] = resize_exact(images[0], self.reference_sizes(*images[0].size)[0])
+                kwargs["image"] = self.reference_views(images[0])[0]
         return kwargs
 
     def inference_kwargs(self, request: InferenceRequest) -> dict:

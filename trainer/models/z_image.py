@@ -169,11 +169,11 @@ def build_qwen3_tokenizer():
     return tokenizer
 
 
-def build_qwen3(tokenizer, hidden: int = 32):
+def build_qwen3(tokenizer, hidden: int = 32, layers: int = 2):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     config = Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers, num_attention_heads=2,
         num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
     )
     return Qwen3ForCausalLM(config)  # the released text_encoder class
