@@ -29,7 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kontext_auto_resize", choices=["true", "false"], default="true",
                    help="Kontext: resize the input image to the nearest resolution Kontext was trained on (pipeline default)")
     p.add_argument("--negative_prompt", default=None, help="negative prompt (Qwen: used when --true_cfg_scale > 1; default ' ')")
-    p.add_argument("--true_cfg_scale", type=float, default=4.0, help="classifier-free guidance scale (Qwen-Image)")
+    p.add_argument("--true_cfg_scale", type=float, default=None,
+                   help="classifier-free guidance scale (default: the family's: 4.0, Qwen-Image 2.1 1.0 as its pipeline)")
     p.add_argument("--guidance_scale", type=float, default=None, help="FLUX distilled guidance (default 3.5 for dev / Kontext)")
     p.add_argument("--max_sequence_length", type=int, default=None, help="prompt tokens (default: the pipeline's)")
     p.add_argument("--width", type=int, default=None, help="default 1024 (edit models: the input image's aspect at ~1 MP)")
@@ -101,14 +102,15 @@ def main(argv=None) -> int:
     dtype = torch_dtype(args.dtype if args.dtype != "auto" else ("bf16" if device.startswith("cuda") else "fp32"))
     pipe = load_pipeline(adapter, dtype, device, args.lora_weights, args.lora_scale, args.quantize, args.offload)
 
+    from PIL import Image, ImageOps
+
     images = []
     if args.image:
-        from PIL import Image, ImageOps
-
-        images = [ImageOps.exif_transpose(Image.open(p)).convert("RGB") for p in args.image]
+        mode = "RGBA" if adapter.pixel_channels == 4 else "RGB"  # Qwen-Image 2.1 reads the alpha channel
+        images = [ImageOps.exif_transpose(Image.open(p)).convert(mode) for p in args.image]
     request = InferenceRequest(
         prompt=args.prompt, images=images, width=args.width, height=args.height, guidance_scale=args.guidance_scale,
-        true_cfg_scale=args.true_cfg_scale, negative_prompt=args.negative_prompt, max_sequence_length=args.max_sequence_length,
+        true_cfg_scale=adapter.default_true_cfg_scale if args.true_cfg_scale is None else args.true_cfg_scale, negative_prompt=args.negative_prompt, max_sequence_length=args.max_sequence_length,
         auto_resize=args.kontext_auto_resize == "true",
     )
     kwargs = dict(
@@ -122,6 +124,10 @@ def main(argv=None) -> int:
     image = output_images(pipe(**kwargs))[0]
     out = Path(args.output_image)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if image.mode == "RGBA" and out.suffix.lower() in (".jpg", ".jpeg", ".bmp"):
+        print(f"note: {out.suffix} has no alpha channel; the transparent image is composited over white (use .png to keep it)",
+              file=sys.stderr)
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image).convert("RGB")
     image.save(out)
     print(f"{name}: wrote {out} ({image.width}x{image.height})")
     return 0

@@ -62,6 +62,9 @@ CASES = [
     Case("FLUX.2 Klein, 2 refs", "flux2-klein", 2, layout="patchified"),
     Case("FLUX.2 Klein, 3 refs", "flux2-klein", 3, layout="patchified"),
     Case("FLUX.2 dev, 1 ref", "flux2", 1, layout="patchified"),
+    Case("Qwen-Image 2.1", "qwen-image-2.1", layout="joint"),
+    Case("Qwen-Image 2.1, 1 ref", "qwen-image-2.1", 1, layout="joint"),
+    Case("Qwen-Image 2.1, 2 refs", "qwen-image-2.1", 2, layout="joint"),
 ]
 
 
@@ -98,6 +101,10 @@ def latents_and_sigma(case: Case, inputs: dict) -> tuple[torch.Tensor, torch.Ten
         return torch.stack(inputs["arg0"]).squeeze(2).float(), 1.0 - inputs["arg1"].float(), 0
     if case.layout == "frames-last":  # Kandinsky 5: B x 1 x H x W x C, time = 1000 sigma
         return inputs["hidden_states"].squeeze(1).permute(0, 3, 1, 2).float(), inputs["timestep"].float() / 1000, 0
+    if case.layout == "joint":  # Qwen-Image 2.1: condition latents, then the target's (unpatched, 16 px per token)
+        h, w = TARGET[1] // 16, TARGET[0] // 16
+        tokens = inputs["hidden_states"][:, -h * w :]
+        return tokens.permute(0, 2, 1).reshape(tokens.shape[0], -1, h, w).float(), inputs["timestep"].float(), h * w
     if case.layout == "patchified":  # FLUX.2: one token per 2x2-patchified latent position (16 px)
         h, w = TARGET[1] // 16, TARGET[0] // 16
         tokens = inputs["hidden_states"][:, : h * w]
@@ -112,6 +119,9 @@ def pipeline_prediction(case: Case, output, n_target: int) -> torch.Tensor:
         return -torch.stack([o.float() for o in output]).squeeze(2)
     if case.layout == "frames-last":
         return output.squeeze(1).permute(0, 3, 1, 2).float()
+    if case.layout == "joint":  # the pipeline keeps the last target-many tokens of the joint sequence
+        tokens = output[:, -n_target:]
+        return tokens.permute(0, 2, 1).reshape(tokens.shape[0], -1, TARGET[1] // 16, TARGET[0] // 16).float()
     if case.layout == "patchified":
         tokens = output[:, :n_target]
         return tokens.permute(0, 2, 1).reshape(tokens.shape[0], -1, TARGET[1] // 16, TARGET[0] // 16).float()
@@ -133,8 +143,10 @@ def max_diff(a, b) -> float:
     return 0.0 if a == b else float("inf")
 
 
+# Not conditioning: attention options, output format, ControlNet residuals (None here), and Qwen-Image 2.1's prefix
+# KV cache, which the pipeline fills on its first call (an inference speed-up; the output is compared all the same).
 IGNORED_INPUTS = ("attention_kwargs", "joint_attention_kwargs", "return_dict", "controlnet_block_samples",
-                  "controlnet_single_block_samples", "controlnet_blocks_repeat")
+                  "controlnet_single_block_samples", "controlnet_blocks_repeat", "kv_cache", "kv_cache_mode")
 
 
 def write_inputs(folder: Path, n_refs: int) -> tuple[Path, list[Path]]:
@@ -197,10 +209,10 @@ def trainer_batch(adapter, target: Path, refs: list[Path], captions: list[str], 
             (folder / f"s{i}.png").write_bytes(target.read_bytes())
             (folder / f"s{i}.txt").write_text(c)
         d = DataConfig(img_dir=str(folder), img_size=max(TARGET))
-    scan = scan_dataset(d, reference_sizes=adapter.reference_sizes)
+    scan = scan_dataset(d, reference_sizes=adapter.reference_sizes, multiple=adapter.size_multiple)
     assert not scan.problems, scan.problems
     samples = sorted(scan.samples, key=lambda s: (s.image.name, captions.index(s.caption)))
-    ds = CaptionDataset(samples, reference_transform=adapter.reference_transform())
+    ds = CaptionDataset(samples, reference_transform=adapter.reference_transform(), keep_alpha=adapter.pixel_channels == 4)
     return collate([ds[(i, 0)] for i in range(len(samples))])
 
 
@@ -210,6 +222,8 @@ def pipeline_call_kwargs(case: Case, refs: list[Path]) -> dict:
     images = [Image.open(r).convert("RGB") for r in refs]
     if case.variant.startswith("qwen"):
         kwargs["true_cfg_scale"] = 1.0
+        if case.variant == "qwen-image-2.1" and images:
+            kwargs["image"] = images
     elif case.variant == "z-image":
         kwargs["guidance_scale"] = 0.0  # no CFG (ZImagePipeline runs CFG for any scale > 0)
     elif case.variant in ("chroma", "kandinsky5", "flux2-klein"):
@@ -256,6 +270,9 @@ def compare(case: Case, model: Path, work: Path) -> dict:
     elif case.layout == "frames-last":
         result["text_tokens"] = int(ref_inputs["encoder_hidden_states"].shape[1])
         result["image_tokens"] = int(ref_inputs["hidden_states"].shape[2] * ref_inputs["hidden_states"].shape[3] // 4)
+    elif case.layout == "joint":  # the prompt's vision slots stand for the condition latents: count text only
+        result["text_tokens"] = int((~ref_inputs["img_mask"][0, : ref_inputs["encoder_hidden_states"].shape[1]]).sum())
+        result["image_tokens"] = int(ref_inputs["hidden_states"].shape[1])
     else:
         result["text_tokens"] = int(ref_inputs["encoder_hidden_states"].shape[1])
         result["image_tokens"] = int(ref_inputs["hidden_states"].shape[1])
@@ -296,7 +313,7 @@ def main() -> int:
     root = Path(tempfile.mkdtemp())
     print(f"target {TARGET[0]}x{TARGET[1]}, references {', '.join(f'{w}x{h}' for w, h in REFERENCES)}; tiny models with the "
           "released processor budgets / templates; float32")
-    print(f"| case | text tokens | image + reference tokens | max abs diff, inputs | max abs diff, prediction |")
+    print("| case | text tokens | image + reference tokens | max abs diff, inputs | max abs diff, prediction |")
     print("| --- | --- | --- | --- | --- |")
     for case in CASES:
         model = make_tiny_model(case.variant, root / case.variant, realistic=True)

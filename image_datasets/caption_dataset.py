@@ -108,8 +108,9 @@ def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> t
 
 
 def expand_samples(samples: list[Sample], resolutions: Sequence[int], bucketing: bool, repeats: int,
-                   reference_sizes: ReferenceSizer | None = None) -> list[Sample]:
-    """Training entries: every sample once per resolution (sizes snapped to buckets when bucketing), times repeats.
+                   reference_sizes: ReferenceSizer | None = None, multiple: int = 16) -> list[Sample]:
+    """Training entries: every sample once per resolution (sizes snapped to buckets when bucketing), times repeats;
+    sides are multiples of `multiple` (the family's).
 
     References get the family's sizes (`reference_sizes`); with bucketing their VAE view snaps to a bucket of the
     same area, so that batches form."""
@@ -118,18 +119,18 @@ def expand_samples(samples: list[Sample], resolutions: Sequence[int], bucketing:
     bucket_cache: dict[int, list[tuple[int, int]]] = {}
 
     def buckets(res: int) -> list[tuple[int, int]]:
-        return bucket_cache.setdefault(res, bucket_sizes(res))
+        return bucket_cache.setdefault(res, bucket_sizes(res, multiple))
 
     out = []
     for res in resolutions:
         def size(src: tuple[int, int]) -> tuple[int, int]:
-            return nearest_bucket(*src, buckets(res)) if bucketing else target_size(*src, res)
+            return nearest_bucket(*src, buckets(res)) if bucketing else target_size(*src, res, multiple)
 
         for s in samples:
             views = [reference_sizes(*c) if reference_sizes else (size(c),) for c in s.control_source_sizes]
             vae = []
             for src, (w, h) in zip(s.control_source_sizes, (v[0] for v in views)):
-                vae.append(nearest_bucket(*src, buckets(max(16, round((w * h) ** 0.5 / 16) * 16))) if bucketing else (w, h))
+                vae.append(nearest_bucket(*src, buckets(max(multiple, round((w * h) ** 0.5 / multiple) * multiple))) if bucketing else (w, h))
             out.append(replace(s, size=size(s.source_size), control_sizes=tuple(vae),
                                condition_sizes=tuple(v[1] for v in views if len(v) > 1)))
     return out * repeats
@@ -229,15 +230,16 @@ def scan_caption_folder(
     return result
 
 
-def scan_dataset(d, decode: bool = True, reference_sizes: ReferenceSizer | None = None, rule: ReferenceRule | None = None) -> ScanResult:
+def scan_dataset(d, decode: bool = True, reference_sizes: ReferenceSizer | None = None, rule: ReferenceRule | None = None,
+                 multiple: int = 16) -> ScanResult:
     """The dataset a DataConfig describes: a metadata file, or a caption folder (with control_dir for edit pairs),
-    expanded over data_config.resolutions / bucketing / repeats, references sized by the family's `reference_sizes`
-    and counted against the model's `rule`."""
+    expanded over data_config.resolutions / bucketing / repeats (sides multiples of `multiple`), references sized by
+    the family's `reference_sizes` and counted against the model's `rule`."""
     if d.metadata_file:
         result = scan_metadata(d.metadata_file, d.img_size, decode, rule)
     else:
         result = scan_caption_folder(d.img_dir, d.img_size, d.caption_type, decode, d.control_dir, d.recursive, rule)
-    result.samples = expand_samples(result.samples, d.resolutions or [d.img_size], d.bucketing, d.repeats, reference_sizes)
+    result.samples = expand_samples(result.samples, d.resolutions or [d.img_size], d.bucketing, d.repeats, reference_sizes, multiple)
     return result
 
 
@@ -369,6 +371,7 @@ class CaptionDataset(Dataset):
         load_pixels: bool = True,
         empty_caption: str = "",
         reference_transform=resize_views,
+        keep_alpha: bool = False,
     ):
         self.samples = list(samples)
         self.caption_dropout_rate = caption_dropout_rate
@@ -378,6 +381,7 @@ class CaptionDataset(Dataset):
         self.empty_caption = empty_caption  # what a dropped caption becomes (the family's empty prompt)
         # (original reference image, view sizes) -> the views; picklable, it runs in DataLoader workers
         self.reference_transform = reference_transform
+        self.keep_alpha = keep_alpha  # RGBA pixels for families whose VAE reads alpha
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -402,16 +406,15 @@ class CaptionDataset(Dataset):
         return {**item, "pixel_values": to_tensor(img), "controls": controls, "condition_images": views}
 
 
-    @staticmethod
-    def _load(path: Path, size: tuple[int, int], draft: bool = True):
+    def _load(self, path: Path, size: tuple[int, int], draft: bool = True):
         try:
-            return load_image(path, draft_size=size if draft else None)
+            return load_image(path, draft_size=size if draft else None, keep_alpha=self.keep_alpha)
         except BadImageError as e:
             # The file changed or broke after the start-up scan: keep training, say which file.
             logger.warning("%s; using a grey image for this sample", e)
             from PIL import Image
 
-            return Image.new("RGB", size, (127, 127, 127))
+            return Image.new("RGBA" if self.keep_alpha else "RGB", size, (127, 127, 127, 255) if self.keep_alpha else (127, 127, 127))
 
 
 def collate(items: list[dict]) -> dict:

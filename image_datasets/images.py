@@ -1,4 +1,4 @@
-"""Image reading and geometry: every colour mode to RGB, EXIF orientation, aspect-keeping resize + crop."""
+"""Image reading and geometry: every colour mode to RGB (or RGBA), EXIF orientation, aspect-keeping resize + crop."""
 
 from __future__ import annotations
 
@@ -42,6 +42,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
+def _to_rgba(img: Image.Image) -> Image.Image:
+    """Alpha kept (palette transparency included); images without one get an opaque alpha channel."""
+    if img.mode == "P" and "transparency" in img.info or img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        return img.convert("RGBA")
+    return _to_rgb(img).convert("RGBA")
+
+
 def oriented_size(path: Path) -> tuple[int, int]:
     """(width, height) after EXIF rotation, read from the header only."""
     with _open(path) as img:
@@ -67,8 +74,9 @@ def _open(path: Path) -> Image.Image:
     return img
 
 
-def load_image(path: Path, draft_size: tuple[int, int] | None = None) -> Image.Image:
-    """Decode fully to RGB with EXIF orientation applied. draft_size lets JPEGs decode at reduced scale."""
+def load_image(path: Path, draft_size: tuple[int, int] | None = None, keep_alpha: bool = False) -> Image.Image:
+    """Decode fully to RGB (keep_alpha: RGBA) with EXIF orientation applied. draft_size lets JPEGs decode at reduced
+    scale. Without keep_alpha, transparency is composited over white."""
     img = _open(path)
     try:
         with warnings.catch_warnings():
@@ -77,7 +85,7 @@ def load_image(path: Path, draft_size: tuple[int, int] | None = None) -> Image.I
                 img.draft("RGB", draft_size)
             img.load()
             img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+            return _to_rgba(img) if keep_alpha else _to_rgb(img)
     except BadImageError:
         raise
     except Exception as e:
@@ -113,18 +121,12 @@ def resize_exact(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     return img if img.size == tuple(size) else img.resize(tuple(size), Image.Resampling.LANCZOS)
 
 
-def resize_exact(img: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Resize to exactly `size` (aspect not kept, no crop) with Lanczos: what diffusers' VaeImageProcessor.resize
-    does to the reference images of the edit pipelines, so training sees the pixels inference sees."""
-    return img if img.size == tuple(size) else img.resize(tuple(size), Image.Resampling.LANCZOS)
-
-
 def resize_views(img: Image.Image, sizes) -> list[Image.Image]:
     """The default reference transform: one Lanczos resize of the original per view size (see resize_exact)."""
     return [resize_exact(img, s) for s in sizes]
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> float32 3xHxW in [-1, 1]."""
+    """RGB (RGBA) PIL image -> float32 3xHxW (4xHxW) in [-1, 1]."""
     arr = np.asarray(img, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)

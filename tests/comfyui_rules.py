@@ -4,7 +4,8 @@ ComfyUI (v0.26.1: comfy/lora.py `model_lora_keys_unet` and `load_lora`, comfy/ut
 `z_image_to_diffusers`) loads a LoRA tensor only when its key is `<name>.<part>` with <name> in the key map it builds
 for the loaded model and <part> one of the LoRA parts it reads; any other key is reported as "lora key not loaded".
 `mapped_names` rebuilds, per family, the names ComfyUI maps for a diffusers transformer (ComfyUI's Qwen-Image and
-Kandinsky 5 models use the diffusers module names; FLUX.1 and Z-Image go through fixed diffusers -> ComfyUI tables).
+Kandinsky 5 models use the diffusers module names; FLUX.1 and Z-Image go through fixed diffusers -> ComfyUI tables;
+Qwen-Image 2.1's model fuses its MLP input projections, v0.37's comfy/lora.py maps LoRAs onto the halves).
 """
 
 from __future__ import annotations
@@ -22,12 +23,24 @@ def _direct(transformer) -> set[str]:
     return names
 
 
+def _double_attention(block: str) -> list[str]:
+    return [f"{block}.attn.{p}" for p in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out")]
+
+
+def _flux_table(modules: list[str]) -> set[str]:
+    """The names flux_to_diffusers maps a diffusers module under (SimpleTuner, lycoris, OneTrainer, DiffSynth)."""
+    names = set()
+    for m in modules:
+        names |= {f"transformer.{m}", f"lycoris_{m.replace('.', '_')}", f"lora_transformer_{m.replace('.', '_')}", m}
+    return names
+
+
 def _flux(transformer) -> set[str]:
     c = transformer.config
     modules = []
     for i in range(c.num_layers):
+        modules += _double_attention(f"transformer_blocks.{i}")
         b = f"transformer_blocks.{i}"
-        modules += [f"{b}.attn.{p}" for p in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out")]
         modules += [f"{b}.{p}" for p in ("norm1.linear", "norm1_context.linear", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
                                          "ff_context.net.2")]
     for i in range(c.num_single_layers):
@@ -37,10 +50,7 @@ def _flux(transformer) -> set[str]:
                 "time_text_embed.timestep_embedder.linear_2", "time_text_embed.text_embedder.linear_1",
                 "time_text_embed.text_embedder.linear_2", "time_text_embed.guidance_embedder.linear_1",
                 "time_text_embed.guidance_embedder.linear_2"]
-    names = set()
-    for m in modules:
-        names |= {f"transformer.{m}", f"lycoris_{m.replace('.', '_')}", f"lora_transformer_{m.replace('.', '_')}", m}
-    return names
+    return _flux_table(modules)
 
 
 def _flux2(transformer) -> set[str]:
@@ -48,15 +58,11 @@ def _flux2(transformer) -> set[str]:
     c = transformer.config
     modules = []
     for i in range(c.num_layers):
-        b = f"transformer_blocks.{i}"
-        modules += [f"{b}.attn.{p}" for p in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out")]
-        modules += [f"{b}.{p}" for p in ("ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out")]
+        modules += _double_attention(f"transformer_blocks.{i}")
+        modules += [f"transformer_blocks.{i}.{p}" for p in ("ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out")]
     for i in range(c.num_single_layers):
         modules += [f"single_transformer_blocks.{i}.attn.to_qkv_mlp_proj", f"single_transformer_blocks.{i}.attn.to_out"]
-    names = set()
-    for m in modules + ["proj_out", "x_embedder", "context_embedder"]:
-        names |= {f"transformer.{m}", f"lycoris_{m.replace('.', '_')}", f"lora_transformer_{m.replace('.', '_')}", m}
-    return names
+    return _flux_table(modules + ["proj_out", "x_embedder", "context_embedder"])
 
 
 def _z_image(transformer) -> set[str]:
@@ -78,9 +84,23 @@ def _z_image(transformer) -> set[str]:
     return names
 
 
+def _qwen_image21(transformer) -> set[str]:
+    """ComfyUI (v0.37+, comfy/lora.py, the QwenImage branch; its Qwen-Image 2.1 model is a QwenImage) keeps the
+    diffusers names but fuses img_mlp.gate_layer / proj into img_mlp.gate_up at load. Generic rule: diffusion_model.<its
+    own names>. QwenImage rule: <name>, transformer.<name>, lycoris_<name>, where gate_up is addressed by its halves."""
+    own = {k[: -len(".weight")].replace("img_mlp.gate_layer", "img_mlp.gate_up").replace("img_mlp.proj", "img_mlp.gate_up")
+           for k in transformer.state_dict() if k.endswith(".weight")}
+    names = {f"diffusion_model.{m}" for m in own}
+    for m in own:
+        for lora in ((m.replace(".gate_up", ".gate_layer"), m.replace(".gate_up", ".proj")) if m.endswith(".img_mlp.gate_up") else (m,)):
+            names |= {lora, f"transformer.{lora}", f"lycoris_{lora.replace('.', '_')}"}
+    return names
+
+
 RULES = {"qwen-image": _direct, "qwen-image-edit": _direct, "qwen-image-edit-plus": _direct, "flux": _flux,
          "flux-kontext": _flux, "z-image": _z_image, "chroma": _flux,
-         "kandinsky5": _direct, "flux2": _flux2, "flux2-klein": _flux2}  # ComfyUI's Chroma is a Flux model
+         "kandinsky5": _direct, "flux2": _flux2, "flux2-klein": _flux2,  # ComfyUI's Chroma is a Flux model
+         "qwen-image-2.1": _qwen_image21}
 
 
 def not_loaded(keys, variant: str, transformer) -> list[str]:

@@ -78,3 +78,27 @@ def test_blocks_to_swap_lowers_peak_memory_and_keeps_gradients(quantize):
     assert l0 == pytest.approx(l1, rel=1e-3)
     assert torch.allclose(g0, g1, rtol=2e-2, atol=1e-4)
     assert peak1 < peak0 - 2.5 * block, (peak0, peak1, block)
+
+
+def test_qwen_image_21_compiled_flex_attention_matches_sdpa(tiny_models):
+    """attention_backend auto on CUDA: compiled flex attention, same prediction and input gradients as the SDPA path."""
+    from trainer.models.qwen_image21 import QwenImage21Adapter
+
+    model = tiny_models("qwen-image-2.1")
+    results = {}
+    for backend in ("sdpa", "auto"):
+        cfg = load_config(None, [f"pretrained_model_name_or_path={model}", "mixed_precision=no", f"attention_backend={backend}"],
+                          check_paths=False)
+        adapter = QwenImage21Adapter(cfg, QwenImage21Adapter.variant_of(str(model)), "cuda")
+        adapter.load()
+        adapter.configure_attention()
+        g = torch.Generator().manual_seed(0)
+        controls = [torch.rand(1, 4, 256, 256, generator=g) * 2 - 1]
+        cond = adapter.encode_text({"captions": ["a red boat"], "controls": controls})
+        cond["control_latents"] = [adapter.encode_images(c) for c in controls]
+        noisy = torch.randn(1, 16, 4, 6, generator=g).cuda().requires_grad_(True)
+        pred = adapter.predict(adapter.transformer, noisy, torch.tensor([0.4], device="cuda"), cond)
+        pred.square().mean().backward()
+        results[backend] = (pred.detach().cpu(), noisy.grad.cpu())
+    (p0, g0), (p1, g1) = results.values()
+    assert (p0 - p1).abs().max() < 1e-4 and (g0 - g1).abs().max() < 1e-5

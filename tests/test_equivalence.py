@@ -51,10 +51,13 @@ def test_trainer_feeds_the_transformer_what_the_pipeline_feeds_it(case, realisti
         assert result["text_tokens"] > 180 * case.references and result["image_tokens"] > n_target + 4000 * case.references
     if case.variant == "flux":
         assert result["text_tokens"] == 512
+    if case.variant == "qwen-image-2.1":  # references at 1024^2 area: ~4,000 latent tokens each, 4 per Qwen3-VL slot
+        assert result["image_tokens"] >= n_target + 4000 * case.references
 
 
 @pytest.mark.parametrize("variant, references", [("qwen-image", 0), ("qwen-image-edit-plus", 2), ("flux", 0), ("flux-kontext", 1),
-                                                  ("z-image", 0), ("chroma", 0), ("kandinsky5", 0)])
+                                                  ("z-image", 0), ("chroma", 0), ("kandinsky5", 0), ("flux2-klein", 1),
+                                                  ("qwen-image-2.1", 0), ("qwen-image-2.1", 1)])
 def test_sample_zero_does_not_see_sample_one(variant, references, realistic, tmp_path):
     """Batch of 2: sample 0's prediction is the same whether sample 1's caption is short or 12x longer."""
     assert batch_independence(realistic(variant), tmp_path, references) < 1e-5

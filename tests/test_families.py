@@ -14,6 +14,7 @@ from diffusers import (
     FluxPipeline,
     Kandinsky5T2IPipeline,
     QwenImageEditPipeline,
+    QwenImage21Pipeline,
     QwenImageEditPlusPipeline,
     ZImagePipeline,
 )
@@ -27,6 +28,7 @@ from trainer.models.qwen_image import QwenImageAdapter, QwenImageEditAdapter
 from trainer.models.chroma import ChromaAdapter
 from trainer.models.flux2 import Flux2Adapter
 from trainer.models.kandinsky5 import Kandinsky5Adapter
+from trainer.models.qwen_image21 import QwenImage21Adapter
 from trainer.models.qwen_processor import load_qwen_processor
 from trainer.models.z_image import ZImageAdapter
 
@@ -40,6 +42,7 @@ FAMILIES = {
     "chroma": ("train_chroma_lora.py", ChromaAdapter, ChromaPipeline, False),
     "kandinsky5": ("train_kandinsky_lora.py", Kandinsky5Adapter, Kandinsky5T2IPipeline, False),
     "flux2-klein": ("train_flux2_lora.py", Flux2Adapter, Flux2KleinPipeline, True),
+    "qwen-image-2.1": ("train_qwen_image_21_lora.py", QwenImage21Adapter, QwenImage21Pipeline, False),  # refs: test_qwen_image_21
 }
 
 
@@ -125,7 +128,7 @@ def test_overfit_one_sample(family, tiny_models, pairs, tmp_path):
     (one_c / "img0.png").write_bytes((controls / "img0.png").read_bytes())
     out = tmp_path / "out"
     uses = FAMILIES[family][3]
-    lr = {"z-image": 1e-2, "flux2-klein": 1e-2}.get(family, 3e-3)  # their tiny models move slower at the same rate
+    lr = {"z-image": 1e-2, "flux2-klein": 1e-2, "qwen-image-2.1": 1e-2}.get(family, 3e-3)  # their tiny models move slower at the same rate
     ov = base_overrides(tiny_models(family), one_t, out, max_train_steps=60, learning_rate=lr, rank=8, t5_max_sequence_length=32,
                         **({"data_config.control_dir": str(one_c)} if uses else {}))
     train(load_config(None, ov), FAMILIES[family][1])

@@ -1,4 +1,4 @@
-"""Z-Image, Chroma and FLUX.1-Krea: LoRA loading in their pipelines, inference, quantized and block-swapped training,
+"""Z-Image, Chroma, Kandinsky 5, FLUX.2, Qwen-Image 2.1 and FLUX.1-Krea: LoRA loading in their pipelines, inference, quantized and block-swapped training,
 the planner, and the assistant LoRA used to train on Z-Image-Turbo."""
 
 import logging
@@ -7,7 +7,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from diffusers import ChromaPipeline, Flux2KleinPipeline, Flux2Pipeline, Kandinsky5T2IPipeline, ZImagePipeline
+from diffusers import ChromaPipeline, Flux2KleinPipeline, Flux2Pipeline, Kandinsky5T2IPipeline, QwenImage21Pipeline, ZImagePipeline
 from helpers import ACCELERATE, PY, ROOT, base_overrides, read_losses, write_dataset
 from PIL import Image
 from safetensors.torch import load_file
@@ -19,6 +19,7 @@ from trainer.pipelines import output_images
 from trainer.models.chroma import ChromaAdapter
 from trainer.models.flux2 import Flux2Adapter
 from trainer.models.kandinsky5 import Kandinsky5Adapter
+from trainer.models.qwen_image21 import QwenImage21Adapter
 from trainer.models.z_image import ZImageAdapter
 
 
@@ -31,9 +32,11 @@ FAMILIES = {
     "kandinsky5": (Kandinsky5Adapter, Kandinsky5T2IPipeline, {"guidance_scale": 1.0}, 6_022_080_576, 52, (1024, 1024)),
     "flux2-klein": (Flux2Adapter, Flux2KleinPipeline, {"guidance_scale": 1.0}, 3_875_544_576, 25, (48, 32)),  # Klein 4B: 5 + 20
     "flux2": (Flux2Adapter, Flux2Pipeline, {"guidance_scale": 4.0}, 32_223_281_152, 56, (48, 32)),  # dev: 8 double + 48 single
+    "qwen-image-2.1": (QwenImage21Adapter, QwenImage21Pipeline, {"true_cfg_scale": 1.0}, 7_115_124_736, 32, (64, 32)),  # sides /32
 }
 CONFIGS = {"z-image": "train_z_image_lora.yaml", "chroma": "train_chroma_lora.yaml", "kandinsky5": "train_kandinsky5_lora.yaml",
-           "flux2-klein": "train_flux2_klein_base_4b.yaml", "flux2": "train_flux2_dev.yaml"}
+           "flux2-klein": "train_flux2_klein_base_4b.yaml", "flux2": "train_flux2_dev.yaml",
+           "qwen-image-2.1": "train_qwen_image_21_lora.yaml"}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +57,7 @@ def trained(tiny_models, tmp_path_factory):
             train(load_config(None, base_overrides(
                 tiny_models(variant), data, tmp / "out", max_train_steps=4, learning_rate=2e-2, lora_format="comfyui",
                 validation_prompts="[a red cat]", validation_num_inference_steps=2,
-                validation_guidance_scale=call["guidance_scale"], **{"data_config.img_size": 32})), cls)
+                validation_guidance_scale=call.get("guidance_scale", call.get("true_cfg_scale")), **{"data_config.img_size": 32})), cls)
             runs[variant] = tmp / "out"
         return runs[variant]
 

@@ -2,11 +2,9 @@
 
 import json
 import logging
-import os
 import signal
 import struct
 import subprocess
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -19,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from image_datasets import CaptionDataset, load_image, scan_caption_folder
-from trainer.checkpoint import complete_checkpoints, latest_checkpoint
+from image_datasets import CaptionDataset, scan_caption_folder
+from trainer.checkpoint import latest_checkpoint
 from trainer.config import ConfigError, load_config
 from trainer.loop import TrainingError, train
 from trainer.models.qwen_image import QwenImageAdapter

@@ -3,15 +3,12 @@ engines, LoRA files). Each test runs the way a user does (entry scripts, real fi
 
 import json
 import logging
-import os
 import shutil
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
-import torch
 from helpers import ACCELERATE, PY, ROOT, base_overrides, read_losses, write_dataset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

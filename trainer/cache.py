@@ -13,13 +13,16 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from image_datasets import CaptionDataset, Sample, collate
 from trainer.config import TrainConfig
+
+if TYPE_CHECKING:
+    from trainer.models.base import ModelAdapter
 
 logger = logging.getLogger("trainer")
 

@@ -31,7 +31,7 @@ def doc(default: Any, help: str):
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
-TIMESTEP_SAMPLINGS = ("shift", "uniform", "logit_normal")
+TIMESTEP_SAMPLINGS = ("shift", "uniform", "logit_normal", "schedule")
 LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 LR_SCHEDULERS = (
     "constant",
@@ -111,7 +111,7 @@ class TrainConfig:
     lora_target_modules: Optional[list[str]] = doc(None, "module names to adapt; default: the family's attention projections")
     assistant_lora: Optional[str] = doc(None, "a LoRA (file or folder) active while training but off for validation previews and left out of the saved LoRA, e.g. a de-distillation adapter that keeps a step-distilled model (Z-Image-Turbo) from losing its distillation")
 
-    timestep_sampling: str = doc("shift", f"how sigma is drawn: {', '.join(TIMESTEP_SAMPLINGS)}; shift = the scheduler's resolution-dependent shift used at inference")
+    timestep_sampling: str = doc("shift", f"how sigma is drawn: {', '.join(TIMESTEP_SAMPLINGS)}; shift = logit-normal through the scheduler's resolution-dependent shift used at inference; schedule = uniform along the sigmas the pipeline steps through at this resolution")
     logit_mean: float = doc(0.0, "mean of the normal behind logit_normal (and shift) sampling")
     logit_std: float = doc(1.0, "std of the normal behind logit_normal (and shift) sampling")
     loss_weighting: str = doc("none", f"per-sample loss weighting: {', '.join(LOSS_WEIGHTINGS)}")

@@ -61,15 +61,23 @@ def sample_sigmas(
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
     mu: float | None = None,
+    path: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draw one sigma per sample, float32 on the generator's device.
 
     uniform      : U(0, 1)
     logit_normal : sigmoid(N(logit_mean, logit_std))  (SD3)
     shift        : logit-normal u, then the scheduler's shift for this resolution (what inference uses)
+    schedule     : uniform along `path`, the sigmas the pipeline steps through (linear between its steps)
     """
     device = generator.device
-    if scheme == "uniform":
+    if scheme == "schedule":
+        path = path.to(device)
+        pos = torch.rand(batch_size, generator=generator, device=device) * (len(path) - 1)
+        i = pos.floor().long().clamp(max=len(path) - 2)
+        frac = pos - i
+        u = path[i] * (1 - frac) + path[i + 1] * frac
+    elif scheme == "uniform":
         u = torch.rand(batch_size, generator=generator, device=device)
     else:
         u = compute_density_for_timestep_sampling(

@@ -23,7 +23,6 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from omegaconf import OmegaConf
-from tqdm.auto import tqdm
 
 from image_datasets import CaptionDataset, SizeGroupedBatchSampler, collate
 from trainer import flow_matching as fm
@@ -354,7 +353,8 @@ def make_loader(cfg: TrainConfig, adapter: ModelAdapter, samples: list, sampler,
     d = cfg.data_config
     need_pixels = not cfg.precompute_image_embeddings or (not cfg.precompute_text_embeddings and adapter.text_needs_pixels)
     dataset = CaptionDataset(samples, d.caption_dropout_rate, d.random_ratio, cfg.seed, load_pixels=need_pixels,
-                             empty_caption=adapter.empty_prompt, reference_transform=adapter.reference_transform())
+                             empty_caption=adapter.empty_prompt, reference_transform=adapter.reference_transform(),
+                             keep_alpha=adapter.pixel_channels == 4)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=d.num_workers,
                                        pin_memory=device.type == "cuda")
 
@@ -432,8 +432,10 @@ def flow_matching_loss(run: Run, x0: torch.Tensor, cond: dict, keys: list[tuple[
     noise = torch.stack([torch.randn(x0.shape[1:], generator=g, device=device) for g in gens])
     seq_len = run.adapter.image_seq_len(x0)
     mu = run.adapter.training_mu(seq_len)
+    path = run.adapter.sigma_path(seq_len) if run.cfg.timestep_sampling == "schedule" else None
     sigmas = torch.cat([
-        fm.sample_sigmas(1, run.cfg.timestep_sampling, run.adapter.scheduler_config, seq_len, g, run.cfg.logit_mean, run.cfg.logit_std, mu)
+        fm.sample_sigmas(1, run.cfg.timestep_sampling, run.adapter.scheduler_config, seq_len, g, run.cfg.logit_mean, run.cfg.logit_std,
+                         mu, path)
         for g in gens
     ])
     pred = run.adapter.predict(run.transformer, fm.add_noise(x0, noise, sigmas), sigmas, cond)

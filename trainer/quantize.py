@@ -12,11 +12,15 @@ import contextlib
 import gc
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from trainer.config import normalize_mode
+
+if TYPE_CHECKING:
+    from trainer.offload import BlockSwap
 
 logger = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ class Validator:
 
         cfg = self.cfg
         for prompt, paths in validation_entries(cfg):
-            images = [load_image(Path(p)) for p in paths]
+            images = [load_image(Path(p), keep_alpha=self.adapter.pixel_channels == 4) for p in paths]
             controls, views = [], [[]]
             for img in images:
                 sized = self.adapter.reference_views(img)

@@ -84,6 +84,8 @@ class ModelAdapter(ABC):
     text_limits: dict[str, int] = {}  # config key -> the most its pipeline accepts (checked before anything loads)
     size_multiple = 16  # image sides the pipeline renders are multiples of this (VAE factor x patch size)
     reference_limits: tuple[int, float] = (0, 0.0)  # (shortest side, most extreme aspect) the pipeline accepts in a reference
+    pixel_channels = 3  # 4: the VAE reads RGBA (images keep their alpha; opaque ones get alpha 1)
+    default_true_cfg_scale = 4.0  # inference.py's classifier-free guidance when --true_cfg_scale is not given
 
     def __init__(self, cfg: TrainConfig, variant: Variant, device: torch.device | str = "cpu",
                  weight_dtype: torch.dtype = torch.float32):
@@ -253,13 +255,35 @@ class ModelAdapter(ABC):
         latents, extra = self.encode_latents(batch)
         return latents, {**self.encode_text(batch), **extra}
 
+    # Cond keys padded along the token axis (dim 1) to the batch's longest prompt; "prompt_embeds_mask" counts each
+    # sample's own tokens. The cache stores them unpadded.
+    text_token_keys: tuple[str, ...] = ()
+
     def split_text(self, cond: Cond, n: int) -> list[Cond]:
-        """Batched prompt conditioning -> one dict per sample (what the embedding cache stores)."""
-        return [{k: v[i : i + 1] for k, v in cond.items()} for i in range(n)]
+        """Batched prompt conditioning -> one dict per sample (what the embedding cache stores), token-axis keys
+        without their padding."""
+        out = []
+        for i in range(n):
+            item = {k: v[i : i + 1] for k, v in cond.items()}
+            if self.text_token_keys:
+                length = int(cond["prompt_embeds_mask"][i].sum())
+                item.update({k: cond[k][i : i + 1, :length] for k in self.text_token_keys})
+            out.append(item)
+        return out
 
     def merge_text(self, items: list[Cond]) -> Cond:
-        """Inverse of split_text for a batch assembled from cached samples."""
-        return {k: torch.cat([it[k] for it in items]) for k in items[0]}
+        """Inverse of split_text for a batch assembled from cached samples: token-axis keys zero-padded (mask 0)."""
+        out = {}
+        for k in items[0]:
+            if k not in self.text_token_keys:
+                out[k] = torch.cat([it[k] for it in items])
+                continue
+            first = items[0][k]
+            padded = first.new_zeros((len(items), max(it[k].shape[1] for it in items), *first.shape[2:]))
+            for i, it in enumerate(items):
+                padded[i, : it[k].shape[1]] = it[k][0]
+            out[k] = padded
+        return out
 
     empty_prompt = ""  # the caption of a dropped-caption sample and the default negative prompt
 
@@ -275,9 +299,38 @@ class ModelAdapter(ABC):
         return [f"caption of {s.image.name} has {n} tokens; only the first {limit} are used (max_sequence_length)"
                 for s, n in zip(samples, counts) if n > limit]
 
-    @abstractmethod
     def image_seq_len(self, latents: torch.Tensor) -> int:
-        """Number of image tokens the transformer sees for these latents (drives the resolution shift)."""
+        """Number of image tokens the transformer sees for these latents (drives the resolution shift); default: 2x2
+        latent patches per token."""
+        return (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
+
+    def sampling_grid(self) -> list[float]:
+        """The sigmas the pipeline hands its scheduler before shifting: linspace(1, 1/N, N), N its default step count."""
+        import inspect
+
+        import numpy as np
+
+        n = inspect.signature(self.pipeline_class.__call__).parameters["num_inference_steps"].default
+        return np.linspace(1.0, 1.0 / n, n).tolist()
+
+    def sigma_path(self, image_seq_len: int) -> torch.Tensor:
+        """The sigmas the pipeline steps through at this token count, descending to 0: its grid through the
+        scheduler's own shift (and terminal stretch). `timestep_sampling: schedule` draws training sigmas along it."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from trainer.flow_matching import calculate_shift
+
+        cache = self.__dict__.setdefault("_sigma_paths", {})
+        if image_seq_len not in cache:
+            scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
+            c = scheduler.config
+            mu = self.training_mu(image_seq_len)
+            if mu is None and c.use_dynamic_shifting:
+                mu = calculate_shift(image_seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                                     c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+            scheduler.set_timesteps(sigmas=self.sampling_grid(), mu=mu)
+            cache[image_seq_len] = scheduler.sigmas.float().cpu()
+        return cache[image_seq_len]
 
     def training_mu(self, image_seq_len: int) -> float | None:
         """The time-shift mu for training sigmas at this token count, when the pipeline computes it its own way
@@ -313,10 +366,22 @@ class ModelAdapter(ABC):
     def inference_kwargs(self, request: InferenceRequest) -> dict:
         """Pipeline call arguments for inference.py (guidance style, references)."""
 
+    @staticmethod
+    def cfg_inference_kwargs(request: InferenceRequest, scale_key: str = "guidance_scale") -> dict:
+        """Pipelines that run real classifier-free guidance under `scale_key` with their own default negative prompt."""
+        kwargs = {scale_key: request.true_cfg_scale}
+        if request.negative_prompt is not None:
+            kwargs["negative_prompt"] = request.negative_prompt
+        if request.max_sequence_length is not None:
+            kwargs["max_sequence_length"] = request.max_sequence_length
+        return kwargs
+
     # --- ComfyUI LoRA naming ---------------------------------------------------------------------------------
+    comfyui_prefix = "diffusion_model."  # what ComfyUI's key map puts before a diffusers module name for this family
+
     def comfyui_names(self, module: str) -> tuple[str, str, str]:
         """(down, up, alpha) ComfyUI keys of the LoRA on transformer module `module` (diffusers naming)."""
-        name = "diffusion_model." + module
+        name = self.comfyui_prefix + module
         return f"{name}.lora_A.weight", f"{name}.lora_B.weight", f"{name}.alpha"
 
     # --- planner, benches, tiny models ------------------------------------------------------------------------

@@ -92,12 +92,7 @@ class ChromaAdapter(FluxAdapter):
                 "guidance_scale": self.cfg.validation_guidance_scale}
 
     def inference_kwargs(self, request: InferenceRequest) -> dict:
-        kwargs = {"guidance_scale": request.true_cfg_scale}
-        if request.negative_prompt is not None:
-            kwargs["negative_prompt"] = request.negative_prompt
-        if request.max_sequence_length is not None:
-            kwargs["max_sequence_length"] = request.max_sequence_length
-        return kwargs
+        return self.cfg_inference_kwargs(request)
 
     # --- planner, benches, tiny models ---------------------------------------------------------------------
     def released_transformer_config(self) -> dict:

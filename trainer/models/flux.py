@@ -43,6 +43,15 @@ def latent_ids(h: int, w: int, index: int, device, dtype) -> torch.Tensor:
     return ids
 
 
+def flux_vae_latents(vae, pixels: torch.Tensor, device: torch.device, shift: bool = True) -> torch.Tensor:
+    """The FLUX VAE's mode, shifted (shift=False: Kandinsky 5 does not shift) and scaled as the pipelines do. The
+    pixels go in channels-last, as the pipelines' image processor hands them over (HWC numpy transposed): the
+    convolutions then take the same kernels and give the same latents to the last bit."""
+    x = pixels.to(device, vae.dtype).contiguous(memory_format=torch.channels_last)
+    z = vae.encode(x).latent_dist.mode().float()
+    return ((z - vae.config.shift_factor) if shift else z) * vae.config.scaling_factor
+
+
 @register
 class FluxAdapter(ModelAdapter):
     family = "flux"
@@ -122,14 +131,7 @@ class FluxAdapter(ModelAdapter):
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        # channels-last, as the pipelines' image processor hands images to the VAE (HWC numpy transposed): the
-        # convolutions then take the same kernels and give the same latents to the last bit
-        x = pixels.to(self.device, self.vae.dtype).contiguous(memory_format=torch.channels_last)
-        z = self.vae.encode(x).latent_dist.mode().float()
-        return (z - self.vae.config.shift_factor) * self.vae.config.scaling_factor
-
-    def image_seq_len(self, latents: torch.Tensor) -> int:
-        return (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
+        return flux_vae_latents(self.vae, pixels, self.device)
 
     def predict(self, transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Cond) -> torch.Tensor:
         """Kontext: reference latents appended on the sequence axis with ids[:, 0] = 1; loss on target tokens only."""

@@ -24,7 +24,7 @@ import torch
 
 from . import register
 from .base import Cond, InferenceRequest, ModelAdapter, PlannerSpec, Variant
-from .flux import CLIP_L_PARAMS, FLUX_VAE_PARAMS, build_clip, build_flux_vae
+from .flux import CLIP_L_PARAMS, FLUX_VAE_PARAMS, build_clip, build_flux_vae, flux_vae_latents
 from .qwen_image import QWEN25_VL_PARAMS, build_qwen_text_encoder, build_qwen_tokenizer, pad_and_stack, save_qwen_processor
 
 
@@ -44,6 +44,7 @@ class Kandinsky5Adapter(ModelAdapter):
     block_count_keys = ("num_text_blocks", "num_visual_blocks")
     encoder_folders = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae")
     text_limits = {"max_sequence_length": 1024}  # the pipeline's own bound
+    text_token_keys = ("prompt_embeds", "prompt_embeds_mask")
 
     def load_encoders(self) -> None:
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, Kandinsky5T2IPipeline
@@ -91,25 +92,9 @@ class Kandinsky5Adapter(ModelAdapter):
         padded, mask = pad_and_stack(embeds, [None] * len(embeds))
         return {"prompt_embeds": padded, "prompt_embeds_mask": mask, "pooled": torch.cat(pooled)}
 
-    def split_text(self, cond: Cond, n: int) -> list[Cond]:
-        out = []
-        for i in range(n):
-            length = int(cond["prompt_embeds_mask"][i].sum())
-            out.append({"prompt_embeds": cond["prompt_embeds"][i : i + 1, :length],
-                        "prompt_embeds_mask": cond["prompt_embeds_mask"][i : i + 1, :length], "pooled": cond["pooled"][i : i + 1]})
-        return out
-
-    def merge_text(self, items: list[Cond]) -> Cond:
-        embeds, mask = pad_and_stack([it["prompt_embeds"] for it in items], [it["prompt_embeds_mask"] for it in items])
-        return {"prompt_embeds": embeds, "prompt_embeds_mask": mask, "pooled": torch.cat([it["pooled"] for it in items])}
-
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = pixels.to(self.device, self.vae.dtype).contiguous(memory_format=torch.channels_last)  # as the pipelines feed the VAE
-        return self.vae.encode(x).latent_dist.mode().float() * self.vae.config.scaling_factor
-
-    def image_seq_len(self, latents: torch.Tensor) -> int:
-        return (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
+        return flux_vae_latents(self.vae, pixels, self.device, shift=False)
 
     def predict(self, transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Cond) -> torch.Tensor:
         dt = self.weight_dtype
@@ -147,12 +132,7 @@ class Kandinsky5Adapter(ModelAdapter):
                 "negative_prompt_cu_seqlens": cu(negative), "guidance_scale": self.cfg.validation_guidance_scale}
 
     def inference_kwargs(self, request: InferenceRequest) -> dict:
-        kwargs = {"guidance_scale": request.true_cfg_scale}
-        if request.negative_prompt is not None:
-            kwargs["negative_prompt"] = request.negative_prompt
-        if request.max_sequence_length is not None:
-            kwargs["max_sequence_length"] = request.max_sequence_length
-        return kwargs
+        return self.cfg_inference_kwargs(request)
 
     # --- planner, benches, tiny models ---------------------------------------------------------------------
     def released_transformer_config(self) -> dict:

@@ -76,6 +76,14 @@ def to_pil(pixels: torch.Tensor):
     return Image.fromarray(arr)
 
 
+def qwen_cfg_kwargs(request: InferenceRequest, empty_prompt: str) -> dict:
+    """Qwen's reference usage: true CFG with a blank negative prompt when none is given."""
+    negative = request.negative_prompt
+    if negative is None and request.true_cfg_scale > 1:
+        negative = empty_prompt
+    return {"negative_prompt": negative, "true_cfg_scale": request.true_cfg_scale}
+
+
 def calculate_dimensions(area: int, ratio: float) -> tuple[int, int]:
     """The edit pipelines' reference sizing: about `area` pixels, this aspect ratio, sides multiples of 32."""
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions as pipeline_dims
@@ -93,6 +101,7 @@ class QwenImageAdapter(ModelAdapter):
     encoder_folders = ("text_encoder", "tokenizer", "vae", "processor")
     text_limits = {"max_sequence_length": 1024}  # QwenImagePipeline refuses more
     empty_prompt = " "
+    text_token_keys = ("prompt_embeds", "prompt_embeds_mask")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -143,22 +152,6 @@ class QwenImageAdapter(ModelAdapter):
         z = self.vae.encode(x).latent_dist.mode().float()
         return ((z - self.latents_mean) / self.latents_std).squeeze(2)
 
-    def image_seq_len(self, latents: torch.Tensor) -> int:
-        return (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
-
-    def split_text(self, cond: Cond, n: int) -> list[Cond]:
-        """Per-sample embeddings without their padding (the cache stores only real tokens)."""
-        out = []
-        for i in range(n):
-            length = int(cond["prompt_embeds_mask"][i].sum())
-            out.append({"prompt_embeds": cond["prompt_embeds"][i : i + 1, :length],
-                        "prompt_embeds_mask": cond["prompt_embeds_mask"][i : i + 1, :length]})
-        return out
-
-    def merge_text(self, items: list[Cond]) -> Cond:
-        embeds, mask = pad_and_stack([it["prompt_embeds"] for it in items], [it["prompt_embeds_mask"] for it in items])
-        return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
-
     def predict(self, transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Cond) -> torch.Tensor:
         """Control latents (edit models) ride along on the sequence axis with their own img_shapes entries;
         the prediction is sliced back to the target tokens, as the edit pipelines do."""
@@ -190,11 +183,7 @@ class QwenImageAdapter(ModelAdapter):
         return kwargs
 
     def inference_kwargs(self, request: InferenceRequest) -> dict:
-        # Qwen's reference usage enables CFG with a blank negative prompt when none is given.
-        negative = request.negative_prompt
-        if negative is None and request.true_cfg_scale > 1:
-            negative = self.empty_prompt
-        kwargs = {"negative_prompt": negative, "true_cfg_scale": request.true_cfg_scale}
+        kwargs = qwen_cfg_kwargs(request, self.empty_prompt)
         if request.max_sequence_length is not None:
             kwargs["max_sequence_length"] = request.max_sequence_length
         if request.images:
@@ -333,6 +322,9 @@ QWEN_SPECIAL_TOKENS = [
 ]
 # The released Qwen2.5-VL processor's pixel budget (preprocessor_config.json): a 1024x1024 image -> 1,369 tokens.
 RELEASED_VL_PIXELS = dict(min_pixels=3136, max_pixels=12845056)
+# The released Qwen3-VL processor: 16-pixel patches merged 2x2 (one token per 32x32 pixels), 256^2 to 4096^2 pixels.
+QWEN3_VL_IMAGES = dict(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                       min_pixels=65536, max_pixels=16777216)
 
 
 def build_qwen_tokenizer(template: str | None = None, drop: int = 0):
@@ -393,11 +385,12 @@ def build_qwen_transformer(z_dim: int = 4, joint_attention_dim: int = 32, num_la
     )
 
 
-def save_qwen_processor(tokenizer, out, realistic: bool = False, subfolder: str = "processor") -> None:
-    """Write a Qwen2VLProcessor folder (image processor + tokenizer) and name it in model_index.json.
+def save_qwen_processor(tokenizer, out, realistic: bool = False, subfolder: str = "processor", qwen3: bool = False) -> None:
+    """Write a Qwen2VLProcessor (qwen3: Qwen3VLProcessor) folder (image processor + tokenizer) and name it in
+    model_index.json.
 
-    Built from its parts because transformers can only instantiate Qwen2VLProcessor when torchvision is
-    installed; the saved files are the same, and load with Qwen2VLProcessor.from_pretrained where it is.
+    Built from its parts because transformers can only instantiate these processors when torchvision is
+    installed; the saved files are the same, and load with their from_pretrained where it is.
     """
     import json
     from pathlib import Path
@@ -405,13 +398,15 @@ def save_qwen_processor(tokenizer, out, realistic: bool = False, subfolder: str 
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     out = Path(out)
-    # Toy budget (16 tokens per image) for fast tests; realistic = the released budget.
-    pixels = RELEASED_VL_PIXELS if realistic else dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
-    image_processor = Qwen2VLImageProcessorPil(**pixels)
+    if qwen3:  # always the released geometry: Qwen-Image 2.1 needs 4 latent tokens per vision token
+        image_processor = Qwen2VLImageProcessorPil(**QWEN3_VL_IMAGES)
+    else:  # toy budget (16 tokens per image) for fast tests; realistic = the released budget
+        image_processor = Qwen2VLImageProcessorPil(**(RELEASED_VL_PIXELS if realistic else dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)))
+    name = "Qwen3VLProcessor" if qwen3 else "Qwen2VLProcessor"
     folder = out / subfolder
     image_processor.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    (folder / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}, indent=2))
+    (folder / "processor_config.json").write_text(json.dumps({"processor_class": name}, indent=2))
     index = json.loads((out / "model_index.json").read_text())
-    index[subfolder] = ["transformers", "Qwen2VLProcessor"]
+    index[subfolder] = ["transformers", name]
     (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))

@@ -24,6 +24,7 @@ import torch
 
 from . import register
 from .base import Cond, InferenceRequest, ModelAdapter, PlannerSpec, Variant
+from .flux import flux_vae_latents
 from .qwen_image import pad_and_stack
 
 QWEN3_4B_PARAMS = 4_022_468_096  # Qwen3-4B without its LM head
@@ -45,6 +46,7 @@ class ZImageAdapter(ModelAdapter):
     default_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
     block_count_keys = ("n_layers", "n_refiner_layers", "n_refiner_layers")  # main layers + noise and context refiners
     encoder_folders = ("text_encoder", "tokenizer", "vae")
+    text_token_keys = ("prompt_embeds", "prompt_embeds_mask")
 
     def load_encoders(self) -> None:
         import transformers
@@ -78,27 +80,9 @@ class ZImageAdapter(ModelAdapter):
         padded, mask = pad_and_stack([e.unsqueeze(0) for e in embeds], [None] * len(embeds))
         return {"prompt_embeds": padded.to(self.weight_dtype), "prompt_embeds_mask": mask}
 
-    def split_text(self, cond: Cond, n: int) -> list[Cond]:
-        out = []
-        for i in range(n):
-            length = int(cond["prompt_embeds_mask"][i].sum())
-            out.append({"prompt_embeds": cond["prompt_embeds"][i : i + 1, :length],
-                        "prompt_embeds_mask": cond["prompt_embeds_mask"][i : i + 1, :length]})
-        return out
-
-    def merge_text(self, items: list[Cond]) -> Cond:
-        embeds, mask = pad_and_stack([it["prompt_embeds"] for it in items], [it["prompt_embeds_mask"] for it in items])
-        return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
-
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        # channels-last, as the pipelines' image processor hands images to the VAE (see FluxAdapter.encode_images)
-        x = pixels.to(self.device, self.vae.dtype).contiguous(memory_format=torch.channels_last)
-        z = self.vae.encode(x).latent_dist.mode().float()
-        return (z - self.vae.config.shift_factor) * self.vae.config.scaling_factor
-
-    def image_seq_len(self, latents: torch.Tensor) -> int:
-        return (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
+        return flux_vae_latents(self.vae, pixels, self.device)
 
     def predict(self, transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Cond) -> torch.Tensor:
         dt = self.weight_dtype
@@ -117,12 +101,7 @@ class ZImageAdapter(ModelAdapter):
 
     def inference_kwargs(self, request: InferenceRequest) -> dict:
         # ZImagePipeline runs CFG when guidance_scale > 1 (Turbo: 0); its negative prompt defaults to "".
-        kwargs = {"guidance_scale": request.true_cfg_scale}
-        if request.negative_prompt is not None:
-            kwargs["negative_prompt"] = request.negative_prompt
-        if request.max_sequence_length is not None:
-            kwargs["max_sequence_length"] = request.max_sequence_length
-        return kwargs
+        return self.cfg_inference_kwargs(request)
 
     # --- planner, benches, tiny models ---------------------------------------------------------------------
     def planner_spec(self) -> PlannerSpec:
