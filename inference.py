@@ -1,7 +1,8 @@
-"""Generate images with a base model and (optionally) a trained LoRA.
+"""Generate images with a base model and (optionally) a trained LoRA or a fully fine-tuned transformer.
 
     python inference.py --model_name Qwen/Qwen-Image --lora_weights output/pytorch_lora_weights.safetensors \
         --prompt "a photo of sks dog" --output_image out.png --width 1024 --height 1024 --seed 0
+    python inference.py --model_name Qwen/Qwen-Image --transformer output_full --prompt "..."   # training_method: full
 
 The model family is read from the model's model_index.json; --lora_weights takes the .safetensors file or a
 checkpoint folder holding one. Edit / Kontext models take --image (repeat it for several references).
@@ -24,6 +25,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model_name", default="Qwen/Qwen-Image", help="diffusers model folder or hub id")
     p.add_argument("--lora_weights", default=None, help="LoRA .safetensors file or a folder containing " + LORA_FILE)
     p.add_argument("--lora_scale", type=float, default=1.0, help="LoRA strength (0 = base model)")
+    p.add_argument("--transformer", default=None,
+                   help="a fully fine-tuned transformer (training_method: full): its folder, or the run's output_dir / checkpoint")
     p.add_argument("--prompt", required=True)
     p.add_argument("--image", action="append", default=[], help="reference image for edit / Kontext models (repeat for several)")
     p.add_argument("--kontext_auto_resize", choices=["true", "false"], default="true",
@@ -60,7 +63,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from trainer.models.base import InferenceRequest
-    from trainer.pipelines import ToolError, adapter_for, check_lora, load_pipeline, output_images
+    from trainer.pipelines import ToolError, adapter_for, check_lora, load_pipeline, output_images, resolve_transformer
 
     try:
         adapter = adapter_for(args.model_name)
@@ -71,6 +74,11 @@ def main(argv=None) -> int:
             check_lora(args.lora_weights, adapter)
     except ToolError as e:
         fail(f"--lora_weights: {e}")
+    if args.transformer:
+        try:
+            resolve_transformer(args.transformer)
+        except ToolError as e:
+            fail(f"--transformer: {e}")
     if Path(args.output_image).suffix.lower() not in IMAGE_EXTENSIONS:
         fail(f"--output_image: '{args.output_image}' needs an image extension ({', '.join(IMAGE_EXTENSIONS)})")
     multiple = adapter.size_multiple
@@ -100,7 +108,10 @@ def main(argv=None) -> int:
     from trainer.constants import torch_dtype
 
     dtype = torch_dtype(args.dtype if args.dtype != "auto" else ("bf16" if device.startswith("cuda") else "fp32"))
-    pipe = load_pipeline(adapter, dtype, device, args.lora_weights, args.lora_scale, args.quantize, args.offload)
+    try:
+        pipe = load_pipeline(adapter, dtype, device, args.lora_weights, args.lora_scale, args.quantize, args.offload, args.transformer)
+    except ToolError as e:
+        fail(f"--transformer: {e}")
 
     from PIL import Image, ImageOps
 

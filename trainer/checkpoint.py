@@ -197,14 +197,22 @@ def restore(payload: dict, optimizer: torch.optim.Optimizer, lr_scheduler: Any) 
 
 
 def atomic_copy(src: Path, dst: Path) -> None:
+    """Copy a file or a folder into place: written beside it under a temporary name, fsynced, then renamed."""
     tmp = dst.with_name(f".tmp-{dst.name}")
     try:
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        if src.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp)
+            fsync_tree(tmp)
+        else:
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         if is_disk_full(e):
             raise CheckpointWriteError(disk_full_message(dst.parent, dst.name)) from None
         raise
+    if dst.is_dir():  # a folder cannot be replaced by rename: the old one goes first
+        shutil.rmtree(dst)
     os.replace(tmp, dst)

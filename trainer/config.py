@@ -43,6 +43,8 @@ LR_SCHEDULERS = (
 )
 TRACKERS = ("none", "tensorboard", "wandb", "all")
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy")
+TRAINING_METHODS = ("lora", "full")
+FULL_WEIGHTS = ("fp32", "bf16")
 QUANTIZE_CHOICES = ("none", "qfloat8", "qint8", "qint4", "nf4", "int8")
 
 
@@ -78,6 +80,7 @@ class TrainConfig:
     seed: int = doc(42, "random seed for data order, caption dropout, noise and timesteps")
 
     max_train_steps: int = doc(1000, "number of optimizer steps to train")
+    num_train_epochs: Optional[int] = doc(None, "also stop after this many passes over the dataset (whichever of the two comes first); null = max_train_steps alone")
     learning_rate: float = doc(1e-4, "peak learning rate")
     lr_scheduler: str = doc("constant", f"learning-rate schedule: {', '.join(LR_SCHEDULERS)}")
     lr_warmup_steps: int = doc(0, "linear warm-up steps at the start of the schedule")
@@ -104,6 +107,13 @@ class TrainConfig:
     precompute_image_embeddings: bool = doc(False, "encode every image once to VAE latents before training, then free the VAE")
     save_cache_on_disk: bool = doc(False, "keep the precomputed embeddings in cache_dir so later runs reuse them (keyed by file content, caption, model, size)")
     cache_dir: Optional[str] = doc(None, "where save_cache_on_disk writes; default <output_dir>/cache")
+
+    training_method: str = doc("lora", f"what is trained: {', '.join(TRAINING_METHODS)}; lora = adapters on the frozen transformer (a LoRA file), full = the transformer's own weights (a diffusers transformer folder)")
+    trainable_modules: Optional[list[str]] = doc(None, "full: train only the parameters whose names contain one of these (e.g. [transformer_blocks.0., proj_out]); null = every transformer weight")
+    full_weights: str = doc("fp32", "full: dtype the trained weights are kept in: fp32 (master weights; the forward runs in mixed_precision) or bf16 (half the memory; optimizer=adamw rounds each update stochastically so small updates are not lost)")
+    ema_decay: float = doc(0.0, "full: keep an exponential moving average of the trained weights (e.g. 0.9999), saved as transformer_ema/ and used for validation previews; 0 = off")
+    freeze_text_encoder: bool = doc(True, "FlyMyAI key; the text encoders are always frozen (false is refused)")
+    use_8bit_adam: bool = doc(False, "FlyMyAI alias (full training): true selects optimizer=adamw8bit")
 
     rank: int = doc(16, "LoRA rank")
     lora_alpha: Optional[int] = doc(None, "LoRA alpha (scale = alpha / rank); defaults to rank")
@@ -178,11 +188,40 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
     cfg.quantize_text_encoder = normalize_mode(cfg.quantize_text_encoder)
     _check_choice("quantize", cfg.quantize, QUANTIZE_CHOICES)
     _check_choice("quantize_text_encoder", cfg.quantize_text_encoder, QUANTIZE_CHOICES)
-    if cfg.adam8bit:
-        if cfg.optimizer not in ("adamw", "adamw8bit"):
-            raise ConfigError(f"config keys 'adam8bit: true' and 'optimizer: {cfg.optimizer}' disagree; use one of them")
-        cfg.optimizer = "adamw8bit"
+    for alias in ("adam8bit", "use_8bit_adam"):
+        if getattr(cfg, alias):
+            if cfg.optimizer not in ("adamw", "adamw8bit"):
+                raise ConfigError(f"config keys '{alias}: true' and 'optimizer: {cfg.optimizer}' disagree; use one of them")
+            cfg.optimizer = "adamw8bit"
     _check_choice("optimizer", cfg.optimizer, OPTIMIZERS)
+    _check_choice("training_method", cfg.training_method, TRAINING_METHODS)
+    _check_choice("full_weights", cfg.full_weights, FULL_WEIGHTS)
+    if not cfg.freeze_text_encoder:
+        raise ConfigError("config key 'freeze_text_encoder' is false, but this trainer never trains the text encoder; remove the key or set it to true")
+    if cfg.training_method == "full":
+        if cfg.quantize != "none":
+            raise ConfigError(f"config key 'quantize' is {cfg.quantize}, but full training updates the transformer's own weights, which "
+                              "cannot be quantized; use quantize: none (and full_weights: bf16 / adamw8bit to save memory)")
+        if cfg.blocks_to_swap:
+            raise ConfigError("config key 'blocks_to_swap' keeps frozen block weights in host RAM; with training_method: full every block is "
+                              "trained, so set blocks_to_swap: 0")
+        if cfg.assistant_lora is not None:
+            raise ConfigError("config key 'assistant_lora' is a LoRA-training option; remove it for training_method: full")
+        if cfg.full_weights == "bf16" and cfg.mixed_precision != "bf16":
+            raise ConfigError(f"config key 'full_weights: bf16' needs mixed_precision: bf16 (got {cfg.mixed_precision})")
+        if cfg.full_weights == "bf16" and cfg.optimizer != "adamw":
+            raise ConfigError(f"config key 'full_weights: bf16' rounds updates stochastically inside optimizer=adamw only; got optimizer={cfg.optimizer} "
+                              "(use full_weights: fp32, or optimizer: adamw)")
+    else:
+        for key, default in (("trainable_modules", None), ("ema_decay", 0.0)):
+            if getattr(cfg, key) != default:
+                raise ConfigError(f"config key '{key}' applies to training_method: full only")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise ConfigError(f"config key 'ema_decay' must be in [0, 1), got {cfg.ema_decay}")
+    if cfg.trainable_modules is not None and not cfg.trainable_modules:
+        raise ConfigError("config key 'trainable_modules' is an empty list; remove it to train every transformer weight")
+    if cfg.num_train_epochs is not None and cfg.num_train_epochs < 1:
+        raise ConfigError(f"config key 'num_train_epochs' must be >= 1 or null, got {cfg.num_train_epochs}")
     if cfg.precompute_image_embeddings and d.random_ratio:
         raise ConfigError("config key 'precompute_image_embeddings' cannot be used with data_config.random_ratio (random crops change every epoch)")
     if cfg.blocks_to_swap and cfg.torch_compile:

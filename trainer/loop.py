@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from omegaconf import OmegaConf
 
@@ -104,7 +104,7 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
     """Run training to cfg.max_train_steps; returns the path of the final weights file."""
     run = setup(cfg, adapter_cls)
     with StopRequest() as stop:
-        while run.state.global_step < cfg.max_train_steps and stop.signum is None:
+        while run.state.global_step < cfg.max_train_steps and stop.signum is None and not epochs_done(run):
             run.sampler.set_epoch(run.state.epoch, run.state.batch_in_epoch)
             for batch in run.loader:
                 update = train_step(run, batch)
@@ -117,6 +117,11 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
     return finish(run, stop)
 
 
+def epochs_done(run: Run) -> bool:
+    """num_train_epochs (FlyMyAI's key) reached; max_train_steps may end the run earlier."""
+    return run.cfg.num_train_epochs is not None and run.state.epoch >= run.cfg.num_train_epochs
+
+
 # --- setup ------------------------------------------------------------------------------------------------
 
 
@@ -127,6 +132,7 @@ def setup(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Run:
     accelerator = make_accelerator(cfg, out)
     adapter = adapter_cls.from_model(cfg, accelerator.device, torch_dtype(cfg.mixed_precision))
     method = make_method(cfg, adapter)
+    method.check_setup()
     samples = build_dataset(cfg, adapter)  # before any model loads: a bad dataset costs seconds, not a model load
     fingerprint = dataset_fingerprint(samples)
     resume_from, payload = find_resume_point(cfg, out, method, fingerprint)
@@ -139,6 +145,9 @@ def setup(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Run:
     # Stepped by us once per optimizer step (not prepared), so warm-up and length mean optimizer steps.
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_train_steps)
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    if accelerator.distributed_type == DistributedType.FSDP:  # fully_shard replaced the parameters with sharded ones
+        params = [p for p in accelerator.unwrap_model(transformer).parameters() if p.requires_grad]
+    method.prepared(params)
     loader = make_loader(cfg, adapter, samples, sampler, accelerator.device)
 
     state = TrainState()
@@ -294,6 +303,10 @@ def make_sampler(cfg: TrainConfig, samples: list, accelerator: Accelerator) -> S
     sampler = SizeGroupedBatchSampler(
         [s.group for s in samples], cfg.data_config.train_batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes
     )
+    if cfg.num_train_epochs is not None and len(sampler) < cfg.gradient_accumulation_steps:
+        raise ConfigError(
+            f"config key 'num_train_epochs': an epoch is {len(sampler)} batch(es) per process, fewer than gradient_accumulation_steps="
+            f"{cfg.gradient_accumulation_steps}, so no optimizer step would be taken; add images or lower gradient_accumulation_steps")
     if len(sampler) == 0:
         raise ConfigError(
             f"data_config: no full batch of {cfg.data_config.train_batch_size} x {accelerator.num_processes} process(es) can be formed from "
@@ -420,6 +433,7 @@ def train_step(run: Run, batch: dict) -> Update | None:
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grads_with_norm_(run.params, cfg.max_grad_norm, norm)
             run.optimizer.step()
+            run.method.after_update(run.params)
         run.lr_scheduler.step()  # a skipped update still uses up its step of the schedule
         run.optimizer.zero_grad(set_to_none=True)
     return Update(torch.stack(run.step_losses).mean(), norm, finite)
@@ -463,7 +477,9 @@ def after_update(run: Run, update: Update, stop: "StopRequest") -> bool:
             )
     run.step_losses.clear()
     run.step_paths.clear()
-    at_end = state.global_step >= cfg.max_train_steps
+    last_epoch = cfg.num_train_epochs is not None and state.epoch == cfg.num_train_epochs - 1
+    at_end = state.global_step >= cfg.max_train_steps or (
+        last_epoch and len(run.sampler) - state.batch_in_epoch < cfg.gradient_accumulation_steps)  # no update left in it
     periodic = cfg.checkpointing_steps and state.global_step % cfg.checkpointing_steps == 0
     if periodic or at_end or stop.signum is not None:
         if not run.checked:  # the no-op guard, once per run: before the first checkpoint is written
@@ -512,7 +528,7 @@ def finish(run: Run, stop: "StopRequest") -> Path:
     files = run.method.published_files()
     if acc.is_main_process:
         for name in files:
-            if (ckpt / name).is_file():
+            if (ckpt / name).exists():
                 try:
                     atomic_copy(ckpt / name, out / name)
                 except CheckpointWriteError as e:

@@ -60,16 +60,42 @@ def check_lora(path: str, adapter) -> None:
         raise ToolError(str(e)) from None
 
 
+def resolve_transformer(path: str) -> Path:
+    """A full fine-tune's transformer folder: the folder itself, or a run's output_dir / checkpoint holding one."""
+    from trainer.constants import TRANSFORMER_DIR
+
+    p = Path(path)
+    for candidate in (p, p / TRANSFORMER_DIR):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise ToolError(f"'{path}' is not a transformer folder (no config.json in it or in {TRANSFORMER_DIR}/)")
+
+
+def load_transformer(adapter, path: str, dtype):
+    """A fully fine-tuned transformer of the family's class (refused when it is another model's)."""
+    import json
+
+    import diffusers
+
+    folder = resolve_transformer(path)
+    found = json.loads((folder / "config.json").read_text()).get("_class_name")
+    if found != adapter.transformer_class:
+        raise ToolError(f"'{folder}' holds a {found}, but {adapter.variant.name} models use a {adapter.transformer_class}")
+    return getattr(diffusers, adapter.transformer_class).from_pretrained(folder, torch_dtype=dtype)
+
+
 def load_pipeline(adapter, dtype, device: str, lora: str | None = None, lora_scale: float = 1.0,
-                  quantize: str = "none", offload: str = "none"):
-    """The family's pipeline from its folder, optionally quantized block-wise (as in training) and with a LoRA."""
+                  quantize: str = "none", offload: str = "none", transformer: str | None = None):
+    """The family's pipeline from its folder, optionally with a fully fine-tuned transformer, quantized block-wise
+    (as in training) and with a LoRA."""
     import torch
     from diffusers import DiffusionPipeline
 
     name = adapter.cfg.pretrained_model_name_or_path
     if lora:
         check_lora(lora, adapter)  # before the model loads
-    pipe = DiffusionPipeline.from_pretrained(name, dtype=dtype, **adapter.pipeline_components(name))
+    extra = {"transformer": load_transformer(adapter, transformer, dtype)} if transformer else {}
+    pipe = DiffusionPipeline.from_pretrained(name, dtype=dtype, **adapter.pipeline_components(name), **extra)
     if quantize != "none":
         from trainer.quantize import place_model
 

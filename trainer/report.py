@@ -128,7 +128,8 @@ def write_summary(out: Path, cfg: TrainConfig, steps: int, epochs: int, seconds:
         "seconds": round(seconds, 2),
         "steps_per_second": round(steps / seconds, 4) if seconds > 0 else None,
         "final_loss": final_loss,
-        "lora": str(lora),
+        "lora": str(lora),  # the published weights (a LoRA file, or the transformer folder of a full fine-tune)
+        "training_method": cfg.training_method,
         "peak_memory": peak_memory(),
         "config": to_dict(cfg),
     }

@@ -1,4 +1,4 @@
-"""Training methods: what is trained on top of a family's transformer (LoRA today; full fine-tuning next).
+"""Training methods: what is trained on top of a family's transformer: LoRA (lora.py) or its own weights (full.py).
 
 A method attaches its trainable parameters to the placed transformer, saves and loads them, and says which files
 make a checkpoint complete and which it publishes in output_dir at the end. It knows nothing about a family beyond
@@ -25,6 +25,12 @@ class TrainingMethod(ABC):
         self.cfg = cfg
         self.adapter = adapter
 
+    def check_setup(self) -> None:
+        """Refuse a configuration that cannot work, before any model loads (ConfigError)."""
+
+    def prepared(self, params: list[torch.nn.Parameter]) -> None:
+        """The trainable parameters as accelerate prepared them (FSDP replaces them with sharded ones)."""
+
     @abstractmethod
     def attach(self, transformer: torch.nn.Module, placement) -> list[torch.nn.Parameter]:
         """Make the transformer trainable the method's way; returns the trainable parameters (fp32)."""
@@ -48,6 +54,9 @@ class TrainingMethod(ABC):
     def watch(self, params: list[torch.nn.Parameter]) -> None:
         """Remember the trainable weights as they start (or resume), for `check_trained`."""
 
+    def after_update(self, params: list[torch.nn.Parameter]) -> None:
+        """Called after every applied optimizer step (e.g. an EMA of the weights)."""
+
     def note_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Called once, at the first update, while the gradients are still there."""
 
@@ -61,6 +70,10 @@ class TrainingMethod(ABC):
 
 
 def make_method(cfg: TrainConfig, adapter) -> TrainingMethod:
+    if cfg.training_method == "full":
+        from trainer.methods.full import FullMethod
+
+        return FullMethod(cfg, adapter)
     from trainer.methods.lora import LoRAMethod
 
     return LoRAMethod(cfg, adapter)
