@@ -106,44 +106,59 @@ def save_checkpoint(
     output_dir: str | Path,
     state: TrainState,
     write_weights: Callable[[Path], None],
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     lr_scheduler: Any,
     config_yaml: str,
     total_limit: int | None = None,
+    is_main: bool = True,
+    barrier: Callable[[], None] = lambda: None,
 ) -> Path:
-    """Write checkpoint-<step> atomically, then delete the oldest complete ones beyond total_limit."""
+    """Write checkpoint-<step> atomically, then delete the oldest complete ones beyond total_limit.
+
+    Every process of a run calls this: `write_weights` runs on each (a sharded run writes its shards from every
+    rank; other writers act on the main process only), everything else on the main process. `optimizer=None`: its
+    state is in the weights' own (sharded) files."""
     out = Path(output_dir)
     final = out / f"checkpoint-{state.global_step}"
     tmp = out / f".tmp-checkpoint-{state.global_step}"
-    warn_if_low_on_space(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        write_weights(tmp)
-        torch.save(
-            {
-                "train_state": asdict(state),
-                "optimizer": optimizer.state_dict(),
-                "lr_scheduler": lr_scheduler.state_dict(),
-                "rng": rng_state(),
-            },
-            tmp / STATE_FILE,
-        )
-        (tmp / CONFIG_FILE).write_text(config_yaml)
-        fsync_tree(tmp)
-    except Exception as e:  # torch, safetensors and plain writes each raise their own type on a full disk
+    if is_main:
+        warn_if_low_on_space(out)
         shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if is_main:
+            tmp.mkdir(parents=True)
+        barrier()
+        write_weights(tmp)
+        if is_main:
+            torch.save(
+                {
+                    "train_state": asdict(state),
+                    **({"optimizer": optimizer.state_dict()} if optimizer is not None else {}),
+                    "lr_scheduler": lr_scheduler.state_dict(),
+                    "rng": rng_state(),
+                },
+                tmp / STATE_FILE,
+            )
+            (tmp / CONFIG_FILE).write_text(config_yaml)
+        barrier()
+        if is_main:
+            fsync_tree(tmp)
+    except Exception as e:  # torch, safetensors and plain writes each raise their own type on a full disk
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
         if not is_disk_full(e):
             raise
         raise CheckpointWriteError(disk_full_message(out, final.name)) from None
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(out)
-    if total_limit is not None:
-        ckpts = complete_checkpoints(out)  # every finished one: a checkpoint is renamed into place whole
-        for _step, path in ckpts[: max(0, len(ckpts) - total_limit)]:
-            shutil.rmtree(path, ignore_errors=True)
+    if is_main:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(out)
+        if total_limit is not None:
+            ckpts = complete_checkpoints(out)  # every finished one: a checkpoint is renamed into place whole
+            for _step, path in ckpts[: max(0, len(ckpts) - total_limit)]:
+                shutil.rmtree(path, ignore_errors=True)
+    barrier()
     return final
 
 
@@ -189,8 +204,10 @@ def load_training_state(ckpt: str | Path) -> dict:
     return torch.load(Path(ckpt) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def restore(payload: dict, optimizer: torch.optim.Optimizer, lr_scheduler: Any) -> TrainState:
-    optimizer.load_state_dict(payload["optimizer"])
+def restore(payload: dict, optimizer: torch.optim.Optimizer | None, lr_scheduler: Any) -> TrainState:
+    """Optimizer (unless it was restored from sharded files), LR schedule, RNGs; returns where the run was."""
+    if optimizer is not None:
+        optimizer.load_state_dict(payload["optimizer"])
     lr_scheduler.load_state_dict(payload["lr_scheduler"])
     set_rng_state(payload["rng"])
     return TrainState(**payload["train_state"])

@@ -38,6 +38,7 @@ from trainer.checkpoint import (
 from trainer.config import ConfigError, TrainConfig
 from trainer.constants import CONFIG_FILE, LOG_FILE, torch_dtype
 from trainer.data import scan_for_training
+from trainer.distributed import SHARDED_DIR, is_sharded, load_sharded, save_sharded, use_fsdp_on_cpu, wrap_family_blocks
 from trainer.methods import TrainingMethod, make_method
 from trainer.models.base import ModelAdapter
 from trainer.optim import make_optimizer
@@ -132,6 +133,7 @@ def setup(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Run:
     accelerator = make_accelerator(cfg, out)
     adapter = adapter_cls.from_model(cfg, accelerator.device, torch_dtype(cfg.mixed_precision))
     method = make_method(cfg, adapter)
+    method.is_main, method.sharded = accelerator.is_main_process, is_sharded(accelerator)
     method.check_setup()
     samples = build_dataset(cfg, adapter)  # before any model loads: a bad dataset costs seconds, not a model load
     fingerprint = dataset_fingerprint(samples)
@@ -141,6 +143,8 @@ def setup(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Run:
     logger.info("loading %s from %s in %s", adapter.variant.name, cfg.pretrained_model_name_or_path, adapter.weight_dtype)
     validator, encode = prepare_conditioning(cfg, adapter, samples, accelerator, out)
     transformer, params = load_trainable(cfg, adapter, method)
+    if method.sharded:
+        logger.info("FSDP2: one shard group per %s", ", ".join(wrap_family_blocks(accelerator, transformer)))
     optimizer = make_optimizer(cfg, params)
     # Stepped by us once per optimizer step (not prepared), so warm-up and length mean optimizer steps.
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_train_steps)
@@ -152,8 +156,16 @@ def setup(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Run:
 
     state = TrainState()
     if payload is not None:
-        method.load(accelerator.unwrap_model(transformer), resume_from)
-        state = restore(payload, optimizer, lr_scheduler)
+        model = accelerator.unwrap_model(transformer)
+        if method.sharded != (resume_from / SHARDED_DIR).is_dir():
+            raise ConfigError(f"resume_from_checkpoint: {resume_from} was written by a {'non-' if method.sharded else ''}sharded run; "
+                              "resume it with the same accelerate config (FSDP or not) it was trained with")
+        if method.sharded:
+            load_sharded(resume_from, model, optimizer.optimizer, method.sharded_state())
+            method.sharded_state_loaded()
+        else:
+            method.load(model, resume_from)
+        state = restore(payload, None if method.sharded else optimizer, lr_scheduler)
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, state.global_step, state.epoch, state.batch_in_epoch)
     elif cfg.resume_from_checkpoint == "latest":
         logger.info("resume_from_checkpoint=latest: no checkpoint in %s yet, starting fresh", out)
@@ -176,7 +188,7 @@ def probe_output_dir(output_dir: Path) -> None:
     """Fail at start-up, not after hours, when checkpoints cannot be written."""
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".write-probe"
+        probe = output_dir / f".write-probe-{os.getpid()}"  # one per process: they all probe at once
         probe.write_bytes(b"\0" * 1024 * 1024)
         probe.unlink()
     except OSError as e:
@@ -202,6 +214,13 @@ def make_accelerator(cfg: TrainConfig, out: Path) -> Accelerator:
             + (f"{engine} needs CUDA GPUs here; on the CPU use ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N"
                if torch.cuda.device_count() == 0 else "check the accelerate config (distributed_type, use_cpu)")
         )
+    use_fsdp_on_cpu(accelerator)
+    engine = accelerator.distributed_type.name
+    if engine == "FSDP" and cfg.quantize != "none":
+        raise ConfigError(f"config key 'quantize' is {cfg.quantize}, but FSDP shards the weights itself and cannot shard quantized ones; "
+                          "use quantize: none (FSDP spreads the bf16 weights over the GPUs instead)")
+    if engine == "FSDP" and accelerator.mixed_precision != "no":
+        accelerator.state.fsdp_plugin.set_mixed_precision(accelerator.mixed_precision)
     if cfg.blocks_to_swap and engine in ("FSDP", "DEEPSPEED"):
         raise ConfigError(f"config key 'blocks_to_swap' does not work with {engine} (it shards the weights itself); use DDP or set blocks_to_swap: 0")
     if engine == "DEEPSPEED":
@@ -491,27 +510,36 @@ def after_update(run: Run, update: Update, stop: "StopRequest") -> bool:
                 raise TrainingError(str(e)) from None
         run.log.flush()  # every step up to a checkpoint is in the log before the checkpoint exists
         state.elapsed_seconds = run.log.elapsed()
+        saved = checkpoint(run, final=at_end or stop.signum is not None)
         if run.accelerator.is_main_process:
-            logger.info("saved %s", checkpoint(run))
+            logger.info("saved %s", saved)
     elif state.global_step % cfg.logging_steps == 0:
         run.log.flush()
     sample_now = cfg.validation_steps and state.global_step % cfg.validation_steps == 0
     if (sample_now or at_end) and cfg.validation_prompts:
-        if run.accelerator.is_main_process:
+        if run.accelerator.is_main_process or run.method.sharded:  # a sharded model renders only with every rank taking part
             model = run.accelerator.unwrap_model(run.transformer)
             with run.method.sampling(model):
-                run.validator.render(model, state.global_step, run.out, run.accelerator)
+                run.validator.render(model, state.global_step, run.out, run.accelerator, save=run.accelerator.is_main_process)
         run.accelerator.wait_for_everyone()
     return at_end or stop.signum is not None
 
 
-def checkpoint(run: Run) -> Path:
+def checkpoint(run: Run, final: bool) -> Path:
+    """Every process calls this. A sharded run writes its shards (weights, optimizer, EMA) from every rank; the
+    training method's files are gathered and written by the main process (a full fine-tune's consolidated
+    transformer only at the end of a sharded run)."""
+    acc = run.accelerator
+    model = acc.unwrap_model(run.transformer)
+
     def write_weights(directory: Path) -> None:
-        run.method.save(run.accelerator.unwrap_model(run.transformer), directory)
+        run.method.save(model, directory, final=final)
+        if run.method.sharded:
+            save_sharded(directory, model, run.optimizer.optimizer, run.method.sharded_state())
 
     try:
-        return save_checkpoint(run.out, run.state, write_weights, run.optimizer, run.lr_scheduler, run.config_yaml,
-                               run.cfg.checkpoints_total_limit)
+        return save_checkpoint(run.out, run.state, write_weights, None if run.method.sharded else run.optimizer, run.lr_scheduler,
+                               run.config_yaml, run.cfg.checkpoints_total_limit, acc.is_main_process, acc.wait_for_everyone)
     except CheckpointWriteError as e:
         raise TrainingError(str(e)) from None
 
@@ -583,8 +611,10 @@ def sample_generator(seed: int, epoch: int, index: int, device: torch.device) ->
 
 
 def grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    """Total L2 norm of the gradients, one fused reduction, left on the device."""
+    """Total L2 norm of the gradients, one fused reduction, left on the device (of all shards, when sharded)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
+    if hasattr(grads[0], "full_tensor"):  # FSDP2: per-shard norms reduced across ranks
+        return torch.nn.utils.get_total_norm(grads).full_tensor()
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))

@@ -46,7 +46,9 @@ class Validator:
             self.items.append({"cond": _cpu(cond), "neg": _cpu(neg), "images": images, "size": size})
 
     @torch.no_grad()
-    def render(self, transformer: torch.nn.Module, step: int, out: Path, accelerator) -> Path | None:
+    def render(self, transformer: torch.nn.Module, step: int, out: Path, accelerator, save: bool = True) -> Path | None:
+        """The validation prompts with the model as it is; `save=False`: render only (a sharded model renders with
+        every process taking part, the main one saves)."""
         if not self.items:
             return None
         pipe = self.adapter.sampling_pipeline(transformer)
@@ -62,6 +64,8 @@ class Validator:
                           generator=torch.Generator("cpu").manual_seed(self.cfg.validation_seed))
             images.append(output_images(result)[0])
         transformer.train(was_training)
+        if not save:
+            return None
         grid = _grid(images)
         path = out / "samples" / f"step-{step}.png"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,8 @@ class TrainingMethod(ABC):
     def __init__(self, cfg: TrainConfig, adapter):
         self.cfg = cfg
         self.adapter = adapter
+        self.is_main = True  # the process that writes files
+        self.sharded = False  # FSDP2: parameters are shards; saving gathers them (every rank takes part)
 
     def check_setup(self) -> None:
         """Refuse a configuration that cannot work, before any model loads (ConfigError)."""
@@ -36,8 +38,9 @@ class TrainingMethod(ABC):
         """Make the transformer trainable the method's way; returns the trainable parameters (fp32)."""
 
     @abstractmethod
-    def save(self, transformer: torch.nn.Module, directory: Path) -> None:
-        """Write the trained weights into `directory` (a checkpoint's temporary folder)."""
+    def save(self, transformer: torch.nn.Module, directory: Path, final: bool = True) -> None:
+        """Write the trained weights into `directory` (a checkpoint's temporary folder). Every process calls it (a
+        sharded model is gathered collectively); only the main process writes. `final`: the run's last checkpoint."""
 
     @abstractmethod
     def load(self, transformer: torch.nn.Module, directory: Path) -> None:
@@ -53,6 +56,14 @@ class TrainingMethod(ABC):
 
     def watch(self, params: list[torch.nn.Parameter]) -> None:
         """Remember the trainable weights as they start (or resume), for `check_trained`."""
+
+    def sharded_state(self) -> dict | None:
+        """Extra tensors a sharded checkpoint holds beside parameters and optimizer (e.g. the EMA), filled in place
+        on resume."""
+        return None
+
+    def sharded_state_loaded(self) -> None:
+        """Called after `sharded_state`'s tensors were read back."""
 
     def after_update(self, params: list[torch.nn.Parameter]) -> None:
         """Called after every applied optimizer step (e.g. an EMA of the weights)."""

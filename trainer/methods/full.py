@@ -60,7 +60,7 @@ class FullMethod(TrainingMethod):
         if self.cfg.ema_decay:
             from diffusers.training_utils import EMAModel
 
-            self.ema = EMAModel(params, decay=self.cfg.ema_decay, foreach=True)
+            self.ema = EMAModel(params, decay=self.cfg.ema_decay, foreach=not self.sharded)  # no foreach kernels for DTensors
 
     def after_update(self, params: list[torch.nn.Parameter]) -> None:
         if self.ema is not None:
@@ -71,7 +71,10 @@ class FullMethod(TrainingMethod):
         self.initial = [_head(p) for p in params]
 
     def check_trained(self, params: list[torch.nn.Parameter], steps: int) -> list[str]:
-        moved = sum(not torch.equal(_head(p), p0) for p, p0 in zip(params, self.initial))
+        from trainer.distributed import all_ranks_agree
+
+        same = torch.tensor([torch.equal(_head(p), p0) for p, p0 in zip(params, self.initial)])
+        moved = len(params) - int(all_ranks_agree(same).sum())  # unchanged = unchanged in every rank's shard
         if not moved:
             raise ValueError(f"after {steps} step(s) no trained weight has changed: check that the loss is finite and learning_rate > 0 "
                              "(full_weights: bf16 with a tiny learning rate still moves: its rounding is stochastic)")
@@ -81,15 +84,38 @@ class FullMethod(TrainingMethod):
         return []
 
     # --- files ------------------------------------------------------------------------------------------------
-    def save(self, transformer: torch.nn.Module, directory: Path, state_dict: dict | None = None) -> None:
+    def save(self, transformer: torch.nn.Module, directory: Path, final: bool = True) -> None:
         """The whole transformer (trained weights at their training precision) as a diffusers folder; with EMA also
-        the averaged weights. `state_dict`: the full (gathered) state when the model is sharded."""
-        save_transformer(transformer, Path(directory) / TRANSFORMER_DIR, state_dict)
+        the averaged weights. A sharded run keeps its intermediate checkpoints as shards only and consolidates the
+        folders at its last one (gathered from every rank to the main process)."""
+        if self.sharded and not final:
+            return
+        directory = Path(directory)
+        for folder, averaged in ((TRANSFORMER_DIR, False), (TRANSFORMER_EMA_DIR, True)):
+            if averaged and self.ema is None:
+                continue
+            with self.averaged(transformer) if averaged else contextlib.nullcontext():
+                if self.sharded:
+                    from trainer.distributed import consolidated_state_dict
+
+                    state = consolidated_state_dict(transformer)
+                    if self.is_main:
+                        save_transformer(transformer, directory / folder, state)
+                elif self.is_main:
+                    save_transformer(transformer, directory / folder, None)
+        if self.ema is not None and self.is_main:
+            (directory / TRANSFORMER_EMA_DIR / "ema_state.json").write_text(json.dumps({"optimization_step": self.ema.optimization_step}))
+
+    def sharded_state(self) -> dict | None:
+        """The EMA's shadow weights (sharded like the parameters) and its step count."""
+        if self.ema is None:
+            return None
+        self._ema_step = torch.tensor(self.ema.optimization_step, dtype=torch.int64)
+        return {"shadow": dict(zip(self.names, self.ema.shadow_params)), "step": self._ema_step}
+
+    def sharded_state_loaded(self) -> None:
         if self.ema is not None:
-            with self.averaged(transformer):
-                save_transformer(transformer, Path(directory) / TRANSFORMER_EMA_DIR, None)
-            state = {"optimization_step": self.ema.optimization_step}
-            (Path(directory) / TRANSFORMER_EMA_DIR / "ema_state.json").write_text(json.dumps(state))
+            self.ema.optimization_step = int(self._ema_step)
 
     def load(self, transformer: torch.nn.Module, directory: Path) -> None:
         """Restore the weights `save` wrote (each in the dtype it is trained in), and the EMA."""
@@ -102,7 +128,9 @@ class FullMethod(TrainingMethod):
             self.ema.optimization_step = json.loads((ema_dir / "ema_state.json").read_text())["optimization_step"]
 
     def checkpoint_files(self) -> tuple[str, ...]:
-        return (f"{TRANSFORMER_DIR}/config.json",)
+        from trainer.distributed import SHARDED_DIR
+
+        return (f"{SHARDED_DIR}/.metadata",) if self.sharded else (f"{TRANSFORMER_DIR}/config.json",)
 
     def published_files(self) -> tuple[str, ...]:
         return (TRANSFORMER_DIR, TRANSFORMER_EMA_DIR)
@@ -144,9 +172,27 @@ def stored_weight_names(model: str) -> set[str]:
 
 
 def save_transformer(transformer: torch.nn.Module, folder: Path, state_dict: dict | None) -> None:
-    """`save_pretrained` in sharded safetensors; the weights keep their dtypes (fp32 trained, bf16 frozen)."""
-    kwargs = {"state_dict": state_dict} if state_dict is not None else {}
-    transformer.save_pretrained(folder, safe_serialization=True, max_shard_size="5GB", **kwargs)
+    """The diffusers folder `save_pretrained` writes (config.json, safetensors shards of at most 5 GB, their index);
+    the weights keep their dtypes (fp32 trained, bf16 frozen). `state_dict`: the gathered weights of a sharded
+    model, written the same way (save_pretrained itself would read the shards)."""
+    if state_dict is None:
+        transformer.save_pretrained(folder, safe_serialization=True, max_shard_size="5GB")
+        return
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    transformer.save_config(folder)
+    config = json.loads((folder / "config.json").read_text())
+    plain = next(c for c in type(transformer).__mro__ if not c.__name__.startswith("FSDP"))  # fully_shard subclasses the model
+    (folder / "config.json").write_text(json.dumps({**config, "_class_name": plain.__name__}, indent=2, sort_keys=True))
+    split = split_torch_state_dict_into_shards(state_dict, filename_pattern="diffusion_pytorch_model{suffix}.safetensors", max_shard_size="5GB")
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: state_dict[n].contiguous() for n in names}, str(folder / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def read_folder(folder: Path) -> dict[str, torch.Tensor]:

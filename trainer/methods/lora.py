@@ -56,12 +56,17 @@ class LoRAMethod(TrainingMethod):
         return params
 
     def watch(self, params: list[torch.nn.Parameter]) -> None:
-        self.initial = [p.detach().to("cpu", copy=True) for p in params]  # LoRA weights are small; host RAM
+        from trainer.distributed import local
+
+        self.initial = [local(p).detach().to("cpu", copy=True) for p in params]  # LoRA weights are small; host RAM (own shard)
         self.no_gradient: set[int] | None = None
 
     def note_gradients(self, params: list[torch.nn.Parameter]) -> None:
         if self.no_gradient is None:  # once: a sync per tensor is fine at the first update
-            self.no_gradient = {i for i, p in enumerate(params) if p.grad is None or not bool(p.grad.any())}
+            from trainer.distributed import all_ranks_agree, local
+
+            none = torch.tensor([p.grad is None or not bool(local(p.grad).any()) for p in params])
+            self.no_gradient = set(all_ranks_agree(none).nonzero().flatten().tolist())  # no gradient on any rank
 
     def check_trained(self, params: list[torch.nn.Parameter], steps: int) -> list[str]:
         """The no-op guard. A LoRA whose weights never move (all lora_B still zero) renders exactly like the base
@@ -69,8 +74,11 @@ class LoRAMethod(TrainingMethod):
         optimizer that never sees the weights. Tensors whose first gradient is absent or all zero are structural
         (e.g. the last Qwen-Image block's text projections, whose output nothing reads) and only warned about, as long
         as the LoRA's output side moves somewhere."""
+        from trainer.distributed import all_ranks_agree, local
+
         names = {id(p): n for n, p in self.adapter.transformer.named_parameters()} if self.adapter.transformer is not None else {}
-        unchanged = [i for i, (p, p0) in enumerate(zip(params, self.initial)) if torch.equal(p.detach().cpu(), p0)]
+        same = torch.tensor([torch.equal(local(p).detach().cpu(), p0) for p, p0 in zip(params, self.initial)])
+        unchanged = all_ranks_agree(same).nonzero().flatten().tolist()  # unchanged on every rank's shard
         silent = self.no_gradient or set()
         up = [i for i in range(len(params)) if ".lora_B." in names.get(id(params[i]), "")]
         if len(unchanged) == len(params) or (up and set(up) <= set(unchanged)):
@@ -118,14 +126,20 @@ class LoRAMethod(TrainingMethod):
             activate(transformer, [ASSISTANT, TRAINED])
 
     def state_dict(self, transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
-        sd = get_peft_model_state_dict(transformer, adapter_name=TRAINED)
-        return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
+        """The trained LoRA tensors, whole (gathered from every rank when sharded: all ranks must call this)."""
+        from trainer.distributed import full
 
-    def save(self, transformer: torch.nn.Module, directory: Path) -> None:
+        sd = get_peft_model_state_dict(transformer, adapter_name=TRAINED)
+        return {k: full(v.detach()).to("cpu", torch.float32).contiguous() for k, v in sd.items()}
+
+    def save(self, transformer: torch.nn.Module, directory: Path, final: bool = True) -> None:
         """Diffusers-format LoRA file loadable with `<Pipeline>.load_lora_weights(directory)`."""
+        layers = self.state_dict(transformer)
+        if not self.is_main:
+            return
         self.adapter.pipeline_class.save_lora_weights(
             directory,
-            transformer_lora_layers=self.state_dict(transformer),
+            transformer_lora_layers=layers,
             transformer_lora_adapter_metadata=self.lora_config().to_dict(),
         )
         from trainer.lora_format import VARIANT_KEY, add_metadata, save_comfyui
@@ -148,7 +162,9 @@ class LoRAMethod(TrainingMethod):
             raise ValueError(f"checkpoint {directory} does not match this LoRA (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
 
     def checkpoint_files(self) -> tuple[str, ...]:
-        return (LORA_FILE,)
+        from trainer.distributed import SHARDED_DIR
+
+        return (LORA_FILE, f"{SHARDED_DIR}/.metadata") if self.sharded else (LORA_FILE,)
 
     def published_files(self) -> tuple[str, ...]:
         return (LORA_FILE, COMFY_FILE)
