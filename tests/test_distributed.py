@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 import torch
-from helpers import ACCELERATE, PY, ROOT, base_overrides, read_losses, write_dataset
+from helpers import ACCELERATE, ROOT, base_overrides, read_losses, write_dataset
 from safetensors.torch import load_file
 
 from trainer.config import load_config
@@ -82,7 +82,7 @@ def test_fsdp2_lora_equals_one_process_and_resumes_exactly(tiny_qwen, data, one_
     mixed = subprocess.run(ACCELERATE + TRAIN + base_overrides(tiny_qwen, data, resumed, max_train_steps=6, **common,
                                                                         resume_from_checkpoint="latest"),
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert mixed.returncode != 0 and "written by a sharded run" in mixed.stderr
+    assert mixed.returncode != 0 and "was written by a FSDP run, this one is plain" in mixed.stderr and "loading" not in mixed.stderr
 
 
 def test_fsdp2_full_training_consolidates_what_one_process_trains(tiny_qwen, data, tmp_path):
@@ -120,3 +120,11 @@ def test_two_machines_on_localhost_train_one_model(tiny_qwen, data, one_process,
     a, ref = load_file(out / "pytorch_lora_weights.safetensors"), load_file(one_process / "pytorch_lora_weights.safetensors")
     assert max((a[k] - ref[k]).abs().max().item() for k in a) < 1e-5
     assert len(read_losses(out)) == 4, "one log, written by the global main process"
+
+
+def test_deepspeed_on_cpu_processes_is_refused_not_silently_data_parallel(tiny_qwen, data, tmp_path):
+    """accelerate turns a DeepSpeed launch on CPU processes into plain data parallelism; the trainer says so and stops.
+    (DeepSpeed itself is tested on a GPU: tests/test_cuda.py.)"""
+    cmd = [ACCELERATE[0], "launch", "--config_file", "accelerate_configs/deepspeed_zero2.yaml", *TRAIN] + base_overrides(tiny_qwen, data, tmp_path / "o")
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=CPU)
+    assert r.returncode != 0 and "asks for DeepSpeed, but these are CPU processes" in r.stderr

@@ -26,7 +26,9 @@ from accelerate.utils import DistributedType
 
 logger = logging.getLogger("trainer")
 
-SHARDED_DIR = "sharded"  # the DCP folder inside a checkpoint of a sharded run
+SHARDED_DIR = "sharded"  # the DCP folder inside a checkpoint of an FSDP run
+DEEPSPEED_DIR = "deepspeed"  # the DeepSpeed engine's own checkpoint (ZeRO partitions) inside a checkpoint of a DeepSpeed run
+ENGINE_FILES = {"FSDP": f"{SHARDED_DIR}/.metadata", "DEEPSPEED": f"{DEEPSPEED_DIR}/state/mp_rank_00_model_states.pt"}
 
 
 def fsdp_requested() -> bool:
@@ -55,7 +57,12 @@ def use_fsdp_on_cpu(accelerator) -> None:
 
 
 def is_sharded(accelerator) -> bool:
-    return accelerator.distributed_type == DistributedType.FSDP
+    """The engine (FSDP2 or DeepSpeed ZeRO) holds the training state in per-rank pieces."""
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def engine_name(accelerator) -> str:
+    return accelerator.distributed_type.name
 
 
 def wrap_family_blocks(accelerator, transformer: torch.nn.Module) -> list[str]:
@@ -72,8 +79,10 @@ def wrap_family_blocks(accelerator, transformer: torch.nn.Module) -> list[str]:
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
-    """This process's part of a sharded tensor (the tensor itself when it is not sharded)."""
-    return t.to_local() if hasattr(t, "to_local") else t
+    """This process's part of a sharded tensor (FSDP2 DTensor, DeepSpeed ZeRO-3 partition; else the tensor itself)."""
+    if hasattr(t, "to_local"):
+        return t.to_local()
+    return t.ds_tensor if hasattr(t, "ds_tensor") else t
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -132,3 +141,28 @@ def consolidated_state_dict(model: torch.nn.Module) -> dict:
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v.detach().clone() for k, v in state.items()}  # own storage each (safetensors refuses the gathered views)
+
+
+def save_engine_state(accelerator, directory: Path, prepared_model, optimizer, extra: dict | None) -> None:
+    """The engine's per-rank training state (collective): FSDP2 via DCP, DeepSpeed via its own checkpoint (ZeRO
+    partitions of the optimizer, the trained weights; frozen ones are left out)."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        prepared_model.save_checkpoint(str(Path(directory) / DEEPSPEED_DIR), tag="state", save_latest=False, exclude_frozen_parameters=True)
+    else:
+        save_sharded(directory, accelerator.unwrap_model(prepared_model), optimizer, extra)
+
+
+def load_engine_state(accelerator, directory: Path, prepared_model, optimizer, extra: dict | None) -> None:
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        prepared_model.load_checkpoint(str(Path(directory) / DEEPSPEED_DIR), tag="state", load_module_strict=False,
+                                       load_optimizer_states=True, load_lr_scheduler_states=False)
+    else:
+        load_sharded(directory, accelerator.unwrap_model(prepared_model), optimizer, extra)
+
+
+def gathered_state_dict(accelerator, prepared_model) -> dict | None:
+    """DeepSpeed: the whole model's state dict, consolidated by accelerate (ZeRO-3 gathers; collective). None
+    otherwise (FSDP2 methods gather their own tensors; single-process and DDP models are whole)."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return accelerator.get_state_dict(prepared_model)

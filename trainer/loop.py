@@ -38,7 +38,16 @@ from trainer.checkpoint import (
 from trainer.config import ConfigError, TrainConfig
 from trainer.constants import CONFIG_FILE, LOG_FILE, torch_dtype
 from trainer.data import scan_for_training
-from trainer.distributed import SHARDED_DIR, is_sharded, load_sharded, save_sharded, use_fsdp_on_cpu, wrap_family_blocks
+from trainer.distributed import (
+    ENGINE_FILES,
+    engine_name,
+    gathered_state_dict,
+    is_sharded,
+    load_engine_state,
+    save_engine_state,
+    use_fsdp_on_cpu,
+    wrap_family_blocks,
+)
 from trainer.methods import TrainingMethod, make_method
 from trainer.models.base import ModelAdapter
 from trainer.optim import make_optimizer
@@ -134,16 +143,23 @@ def setup(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Run:
     adapter = adapter_cls.from_model(cfg, accelerator.device, torch_dtype(cfg.mixed_precision))
     method = make_method(cfg, adapter)
     method.is_main, method.sharded = accelerator.is_main_process, is_sharded(accelerator)
+    method.engine_file = ENGINE_FILES.get(engine_name(accelerator))
     method.check_setup()
     samples = build_dataset(cfg, adapter)  # before any model loads: a bad dataset costs seconds, not a model load
     fingerprint = dataset_fingerprint(samples)
     resume_from, payload = find_resume_point(cfg, out, method, fingerprint)
+    if resume_from is not None:  # an engine's checkpoint resumes with that engine only
+        written_by = next((name for name, f in ENGINE_FILES.items() if (resume_from / f).is_file()), "plain")
+        running = engine_name(accelerator) if method.sharded else "plain"
+        if written_by != running:
+            raise ConfigError(f"resume_from_checkpoint: {resume_from} was written by a {written_by} run, this one is {running}; "
+                              "resume it with the accelerate config it was trained with")
     sampler = make_sampler(cfg, samples, accelerator)
 
     logger.info("loading %s from %s in %s", adapter.variant.name, cfg.pretrained_model_name_or_path, adapter.weight_dtype)
     validator, encode = prepare_conditioning(cfg, adapter, samples, accelerator, out)
     transformer, params = load_trainable(cfg, adapter, method)
-    if method.sharded:
+    if engine_name(accelerator) == "FSDP":
         logger.info("FSDP2: one shard group per %s", ", ".join(wrap_family_blocks(accelerator, transformer)))
     optimizer = make_optimizer(cfg, params)
     # Stepped by us once per optimizer step (not prepared), so warm-up and length mean optimizer steps.
@@ -157,11 +173,8 @@ def setup(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Run:
     state = TrainState()
     if payload is not None:
         model = accelerator.unwrap_model(transformer)
-        if method.sharded != (resume_from / SHARDED_DIR).is_dir():
-            raise ConfigError(f"resume_from_checkpoint: {resume_from} was written by a {'non-' if method.sharded else ''}sharded run; "
-                              "resume it with the same accelerate config (FSDP or not) it was trained with")
         if method.sharded:
-            load_sharded(resume_from, model, optimizer.optimizer, method.sharded_state())
+            load_engine_state(accelerator, resume_from, transformer, optimizer.optimizer, method.sharded_state())
             method.sharded_state_loaded()
         else:
             method.load(model, resume_from)
@@ -214,8 +227,17 @@ def make_accelerator(cfg: TrainConfig, out: Path) -> Accelerator:
             + (f"{engine} needs CUDA GPUs here; on the CPU use ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N"
                if torch.cuda.device_count() == 0 else "check the accelerate config (distributed_type, use_cpu)")
         )
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and accelerator.distributed_type.name == "MULTI_CPU":
+        raise ConfigError("the accelerate config asks for DeepSpeed, but these are CPU processes (ACCELERATE_USE_CPU), where accelerate runs "
+                          "plain data parallelism instead; use accelerate_configs/fsdp.yaml for sharding on CPUs, or DeepSpeed on CUDA GPUs")
     use_fsdp_on_cpu(accelerator)
     engine = accelerator.distributed_type.name
+    if engine == "DEEPSPEED" and cfg.quantize != "none":
+        raise ConfigError(f"config key 'quantize' ({cfg.quantize}) is not supported with DeepSpeed here; use plain data parallelism "
+                          "(accelerate_configs/multi_gpu_ddp.yaml) for a quantized base, or quantize: none")
+    if engine == "DEEPSPEED" and cfg.ema_decay:
+        raise ConfigError("config key 'ema_decay' is not supported with DeepSpeed (ZeRO partitions the weights it averages); "
+                          "use FSDP (accelerate_configs/fsdp.yaml) or one process")
     if engine == "FSDP" and cfg.quantize != "none":
         raise ConfigError(f"config key 'quantize' is {cfg.quantize}, but FSDP shards the weights itself and cannot shard quantized ones; "
                           "use quantize: none (FSDP spreads the bf16 weights over the GPUs instead)")
@@ -533,9 +555,10 @@ def checkpoint(run: Run, final: bool) -> Path:
     model = acc.unwrap_model(run.transformer)
 
     def write_weights(directory: Path) -> None:
-        run.method.save(model, directory, final=final)
+        needed = final or run.method.exports_every_checkpoint
+        run.method.save(model, directory, final=final, state_dict=gathered_state_dict(acc, run.transformer) if needed else None)
         if run.method.sharded:
-            save_sharded(directory, model, run.optimizer.optimizer, run.method.sharded_state())
+            save_engine_state(acc, directory, run.transformer, run.optimizer.optimizer, run.method.sharded_state())
 
     try:
         return save_checkpoint(run.out, run.state, write_weights, None if run.method.sharded else run.optimizer, run.lr_scheduler,

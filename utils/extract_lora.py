@@ -50,7 +50,6 @@ def main(argv=None) -> int:
         return 2
 
     import torch
-    from diffusers import DiffusionPipeline  # noqa: F401  (diffusers' model classes register on import)
 
     from trainer.constants import COMFY_FILE, LORA_FILE
     from trainer.lora_format import VARIANT_KEY, add_metadata, save_comfyui

@@ -18,6 +18,7 @@ from trainer.config import TrainConfig
 
 class TrainingMethod(ABC):
     name: str = ""
+    exports_every_checkpoint = True  # False: a sharded run writes the method's files at its last checkpoint only
     # config keys whose change makes a resumed run a different experiment (beside the family-independent ones)
     resume_keys: tuple[str, ...] = ()
 
@@ -25,7 +26,8 @@ class TrainingMethod(ABC):
         self.cfg = cfg
         self.adapter = adapter
         self.is_main = True  # the process that writes files
-        self.sharded = False  # FSDP2: parameters are shards; saving gathers them (every rank takes part)
+        self.sharded = False  # FSDP2 / DeepSpeed: the engine keeps the training state in per-rank pieces
+        self.engine_file: str | None = None  # the file that completes such an engine's part of a checkpoint
 
     def check_setup(self) -> None:
         """Refuse a configuration that cannot work, before any model loads (ConfigError)."""
@@ -38,9 +40,10 @@ class TrainingMethod(ABC):
         """Make the transformer trainable the method's way; returns the trainable parameters (fp32)."""
 
     @abstractmethod
-    def save(self, transformer: torch.nn.Module, directory: Path, final: bool = True) -> None:
+    def save(self, transformer: torch.nn.Module, directory: Path, final: bool = True, state_dict: dict | None = None) -> None:
         """Write the trained weights into `directory` (a checkpoint's temporary folder). Every process calls it (a
-        sharded model is gathered collectively); only the main process writes. `final`: the run's last checkpoint."""
+        sharded model is gathered collectively); only the main process writes. `final`: the run's last checkpoint;
+        `state_dict`: the whole model's weights when the engine consolidated them already (DeepSpeed)."""
 
     @abstractmethod
     def load(self, transformer: torch.nn.Module, directory: Path) -> None:

@@ -23,6 +23,7 @@ SNAPSHOT = 256  # elements per tensor remembered for the no-op guard (a full cop
 
 class FullMethod(TrainingMethod):
     name = "full"
+    exports_every_checkpoint = False
     resume_keys = ("trainable_modules", "full_weights", "ema_decay")
 
     def __init__(self, cfg, adapter):
@@ -84,7 +85,7 @@ class FullMethod(TrainingMethod):
         return []
 
     # --- files ------------------------------------------------------------------------------------------------
-    def save(self, transformer: torch.nn.Module, directory: Path, final: bool = True) -> None:
+    def save(self, transformer: torch.nn.Module, directory: Path, final: bool = True, state_dict: dict | None = None) -> None:
         """The whole transformer (trained weights at their training precision) as a diffusers folder; with EMA also
         the averaged weights. A sharded run keeps its intermediate checkpoints as shards only and consolidates the
         folders at its last one (gathered from every rank to the main process)."""
@@ -95,7 +96,10 @@ class FullMethod(TrainingMethod):
             if averaged and self.ema is None:
                 continue
             with self.averaged(transformer) if averaged else contextlib.nullcontext():
-                if self.sharded:
+                if state_dict is not None:  # consolidated by the engine (DeepSpeed; no EMA there)
+                    if self.is_main:
+                        save_transformer(transformer, directory / folder, state_dict)
+                elif self.sharded:
                     from trainer.distributed import consolidated_state_dict
 
                     state = consolidated_state_dict(transformer)
@@ -128,9 +132,7 @@ class FullMethod(TrainingMethod):
             self.ema.optimization_step = json.loads((ema_dir / "ema_state.json").read_text())["optimization_step"]
 
     def checkpoint_files(self) -> tuple[str, ...]:
-        from trainer.distributed import SHARDED_DIR
-
-        return (f"{SHARDED_DIR}/.metadata",) if self.sharded else (f"{TRANSFORMER_DIR}/config.json",)
+        return (self.engine_file,) if self.engine_file else (f"{TRANSFORMER_DIR}/config.json",)
 
     def published_files(self) -> tuple[str, ...]:
         return (TRANSFORMER_DIR, TRANSFORMER_EMA_DIR)

@@ -125,16 +125,17 @@ class LoRAMethod(TrainingMethod):
         finally:
             activate(transformer, [ASSISTANT, TRAINED])
 
-    def state_dict(self, transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """The trained LoRA tensors, whole (gathered from every rank when sharded: all ranks must call this)."""
+    def state_dict(self, transformer: torch.nn.Module, whole: dict | None = None) -> dict[str, torch.Tensor]:
+        """The trained LoRA tensors, whole (gathered from every rank when sharded: all ranks must call this);
+        `whole`: the model's consolidated state dict, when the engine made one."""
         from trainer.distributed import full
 
-        sd = get_peft_model_state_dict(transformer, adapter_name=TRAINED)
+        sd = get_peft_model_state_dict(transformer, state_dict=whole, adapter_name=TRAINED)
         return {k: full(v.detach()).to("cpu", torch.float32).contiguous() for k, v in sd.items()}
 
-    def save(self, transformer: torch.nn.Module, directory: Path, final: bool = True) -> None:
+    def save(self, transformer: torch.nn.Module, directory: Path, final: bool = True, state_dict: dict | None = None) -> None:
         """Diffusers-format LoRA file loadable with `<Pipeline>.load_lora_weights(directory)`."""
-        layers = self.state_dict(transformer)
+        layers = self.state_dict(transformer, state_dict)
         if not self.is_main:
             return
         self.adapter.pipeline_class.save_lora_weights(
@@ -162,9 +163,7 @@ class LoRAMethod(TrainingMethod):
             raise ValueError(f"checkpoint {directory} does not match this LoRA (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
 
     def checkpoint_files(self) -> tuple[str, ...]:
-        from trainer.distributed import SHARDED_DIR
-
-        return (LORA_FILE, f"{SHARDED_DIR}/.metadata") if self.sharded else (LORA_FILE,)
+        return (LORA_FILE, self.engine_file) if self.engine_file else (LORA_FILE,)
 
     def published_files(self) -> tuple[str, ...]:
         return (LORA_FILE, COMFY_FILE)
