@@ -8,6 +8,8 @@ model gives its own config; otherwise the diffusers default constructor argument
 Qwen-Image / FLUX.1 architectures. Weights, LoRA, gradients and optimizer states are counted exactly; activations
 are an estimate (see `activation_bytes`). With `blocks_to_swap=N` the last N blocks' weights are counted in host RAM
 and one swapped block on the GPU; when the config does not fit, the smallest blocks_to_swap that would is printed.
+With `training_method=full` it prints the per-GPU memory of a full fine-tune for one GPU, FSDP2, ZeRO-2 and ZeRO-3
+on 1, 2, 4 and 8 GPUs (`full_plan`).
 """
 
 from __future__ import annotations
@@ -185,6 +187,96 @@ def plan(cfg, resolution: int) -> tuple[list[Row], dict]:
     return rows + enc_rows + train_rows, info
 
 
+ENGINES = ("one GPU / DDP", "FSDP2", "ZeRO-2", "ZeRO-3")
+
+
+@dataclass
+class FullRow:
+    engine: str
+    gpus: int
+    weights: float
+    grads: float
+    optimizer: float
+    ema: float
+    activations: float
+
+    @property
+    def peak(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.ema + self.activations + SLACK
+
+
+def full_components(model, cfg, frozen_bytes: float = 2.0) -> tuple[float, float, float, float, int]:
+    """(weights, gradients, optimizer state, EMA) bytes of a full fine-tune of `model` on one GPU, and the number of
+    trained weights. Frozen weights (outside trainable_modules) are `frozen_bytes` each (bf16)."""
+    patterns = cfg.trainable_modules
+    chosen = [p for n, p in model.named_parameters() if patterns is None or any(s in n for s in patterns)]
+    trained = sum(p.numel() for p in chosen)
+    total = sum(p.numel() for p in model.parameters())
+    w = 4.0 if cfg.full_weights == "fp32" else 2.0
+    if cfg.optimizer == "adafactor":  # factored second moment: a row and a column vector per matrix, fp32
+        optimizer = sum(4.0 * (sum(p.shape[-2:]) if p.dim() >= 2 else p.numel()) for p in chosen)
+    else:
+        optimizer = trained * OPTIMIZER_BYTES[cfg.optimizer]
+    return trained * w + (total - trained) * frozen_bytes, trained * w, optimizer, trained * 4.0 if cfg.ema_decay else 0.0, trained
+
+
+def full_plan(cfg, resolution: int, gpu_counts=(1, 2, 4, 8)) -> tuple[list[FullRow], dict]:
+    """Per-GPU memory of training_method: full for each engine and GPU count.
+
+    Trained weights are fp32 master weights (4 B) or bf16 (2 B, `full_weights: bf16`), their gradients the same;
+    frozen weights (outside trainable_modules) bf16; optimizer state per trained weight as in OPTIMIZER_BYTES; EMA 4 B.
+    FSDP2 shards weights, gradients, optimizer state and EMA N ways and gathers one block at a time (two in flight
+    with prefetch); ZeRO-2 shards gradients and optimizer state and keeps whole weights on every GPU; ZeRO-3 shards
+    everything (one gathered block in flight). DDP keeps everything whole on every GPU.
+    """
+    from trainer.quantize import repeated_blocks
+
+    adapter = model_adapter(cfg)
+    model, source = build_transformer_on_meta(adapter)
+    weights, grads, optimizer, ema, trained = full_components(model, cfg)
+    total = sum(p.numel() for p in model.parameters())
+    largest_block = max(sum(p.numel() for p in b.parameters()) for b in repeated_blocks(model)) * 2.0  # gathered in bf16
+    spec = adapter.planner_spec()
+    acts = activation_bytes(model, resolution, cfg.data_config.train_batch_size, cfg.gradient_checkpointing, spec.text_tokens,
+                            spec.token_width)
+    rows = []
+    for engine in ENGINES:
+        for n in gpu_counts:
+            if engine == "one GPU / DDP":
+                if n > 1:
+                    continue
+                rows.append(FullRow(engine, n, weights, grads, optimizer, ema, acts))
+            elif engine == "FSDP2":
+                rows.append(FullRow(engine, n, weights / n + (2 * largest_block if n > 1 else 0), grads / n, optimizer / n, ema / n, acts))
+            elif engine == "ZeRO-2":
+                rows.append(FullRow(engine, n, weights, grads / n, optimizer / n, ema, acts))
+            else:
+                rows.append(FullRow(engine, n, weights / n + (largest_block if n > 1 else 0), grads / n, optimizer / n, ema / n, acts))
+    info = {"family": adapter.variant.name, "pipeline": adapter.variant.pipeline, "source": source, "transformer_params": total,
+            "trained_params": trained}
+    return rows, info
+
+
+def print_full_plan(cfg, resolution: int, vram_gb: float) -> int:
+    rows, info = full_plan(cfg, resolution)
+    print(f"model: {cfg.pretrained_model_name_or_path} ({info['pipeline']}), transformer config: {info['source']}")
+    print(f"full fine-tuning: {info['trained_params']:,} of {info['transformer_params']:,} transformer weights trained "
+          f"({cfg.full_weights} weights, {cfg.optimizer}{', EMA' if cfg.ema_decay else ''}); {resolution}px, batch "
+          f"{cfg.data_config.train_batch_size} per GPU, checkpointing {'on' if cfg.gradient_checkpointing else 'off'}")
+    print("encoders are freed before the transformer loads with precomputed embeddings (see the LoRA plan for their size)")
+    print(f"{'engine':14} {'GPUs':>4} {'weights':>8} {'grads':>8} {'optim':>8} {'EMA':>6} {'activ.':>7} {'peak/GPU':>9}  fits {vram_gb:g} GB")
+    for r in rows:
+        print(f"{r.engine:14} {r.gpus:>4} {r.weights / GB:>8.2f} {r.grads / GB:>8.2f} {r.optimizer / GB:>8.2f} {r.ema / GB:>6.2f} "
+              f"{r.activations / GB:>7.2f} {r.peak / GB:>9.2f}  {'yes' if r.peak <= vram_gb * GB else 'no'}")
+    fitting = [r for r in rows if r.peak <= vram_gb * GB]
+    if fitting:
+        best = min(fitting, key=lambda r: (r.gpus, ENGINES.index(r.engine)))
+        print(f"smallest setup that fits: {best.engine} on {best.gpus} GPU(s) ({best.peak / GB:.2f} GiB per GPU)")
+    else:
+        print("hint: nothing here fits; add GPUs, train fewer weights (trainable_modules), use full_weights: bf16 / adamw8bit, or use LoRA")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
@@ -207,6 +299,12 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     resolution = args.resolution or cfg.data_config.img_size
+    if cfg.training_method == "full":
+        try:
+            return print_full_plan(cfg, resolution, args.vram_gb)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     try:
         rows, info = plan(cfg, resolution)
     except ValueError as e:
