@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="auto = bf16 on GPU, fp32 on CPU")
     p.add_argument("--quantize", "--quantization", dest="quantize", choices=QUANTIZE_CHOICES, default="none",
                    help="quantize the transformer's blocks (as in training) before the LoRA is applied: qfloat8 / qint8 / qint4 "
-                        "(optimum-quanto), nf4 / int8 (bitsandbytes). Qwen-Image's transformer: 38 GiB bf16, 19 GiB qfloat8, 10 GiB nf4. "
+                        "(optimum-quanto), nf4 / int8 (bitsandbytes), int8_w8a8 / fp8_w8a8 (8-bit matmuls). Qwen-Image's transformer: 38 GiB bf16, 19 GiB qfloat8, 10 GiB nf4. "
                         "--quantization is FlyMyAI's name for it")
     p.add_argument("--offload", choices=["none", "model", "sequential"], default="none",
                    help="GPU only. model: each component (text encoder, transformer, VAE) is on the GPU only while it runs "

@@ -45,7 +45,7 @@ TRACKERS = ("none", "tensorboard", "wandb", "all")
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy")
 TRAINING_METHODS = ("lora", "full")
 FULL_WEIGHTS = ("fp32", "bf16")
-QUANTIZE_CHOICES = ("none", "qfloat8", "qint8", "qint4", "nf4", "int8")
+QUANTIZE_CHOICES = ("none", "qfloat8", "qint8", "qint4", "nf4", "int8", "int8_w8a8", "fp8_w8a8")
 
 
 def normalize_mode(value: str) -> str:
@@ -101,7 +101,7 @@ class TrainConfig:
 
     optimizer: str = doc("adamw", "adamw, adamw8bit (bitsandbytes, ~4x less optimizer memory), adafactor, prodigy (learning_rate ~1.0)")
     adam8bit: bool = doc(False, "FlyMyAI alias: true selects optimizer=adamw8bit")
-    quantize: str = doc("none", "quantize the frozen transformer: none, qfloat8, qint8, qint4 (optimum-quanto), nf4, int8 (bitsandbytes); true = qfloat8")
+    quantize: str = doc("none", "quantize the frozen transformer: none, qfloat8, qint8, qint4 (optimum-quanto), nf4, int8 (bitsandbytes), int8_w8a8 / fp8_w8a8 (8-bit matmuls); true = qfloat8")
     quantize_text_encoder: str = doc("none", "quantize the text encoder the same way (useful when embeddings are not precomputed)")
     precompute_text_embeddings: bool = doc(False, "encode every caption once before training, then free the text encoder")
     precompute_image_embeddings: bool = doc(False, "encode every image once to VAE latents before training, then free the VAE")

@@ -1,6 +1,7 @@
 """Weight-only quantization of frozen models, one repeated block at a time.
 
-quanto: qfloat8 / qint8 / qint4 (optimum-quanto).  bitsandbytes: nf4 / int8.
+quanto: qfloat8 / qint8 / qint4 (optimum-quanto).  bitsandbytes: nf4 / int8.  Ours: int8_w8a8 / fp8_w8a8
+(trainer/w8a8.py: the matmul itself in 8 bits, activations quantized per token; the others dequantize the weight).
 Only the Linear layers inside the model's repeated transformer blocks are converted (>95% of the weights); the
 small embedders, norms and output projection stay in the load dtype. LoRA then wraps the quantized layers; its own
 weights stay fp32 and are saved in the same diffusers format as an unquantized run.
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 QUANTO_MODES = ("qfloat8", "qint8", "qint4")
+W8A8_MODES = ("int8_w8a8", "fp8_w8a8")
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
@@ -112,7 +114,11 @@ def place_model(
 
 
 def _quantize_block(block: nn.Module, mode: str, compute_dtype: torch.dtype, device: torch.device) -> None:
-    if mode in QUANTO_MODES:
+    if mode in W8A8_MODES:
+        from trainer.w8a8 import quantize_linears
+
+        quantize_linears(block, mode)
+    elif mode in QUANTO_MODES:
         from optimum import quanto
 
         quanto.quantize(block, weights=getattr(quanto, mode))

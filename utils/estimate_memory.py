@@ -22,8 +22,10 @@ from pathlib import Path
 
 GB = 1024**3
 # Bytes per weight of a quantized Linear, scales included (quanto: per-channel scales, qint4 group 128 with
-# scale + shift; bitsandbytes nf4: 4 bits + double-quantized absmax per 64 weights; int8: per-row scales).
-QUANT_BYTES = {"none": 2.0, "qfloat8": 1.0, "qint8": 1.0, "int8": 1.0, "qint4": 0.5 + 4 / 128, "nf4": 0.5 + 1 / 64}
+# scale + shift; bitsandbytes nf4: 4 bits + double-quantized absmax per 64 weights; int8 and the W8A8 modes: one
+# fp32 scale per output row, 4 / 3072 bytes per weight at a 3072-wide input, counted as 1.0).
+QUANT_BYTES = {"none": 2.0, "qfloat8": 1.0, "qint8": 1.0, "int8": 1.0, "qint4": 0.5 + 4 / 128, "nf4": 0.5 + 1 / 64,
+               "int8_w8a8": 1.0, "fp8_w8a8": 1.0}
 SLACK = 1.0 * GB  # CUDA context (~0.5 GiB) + what the caching allocator reserves beyond allocated (0.2-0.4 GiB measured)
 # fp32 optimizer state per trainable parameter
 OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "adafactor": 0.5, "prodigy": 16.0}
