@@ -69,17 +69,22 @@ def test_lora_loads_in_pipeline_without_warnings_and_changes_output(launched_run
 
 
 def test_inference_script_sizes_and_scale_zero(launched_run, tiny_qwen, tmp_path):
+    from inference import main as inference_main
+
     out, _ = launched_run
 
-    def run(*extra):
+    def run(*extra, subprocess_run=False):
         path = tmp_path / f"img{len(list(tmp_path.iterdir()))}.png"
-        cmd = [PY, "inference.py", "--model_name", str(tiny_qwen), "--prompt", "a photo", "--width", "48", "--height", "32",
-               "--num_inference_steps", "3", "--seed", "1", "--output_image", str(path), *extra]
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr[-2000:]
+        argv = ["--model_name", str(tiny_qwen), "--prompt", "a photo", "--width", "48", "--height", "32",
+                "--num_inference_steps", "3", "--seed", "1", "--output_image", str(path), *extra]
+        if subprocess_run:  # the script as users run it
+            r = subprocess.run([PY, "inference.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, r.stderr[-2000:]
+        else:
+            assert inference_main(argv) == 0
         return np.asarray(Image.open(path)).astype(int)
 
-    base = run()
+    base = run(subprocess_run=True)
     assert base.shape == (32, 48, 3)
     zero = run("--lora_weights", str(out / "pytorch_lora_weights.safetensors"), "--lora_scale", "0")
     full = run("--lora_weights", str(out / "checkpoint-4"))
