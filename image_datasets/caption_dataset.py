@@ -13,6 +13,7 @@ from typing import Callable, Hashable, Iterator, Sequence
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from . import scan_index
 from .images import BadImageError, is_image_file, load_image, oriented_size, resize_and_crop, resize_views, target_size, to_tensor
 
 # (source width, source height) -> (VAE view size, [text-encoder view size]) of a reference image; the family's
@@ -57,12 +58,18 @@ def read_caption(path: Path) -> str:
 
 
 def _check_image(path: Path, img_size: int, decode: bool, result: ScanResult) -> tuple[int, int] | None:
-    """Source (width, height) of one usable image, or None (and a problem line) when it cannot be used."""
+    """Source (width, height) of one usable image, or None (and a problem line) when it cannot be used.
+
+    A file the run's scan index (image_datasets/scan_index.py) already checked, unchanged since, is not opened."""
+    index = scan_index.active()
+    known = index.get(path) if index is not None else None
     try:
-        w, h = oriented_size(path)
+        w, h = known[:2] if known else oriented_size(path)
         size = target_size(w, h, img_size)
-        if decode:
+        if decode and not known:
             load_image(path, draft_size=size)
+            if index is not None and index.writable:
+                index.put(path, w, h, scan_index.sha256_file(path))
     except BadImageError as e:
         result.problems.append(str(e))
         return None

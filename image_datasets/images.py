@@ -50,10 +50,16 @@ def _to_rgba(img: Image.Image) -> Image.Image:
 
 
 def oriented_size(path: Path) -> tuple[int, int]:
-    """(width, height) after EXIF rotation, read from the header only."""
+    """(width, height) after EXIF rotation, read from the header only.
+
+    PIL's PNG getexif() decodes the whole image when the eXIf chunk was not seen before the pixel data (most PNGs
+    have none): a PNG's orientation is read only from an eXIf chunk ahead of the pixels, which is where writers put it."""
     with _open(path) as img:
         w, h = img.size
-        orientation = img.getexif().get(0x0112, 1)
+        if img.format == "PNG" and "exif" not in img.info:
+            orientation = 1
+        else:
+            orientation = img.getexif().get(0x0112, 1)
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 

@@ -65,7 +65,8 @@ def test_processes_get_disjoint_slices_of_the_same_global_batches():
 
 def test_two_processes_match_one_with_the_same_global_batch(tiny_qwen, tmp_path):
     data = write_dataset(tmp_path / "d", n=4)
-    common = dict(max_train_steps=3, learning_rate=1e-2)
+    common = dict(max_train_steps=3, learning_rate=1e-2, precompute_text_embeddings=True, precompute_image_embeddings=True,
+                  save_cache_on_disk=True)  # the disk cache is built by both processes, each its half
     one = tmp_path / "one"
     train(load_config(ROOT / "train_configs/train_lora.yaml",
                       base_overrides(tiny_qwen, data, one, **common, **{"data_config.train_batch_size": 2})), QwenImageAdapter)
@@ -76,6 +77,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_qwen, tmp_path)
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "ACCELERATE_USE_CPU": "true"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "x 2 process(es)" in r.stderr
+    assert "latents 2 encoded / 0 reused (in" in r.stderr and "by process 1 of 2" in r.stderr, r.stderr[-3000:]
     assert "blocks_to_swap: 1 of 2 blocks keep their weights in host RAM" in r.stderr
     assert read_losses(two) == pytest.approx(read_losses(one), abs=1e-5)
     a, b = load_file(one / "pytorch_lora_weights.safetensors"), load_file(two / "pytorch_lora_weights.safetensors")

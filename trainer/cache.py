@@ -1,7 +1,7 @@
 """Precomputed prompt embeddings and VAE latents.
 
 Each sample's text conditioning and latents are computed once (in RAM, or as safetensors files in cache_dir when
-save_cache_on_disk is set) and keyed by a hash of everything they depend on: file contents, caption, training size,
+save_cache_on_disk is set; see EmbeddingCache for the layout) and keyed by a hash of everything they depend on: file contents, caption, training size,
 control images, the model's component configs and the encoding settings. A later run reuses every entry whose key
 still matches, so only changed files are re-encoded. Afterwards the text encoder / VAE can be freed.
 """
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from image_datasets import CaptionDataset, Sample, collate
+from image_datasets import CaptionDataset, Sample, collate, scan_index
 from trainer.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -28,6 +28,11 @@ logger = logging.getLogger("trainer")
 
 
 def file_digest(path: Path, _memo: dict = {}) -> str:  # noqa: B006 - deliberate per-process memo
+    """sha256 of a file's bytes: from the run's scan index when it holds this file version, else computed once."""
+    index = scan_index.active()
+    known = index.digest(path) if index is not None else None
+    if known:
+        return known
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns)
     if key not in _memo:
@@ -59,14 +64,26 @@ def _digest(*parts) -> str:
 
 
 class EmbeddingCache:
-    def __init__(self, adapter: "ModelAdapter", samples: Sequence[Sample], cfg: TrainConfig, directory: Path | None):
+    """Text conditioning and latents per sample, keyed by content (see the module doc).
+
+    In RAM (directory None) every entry stays resident: that is what the RAM cache is. On disk, entries are files
+    under `<dir>/<kind>/<first 2 key characters>/<key>.safetensors` (256 subfolders per kind, so no folder holds
+    millions of files) and are read when a batch needs them, with only the last `lru` entries kept, so a process's
+    memory does not grow with the dataset. A disk build is split across processes (each encodes every world-th
+    sample, then all wait for each other); samples of equal shapes go through the VAE `batch_size` at a time.
+    """
+
+    def __init__(self, adapter: "ModelAdapter", samples: Sequence[Sample], cfg: TrainConfig, directory: Path | None,
+                 batch_size: int = 1, lru: int = 64):
         self.adapter = adapter
-        self.samples = list(samples)
+        self.samples = samples
         self.cfg = cfg
         self.dir = directory
+        self.batch_size = max(1, batch_size)
         self.model = model_fingerprint(cfg.pretrained_model_name_or_path, adapter.variant.name, adapter.encoder_folders)
-        self.text: dict[str, dict[str, torch.Tensor]] = {}
+        self.text: dict[str, dict[str, torch.Tensor]] = {}  # RAM cache, or the LRU of a disk cache
         self.latents: dict[str, dict[str, torch.Tensor]] = {}
+        self.lru = lru
         self.text_keys: list[tuple[str, str]] = []  # per sample: (caption key, empty-caption key)
         self.latent_keys: list[str] = []
         self.encoded = {"text": 0, "latents": 0}
@@ -86,65 +103,110 @@ class EmbeddingCache:
 
     # --- storage -------------------------------------------------------------------------------------------
     def _path(self, kind: str, key: str) -> Path:
-        return self.dir / kind / f"{key}.safetensors"
+        return self.dir / kind / key[:2] / f"{key}.safetensors"
+
+    def _file(self, kind: str, key: str) -> Path | None:
+        """The entry's file, in the sharded layout or the flat one of earlier versions; None when there is none."""
+        for path in (self._path(kind, key), self.dir / kind / f"{key}.safetensors"):
+            if path.is_file():
+                return path
+        return None
+
+    def _has(self, kind: str, key: str) -> bool:
+        return key in (self.text if kind == "text" else self.latents) or (self.dir is not None and self._file(kind, key) is not None)
 
     def _lookup(self, kind: str, key: str) -> dict | None:
         store = self.text if kind == "text" else self.latents
         if key in store:
+            if self.dir is not None:  # most recently used last
+                store[key] = store.pop(key)
             return store[key]
-        if self.dir is not None and self._path(kind, key).is_file():
-            try:
-                store[key] = load_file(str(self._path(kind, key)))
-                return store[key]
-            except Exception as e:  # a torn or foreign file: recompute it
-                logger.warning("cache file %s unreadable (%s); recomputing", self._path(kind, key), e)
-        return None
+        path = self._file(kind, key) if self.dir is not None else None
+        if path is None:
+            return None
+        try:
+            entry = load_file(str(path))
+        except Exception as e:  # a torn or foreign file (writes are atomic, so another tool's doing)
+            raise RuntimeError(f"embedding cache file {path} is unreadable ({e}); delete it and start again to re-encode it") from None
+        store[key] = entry
+        while len(store) > self.lru:
+            store.pop(next(iter(store)))
+        return entry
 
     def _store(self, kind: str, key: str, tensors: dict[str, torch.Tensor]) -> None:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        (self.text if kind == "text" else self.latents)[key] = tensors
-        if self.dir is not None:
-            path = self._path(kind, key)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-            save_file(tensors, str(tmp))
-            os.replace(tmp, path)
+        if self.dir is None:
+            (self.text if kind == "text" else self.latents)[key] = tensors
+            return
+        path = self._path(kind, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
 
     # --- building ------------------------------------------------------------------------------------------
-    def build(self, text: bool, latents: bool, need_empty_captions: bool) -> None:
-        """Encode whatever is missing. Runs one sample at a time (a one-off pass; memory stays flat)."""
+    def build(self, text: bool, latents: bool, need_empty_captions: bool, rank: int = 0, world: int = 1) -> None:
+        """Encode whatever is missing. With a disk cache, process `rank` of `world` encodes samples rank, rank +
+        world, ...; the caller waits for all of them before reading. A RAM cache is built whole by each process."""
+        from tqdm.auto import tqdm
+
+        if self.dir is None:
+            rank, world = 0, 1
         ds = CaptionDataset(self.samples, reference_transform=self.adapter.reference_transform())
-        for i, s in enumerate(self.samples):
+        for s in self.samples:
             self.text_keys.append((self._text_key(s, s.caption), self._text_key(s, self.adapter.empty_prompt)))
             self.latent_keys.append(self._latent_key(s))
-        for i, s in enumerate(self.samples):
-            batch = None
-            if latents and self._lookup("latents", self.latent_keys[i]) is None:
-                batch = collate([ds[(i, 0)]])
-                target, extra = self.adapter.encode_latents(batch)
-                tensors = {"latents": target, **{f"control.{k}": c for k, c in enumerate(extra["control_latents"])}}
-                self._store("latents", self.latent_keys[i], tensors)
-                self.encoded["latents"] += 1
-            elif latents:
-                self.reused["latents"] += 1
+        mine = range(rank, len(self.samples), world)
+        todo_latents = [i for i in mine if latents and not self._has("latents", self.latent_keys[i])]
+        todo_text = []
+        for i in mine:
             if not text:
-                continue
-            captions = [(s.caption, self.text_keys[i][0])]
+                break
+            keys = [(self.samples[i].caption, self.text_keys[i][0])]
             if need_empty_captions:
-                captions.append((self.adapter.empty_prompt, self.text_keys[i][1]))
-            for caption, key in captions:
-                if self._lookup("text", key) is not None:
-                    self.reused["text"] += 1
-                    continue
-                batch = batch or collate([ds[(i, 0)]])
-                cond = self.adapter.encode_text({**batch, "captions": [caption]})
+                keys.append((self.adapter.empty_prompt, self.text_keys[i][1]))
+            todo_text += [(i, caption, key) for caption, key in keys]
+        self.reused["latents"] = (len(mine) if latents else 0) - len(todo_latents)
+        bar = tqdm(total=len(todo_latents) + len(todo_text), desc="caching embeddings", unit="entry",
+                   disable=rank != 0 or not (todo_latents or todo_text), dynamic_ncols=True)
+        groups: dict[tuple, list[int]] = {}
+        for i in todo_latents:
+            groups.setdefault(self.samples[i].group, []).append(i)
+        for members in groups.values():
+            for start in range(0, len(members), self.batch_size):
+                window = members[start:start + self.batch_size]
+                chunk = [i for i in window if not self._has("latents", self.latent_keys[i])]  # repeats share a key
+                self.reused["latents"] += len(window) - len(chunk)
+                if chunk:
+                    self._encode_latents(ds, chunk)
+                bar.update(len(window))
+        for i, caption, key in todo_text:
+            if self._has("text", key):
+                self.reused["text"] += 1
+            else:
+                cond = self.adapter.encode_text({**collate([ds[(i, 0)]]), "captions": [caption]})
                 self._store("text", key, self.adapter.split_text(cond, 1)[0])
                 self.encoded["text"] += 1
+            bar.update(1)
+        bar.close()
         logger.info(
-            "embedding cache: text %d encoded / %d reused, latents %d encoded / %d reused%s",
+            "embedding cache: text %d encoded / %d reused, latents %d encoded / %d reused%s%s",
             self.encoded["text"], self.reused["text"], self.encoded["latents"], self.reused["latents"],
-            f" (in {self.dir})" if self.dir else " (in RAM)",
+            f" (in {self.dir})" if self.dir else " (in RAM)", f" by process {rank} of {world}" if world > 1 else "",
         )
+
+    def _encode_latents(self, ds: CaptionDataset, chunk: list[int]) -> None:
+        """VAE latents of samples of one shape group, in one encoder call; stored per sample."""
+        target, extra = self.adapter.encode_latents(collate([ds[(i, 0)] for i in chunk]))
+        controls = extra["control_latents"]
+        if len(chunk) > 1 and (target.shape[0] != len(chunk) or any(c.shape[0] != len(chunk) for c in controls)):
+            for i in chunk:  # a family whose latents are not one row per sample: one sample per call
+                self._encode_latents(ds, [i])
+            return
+        for row, i in enumerate(chunk):
+            tensors = {"latents": target[row:row + 1], **{f"control.{k}": c[row:row + 1] for k, c in enumerate(controls)}}
+            self._store("latents", self.latent_keys[i], tensors)
+            self.encoded["latents"] += 1
 
     # --- use -----------------------------------------------------------------------------------------------
     def batch_text(self, batch: dict) -> dict:

@@ -106,7 +106,8 @@ class TrainConfig:
     precompute_text_embeddings: bool = doc(False, "encode every caption once before training, then free the text encoder")
     precompute_image_embeddings: bool = doc(False, "encode every image once to VAE latents before training, then free the VAE")
     save_cache_on_disk: bool = doc(False, "keep the precomputed embeddings in cache_dir so later runs reuse them (keyed by file content, caption, model, size)")
-    cache_dir: Optional[str] = doc(None, "where save_cache_on_disk writes; default <output_dir>/cache")
+    cache_dir: Optional[str] = doc(None, "where save_cache_on_disk writes (and the dataset scan index); default <output_dir>/cache")
+    cache_batch_size: int = doc(4, "images per VAE call while building the embedding cache (samples of equal sizes are batched)")
 
     training_method: str = doc("lora", f"what is trained: {', '.join(TRAINING_METHODS)}; lora = adapters on the frozen transformer (a LoRA file), full = the transformer's own weights (a diffusers transformer folder)")
     trainable_modules: Optional[list[str]] = doc(None, "full: train only the parameters whose names contain one of these (e.g. [transformer_blocks.0., proj_out]); null = every transformer weight")
@@ -259,6 +260,8 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
             raise ConfigError(f"config key '{name}' must be >= 0, got {value}")
     if cfg.lora_alpha is not None and cfg.lora_alpha <= 0:
         raise ConfigError(f"config key 'lora_alpha' must be > 0, got {cfg.lora_alpha}")
+    if cfg.cache_batch_size < 1:
+        raise ConfigError(f"config key 'cache_batch_size' must be >= 1, got {cfg.cache_batch_size}")
     if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
         raise ConfigError(f"config key 'checkpoints_total_limit' must be >= 1 or null, got {cfg.checkpoints_total_limit}")
     if not 0.0 <= d.caption_dropout_rate <= 1.0:

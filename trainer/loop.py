@@ -10,6 +10,7 @@ TrainingMethod; nothing here knows about packing, LoRA or a family.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -145,7 +146,7 @@ def setup(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Run:
     method.is_main, method.sharded = accelerator.is_main_process, is_sharded(accelerator)
     method.engine_file = ENGINE_FILES.get(engine_name(accelerator))
     method.check_setup()
-    samples = build_dataset(cfg, adapter)  # before any model loads: a bad dataset costs seconds, not a model load
+    samples = build_dataset(cfg, adapter, accelerator, out)  # before any model loads: a bad dataset costs seconds, not a model load
     fingerprint = dataset_fingerprint(samples)
     resume_from, payload = find_resume_point(cfg, out, method, fingerprint)
     if resume_from is not None:  # an engine's checkpoint resumes with that engine only
@@ -261,8 +262,35 @@ def make_accelerator(cfg: TrainConfig, out: Path) -> Accelerator:
     return accelerator
 
 
-def build_dataset(cfg: TrainConfig, adapter: ModelAdapter) -> list:
-    """Scan and check the dataset (references sized by the family) and refuse it when it is unusable."""
+def build_dataset(cfg: TrainConfig, adapter: ModelAdapter, accelerator: Accelerator | None = None, out: Path | None = None) -> list:
+    """Scan and check the dataset (references sized by the family) and refuse it when it is unusable.
+
+    The main process scans first and records every file it checked (size, mtime, oriented size, sha256) in the scan
+    index beside the cache; the other processes then scan against that index (a stat per file), as does every later
+    run for the files that did not change. Every process reaches the same verdict and raises its own error."""
+    from image_datasets import scan_index
+
+    index_path = Path(cfg.cache_dir or Path(out or cfg.output_dir) / "cache") / scan_index.FILE_NAME
+    error = None
+    context = accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
+    with context:
+        main = accelerator is None or accelerator.is_main_process
+        scan_index.use(scan_index.ScanIndex(index_path, writable=main))
+        try:
+            samples = _checked_samples(cfg, adapter)
+        except ConfigError as e:  # raised after the barrier, so the other processes are not left waiting
+            error = e
+        finally:
+            index = scan_index.active()
+            index.commit()
+        if index.hits or index.misses:
+            logger.info("dataset scan: %d file(s) known from %s, %d checked", index.hits, index_path, index.misses)
+    if error is not None:
+        raise error
+    return samples
+
+
+def _checked_samples(cfg: TrainConfig, adapter: ModelAdapter) -> list:
     d = cfg.data_config
     scan = scan_for_training(cfg, adapter)
     for w in scan.warnings:
@@ -371,9 +399,12 @@ def prepare_conditioning(cfg: TrainConfig, adapter: ModelAdapter, samples: list,
     validator.prepare()  # prompt embeddings now, while the text encoders are loaded
     if not (cfg.precompute_text_embeddings or cfg.precompute_image_embeddings):
         return validator, adapter.encode_batch
-    cache = EmbeddingCache(adapter, samples, cfg, Path(cfg.cache_dir or out / "cache") if cfg.save_cache_on_disk else None)
-    with accelerator.main_process_first():  # with a disk cache the other ranks then only read it
-        cache.build(cfg.precompute_text_embeddings, cfg.precompute_image_embeddings, cfg.data_config.caption_dropout_rate > 0)
+    cache = EmbeddingCache(adapter, samples, cfg, Path(cfg.cache_dir or out / "cache") if cfg.save_cache_on_disk else None,
+                           batch_size=cfg.cache_batch_size)
+    # A disk cache is built by all processes together (each its share), then read by all; a RAM cache by each.
+    cache.build(cfg.precompute_text_embeddings, cfg.precompute_image_embeddings, cfg.data_config.caption_dropout_rate > 0,
+                accelerator.process_index, accelerator.num_processes)
+    accelerator.wait_for_everyone()
     # Freed before the transformer loads: on a 24 GB card the encoders and the transformer never coexist.
     if cfg.precompute_text_embeddings:
         adapter.free_text_encoders()

@@ -1,0 +1,119 @@
+"""A persisted index of checked image files, so a restart does not decode and hash the whole dataset again.
+
+One SQLite file (`scan_index.sqlite` in the cache folder) maps each file's path to (size, mtime_ns) and what a
+full check found: its oriented (width, height) and the sha256 of its bytes (the embedding cache keys on it). An entry
+counts only while the file's size and mtime are unchanged, so an edited or replaced file is checked again. SQLite
+keeps the memory of a lookup constant (no Python dict of a million entries) and is in the standard library.
+
+The main process writes it (during its scan, before the other ranks scan: trainer/loop.py); other processes open
+it read-only. A missing, locked or unreadable index is only slower, never wrong: lookups then miss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sqlite3
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+FILE_NAME = "scan_index.sqlite"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ScanIndex:
+    """path -> (size, mtime_ns, width, height, sha256) of files that passed the full check; see the module doc."""
+
+    def __init__(self, path: Path | None, writable: bool = True):
+        self.path = Path(path) if path is not None else None
+        self.writable = writable
+        self.db: sqlite3.Connection | None = None
+        self.hits = self.misses = 0
+        self._pending = 0
+        if self.path is None:
+            return
+        try:
+            if writable:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.db = sqlite3.connect(str(self.path), timeout=30)
+                self.db.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime INTEGER, "
+                                "width INTEGER, height INTEGER, sha256 TEXT)")
+            elif self.path.is_file():
+                self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
+        except sqlite3.Error as e:
+            logger.warning("scan index %s unusable (%s); checking every file", self.path, e)
+            self.db = None
+
+    @staticmethod
+    def _stat(path: Path) -> tuple[int, int]:
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+
+    def get(self, path: Path) -> tuple[int, int, str | None] | None:
+        """(width, height, sha256) recorded for this exact file version, or None."""
+        if self.db is None:
+            return None
+        try:
+            size, mtime = self._stat(path)
+            row = self.db.execute("SELECT size, mtime, width, height, sha256 FROM files WHERE path = ?", (str(path),)).fetchone()
+        except (OSError, sqlite3.Error):
+            row = None
+        if row is None or row[0] != size or row[1] != mtime:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return row[2], row[3], row[4]
+
+    def put(self, path: Path, width: int, height: int, digest: str | None) -> None:
+        if self.db is None or not self.writable:
+            return
+        try:
+            size, mtime = self._stat(path)
+            self.db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)", (str(path), size, mtime, width, height, digest))
+            self._pending += 1
+            if self._pending >= 2000:
+                self.commit()
+        except (OSError, sqlite3.Error) as e:
+            logger.warning("scan index %s: cannot record %s (%s)", self.path, path, e)
+
+    def digest(self, path: Path) -> str | None:
+        hit = self.get(path)
+        return hit[2] if hit else None
+
+    def commit(self) -> None:
+        if self.db is not None and self.writable and self._pending:
+            try:
+                self.db.commit()
+            except sqlite3.Error as e:
+                logger.warning("scan index %s: cannot save (%s)", self.path, e)
+            self._pending = 0
+
+    def close(self) -> None:
+        self.commit()
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+
+
+_ACTIVE: ScanIndex | None = None
+
+
+def active() -> ScanIndex | None:
+    """The index of the current run (set by `use`), consulted by the embedding cache's file hashing."""
+    return _ACTIVE
+
+
+def use(index: ScanIndex | None) -> None:
+    global _ACTIVE
+    if _ACTIVE is not None and _ACTIVE is not index:
+        _ACTIVE.close()
+    _ACTIVE = index

@@ -1,0 +1,125 @@
+"""The data path at scale: the persisted scan index, header-only PNG reads, a disk cache that is not kept in RAM,
+its sharded layout, a build split across processes and batched VAE calls."""
+
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from helpers import base_overrides, write_dataset
+from PIL import Image
+
+import image_datasets.caption_dataset as caption_dataset
+import image_datasets.images as images
+from image_datasets import scan_index
+from trainer.cache import EmbeddingCache
+from trainer.config import ConfigError, load_config
+from trainer.loop import build_dataset
+from trainer.models.qwen_image import QwenImageAdapter
+
+
+def test_png_size_and_orientation_come_from_the_header(tmp_path, monkeypatch):
+    plain = tmp_path / "plain.png"
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(plain)
+    rotated = tmp_path / "rotated.png"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: width and height swap
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(rotated, exif=exif)
+    loads = []
+    real = Image.Image.load
+    monkeypatch.setattr(Image.Image, "load", lambda self, *a: loads.append(self) or real(self, *a))
+    assert images.oriented_size(plain) == (60, 40)
+    assert images.oriented_size(rotated) == (40, 60)
+    decoded = [im for im in loads if getattr(im, "im", None) is not None and im.size == (60, 40)]
+    assert not decoded, "reading a PNG's size must not decode its pixels"
+    assert images.load_image(rotated).size == (40, 60)  # and training sees the same orientation
+
+
+class Counter:
+    def __init__(self, monkeypatch):
+        self.opened, self.decoded = 0, 0
+        real_size, real_load = caption_dataset.oriented_size, caption_dataset.load_image
+
+        def size(path):
+            self.opened += 1
+            return real_size(path)
+
+        def load(path, *a, **k):
+            self.decoded += 1
+            return real_load(path, *a, **k)
+
+        monkeypatch.setattr(caption_dataset, "oriented_size", size)
+        monkeypatch.setattr(caption_dataset, "load_image", load)
+
+
+def test_scan_index_skips_unchanged_files_and_rechecks_changed_ones(tiny_qwen, tmp_path, monkeypatch):
+    data = write_dataset(tmp_path / "d", n=5)
+    cfg = load_config(None, base_overrides(tiny_qwen, data, tmp_path / "out"))
+    adapter = QwenImageAdapter.from_model(cfg)
+    count = Counter(monkeypatch)
+    first = build_dataset(cfg, adapter)
+    assert (count.opened, count.decoded) == (5, 5)
+    assert (tmp_path / "out" / "cache" / scan_index.FILE_NAME).is_file()
+
+    count.opened = count.decoded = 0
+    again = build_dataset(cfg, adapter)
+    assert (count.opened, count.decoded) == (0, 0), "a restart must not open unchanged images"
+    assert [(s.image, s.size) for s in again] == [(s.image, s.size) for s in first]
+
+    # a replaced file (new size and mtime) is checked again; a now-truncated one is refused, not trusted
+    Image.fromarray(np.zeros((96, 64, 3), np.uint8)).save(data / "img1.png")
+    raw = (data / "img2.png").read_bytes()
+    (data / "img2.png").write_bytes(raw[: len(raw) // 2])
+    os.utime(data / "img2.png", ns=(time.time_ns(), time.time_ns() + 10**9))
+    count.opened = count.decoded = 0
+    with pytest.raises(ConfigError, match="img2.png"):
+        build_dataset(cfg, adapter)
+    assert count.decoded == 2
+    digest = scan_index.active().digest(data / "img1.png")
+    assert digest == scan_index.sha256_file(data / "img1.png")
+
+
+def test_disk_cache_is_sharded_and_not_kept_in_ram(tiny_qwen, tmp_path):
+    data = write_dataset(tmp_path / "d", n=6)
+    cfg = load_config(None, base_overrides(tiny_qwen, data, tmp_path / "out", precompute_text_embeddings=True,
+                                           precompute_image_embeddings=True, save_cache_on_disk=True))
+    adapter = QwenImageAdapter.from_model(cfg)
+    samples = build_dataset(cfg, adapter)
+    adapter.load_encoders()
+    cache = EmbeddingCache(adapter, samples, cfg, tmp_path / "cache", batch_size=4, lru=2)
+    cache.build(True, True, False)
+    assert cache.encoded == {"text": 6, "latents": 6}
+    assert not cache.text and not cache.latents, "building a disk cache must not keep its entries"
+    files = sorted((tmp_path / "cache").rglob("*.safetensors"))
+    assert len(files) == 12 and all(f.parent.name == f.stem[:2] and f.parent.parent.name in ("text", "latents") for f in files)
+    for i in range(6):
+        batch = {"indices": [i], "dropped": [False]}
+        cache.batch_text(batch)
+        cache.batch_latents(batch)
+        assert len(cache.text) <= 2 and len(cache.latents) <= 2
+
+    # the same latents, encoded one per VAE call, equal the batched ones
+    single = EmbeddingCache(adapter, samples, cfg, None, batch_size=1)
+    single.build(False, True, False)
+    for i in range(6):
+        batch = {"indices": [i], "dropped": [False]}
+        torch.testing.assert_close(cache.batch_latents(batch)[0], single.batch_latents(batch)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_disk_cache_build_is_split_between_processes(tiny_qwen, tmp_path):
+    data = write_dataset(tmp_path / "d", n=5)
+    cfg = load_config(None, base_overrides(tiny_qwen, data, tmp_path / "out", precompute_text_embeddings=True,
+                                           precompute_image_embeddings=True, save_cache_on_disk=True))
+    adapter = QwenImageAdapter.from_model(cfg)
+    samples = build_dataset(cfg, adapter)
+    adapter.load_encoders()
+    shares = []
+    for rank in (0, 1):
+        cache = EmbeddingCache(adapter, samples, cfg, tmp_path / "cache", batch_size=2)
+        cache.build(True, True, False, rank=rank, world=2)
+        shares.append(dict(cache.encoded))
+    assert shares == [{"text": 3, "latents": 3}, {"text": 2, "latents": 2}]
+    whole = EmbeddingCache(adapter, samples, cfg, tmp_path / "cache")
+    whole.build(True, True, False)
+    assert whole.encoded == {"text": 0, "latents": 0} and whole.reused == {"text": 5, "latents": 5}
