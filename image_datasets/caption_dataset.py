@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import glob
 import logging
+import os
 import random
 import re
 from dataclasses import dataclass, field
@@ -23,7 +23,7 @@ ReferenceSizer = Callable[[int, int], tuple[tuple[int, int], ...]]
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(slots=True)
 class Sample:
     image: Path
     caption: str
@@ -143,11 +143,42 @@ def expand_samples(samples: list[Sample], resolutions: Sequence[int], bucketing:
     return out * repeats
 
 
-def _find_control(control_dir: Path, stem: str) -> Path | None:
-    for p in sorted(control_dir.glob(glob.escape(stem) + ".*")):
-        if p.stem == stem and is_image_file(p):
-            return p
-    return None
+def _find_control(control_dir: Path, stem: str, _listings: dict | None = None) -> Path | None:
+    """The image named `stem`.* in control_dir (the first in name order). `_listings` memoizes each folder's
+    stem -> image index for one scan, so a dataset of N pairs lists each control folder once, not N times."""
+    if _listings is None:
+        _listings = {}
+    by_stem = _listings.get(control_dir)
+    if by_stem is None:
+        by_stem = {}
+        try:
+            names = sorted(e.name for e in os.scandir(control_dir) if e.is_file())
+        except OSError:
+            names = []
+        for name in names:
+            p = control_dir / name
+            if is_image_file(p):
+                by_stem.setdefault(p.stem, p)
+        _listings[control_dir] = by_stem
+    return by_stem.get(stem)
+
+
+def _list_files(root: Path, recursive: bool) -> tuple[list[Path], int]:
+    """(files under root, sorted; images in subfolders when not recursive), with os.scandir's entry types instead
+    of a stat per file."""
+    files, nested, stack = [], 0, [(str(root), ())]
+    while stack:
+        folder, parts = stack.pop()
+        with os.scandir(folder) as entries:
+            for e in entries:
+                if e.is_dir():
+                    stack.append((e.path, (*parts, e.name)))
+                elif e.is_file():
+                    if not parts or recursive:
+                        files.append((*parts, e.name))  # sorted as Path sorts: by path components
+                    elif is_image_file(Path(e.name)):
+                        nested += 1
+    return [root.joinpath(*f) for f in sorted(files)], nested
 
 
 @dataclass(frozen=True)
@@ -190,10 +221,9 @@ def scan_caption_folder(
     root = Path(img_dir)
     result = ScanResult()
     ext = "." + caption_ext.lstrip(".")
-    files = sorted(p for p in (root.rglob("*") if recursive else root.iterdir()) if p.is_file())
+    files, nested = _list_files(root, recursive)
     images = [p for p in files if is_image_file(p)]
     if not recursive:
-        nested = sum(1 for p in root.rglob("*") if p.parent != root and p.is_file() and is_image_file(p))
         if nested:
             result.warnings.append(f"{root}: {nested} image(s) in subfolders are not used (set data_config.recursive: true to use them)")
     if not images:
@@ -201,6 +231,7 @@ def scan_caption_folder(
         what = f"only {len(captions)} caption file(s)" if captions else "no files"
         result.problems.append(f"{root}: no images found (jpg, jpeg, png, webp, bmp); the folder has {what}")
         return result
+    listings: dict = {}
     by_stem: dict[tuple[Path, str], list[Path]] = {}
     for p in files:
         if p.suffix.lower() == ext:
@@ -219,7 +250,7 @@ def scan_caption_folder(
             result.problems.append(str(e))
             continue
         controls, folders = [], [] if control_dir is None else [control_dir] if isinstance(control_dir, (str, Path)) else control_dir
-        found = [_find_control(Path(f) / img.parent.relative_to(root), img.stem) for f in folders]
+        found = [_find_control(Path(f) / img.parent.relative_to(root), img.stem, listings) for f in folders]
         if folders and found[0] is None and (rule is None or rule.low > 0 or len(folders) == 1):
             result.problems.append(f"{img}: no control image named {img.stem}.* in {Path(folders[0]) / img.parent.relative_to(root)}")
             continue

@@ -64,7 +64,7 @@ class ScanIndex:
             return None
         try:
             size, mtime = self._stat(path)
-            row = self.db.execute("SELECT size, mtime, width, height, sha256 FROM files WHERE path = ?", (str(path),)).fetchone()
+            row = self.db.execute("SELECT size, mtime, width, height, sha256 FROM files WHERE path = ?", (os.path.abspath(path),)).fetchone()
         except (OSError, sqlite3.Error):
             row = None
         if row is None or row[0] != size or row[1] != mtime:
@@ -78,7 +78,7 @@ class ScanIndex:
             return
         try:
             size, mtime = self._stat(path)
-            self.db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)", (str(path), size, mtime, width, height, digest))
+            self.db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)", (os.path.abspath(path), size, mtime, width, height, digest))
             self._pending += 1
             if self._pending >= 2000:
                 self.commit()

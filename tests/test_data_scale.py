@@ -123,3 +123,28 @@ def test_disk_cache_build_is_split_between_processes(tiny_qwen, tmp_path):
     whole = EmbeddingCache(adapter, samples, cfg, tmp_path / "cache")
     whole.build(True, True, False)
     assert whole.encoded == {"text": 0, "latents": 0} and whole.reused == {"text": 5, "latents": 5}
+
+
+@pytest.mark.parametrize("variant", ["qwen-image", "flux", "chroma", "z-image", "kandinsky5", "flux2-klein"])
+def test_batched_caption_encoding_equals_one_at_a_time(variant, tiny_models, tmp_path):
+    """The cache encodes captions cache_batch_size at a time; each stored entry (padding cut) must equal the entry
+    of that caption encoded alone, shape included."""
+    from trainer.models import variants
+
+    captions = ["a cat", "a photo of a very long and detailed scene with many words in it, at dusk", "", "two dogs"]
+    data = write_dataset(tmp_path / "d", n=4, captions=captions)
+    cls, name = variants()[variant]
+    cfg = load_config(None, base_overrides(tiny_models(variant), data, tmp_path / "out", precompute_text_embeddings=True))
+    adapter = cls.from_model(cfg)
+    samples = build_dataset(cfg, adapter)
+    adapter.load_encoders()
+    batched = EmbeddingCache(adapter, samples, cfg, None, batch_size=4)
+    batched.build(True, False, False)
+    assert batched.encoded["text"] == 4
+    for i in range(4):
+        alone = adapter.split_text(adapter.encode_text({"captions": [samples[i].caption]}), 1)[0]
+        entry = batched.text[batched.text_keys[i][0]]
+        assert entry.keys() == alone.keys()
+        for k in alone:
+            assert entry[k].shape == alone[k].shape, (k, entry[k].shape, alone[k].shape)
+            torch.testing.assert_close(entry[k].float(), alone[k].float(), rtol=1e-4, atol=1e-5)

@@ -70,7 +70,8 @@ class EmbeddingCache:
     under `<dir>/<kind>/<first 2 key characters>/<key>.safetensors` (256 subfolders per kind, so no folder holds
     millions of files) and are read when a batch needs them, with only the last `lru` entries kept, so a process's
     memory does not grow with the dataset. A disk build is split across processes (each encodes every world-th
-    sample, then all wait for each other); samples of equal shapes go through the VAE `batch_size` at a time.
+    sample, then all wait for each other); samples of equal shapes go through the VAE `batch_size` at a time, and
+    captions through the text encoder `batch_size` at a time (families whose prompt encoding does not look at images).
     """
 
     def __init__(self, adapter: "ModelAdapter", samples: Sequence[Sample], cfg: TrainConfig, directory: Path | None,
@@ -84,6 +85,7 @@ class EmbeddingCache:
         self.text: dict[str, dict[str, torch.Tensor]] = {}  # RAM cache, or the LRU of a disk cache
         self.latents: dict[str, dict[str, torch.Tensor]] = {}
         self.lru = lru
+        self._on_disk: dict[str, set[str]] | None = None  # keys found on disk, while building
         self.text_keys: list[tuple[str, str]] = []  # per sample: (caption key, empty-caption key)
         self.latent_keys: list[str] = []
         self.encoded = {"text": 0, "latents": 0}
@@ -113,7 +115,30 @@ class EmbeddingCache:
         return None
 
     def _has(self, kind: str, key: str) -> bool:
-        return key in (self.text if kind == "text" else self.latents) or (self.dir is not None and self._file(kind, key) is not None)
+        if key in (self.text if kind == "text" else self.latents):
+            return True
+        if self.dir is None:
+            return False
+        if self._on_disk is not None:  # during build: one listing per folder instead of a stat per entry
+            return key in self._on_disk[kind] or self._file(kind, key) is not None
+        return self._file(kind, key) is not None
+
+    def _list_disk(self) -> dict[str, set[str]]:
+        """The keys already on disk per kind (sharded and flat layouts), listed with os.scandir."""
+        found: dict[str, set[str]] = {"text": set(), "latents": set()}
+        for kind, keys in found.items():
+            stack = [self.dir / kind]
+            while stack:
+                try:
+                    with os.scandir(stack.pop()) as entries:
+                        for e in entries:
+                            if e.is_dir():
+                                stack.append(e.path)
+                            elif e.name.endswith(".safetensors") and not e.name.startswith("."):
+                                keys.add(e.name[: -len(".safetensors")])
+                except OSError:
+                    continue
+        return found
 
     def _lookup(self, kind: str, key: str) -> dict | None:
         store = self.text if kind == "text" else self.latents
@@ -153,10 +178,13 @@ class EmbeddingCache:
         if self.dir is None:
             rank, world = 0, 1
         ds = CaptionDataset(self.samples, reference_transform=self.adapter.reference_transform())
+        # the empty caption's key depends on the sample only when the prompt encoder sees its references
+        shared_empty = self._text_key(self.samples[0], self.adapter.empty_prompt) if self.samples and not self.adapter.text_needs_pixels else None
         for s in self.samples:
-            self.text_keys.append((self._text_key(s, s.caption), self._text_key(s, self.adapter.empty_prompt)))
+            self.text_keys.append((self._text_key(s, s.caption), shared_empty or self._text_key(s, self.adapter.empty_prompt)))
             self.latent_keys.append(self._latent_key(s))
         mine = range(rank, len(self.samples), world)
+        self._on_disk = self._list_disk() if self.dir is not None else None
         todo_latents = [i for i in mine if latents and not self._has("latents", self.latent_keys[i])]
         todo_text = []
         for i in mine:
@@ -180,15 +208,32 @@ class EmbeddingCache:
                 if chunk:
                     self._encode_latents(ds, chunk)
                 bar.update(len(window))
-        for i, caption, key in todo_text:
-            if self._has("text", key):
-                self.reused["text"] += 1
-            else:
-                cond = self.adapter.encode_text({**collate([ds[(i, 0)]]), "captions": [caption]})
-                self._store("text", key, self.adapter.split_text(cond, 1)[0])
-                self.encoded["text"] += 1
-            bar.update(1)
+        if self.adapter.text_needs_pixels:  # the prompt encoder sees the sample's references: one sample per call
+            for i, caption, key in todo_text:
+                if self._has("text", key):
+                    self.reused["text"] += 1
+                else:
+                    cond = self.adapter.encode_text({**collate([ds[(i, 0)]]), "captions": [caption]})
+                    self._store("text", key, self.adapter.split_text(cond, 1)[0])
+                    self.encoded["text"] += 1
+                bar.update(1)
+        else:  # captions only: batch_size distinct captions per encoder call (padding is cut per sample)
+            pending: dict[str, str] = {}
+            for n, (_i, caption, key) in enumerate(todo_text, 1):
+                if key in pending or self._has("text", key):
+                    self.reused["text"] += 1
+                else:
+                    pending[key] = caption
+                if len(pending) == self.batch_size or (n == len(todo_text) and pending):
+                    cond = self.adapter.encode_text({"captions": list(pending.values())})
+                    for k, item in zip(pending, self.adapter.split_text(cond, len(pending))):
+                        self._store("text", k, item)
+                    self.encoded["text"] += len(pending)
+                    bar.update(len(pending))
+                    pending = {}
+            bar.update(self.reused["text"])
         bar.close()
+        self._on_disk = None
         logger.info(
             "embedding cache: text %d encoded / %d reused, latents %d encoded / %d reused%s%s",
             self.encoded["text"], self.reused["text"], self.encoded["latents"], self.reused["latents"],

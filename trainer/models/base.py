@@ -290,12 +290,20 @@ class ModelAdapter(ABC):
     def count_tokens(self, captions: list[str]) -> list[int]:
         return [0 for _ in captions]
 
+    def caption_token_counts(self, samples: list, chunk: int = 512) -> list[int]:
+        """count_tokens of every sample's caption, `chunk` captions per tokenizer call (one call over a million
+        captions would hold all their encodings at once)."""
+        counts: list[int] = []
+        for start in range(0, len(samples), chunk):
+            counts += self.count_tokens([s.caption for s in samples[start:start + chunk]])
+        return counts
+
     def check_sequences(self, samples: list) -> list[str]:
         """With the text encoders loaded, before the transformer: one warning line per sample whose conditioning
         the model will not see whole (default: captions over max_sequence_length tokens, which are cut); raises
         ConfigError naming the files when a sample's conditioning cannot run at all."""
         limit = self.cfg.max_sequence_length
-        counts = self.count_tokens([s.caption for s in samples])
+        counts = self.caption_token_counts(samples)
         return [f"caption of {s.image.name} has {n} tokens; only the first {limit} are used (max_sequence_length)"
                 for s, n in zip(samples, counts) if n > limit]
 

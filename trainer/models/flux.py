@@ -112,7 +112,7 @@ class FluxAdapter(ModelAdapter):
 
     def check_sequences(self, samples: list) -> list[str]:
         limit = self.cfg.t5_max_sequence_length
-        counts = self.count_tokens([s.caption for s in samples])
+        counts = self.caption_token_counts(samples)
         return [f"caption of {s.image.name} has {n} T5 tokens; only the first {limit} are used (t5_max_sequence_length)"
                 for s, n in zip(samples, counts) if n > limit]
 

@@ -202,7 +202,7 @@ class QwenImage21Adapter(ModelAdapter):
         lo = getattr(ip, "min_pixels", None) or ip.size["shortest_edge"]
         hi = getattr(ip, "max_pixels", None) or ip.size["longest_edge"]
         lines = []
-        counts = self.count_tokens([s.caption for s in samples])
+        counts = self.caption_token_counts(samples)
         for s, n in zip(samples, counts):
             used = n + sum(max(w, h) // 16 for w, h in (*s.control_sizes, s.size))
             if used >= ROPE_POSITIONS:
