@@ -80,13 +80,19 @@ def test_scan_index_skips_unchanged_files_and_rechecks_changed_ones(tiny_qwen, t
     assert digest == scan_index.sha256_file(data / "img1.png")
 
 
-def test_disk_cache_is_sharded_and_not_kept_in_ram(tiny_qwen, tmp_path):
-    data = write_dataset(tmp_path / "d", n=6)
+def _with_encoders(tiny_qwen, tmp_path, n):
+    """(config with the disk caches on, adapter with its encoders loaded, the scanned samples) for n images."""
+    data = write_dataset(tmp_path / "d", n=n)
     cfg = load_config(None, base_overrides(tiny_qwen, data, tmp_path / "out", precompute_text_embeddings=True,
                                            precompute_image_embeddings=True, save_cache_on_disk=True))
     adapter = QwenImageAdapter.from_model(cfg)
     samples = build_dataset(cfg, adapter)
     adapter.load_encoders()
+    return cfg, adapter, samples
+
+
+def test_disk_cache_is_sharded_and_not_kept_in_ram(tiny_qwen, tmp_path):
+    cfg, adapter, samples = _with_encoders(tiny_qwen, tmp_path, 6)
     cache = EmbeddingCache(adapter, samples, cfg, tmp_path / "cache", batch_size=4, lru=2)
     cache.build(True, True, False)
     assert cache.encoded == {"text": 6, "latents": 6}
@@ -108,12 +114,7 @@ def test_disk_cache_is_sharded_and_not_kept_in_ram(tiny_qwen, tmp_path):
 
 
 def test_disk_cache_build_is_split_between_processes(tiny_qwen, tmp_path):
-    data = write_dataset(tmp_path / "d", n=5)
-    cfg = load_config(None, base_overrides(tiny_qwen, data, tmp_path / "out", precompute_text_embeddings=True,
-                                           precompute_image_embeddings=True, save_cache_on_disk=True))
-    adapter = QwenImageAdapter.from_model(cfg)
-    samples = build_dataset(cfg, adapter)
-    adapter.load_encoders()
+    cfg, adapter, samples = _with_encoders(tiny_qwen, tmp_path, 5)
     shares = []
     for rank in (0, 1):
         cache = EmbeddingCache(adapter, samples, cfg, tmp_path / "cache", batch_size=2)
