@@ -143,12 +143,10 @@ def expand_samples(samples: list[Sample], resolutions: Sequence[int], bucketing:
     return out * repeats
 
 
-def _find_control(control_dir: Path, stem: str, _listings: dict | None = None) -> Path | None:
-    """The image named `stem`.* in control_dir (the first in name order). `_listings` memoizes each folder's
+def _find_control(control_dir: Path, stem: str, listings: dict) -> Path | None:
+    """The image named `stem`.* in control_dir (the first in name order). `listings` memoizes each folder's
     stem -> image index for one scan, so a dataset of N pairs lists each control folder once, not N times."""
-    if _listings is None:
-        _listings = {}
-    by_stem = _listings.get(control_dir)
+    by_stem = listings.get(control_dir)
     if by_stem is None:
         by_stem = {}
         try:
@@ -159,7 +157,7 @@ def _find_control(control_dir: Path, stem: str, _listings: dict | None = None) -
             p = control_dir / name
             if is_image_file(p):
                 by_stem.setdefault(p.stem, p)
-        _listings[control_dir] = by_stem
+        listings[control_dir] = by_stem
     return by_stem.get(stem)
 
 

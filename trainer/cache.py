@@ -119,8 +119,8 @@ class EmbeddingCache:
             return True
         if self.dir is None:
             return False
-        if self._on_disk is not None:  # during build: one listing per folder instead of a stat per entry
-            return key in self._on_disk[kind] or self._file(kind, key) is not None
+        if self._on_disk is not None:  # during build: one listing per folder (kept current by _store), no stat per entry
+            return key in self._on_disk[kind]
         return self._file(kind, key) is not None
 
     def _list_disk(self) -> dict[str, set[str]]:
@@ -168,6 +168,8 @@ class EmbeddingCache:
         tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
         save_file(tensors, str(tmp))
         os.replace(tmp, path)
+        if self._on_disk is not None:
+            self._on_disk[kind].add(key)
 
     # --- building ------------------------------------------------------------------------------------------
     def build(self, text: bool, latents: bool, need_empty_captions: bool, rank: int = 0, world: int = 1) -> None:

@@ -274,14 +274,13 @@ def build_dataset(cfg: TrainConfig, adapter: ModelAdapter, accelerator: Accelera
     error = None
     context = accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
     with context:
-        main = accelerator is None or accelerator.is_main_process
-        scan_index.use(scan_index.ScanIndex(index_path, writable=main))
+        index = scan_index.ScanIndex(index_path, writable=accelerator is None or accelerator.is_main_process)
+        scan_index.use(index)
         try:
             samples = _checked_samples(cfg, adapter)
         except ConfigError as e:  # raised after the barrier, so the other processes are not left waiting
             error = e
         finally:
-            index = scan_index.active()
             index.commit()
         if index.hits or index.misses:
             logger.info("dataset scan: %d file(s) known from %s, %d checked", index.hits, index_path, index.misses)

@@ -124,10 +124,18 @@ def _quantize_block(block: nn.Module, mode: str, compute_dtype: torch.dtype, dev
         quanto.quantize(block, weights=getattr(quanto, mode))
         quanto.freeze(block)
     else:
-        for parent in list(block.modules()):
-            for name, child in list(parent.named_children()):
-                if type(child) is nn.Linear:
-                    setattr(parent, name, _to_bnb(child, mode, compute_dtype, device))
+        replace_linears(block, lambda linear: _to_bnb(linear, mode, compute_dtype, device))
+
+
+def replace_linears(block: nn.Module, convert) -> int:
+    """Replace every plain nn.Linear inside `block` with convert(linear); returns how many."""
+    count = 0
+    for parent in list(block.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, convert(child))
+                count += 1
+    return count
 
 
 def weight_bytes(model: nn.Module) -> int:

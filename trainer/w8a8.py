@@ -109,10 +109,6 @@ class W8A8Linear(nn.Linear):
 
 def quantize_linears(block: nn.Module, mode: str) -> int:
     """Replace every plain nn.Linear inside `block` with a W8A8Linear; returns how many."""
-    count = 0
-    for parent in list(block.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                setattr(parent, name, W8A8Linear(child, mode))
-                count += 1
-    return count
+    from trainer.quantize import replace_linears
+
+    return replace_linears(block, lambda linear: W8A8Linear(linear, mode))
