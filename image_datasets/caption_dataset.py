@@ -25,10 +25,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class Sample:
-    image: Path
+    image: Path  # a file, or a Member: an image inside a tar shard / a datasets table (image_datasets/members.py)
     caption: str
     size: tuple[int, int]  # training (width, height) after resize + crop
-    controls: tuple[Path, ...] = ()  # reference / source images for edit and Kontext training
+    controls: tuple[Path, ...] = ()  # (files or Members)  # reference / source images for edit and Kontext training
     control_sizes: tuple[tuple[int, int], ...] = ()  # each reference's VAE view (width, height)
     condition_sizes: tuple[tuple[int, int], ...] = ()  # each reference's text-encoder view, when the family has one
     source_size: tuple[int, int] = (0, 0)  # the file's own (width, height), EXIF orientation applied
@@ -268,10 +268,17 @@ def scan_caption_folder(
 
 def scan_dataset(d, decode: bool = True, reference_sizes: ReferenceSizer | None = None, rule: ReferenceRule | None = None,
                  multiple: int = 16) -> ScanResult:
-    """The dataset a DataConfig describes: a metadata file, or a caption folder (with control_dir for edit pairs),
+    """The dataset a DataConfig describes: WebDataset shards, a Hugging Face dataset, a metadata file, or a caption
+    folder (with control_dir for edit pairs),
     expanded over data_config.resolutions / bucketing / repeats (sides multiples of `multiple`), references sized by
     the family's `reference_sizes` and counted against the model's `rule`."""
-    if d.metadata_file:
+    from .sources import scan_hf_dataset, scan_webdataset
+
+    if d.webdataset:
+        result = scan_webdataset(d.webdataset, d.img_size, d.caption_type, decode, rule)
+    elif d.hf_dataset:
+        result = scan_hf_dataset(d.hf_dataset, d.hf_split, d.img_size, d.image_column, d.caption_column, decode, rule)
+    elif d.metadata_file:
         result = scan_metadata(d.metadata_file, d.img_size, decode, rule)
     else:
         result = scan_caption_folder(d.img_dir, d.img_size, d.caption_type, decode, d.control_dir, d.recursive, rule)
@@ -408,6 +415,7 @@ class CaptionDataset(Dataset):
         empty_caption: str = "",
         reference_transform=resize_views,
         keep_alpha: bool = False,
+        cached=None,
     ):
         self.samples = list(samples)
         self.caption_dropout_rate = caption_dropout_rate
@@ -418,6 +426,7 @@ class CaptionDataset(Dataset):
         # (original reference image, view sizes) -> the views; picklable, it runs in DataLoader workers
         self.reference_transform = reference_transform
         self.keep_alpha = keep_alpha  # RGBA pixels for families whose VAE reads alpha
+        self.cached = cached  # (index, dropped) -> the sample's disk-cache entries (trainer.cache.CacheReader), or None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -428,6 +437,8 @@ class CaptionDataset(Dataset):
         rng = sample_rng(self.seed, epoch, index)
         drop = rng.random() < self.caption_dropout_rate
         item = {"index": index, "epoch": epoch, "dropped": drop, "caption": self.empty_caption if drop else s.caption, "path": str(s.image)}
+        if self.cached is not None:
+            item["cached"] = self.cached(index, drop)
         if not self.load_pixels:
             return {**item, "pixel_values": None, "controls": [], "condition_images": []}
         img = resize_and_crop(self._load(s.image, s.size), s.size, rng if self.random_crop else None)
@@ -465,6 +476,7 @@ def collate(items: list[dict]) -> dict:
         "condition_images": [it.get("condition_images", []) for it in items],  # per sample: text-encoder views
         "captions": [it["caption"] for it in items],
         "paths": [it["path"] for it in items],
+        "cached": [it["cached"] for it in items] if "cached" in items[0] else None,  # disk-cache entries, read by the loader
     }
 
 

@@ -12,6 +12,8 @@ from PIL import Image, ImageOps
 
 from trainer.config import IMAGE_EXTENSIONS
 
+from .members import open_binary
+
 # Above this many pixels we refuse the file instead of letting PIL allocate gigabytes (PIL's own guard is 179 MP).
 MAX_PIXELS = 180_000_000
 # Large camera files (100+ MP) are legitimate training data; warn-and-refuse only beyond MAX_PIXELS.
@@ -67,7 +69,7 @@ def _open(path: Path) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(open_binary(path))  # a file path, or the bytes of a tar member / table cell
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise BadImageError(f"{path}: image is too large to decode safely (over {MAX_PIXELS // 1_000_000} MP)") from None
     except Exception as e:  # PIL raises many types for garbage input

@@ -17,12 +17,17 @@ import os
 import sqlite3
 from pathlib import Path
 
+from .members import identity, read_bytes, stat_key
+
 logger = logging.getLogger(__name__)
 
 FILE_NAME = "scan_index.sqlite"
 
 
 def sha256_file(path: Path) -> str:
+    """sha256 of a file's bytes, or of a tar member's / table cell's (image_datasets/members.py)."""
+    if not isinstance(path, (str, os.PathLike)):
+        return hashlib.sha256(read_bytes(path)).hexdigest()
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -53,18 +58,13 @@ class ScanIndex:
             logger.warning("scan index %s unusable (%s); checking every file", self.path, e)
             self.db = None
 
-    @staticmethod
-    def _stat(path: Path) -> tuple[int, int]:
-        st = os.stat(path)
-        return st.st_size, st.st_mtime_ns
-
     def get(self, path: Path) -> tuple[int, int, str | None] | None:
         """(width, height, sha256) recorded for this exact file version, or None."""
         if self.db is None:
             return None
         try:
-            size, mtime = self._stat(path)
-            row = self.db.execute("SELECT size, mtime, width, height, sha256 FROM files WHERE path = ?", (os.path.abspath(path),)).fetchone()
+            size, mtime = stat_key(path)
+            row = self.db.execute("SELECT size, mtime, width, height, sha256 FROM files WHERE path = ?", (identity(path),)).fetchone()
         except (OSError, sqlite3.Error):
             row = None
         if row is None or row[0] != size or row[1] != mtime:
@@ -77,8 +77,8 @@ class ScanIndex:
         if self.db is None or not self.writable:
             return
         try:
-            size, mtime = self._stat(path)
-            self.db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)", (os.path.abspath(path), size, mtime, width, height, digest))
+            size, mtime = stat_key(path)
+            self.db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)", (identity(path), size, mtime, width, height, digest))
             self._pending += 1
             if self._pending >= 2000:
                 self.commit()

@@ -113,6 +113,30 @@ def test_disk_cache_is_sharded_and_not_kept_in_ram(tiny_qwen, tmp_path):
         torch.testing.assert_close(cache.batch_latents(batch)[0], single.batch_latents(batch)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_disk_cache_entries_are_read_in_dataloader_workers(tiny_qwen, tmp_path):
+    from image_datasets import CaptionDataset, SizeGroupedBatchSampler, collate
+
+    cfg, adapter, samples = _with_encoders(tiny_qwen, tmp_path, 6)
+    cache = EmbeddingCache(adapter, samples, cfg, tmp_path / "cache", batch_size=4)
+    cache.build(True, True, True)
+    ds = CaptionDataset(samples, caption_dropout_rate=0.5, load_pixels=False, cached=cache.reader(True, True))
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=SizeGroupedBatchSampler([s.group for s in samples], 2, 0),
+                                         collate_fn=collate, num_workers=2)
+    batches = [(batch, cache.batch_text(batch), cache.batch_latents(batch)) for batch in loader]
+    assert not cache.text and not cache.latents, "the main process must not read entries the workers loaded"
+    assert sorted(i for b, _, _ in batches for i in b["indices"]) == list(range(6))
+    for batch, text, (latents, _) in batches:
+        again = {**batch, "cached": None}  # the same batch looked up in the main process
+        torch.testing.assert_close(text, cache.batch_text(again), rtol=0, atol=0)
+        torch.testing.assert_close(latents, cache.batch_latents(again)[0], rtol=0, atol=0)
+
+    # a cache folder shared by all processes is split across all; one per machine is built whole on each machine
+    from trainer.cache import split_for
+
+    assert [split_for([True] * 4, ["a", "a", "b", "b"], p) for p in range(4)] == [(0, 4), (1, 4), (2, 4), (3, 4)]
+    assert [split_for([True, True, False, False], ["a", "a", "b", "b"], p) for p in range(4)] == [(0, 2), (1, 2), (0, 2), (1, 2)]
+
+
 def test_disk_cache_build_is_split_between_processes(tiny_qwen, tmp_path):
     cfg, adapter, samples = _with_encoders(tiny_qwen, tmp_path, 5)
     shares = []

@@ -81,11 +81,15 @@ def test_disk_cache_is_reused_and_invalidated_per_file(tiny_qwen, tmp_path):
 def test_cached_training_matches_uncached(tiny_qwen, tmp_path):
     data = write_dataset(tmp_path / "d", n=4)
     common = {"data_config.caption_dropout_rate": 0.5}
-    plain, losses_plain = _run(tiny_qwen, data, tmp_path / "plain", **common)
+    plain, losses_plain = _run(tiny_qwen, data, tmp_path / "plain", precompute_text_embeddings=False,
+                               precompute_image_embeddings=False, **common)
     assert plain["images"] == 4 and plain["prompts"] == 4  # encoded every step without the cache
-    cached, losses_cached = _run(tiny_qwen, data, tmp_path / "cached", precompute_text_embeddings=True,
-                                 precompute_image_embeddings=True, **common)
+    cached, losses_cached = _run(tiny_qwen, data, tmp_path / "cached", **common)  # the default: cached, exactly
+    assert cached == {"images": 4, "prompts": 5}  # each image and caption once, plus the empty caption for dropout
+    assert (tmp_path / "cached" / "cache" / "latents").is_dir()  # on disk by default
     assert losses_cached == pytest.approx(losses_plain, rel=1e-5, abs=1e-6)
+    crops, _ = _run(tiny_qwen, data, tmp_path / "crops", **common, **{"data_config.random_ratio": True})
+    assert crops == {"images": 4, "prompts": 5}  # random crops: latents every step (4 steps x 1), captions cached
 
 
 @pytest.mark.parametrize("optimizer, lr", [("adamw", 1e-3), ("adamw8bit", 1e-3), ("adafactor", 1e-3), ("prodigy", 1.0)])

@@ -33,15 +33,48 @@ def file_digest(path: Path, _memo: dict = {}) -> str:  # noqa: B006 - deliberate
     known = index.digest(path) if index is not None else None
     if known:
         return known
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
+    key = (scan_index.identity(path), *scan_index.stat_key(path))
     if key not in _memo:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _memo[key] = h.hexdigest()
+        _memo[key] = scan_index.sha256_file(path)
     return _memo[key]
+
+
+def split_for(seen: Sequence[bool], hosts: Sequence[str], me: int) -> tuple[int, int]:
+    """(rank, world) of process `me` for building a disk cache: across every process when all of them see the
+    same cache folder (`seen`: whether each found the main process's marker file), else among the processes of its
+    own machine (`hosts`), so that each machine's own disk gets every entry."""
+    if all(seen):
+        return me, len(seen)
+    mine = [p for p, h in enumerate(hosts) if h == hosts[me]]
+    return mine.index(me), len(mine)
+
+
+def build_split(accelerator, directory: Path) -> tuple[int, int]:
+    """This process's share of a disk-cache build. One process: (0, 1). Several: the main process writes a
+    marker file in `directory` and every process reports whether it sees it: a cache folder shared by all (one
+    machine, or a shared file system) is split across all; a folder local to each machine is built whole per machine."""
+    if accelerator.num_processes == 1:
+        return 0, 1
+    import socket
+    import uuid
+
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    token = [uuid.uuid4().hex if accelerator.is_main_process else None]
+    broadcast_object_list(token)
+    marker = directory / f".shared-{token[0]}"
+    if accelerator.is_main_process:
+        directory.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    accelerator.wait_for_everyone()
+    seen = gather_object([(marker.is_file(), socket.gethostname())])
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        marker.unlink(missing_ok=True)
+    rank, world = split_for([s for s, _ in seen], [h for _, h in seen], accelerator.process_index)
+    if world != accelerator.num_processes and accelerator.is_main_process:
+        logger.info("cache_dir %s is not shared by every machine: each machine builds its own full cache", directory)
+    return rank, world
 
 
 def model_fingerprint(name_or_path: str, family: str, folders: Sequence[str]) -> str:
@@ -61,6 +94,41 @@ def model_fingerprint(name_or_path: str, family: str, folders: Sequence[str]) ->
 
 def _digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def read_entry(directory: Path, kind: str, key: str) -> dict | None:
+    """One entry of a disk cache (sharded layout, or the flat one of earlier versions); None when it is not there."""
+    for path in (directory / kind / key[:2] / f"{key}.safetensors", directory / kind / f"{key}.safetensors"):
+        if path.is_file():
+            try:
+                return load_file(str(path))
+            except Exception as e:  # a torn or foreign file (writes are atomic, so another tool's doing)
+                raise RuntimeError(f"embedding cache file {path} is unreadable ({e}); delete it and start again to re-encode it") from None
+    return None
+
+
+class CacheReader:
+    """A disk cache's entries for one sample, read inside CaptionDataset.__getitem__: in the DataLoader's worker
+    processes when data_config.num_workers > 0, so reading and deserializing overlap the training step and the main
+    process only moves tensors to the device. Holds the keys (shared with the cache), never the entries."""
+
+    def __init__(self, directory: Path, text_keys: list | None, latent_keys: list | None):
+        self.dir, self.text_keys, self.latent_keys = directory, text_keys, latent_keys
+
+    def __call__(self, index: int, dropped: bool) -> dict:
+        out = {}
+        if self.text_keys is not None:
+            out["text"] = self._read("text", self.text_keys[index][1 if dropped else 0])
+        if self.latent_keys is not None:
+            out["latents"] = self._read("latents", self.latent_keys[index])
+        return out
+
+    def _read(self, kind: str, key: str) -> dict:
+        entry = read_entry(self.dir, kind, key)
+        if entry is None:
+            raise RuntimeError(f"embedding cache entry {kind}/{key} is missing from {self.dir} (deleted while training?); "
+                               "restart the run to re-encode it")
+        return entry
 
 
 class EmbeddingCache:
@@ -146,13 +214,9 @@ class EmbeddingCache:
             if self.dir is not None:  # most recently used last
                 store[key] = store.pop(key)
             return store[key]
-        path = self._file(kind, key) if self.dir is not None else None
-        if path is None:
+        entry = read_entry(self.dir, kind, key) if self.dir is not None else None
+        if entry is None:
             return None
-        try:
-            entry = load_file(str(path))
-        except Exception as e:  # a torn or foreign file (writes are atomic, so another tool's doing)
-            raise RuntimeError(f"embedding cache file {path} is unreadable ({e}); delete it and start again to re-encode it") from None
         store[key] = entry
         while len(store) > self.lru:
             store.pop(next(iter(store)))
@@ -256,15 +320,25 @@ class EmbeddingCache:
             self.encoded["latents"] += 1
 
     # --- use -----------------------------------------------------------------------------------------------
+    def reader(self, text: bool, latents: bool) -> "CacheReader | None":
+        """For the data loader: a disk cache's entries read per sample where the sample is loaded (see CacheReader)."""
+        if self.dir is None:
+            return None
+        return CacheReader(self.dir, self.text_keys if text else None, self.latent_keys if latents else None)
+
+    @staticmethod
+    def _loaded(batch: dict, kind: str) -> list | None:
+        cached = batch.get("cached")
+        return [c[kind] for c in cached] if cached and kind in cached[0] else None
+
     def batch_text(self, batch: dict) -> dict:
-        items = []
-        for i, dropped in zip(batch["indices"], batch["dropped"]):
-            entry = self._lookup("text", self.text_keys[i][1 if dropped else 0])
-            items.append({k: v.to(self.adapter.device, non_blocking=True) for k, v in entry.items()})
+        entries = self._loaded(batch, "text") or [
+            self._lookup("text", self.text_keys[i][1 if dropped else 0]) for i, dropped in zip(batch["indices"], batch["dropped"])]
+        items = [{k: v.to(self.adapter.device, non_blocking=True) for k, v in entry.items()} for entry in entries]
         return self.adapter.merge_text(items)
 
     def batch_latents(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        entries = [self._lookup("latents", self.latent_keys[i]) for i in batch["indices"]]
+        entries = self._loaded(batch, "latents") or [self._lookup("latents", self.latent_keys[i]) for i in batch["indices"]]
         dev = self.adapter.device
         target = torch.cat([e["latents"] for e in entries]).to(dev, non_blocking=True)
         n_controls = sum(1 for k in entries[0] if k.startswith("control."))

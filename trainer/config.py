@@ -69,6 +69,11 @@ class DataConfig:
     recursive: bool = doc(False, "also use images in subfolders of img_dir (captions beside them; control images under the same relative path in control_dir)")
     control_dir: Optional[Any] = doc(None, "edit / Kontext: folder of control (reference) images with the same stems as img_dir's images, or a list of folders: reference 1, 2, 3, ... in order (a sample may lack the later ones where the model allows fewer)")
     metadata_file: Optional[str] = doc(None, "edit: metadata.csv or .jsonl with columns image, prompt, control_image[, control_image_2, ...] (replaces img_dir); paths relative to the file")
+    webdataset: Optional[Any] = doc(None, "WebDataset tar shards instead of img_dir: a path, a glob (shards/*.tar) or a list; per sample key.jpg/png/... + key.txt (or key.json with prompt / caption / text) [+ key.control_image.png, key.control_image_2.png, ...]; plain tar, read in place")
+    hf_dataset: Optional[str] = doc(None, "a Hugging Face datasets dataset instead of img_dir: a save_to_disk folder, parquet / arrow file(s) or a folder of them, an imagefolder, or a hub id (network or local HF cache); columns image_column, caption_column [, control_image, control_image_2, ...]")
+    hf_split: str = doc("train", "hf_dataset: the split to train on")
+    image_column: str = doc("image", "hf_dataset: the column holding the target images")
+    caption_column: Optional[str] = doc(None, "hf_dataset: the caption column; null = the first of prompt, text, caption")
     control_size: Optional[int] = doc(None, "edit / Kontext: size control images to about control_size x control_size pixels; null = as the family's pipeline does at inference (Qwen-Image-Edit: 1024x1024 area; Kontext: its preferred resolutions); smaller is faster but differs from inference")
 
 
@@ -103,10 +108,10 @@ class TrainConfig:
     adam8bit: bool = doc(False, "FlyMyAI alias: true selects optimizer=adamw8bit")
     quantize: str = doc("none", "quantize the frozen transformer: none, qfloat8, qint8, qint4 (optimum-quanto), nf4, int8 (bitsandbytes), int8_w8a8 / fp8_w8a8 (8-bit matmuls); true = qfloat8")
     quantize_text_encoder: str = doc("none", "quantize the text encoder the same way (useful when embeddings are not precomputed)")
-    precompute_text_embeddings: bool = doc(False, "encode every caption once before training, then free the text encoder")
-    precompute_image_embeddings: bool = doc(False, "encode every image once to VAE latents before training, then free the VAE")
-    save_cache_on_disk: bool = doc(False, "keep the precomputed embeddings in cache_dir so later runs reuse them (keyed by file content, caption, model, size)")
-    cache_dir: Optional[str] = doc(None, "where save_cache_on_disk writes (and the dataset scan index); default <output_dir>/cache")
+    precompute_text_embeddings: Optional[bool] = doc(None, "encode every caption once before training, then free the text encoder; null (default) = yes (exact: a dropped caption uses the cached empty prompt); false = encode every step")
+    precompute_image_embeddings: Optional[bool] = doc(None, "encode every image once to VAE latents before training, then free the VAE; null (default) = yes unless data_config.random_ratio (random crops differ each epoch); false = encode every step")
+    save_cache_on_disk: Optional[bool] = doc(None, "keep the precomputed embeddings as files in cache_dir, read per batch (RAM does not grow with the dataset) and reused by later runs and resumes (keyed by file content, caption, model, size); null (default) = yes whenever embeddings are precomputed; false = in RAM")
+    cache_dir: Optional[str] = doc(None, "where the embedding cache and the dataset scan index live; default <output_dir>/cache")
     cache_batch_size: int = doc(4, "images per VAE call while building the embedding cache (samples of equal sizes are batched)")
 
     training_method: str = doc("lora", f"what is trained: {', '.join(TRAINING_METHODS)}; lora = adapters on the frozen transformer (a LoRA file), full = the transformer's own weights (a diffusers transformer folder)")
@@ -223,6 +228,12 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         raise ConfigError("config key 'trainable_modules' is an empty list; remove it to train every transformer weight")
     if cfg.num_train_epochs is not None and cfg.num_train_epochs < 1:
         raise ConfigError(f"config key 'num_train_epochs' must be >= 1 or null, got {cfg.num_train_epochs}")
+    if cfg.precompute_text_embeddings is None:
+        cfg.precompute_text_embeddings = True
+    if cfg.precompute_image_embeddings is None:
+        cfg.precompute_image_embeddings = not d.random_ratio
+    if cfg.save_cache_on_disk is None:
+        cfg.save_cache_on_disk = cfg.precompute_text_embeddings or cfg.precompute_image_embeddings
     if cfg.precompute_image_embeddings and d.random_ratio:
         raise ConfigError("config key 'precompute_image_embeddings' cannot be used with data_config.random_ratio (random crops change every epoch)")
     if cfg.blocks_to_swap and cfg.torch_compile:
@@ -283,6 +294,24 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         raise ConfigError("config key 'lora_target_modules' is an empty list; remove it to use the family's default")
     if d.control_dir is not None and d.metadata_file is not None:
         raise ConfigError("config keys 'data_config.control_dir' and 'data_config.metadata_file' are exclusive; use one")
+    sources = [k for k in ("img_dir", "metadata_file", "webdataset", "hf_dataset") if getattr(d, k)]
+    if len(sources) > 1:
+        raise ConfigError(f"config keys {' and '.join(f'data_config.{k}' for k in sources)} are exclusive; the data comes from one of them")
+    if d.control_dir is not None and (d.webdataset or d.hf_dataset):
+        raise ConfigError("config key 'data_config.control_dir' pairs folders of files; WebDataset shards and hf_dataset rows carry their "
+                          "references themselves (key.control_image.png / a control_image column)")
+    if d.webdataset is not None:
+        from image_datasets.sources import shard_paths
+
+        if not (isinstance(d.webdataset, str) or isinstance(d.webdataset, list) and all(isinstance(x, str) for x in d.webdataset)):
+            raise ConfigError("config key 'data_config.webdataset' must be a path, a glob or a list of them")
+        shards = shard_paths(d.webdataset) if check_paths else []
+        missing = [p for p in shards if not Path(p).is_file()]
+        if check_paths and (not shards or missing):
+            raise ConfigError(f"config key 'data_config.webdataset': no tar shard at '{missing[0] if missing else d.webdataset}'")
+    if check_paths and d.hf_dataset is not None and not Path(d.hf_dataset).expanduser().exists():
+        if d.hf_dataset.startswith((".", "/", "~")) or d.hf_dataset.count("/") != 1:
+            raise ConfigError(f"config key 'data_config.hf_dataset': '{d.hf_dataset}' does not exist (and is not a hub id like owner/name)")
     if check_paths and d.metadata_file is not None:
         if not Path(d.metadata_file).is_file():
             raise ConfigError(f"config key 'data_config.metadata_file': file '{d.metadata_file}' does not exist")
@@ -296,7 +325,7 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         for f in folders if check_paths else []:
             if not Path(f).is_dir():
                 raise ConfigError(f"config key 'data_config.control_dir': folder '{f}' does not exist")
-    if check_paths and d.metadata_file is None:
+    if check_paths and not (d.metadata_file or d.webdataset or d.hf_dataset):
         if not d.img_dir:
             raise ConfigError("config key 'data_config.img_dir' is not set: point it to your folder of images + captions")
         if not Path(d.img_dir).is_dir():
@@ -355,6 +384,21 @@ def check_model_path(name: str, key: str = "pretrained_model_name_or_path") -> N
             ) from None
 
 
+def caching_note(cfg: TrainConfig) -> str:
+    """One log line: which conditioning is precomputed (and where), which is encoded every step, and why."""
+    where = "files in cache_dir, read per batch" if cfg.save_cache_on_disk else "RAM"
+    text = ("prompt embeddings precomputed" if cfg.precompute_text_embeddings
+            else "prompts encoded every step (precompute_text_embeddings: false; the text encoder stays loaded)")
+    if cfg.precompute_image_embeddings:
+        latents = "VAE latents precomputed"
+    elif cfg.data_config.random_ratio:
+        latents = "images encoded every step (data_config.random_ratio: random crops differ each epoch, so latents cannot be cached exactly)"
+    else:
+        latents = "images encoded every step (precompute_image_embeddings: false; the VAE stays loaded)"
+    cached = cfg.precompute_text_embeddings or cfg.precompute_image_embeddings
+    return f"conditioning: {text}; {latents}" + (f" (cache in {where})" if cached else "")
+
+
 def load_config(
     path: str | os.PathLike | None,
     overrides: list[str] | None = None,
@@ -408,8 +452,8 @@ def _require_model_and_data(path, overrides, loaded) -> None:
 
     if not named("pretrained_model_name_or_path"):
         raise ConfigError(f"config file '{path}' does not set pretrained_model_name_or_path; a config must name the base model")
-    if not (named("data_config.img_dir") or named("data_config.metadata_file")):
-        raise ConfigError(f"config file '{path}' sets neither data_config.img_dir nor data_config.metadata_file; a config must name the data")
+    if not any(named(f"data_config.{k}") for k in ("img_dir", "metadata_file", "webdataset", "hf_dataset")):
+        raise ConfigError(f"config file '{path}' sets none of data_config.img_dir, metadata_file, webdataset, hf_dataset; a config must name the data")
 
 
 def to_dict(cfg: TrainConfig) -> dict:

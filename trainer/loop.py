@@ -36,7 +36,7 @@ from trainer.checkpoint import (
     restore,
     save_checkpoint,
 )
-from trainer.config import ConfigError, TrainConfig
+from trainer.config import ConfigError, TrainConfig, caching_note
 from trainer.constants import CONFIG_FILE, LOG_FILE, torch_dtype
 from trainer.data import scan_for_training
 from trainer.distributed import (
@@ -158,7 +158,7 @@ def setup(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Run:
     sampler = make_sampler(cfg, samples, accelerator)
 
     logger.info("loading %s from %s in %s", adapter.variant.name, cfg.pretrained_model_name_or_path, adapter.weight_dtype)
-    validator, encode = prepare_conditioning(cfg, adapter, samples, accelerator, out)
+    validator, encode, cached = prepare_conditioning(cfg, adapter, samples, accelerator, out)
     transformer, params = load_trainable(cfg, adapter, method)
     if engine_name(accelerator) == "FSDP":
         logger.info("FSDP2: one shard group per %s", ", ".join(wrap_family_blocks(accelerator, transformer)))
@@ -169,7 +169,7 @@ def setup(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Run:
     if accelerator.distributed_type == DistributedType.FSDP:  # fully_shard replaced the parameters with sharded ones
         params = [p for p in accelerator.unwrap_model(transformer).parameters() if p.requires_grad]
     method.prepared(params)
-    loader = make_loader(cfg, adapter, samples, sampler, accelerator.device)
+    loader = make_loader(cfg, adapter, samples, sampler, accelerator.device, cached)
 
     state = TrainState()
     if payload is not None:
@@ -385,8 +385,9 @@ def make_sampler(cfg: TrainConfig, samples: list, accelerator: Accelerator) -> S
 
 def prepare_conditioning(cfg: TrainConfig, adapter: ModelAdapter, samples: list, accelerator: Accelerator, out: Path):
     """Load the encoders, encode validation prompts and (when asked) every sample into the embedding cache, then
-    free what is no longer needed before the transformer loads. Returns (validator, encode function)."""
-    from trainer.cache import EmbeddingCache
+    free what is no longer needed before the transformer loads. Returns (validator, encode function, the disk cache's
+    per-sample reader for the data loader or None)."""
+    from trainer.cache import EmbeddingCache, build_split
 
     adapter.load_encoders()
     problems = adapter.check_sequences(samples)  # raises when a sample's conditioning cannot run at all
@@ -396,13 +397,15 @@ def prepare_conditioning(cfg: TrainConfig, adapter: ModelAdapter, samples: list,
         logger.warning("... and %d more sample(s) with the same problem", len(problems) - 20)
     validator = Validator(adapter, cfg)
     validator.prepare()  # prompt embeddings now, while the text encoders are loaded
+    if accelerator.is_main_process:
+        logger.info(caching_note(cfg))
     if not (cfg.precompute_text_embeddings or cfg.precompute_image_embeddings):
-        return validator, adapter.encode_batch
-    cache = EmbeddingCache(adapter, samples, cfg, Path(cfg.cache_dir or out / "cache") if cfg.save_cache_on_disk else None,
-                           batch_size=cfg.cache_batch_size)
+        return validator, adapter.encode_batch, None
+    directory = Path(cfg.cache_dir or out / "cache") if cfg.save_cache_on_disk else None
+    cache = EmbeddingCache(adapter, samples, cfg, directory, batch_size=cfg.cache_batch_size)
     # A disk cache is built by all processes together (each its share), then read by all; a RAM cache by each.
-    cache.build(cfg.precompute_text_embeddings, cfg.precompute_image_embeddings, cfg.data_config.caption_dropout_rate > 0,
-                accelerator.process_index, accelerator.num_processes)
+    rank, world = build_split(accelerator, directory) if directory is not None else (0, 1)
+    cache.build(cfg.precompute_text_embeddings, cfg.precompute_image_embeddings, cfg.data_config.caption_dropout_rate > 0, rank, world)
     accelerator.wait_for_everyone()
     # Freed before the transformer loads: on a 24 GB card the encoders and the transformer never coexist.
     if cfg.precompute_text_embeddings:
@@ -415,7 +418,7 @@ def prepare_conditioning(cfg: TrainConfig, adapter: ModelAdapter, samples: list,
         text = cache.batch_text(batch) if cfg.precompute_text_embeddings else adapter.encode_text(batch)
         return latents, {**text, **extra}
 
-    return validator, encode
+    return validator, encode, cache.reader(cfg.precompute_text_embeddings, cfg.precompute_image_embeddings)
 
 
 def load_trainable(cfg: TrainConfig, adapter: ModelAdapter, method: TrainingMethod) -> tuple[torch.nn.Module, list]:
@@ -433,12 +436,12 @@ def load_trainable(cfg: TrainConfig, adapter: ModelAdapter, method: TrainingMeth
     return transformer, params
 
 
-def make_loader(cfg: TrainConfig, adapter: ModelAdapter, samples: list, sampler, device: torch.device) -> torch.utils.data.DataLoader:
+def make_loader(cfg: TrainConfig, adapter: ModelAdapter, samples: list, sampler, device: torch.device, cached=None) -> torch.utils.data.DataLoader:
     d = cfg.data_config
     need_pixels = not cfg.precompute_image_embeddings or (not cfg.precompute_text_embeddings and adapter.text_needs_pixels)
     dataset = CaptionDataset(samples, d.caption_dropout_rate, d.random_ratio, cfg.seed, load_pixels=need_pixels,
                              empty_caption=adapter.empty_prompt, reference_transform=adapter.reference_transform(),
-                             keep_alpha=adapter.pixel_channels == 4)
+                             keep_alpha=adapter.pixel_channels == 4, cached=cached)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=d.num_workers,
                                        pin_memory=device.type == "cuda")
 

@@ -4,6 +4,8 @@
     python utils/validate_dataset.py --path ./my_dataset [--img_size 1024] [--caption_type txt] [--recursive]
     python utils/validate_dataset.py --path ./targets --control_dir ./sources      # edit / Kontext pairs
     python utils/validate_dataset.py --metadata ./edits/metadata.csv                 # edit samples
+    python utils/validate_dataset.py --webdataset 'shards/*.tar'                     # WebDataset tar shards
+    python utils/validate_dataset.py --hf_dataset ./my_saved_dataset [--hf_split train]  # a Hugging Face dataset
 
 Every image is fully decoded and paired with its caption; every metadata row is checked (file:line). With --config,
 references are sized and counted as the config's model takes them, by the same code that runs before training loads
@@ -24,13 +26,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--path", help="folder of images with same-stem caption files")
     p.add_argument("--control_dir", help="folder of control images with the same stems (edit / Kontext datasets)")
     p.add_argument("--metadata", help="metadata.csv / .jsonl with image, prompt, control_image[, control_image_2, ...] columns")
+    p.add_argument("--webdataset", help="WebDataset tar shards: a path or a glob (quote it)")
+    p.add_argument("--hf_dataset", help="a Hugging Face dataset: save_to_disk folder, parquet / arrow file(s), imagefolder or hub id")
+    p.add_argument("--hf_split", default="train", help="with --hf_dataset: the split")
     p.add_argument("--img_size", type=int, default=1024, help="training resolution, to report the crop sizes")
     p.add_argument("--caption_type", default="txt", help="caption file extension")
     p.add_argument("--recursive", action="store_true", help="also use images in subfolders")
     p.add_argument("overrides", nargs="*", help="with --config: key=value overrides, as for training")
     args = p.parse_args(argv)
-    if sum(bool(x) for x in (args.config, args.path, args.metadata)) != 1:
-        p.error("give exactly one of --config, --path and --metadata")
+    if sum(bool(x) for x in (args.config, args.path, args.metadata, args.webdataset, args.hf_dataset)) != 1:
+        p.error("give exactly one of --config, --path, --metadata, --webdataset and --hf_dataset")
 
     from image_datasets import scan_dataset
     from trainer.config import ConfigError, DataConfig, load_config
@@ -54,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {flag}: '{value}' does not exist", file=sys.stderr)
                 return 1
         d = DataConfig(img_dir=args.path or "", img_size=args.img_size, caption_type=args.caption_type,
-                       control_dir=args.control_dir, metadata_file=args.metadata, recursive=args.recursive)
+                       control_dir=args.control_dir, metadata_file=args.metadata, recursive=args.recursive,
+                       webdataset=args.webdataset, hf_dataset=args.hf_dataset, hf_split=args.hf_split)
         scan = scan_dataset(d)
         img_size = args.img_size
     for w in scan.warnings:

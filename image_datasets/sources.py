@@ -1,0 +1,208 @@
+"""Large-dataset sources read in place: WebDataset tar shards and Hugging Face `datasets` datasets.
+
+Both become the same `Sample`s as a caption folder (image_datasets/members.py: each image is a `Member` read by
+offset or by row), checked by the same rules (`_add_sample`: decodable, size, references per model) with one
+problem line per unusable entry, and ordered deterministically (shards in name order, members in tar order; rows in
+table order), so the size-grouped sampler's batches, and with them an exact resume, are the same as for files.
+
+WebDataset layout (https://github.com/webdataset/webdataset): a sample is the group of members sharing a key (the
+member's path up to the first dot of its file name): `key.jpg` (or png, webp, jpeg, bmp), `key.txt` (the
+caption; or data_config.caption_type, or `key.json` with a "prompt" / "caption" / "text" field) and, for edit
+models, `key.control_image.png`, `key.control_image_2.png`, ... Shards must be plain (uncompressed) tar files:
+members are read by offset without extracting anything.
+
+Hugging Face datasets: a `save_to_disk` folder, parquet / arrow file(s) or a folder of them, an `imagefolder`
+folder (images + metadata.jsonl), or a hub id (needs the network or the local Hugging Face cache). Columns: the
+image column (data_config.image_column), a caption column (data_config.caption_column, or the first of prompt /
+text / caption) and control_image[, control_image_2, ...] for edit models. Image cells are read undecoded from the
+memory-mapped Arrow table.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tarfile
+from pathlib import Path, PurePosixPath
+
+from trainer.config import IMAGE_EXTENSIONS
+
+from .members import ArrowSource, Member, TarSource
+
+CAPTION_FIELDS = ("prompt", "caption", "text")
+
+
+def shard_paths(spec) -> list[str]:
+    """Every shard a data_config.webdataset value names: a path, a glob, or a list of either; sorted, no repeats."""
+    out: list[str] = []
+    for item in [spec] if isinstance(spec, str) else list(spec):
+        found = sorted(glob.glob(os.path.expanduser(str(item)), recursive=True)) if glob.has_magic(str(item)) else [str(item)]
+        out += [f for f in found if f not in out]
+    return out
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """WebDataset's (key, extension): 'dir/abc.control_image.png' -> ('dir/abc', 'control_image.png')."""
+    p = PurePosixPath(name)
+    base, _, ext = p.name.partition(".")
+    return str(p.parent / base) if str(p.parent) != "." else base, ext.lower()
+
+
+def _caption_from_json(raw: bytes) -> str | None:
+    try:
+        obj = json.loads(raw.decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if isinstance(obj, dict):
+        for k in CAPTION_FIELDS:
+            if isinstance(obj.get(k), str):
+                return obj[k]
+    return None
+
+
+def scan_webdataset(spec, img_size: int, caption_ext: str = "txt", decode: bool = True, rule=None):
+    """Samples from WebDataset tar shards (see the module doc), checked like a caption folder's."""
+    from .caption_dataset import ScanResult, _add_sample, control_columns
+
+    result = ScanResult()
+    shards = shard_paths(spec)
+    if not shards:
+        result.problems.append(f"{spec}: no tar shards found")
+        return result
+    image_exts = {e.lstrip(".") for e in IMAGE_EXTENSIONS}
+    cap_ext = caption_ext.lstrip(".").lower()
+    for shard in shards:
+        try:
+            source = TarSource(shard)
+            with tarfile.open(shard, mode="r:") as tf:
+                groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+                texts: dict[tuple[str, str], bytes] = {}
+                for m in tf:
+                    if not m.isfile() or PurePosixPath(m.name).name.startswith("."):
+                        continue
+                    key, ext = _split_key(m.name)
+                    groups.setdefault(key, {})[ext] = m
+                    if ext in (cap_ext, "json") and m.size < 1 << 20:
+                        texts[(key, ext)] = tf.extractfile(m).read()
+        except (OSError, tarfile.TarError) as e:
+            kind = "compressed" if isinstance(e, tarfile.ReadError) and shard.endswith((".gz", ".tgz", ".bz2", ".xz", ".zst")) else "unreadable"
+            result.problems.append(f"{shard}: {kind} tar shard ({e}); shards are read by offset, so store them as plain .tar files")
+            continue
+        for key, members in groups.items():
+            where = f"{shard}:{key}"
+            images = sorted(e for e in members if e in image_exts)
+            if not images:
+                if any(e.split(".")[-1] in image_exts for e in members):  # only references
+                    result.problems.append(f"{where}: no target image ({key}.jpg / .png / ...), only {', '.join(sorted(members))}")
+                continue  # keys with no image at all (e.g. stray metadata) are not samples
+            if (key, cap_ext) in texts:
+                raw = texts[(key, cap_ext)]
+                try:
+                    caption = raw.decode("utf-8-sig")
+                except UnicodeDecodeError as e:
+                    result.problems.append(f"{where}.{cap_ext}: caption is not UTF-8 text (byte {e.start})")
+                    continue
+            elif (key, "json") in texts and _caption_from_json(texts[(key, "json")]) is not None:
+                caption = _caption_from_json(texts[(key, "json")])
+            else:
+                result.problems.append(f"{where}: no caption ({key}.{cap_ext}, or {key}.json with a "
+                                       f"{' / '.join(CAPTION_FIELDS)} field)")
+                continue
+            by_column = {}
+            for ext in members:
+                stem, _, suffix = ext.rpartition(".")
+                if stem and suffix in image_exts:
+                    by_column.setdefault(stem, ext)
+            columns = control_columns(by_column)
+            gap = next((k for k in range(1, len(columns)) if columns[k] != f"control_image_{k + 1}"), None)
+            if columns and (columns[0] != "control_image" or gap is not None):
+                result.problems.append(f"{where}: references must be control_image, control_image_2, ... in order; found {', '.join(columns)}")
+                continue
+            problem = rule.problem(where, len(columns)) if rule else None
+            if problem:
+                result.problems.append(problem)
+                continue
+
+            def member(ext: str) -> Member:
+                m = members[ext]
+                return Member(source, (m.offset_data, m.size), m.name)
+
+            _add_sample(result, member(images[0]), " ".join(caption.split()), where,
+                        [member(by_column[c]) for c in columns], img_size, decode, rule)
+    return result
+
+
+def load_hf_dataset(spec: str, split: str = "train"):
+    """A `datasets.Dataset` from a save_to_disk folder, parquet / arrow file(s), an imagefolder, or a hub id."""
+    import datasets
+
+    p = Path(spec).expanduser()
+    if p.is_dir() and ((p / "state.json").is_file() or (p / "dataset_dict.json").is_file()):
+        ds = datasets.load_from_disk(str(p))
+    elif p.exists():
+        files = [p] if p.is_file() else sorted(p.rglob("*.parquet")) or sorted(p.rglob("*.arrow"))
+        if files and files[0].suffix in (".parquet", ".arrow"):
+            ds = datasets.load_dataset(files[0].suffix[1:], data_files=[str(f) for f in files], split="train")
+        elif p.is_dir():
+            ds = datasets.load_dataset("imagefolder", data_dir=str(p), split=split)
+        else:
+            raise ValueError(f"{spec}: not a parquet / arrow file")
+    else:
+        ds = datasets.load_dataset(spec, split=split)
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ValueError(f"{spec}: no split '{split}' (it has {', '.join(ds)}); set data_config.hf_split")
+        ds = ds[split]
+    if ds._indices is not None:  # a selected / shuffled view: rows in their own order, read without an indirection
+        ds = ds.flatten_indices()
+    return ds
+
+
+def scan_hf_dataset(spec: str, split: str, img_size: int, image_column: str = "image", caption_column: str | None = None,
+                    decode: bool = True, rule=None):
+    """Samples from a Hugging Face dataset's rows (see the module doc), checked like a metadata file's."""
+    from .caption_dataset import ScanResult, _add_sample, control_columns
+
+    result = ScanResult()
+    try:
+        ds = load_hf_dataset(spec, split)
+    except Exception as e:  # datasets raises many types (missing files, offline hub, bad format)
+        result.problems.append(f"{spec}: cannot load the dataset ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        return result
+    names = list(ds.column_names)
+    caption_column = caption_column or next((c for c in CAPTION_FIELDS if c in names), None)
+    missing = [c for c in (image_column, caption_column) if c is None or c not in names]
+    if missing:
+        result.problems.append(f"{spec}: no column '{missing[0] or ' / '.join(CAPTION_FIELDS)}' (it has {', '.join(names)}); "
+                               "set data_config.image_column / caption_column")
+        return result
+    if len(ds) == 0:
+        result.problems.append(f"{spec}: no rows")
+        return result
+    source = ArrowSource(ds, spec)
+    columns = control_columns(names)
+    table = ds.data
+    captions = table.column(caption_column).to_pylist()
+    present = {c: table.column(c).is_valid().to_pylist() for c in [image_column, *columns]}
+    for row, caption in enumerate(captions):
+        where = f"{spec} row {row}"
+        if not present[image_column][row]:
+            result.problems.append(f"{where}: no image in column '{image_column}'")
+            continue
+        if caption is not None and not isinstance(caption, str):
+            result.problems.append(f"{where}: '{caption_column}' must be text, got {type(caption).__name__}")
+            continue
+        filled = [present[c][row] for c in columns]
+        gap = next((k for k in range(1, len(filled)) if filled[k] and not filled[k - 1]), None)
+        if gap is not None:
+            result.problems.append(f"{where}: {columns[gap]} is set but {columns[gap - 1]} is empty; fill the control images in order")
+            continue
+        given = [c for c, f in zip(columns, filled) if f]
+        problem = rule.problem(where, len(given)) if rule else None
+        if problem:
+            result.problems.append(problem)
+            continue
+        _add_sample(result, Member(source, (row, image_column), f"row {row} {image_column}"), " ".join((caption or "").split()),
+                    where, [Member(source, (row, c), f"row {row} {c}") for c in given], img_size, decode, rule)
+    return result
