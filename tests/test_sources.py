@@ -3,14 +3,13 @@ and training as the same images in a caption folder, with the same checks and an
 
 import io
 import json
+import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
-
-from helpers import base_overrides, read_losses, write_dataset
+from helpers import PY, ROOT, base_overrides, read_losses, write_dataset
 from image_datasets import CaptionDataset
 from trainer.config import ConfigError, load_config
 from trainer.data import scan_for_training
@@ -93,6 +92,9 @@ def test_webdataset_shards_give_the_folder_samples_and_report_bad_members(tmp_pa
     assert any("shard-00001.tar:broken" in p and "not a readable image" in p for p in scan.problems), scan.problems
     assert any("shard-00001.tar:nocap: no caption" in p for p in scan.problems), scan.problems
     assert len(scan.problems) == 2  # a key with no image (extra/meta) is not a sample
+    r = subprocess.run([PY, "utils/validate_dataset.py", "--webdataset", f"{shards}/*.tar", "--img_size", "64"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "shard-00001.tar:nocap: no caption" in r.stdout + r.stderr, r.stdout + r.stderr
     clean = _shards(folder, tmp_path / "clean")
     s = _same_as_folder(_cfg(tmp_path, img_dir=folder), _cfg(tmp_path, webdataset=[str(p) for p in sorted(clean.glob("*.tar"))]))
     assert str(s.samples[1].image).endswith("shard-00000.tar:s1.png")
