@@ -7,12 +7,15 @@ For each N (96-160 px PNGs with captions, made once and hard-linked into one fol
 - validate s: `utils/validate_dataset.py`'s full check (decodes every image), in-process;
 - cold s / cold ms/img: a one-step training run with the disk caches on and an empty cache folder (scan, decode,
   hash, cache build, first step), and per image;
-- 2-proc cold s: the same under `accelerate launch` with 2 CPU processes (each builds half of the cache);
+- 2-proc cold s: the same under `accelerate launch` with 2 CPU processes (each builds half of the cache), timed like
+  the 1-process run from each process's start (the slower one), so the launcher's own start-up is not counted;
 - warm s: the same one-step run again (scan index and cache warm): launch-to-first-step of a restart;
 - warm RSS MiB: that run's peak resident memory;
 - cache files / MiB: what the cache folder holds.
 The last rows give the growth per image between the smallest and largest N (the model's fixed costs cancel).
-Every run is a separate process (`--child`), so timings and RSS are its own.
+Every run is a separate process (`--child`), so timings and RSS are its own. `--threads 1` gives every process one
+torch thread: on a 2-core machine that is the fair way to see how the split build scales with processes (with the
+default threads one process already uses both cores for the VAE).
 """
 
 from __future__ import annotations
@@ -77,15 +80,20 @@ def child(args) -> int:
 
     setup_logging()
     logging.getLogger("trainer").setLevel(logging.WARNING)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     train(load_config(None, overrides(Path(args.model), Path(args.data), Path(args.out), Path(args.cache))), QwenImageAdapter)
     print(json.dumps({"seconds": time.perf_counter() - START, "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
     return 0
 
 
-def run_child(model: Path, data: Path, out: Path, cache: Path, processes: int = 1) -> dict:
+def run_child(model: Path, data: Path, out: Path, cache: Path, processes: int = 1, threads: int = 0) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    script = [str(Path(__file__).resolve()), "--child", "--model", str(model), "--data", str(data), "--out", str(out), "--cache", str(cache)]
+    script = [str(Path(__file__).resolve()), "--child", "--model", str(model), "--data", str(data), "--out", str(out), "--cache", str(cache),
+              "--threads", str(threads)]
     if processes == 1:
         cmd = [sys.executable, *script]
     else:
@@ -96,9 +104,8 @@ def run_child(model: Path, data: Path, out: Path, cache: Path, processes: int = 
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-3000:])
-    result = json.loads([line for line in r.stdout.splitlines() if line.startswith("{")][-1])
-    result["wall"] = time.perf_counter() - t
-    return result
+    results = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    return {"seconds": max(x["seconds"] for x in results), "rss_mib": max(x["rss_mib"] for x in results), "wall": time.perf_counter() - t}
 
 
 def validate_seconds(data: Path) -> float:
@@ -115,6 +122,7 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default="1000,4000,16000")
     p.add_argument("--processes", default="1,2", help="process counts for the cold cache build (1 is always measured)")
     p.add_argument("--work", default=None, help="folder for images, caches and runs (default: a temporary folder)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = torch's default)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     for name in ("model", "data", "out", "cache"):
         p.add_argument(f"--{name}", help=argparse.SUPPRESS)
@@ -141,11 +149,11 @@ def main(argv=None) -> int:
         row = {"n": n, "validate": validate_seconds(data)}
         cache = work / f"cache-{n}"
         shutil.rmtree(cache, ignore_errors=True)
-        row["cold"] = run_child(model, data, work / "out", cache)["seconds"]
+        row["cold"] = run_child(model, data, work / "out", cache, threads=args.threads)["seconds"]
         for k in procs:
             shutil.rmtree(work / f"cache-{n}-{k}", ignore_errors=True)
-            row[f"cold{k}"] = run_child(model, data, work / "out", work / f"cache-{n}-{k}", k)["wall"]
-        warm = run_child(model, data, work / "out", cache)
+            row[f"cold{k}"] = run_child(model, data, work / "out", work / f"cache-{n}-{k}", k, args.threads)["seconds"]
+        warm = run_child(model, data, work / "out", cache, threads=args.threads)
         row["warm"], row["rss"] = warm["seconds"], warm["rss_mib"]
         files = [f for f in cache.rglob("*") if f.is_file()]
         row["files"], row["bytes"] = len(files), sum(f.stat().st_size for f in files)

@@ -1,10 +1,15 @@
 """Training-loop overhead: time per optimizer step vs the transformer's own forward + backward on the same batch.
 
     python bench/throughput.py [--layers 6] [--steps 12]
+    python bench/throughput.py --defaults [--steps 30]     # train_lora.yaml as shipped vs encoding every step
 
 A bench-size Qwen-Image transformer (the real block structure, 6 blocks, width 512) is trained by the real loop
 (`trainer.loop.train`, embeddings and latents precomputed) at 256 and 512 px with batch 1 and 4. In the same process
 the bare transformer forward + backward is then timed on a batch of the same shape. overhead = step / (fwd + bwd).
+
+--defaults trains train_configs/train_lora.yaml as shipped (embeddings cached by default) and with
+precompute_text_embeddings / precompute_image_embeddings false (encoding every step, the old default), 256 px, batch
+1, and prints the median step time and the launch-to-last-step wall time of each.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ def bench_model(root: Path, layers: int) -> Path:
     return path
 
 
-def run(model: Path, data: Path, out: Path, res: int, batch: int, steps: int) -> tuple[float, float]:
+def run(model: Path, data: Path, out: Path, res: int, batch: int, steps: int, config: str | None = None,
+        extra: tuple[str, ...] = ("precompute_text_embeddings=true", "precompute_image_embeddings=true")) -> tuple[float, float]:
     from trainer.config import load_config
     from trainer.loop import train
     from trainer.models.qwen_image import QwenImageAdapter
@@ -50,14 +56,17 @@ def run(model: Path, data: Path, out: Path, res: int, batch: int, steps: int) ->
             keep.update(adapter=self, transformer=transformer, noisy=noisy, sigmas=sigmas, cond=cond)
             return super().predict(transformer, noisy, sigmas, cond)
 
-    cfg = load_config(None, [
+    cfg = load_config(config, [
         f"pretrained_model_name_or_path={model}", f"data_config.img_dir={data}", f"data_config.img_size={res}",
         f"data_config.train_batch_size={batch}", f"output_dir={out}", "mixed_precision=no", "report_to=none",
-        f"max_train_steps={steps}", "checkpointing_steps=0", f"logging_steps={steps}", "rank=16",
-        "precompute_text_embeddings=true", "precompute_image_embeddings=true",
+        f"max_train_steps={steps}", "checkpointing_steps=0", f"logging_steps={steps}", "rank=16", "resume_from_checkpoint=null",
+        *extra,
     ])
+    start = time.perf_counter()
     train(cfg, Timed)
     step = statistics.median(b - a for a, b in zip(stamps[1:], stamps[2:]))
+    if config is not None:
+        return step, time.perf_counter() - start
 
     adapter = keep["adapter"]
     t, params = keep["transformer"], [p for p in keep["transformer"].parameters() if p.requires_grad]
@@ -78,12 +87,26 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--resolutions", default="256,512")
     p.add_argument("--batches", default="1,4")
+    p.add_argument("--defaults", action="store_true", help="train_lora.yaml as shipped vs precompute_*: false")
     args = p.parse_args(argv)
     logging.disable(logging.WARNING)
     from utils.make_demo_dataset import make_dataset
 
     root = Path(tempfile.mkdtemp())
     model = bench_model(root, args.layers)
+    if args.defaults:
+        data = make_dataset(root / "data", count=8, size=256)
+        yaml = str(Path(__file__).resolve().parent.parent / "train_configs" / "train_lora.yaml")
+        print(f"train_lora.yaml, bench-size Qwen-Image transformer ({args.layers} blocks), 256 px, batch 1, {args.steps} steps, "
+              f"{'cuda' if torch.cuda.is_available() else f'cpu ({torch.get_num_threads()} threads)'}")
+        print(f"{'run':<48} {'step ms':>8} {'wall s':>7}")
+        for name, extra in (("as shipped (cached by default)", ()),
+                            ("precompute_*: false (encode every step)", ("precompute_text_embeddings=false", "precompute_image_embeddings=false"))):
+            step, wall = run(model, data, root / "out", 256, 1, args.steps, config=yaml, extra=extra)
+            print(f"{name:<48} {step * 1000:>8.1f} {wall:>7.1f}", flush=True)
+            shutil.rmtree(root / "out", ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
+        return 0
     print(f"bench-size Qwen-Image transformer: {args.layers} blocks, width 512, LoRA rank 16, fp32 on "
           f"{'cuda' if torch.cuda.is_available() else f'cpu ({torch.get_num_threads()} threads)'}")
     print(f"{'px':>5} {'batch':>5} {'steps/s':>8} {'step ms':>8} {'fwd+bwd ms':>11} {'overhead':>9}")

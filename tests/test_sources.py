@@ -199,6 +199,6 @@ def test_source_keys_are_checked_before_any_model_loads(tmp_path):
     with pytest.raises(ConfigError, match="data_config.webdataset.*no tar shard"):
         load_config(None, ["pretrained_model_name_or_path=x", f"data_config.webdataset={tmp_path}/*.tar"])
     with pytest.raises(ConfigError, match="exclusive"):
-        load_config(None, ["pretrained_model_name_or_path=x", f"data_config.img_dir={tmp_path}", f"data_config.hf_dataset={tmp_path}"])
+        load_config(None, ["pretrained_model_name_or_path=x", f"data_config.webdataset={tmp_path}/a.tar", f"data_config.hf_dataset={tmp_path}"])
     with pytest.raises(ConfigError, match="data_config.hf_dataset.*does not exist"):
         load_config(None, ["pretrained_model_name_or_path=x", f"data_config.hf_dataset={tmp_path}/missing"])

@@ -277,7 +277,7 @@ def test_log_holds_each_step_once_after_kills_and_resumes(tiny_qwen, tmp_path):
 @pytest.mark.parametrize("text, needle", [
     ("", "is empty or not a mapping"),
     ("seed: 3\n", "does not set pretrained_model_name_or_path"),
-    ("pretrained_model_name_or_path: x\n", "sets neither data_config.img_dir nor data_config.metadata_file"),
+    ("pretrained_model_name_or_path: x\n", "sets none of data_config.img_dir, metadata_file, webdataset, hf_dataset"),
     ("rank: 4\ndata_config:\n  img_dir: [a, b\n", "not valid YAML: did not find expected ',' or ']' at line 4, column 1"),
 ])
 def test_config_file_must_name_model_and_data_and_parse(text, needle, tmp_path):

@@ -69,8 +69,8 @@ class DataConfig:
     recursive: bool = doc(False, "also use images in subfolders of img_dir (captions beside them; control images under the same relative path in control_dir)")
     control_dir: Optional[Any] = doc(None, "edit / Kontext: folder of control (reference) images with the same stems as img_dir's images, or a list of folders: reference 1, 2, 3, ... in order (a sample may lack the later ones where the model allows fewer)")
     metadata_file: Optional[str] = doc(None, "edit: metadata.csv or .jsonl with columns image, prompt, control_image[, control_image_2, ...] (replaces img_dir); paths relative to the file")
-    webdataset: Optional[Any] = doc(None, "WebDataset tar shards instead of img_dir: a path, a glob (shards/*.tar) or a list; per sample key.jpg/png/... + key.txt (or key.json with prompt / caption / text) [+ key.control_image.png, key.control_image_2.png, ...]; plain tar, read in place")
-    hf_dataset: Optional[str] = doc(None, "a Hugging Face datasets dataset instead of img_dir: a save_to_disk folder, parquet / arrow file(s) or a folder of them, an imagefolder, or a hub id (network or local HF cache); columns image_column, caption_column [, control_image, control_image_2, ...]")
+    webdataset: Optional[Any] = doc(None, "WebDataset tar shards (replaces img_dir): a path, a glob (shards/*.tar) or a list; per sample key.jpg/png/... + key.txt (or key.json with prompt / caption / text) [+ key.control_image.png, key.control_image_2.png, ...]; plain tar, read in place")
+    hf_dataset: Optional[str] = doc(None, "a Hugging Face datasets dataset (replaces img_dir): a save_to_disk folder, parquet / arrow file(s) or a folder of them, an imagefolder, or a hub id (network or local HF cache); columns image_column, caption_column [, control_image, control_image_2, ...]")
     hf_split: str = doc("train", "hf_dataset: the split to train on")
     image_column: str = doc("image", "hf_dataset: the column holding the target images")
     caption_column: Optional[str] = doc(None, "hf_dataset: the caption column; null = the first of prompt, text, caption")
@@ -294,7 +294,7 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         raise ConfigError("config key 'lora_target_modules' is an empty list; remove it to use the family's default")
     if d.control_dir is not None and d.metadata_file is not None:
         raise ConfigError("config keys 'data_config.control_dir' and 'data_config.metadata_file' are exclusive; use one")
-    sources = [k for k in ("img_dir", "metadata_file", "webdataset", "hf_dataset") if getattr(d, k)]
+    sources = [k for k in ("metadata_file", "webdataset", "hf_dataset") if getattr(d, k)]  # each replaces img_dir
     if len(sources) > 1:
         raise ConfigError(f"config keys {' and '.join(f'data_config.{k}' for k in sources)} are exclusive; the data comes from one of them")
     if d.control_dir is not None and (d.webdataset or d.hf_dataset):
