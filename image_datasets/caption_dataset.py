@@ -91,10 +91,20 @@ def _add_sample(result: ScanResult, image: Path, caption: str, caption_name: str
     if not caption:
         result.warnings.append(f"{caption_name}: caption is empty (the image trains unconditionally)")
     result.samples.append(Sample(
-        image, caption, target_size(*source, img_size), controls=tuple(controls),
-        control_sizes=tuple(target_size(*c, img_size) for c in control_sources), source_size=source,
+        image, caption, _shared(target_size(*source, img_size)), controls=tuple(controls),
+        control_sizes=tuple(target_size(*c, img_size) for c in control_sources), source_size=_shared(source),
         control_source_sizes=tuple(control_sources),
     ))
+
+
+_SIZES: dict = {}
+
+
+def _shared(size: tuple) -> tuple:
+    """One tuple object per distinct size (a dataset has few): ~100 bytes less per sample at a million samples."""
+    if len(_SIZES) > 100_000:
+        _SIZES.clear()
+    return _SIZES.setdefault(size, size)
 
 
 def bucket_sizes(resolution: int, multiple: int = 16, max_ratio: float = 4.0) -> list[tuple[int, int]]:
@@ -138,8 +148,8 @@ def expand_samples(samples: list[Sample], resolutions: Sequence[int], bucketing:
             vae = []
             for src, (w, h) in zip(s.control_source_sizes, (v[0] for v in views)):
                 vae.append(nearest_bucket(*src, buckets(max(multiple, round((w * h) ** 0.5 / multiple) * multiple))) if bucketing else (w, h))
-            out.append(replace(s, size=size(s.source_size), control_sizes=tuple(vae),
-                               condition_sizes=tuple(v[1] for v in views if len(v) > 1)))
+            out.append(replace(s, size=_shared(size(s.source_size)), control_sizes=_shared(tuple(vae)),
+                               condition_sizes=_shared(tuple(v[1] for v in views if len(v) > 1))))
     return out * repeats
 
 
@@ -488,7 +498,8 @@ class SizeGroupedBatchSampler(Sampler):
     """
 
     def __init__(self, groups: Sequence[Hashable], batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.groups = list(groups)  # e.g. Sample.group: items in one batch must share it
+        ids: dict = {}
+        self.groups = [ids.setdefault(g, len(ids)) for g in groups]  # e.g. Sample.group, as small ints: items in one batch share it
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank

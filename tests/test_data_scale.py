@@ -173,3 +173,14 @@ def test_batched_caption_encoding_equals_one_at_a_time(variant, tiny_models, tmp
         for k in alone:
             assert entry[k].shape == alone[k].shape, (k, entry[k].shape, alone[k].shape)
             torch.testing.assert_close(entry[k].float(), alone[k].float(), rtol=1e-4, atol=1e-5)
+
+    # check_sequences tokenizes only captions that could be over the limit (ModelAdapter.long_captions): a caption of
+    # b UTF-8 bytes must never count more than b + 8 tokens over the empty caption
+    tricky = [" ", "猫が椅子に座っている", "🐈🐈‍⬛ emoji", "a  b\t\tc\n\nd", "ÀÉÎõü " * 20, "x" * 300, "<|im_start|> </s> [INST]", "\n\n"]
+    empty = adapter.count_tokens([""])[0]
+    for caption, n in zip(tricky, adapter.count_tokens(tricky)):
+        assert n <= empty + len(caption.encode()) + 8, (caption, n, empty)
+    counts = adapter.count_tokens([s.caption for s in samples])
+    for limit in (empty + 2, max(counts) - 1, max(counts)):  # the shortcut finds exactly what counting every caption finds
+        assert [(s.caption, n) for s, n in adapter.long_captions(samples, limit)] == [
+            (s.caption, n) for s, n in zip(samples, counts) if n > limit]

@@ -39,6 +39,34 @@ def file_digest(path: Path, _memo: dict = {}) -> str:  # noqa: B006 - deliberate
     return _memo[key]
 
 
+def file_digests(paths: Sequence) -> list[str]:
+    """file_digest of many files: the scan index answers them in chunks of one query each."""
+    index = scan_index.active()
+    known = index.digests(paths) if index is not None else [None] * len(paths)
+    return [k or file_digest(p) for p, k in zip(paths, known)]
+
+
+class TextKeys:
+    """Per sample (caption key, empty-caption key) without a tuple per sample: the empty caption's key is one string
+    shared by every sample, unless the prompt encoder sees the sample's references (then one per sample)."""
+
+    def __init__(self, shared_empty: str | None = None):
+        self.captions: list[str] = []
+        self.shared = shared_empty
+        self.empties: list[str] = []
+
+    def append(self, caption_key: str, empty_key: str | None) -> None:
+        self.captions.append(caption_key)
+        if self.shared is None:
+            self.empties.append(empty_key)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, i: int) -> tuple[str, str]:
+        return self.captions[i], self.shared if self.shared is not None else self.empties[i]
+
+
 def split_for(seen: Sequence[bool], hosts: Sequence[str], me: int) -> tuple[int, int]:
     """(rank, world) of process `me` for building a disk cache: across every process when all of them see the
     same cache folder (`seen`: whether each found the main process's marker file), else among the processes of its
@@ -154,7 +182,7 @@ class EmbeddingCache:
         self.latents: dict[str, dict[str, torch.Tensor]] = {}
         self.lru = lru
         self._on_disk: dict[str, set[str]] | None = None  # keys found on disk, while building
-        self.text_keys: list[tuple[str, str]] = []  # per sample: (caption key, empty-caption key)
+        self.text_keys = TextKeys()  # per sample: (caption key, empty-caption key)
         self.latent_keys: list[str] = []
         self.encoded = {"text": 0, "latents": 0}
         self.reused = {"text": 0, "latents": 0}
@@ -168,8 +196,8 @@ class EmbeddingCache:
         return _digest("text", self.model, caption, self.cfg.max_sequence_length, self.cfg.t5_max_sequence_length,
                        controls, str(self.adapter.weight_dtype))
 
-    def _latent_key(self, s: Sample) -> str:
-        return _digest("latents", self.model, file_digest(s.image), s.size, self._controls(s))
+    def _latent_key(self, s: Sample, digest: str | None = None) -> str:
+        return _digest("latents", self.model, digest or file_digest(s.image), s.size, self._controls(s))
 
     # --- storage -------------------------------------------------------------------------------------------
     def _path(self, kind: str, key: str) -> Path:
@@ -246,9 +274,12 @@ class EmbeddingCache:
         ds = CaptionDataset(self.samples, reference_transform=self.adapter.reference_transform())
         # the empty caption's key depends on the sample only when the prompt encoder sees its references
         shared_empty = self._text_key(self.samples[0], self.adapter.empty_prompt) if self.samples and not self.adapter.text_needs_pixels else None
-        for s in self.samples:
-            self.text_keys.append((self._text_key(s, s.caption), shared_empty or self._text_key(s, self.adapter.empty_prompt)))
-            self.latent_keys.append(self._latent_key(s))
+        self.text_keys, self.latent_keys = TextKeys(shared_empty), []
+        digests = file_digests([s.image for s in self.samples]) if latents else [None] * len(self.samples)
+        for s, digest in zip(self.samples, digests):
+            self.text_keys.append(self._text_key(s, s.caption), None if shared_empty else self._text_key(s, self.adapter.empty_prompt))
+            if latents:
+                self.latent_keys.append(self._latent_key(s, digest))
         mine = range(rank, len(self.samples), world)
         self._on_disk = self._list_disk() if self.dir is not None else None
         todo_latents = [i for i in mine if latents and not self._has("latents", self.latent_keys[i])]

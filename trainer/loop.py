@@ -11,6 +11,7 @@ TrainingMethod; nothing here knows about packing, LoRA or a family.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -113,7 +114,10 @@ class Update:
 
 def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
     """Run training to cfg.max_train_steps; returns the path of the final weights file."""
-    run = setup(cfg, adapter_cls)
+    try:
+        run = setup(cfg, adapter_cls)
+    finally:
+        gc.unfreeze()
     with StopRequest() as stop:
         while run.state.global_step < cfg.max_train_steps and stop.signum is None and not epochs_done(run):
             run.sampler.set_epoch(run.state.epoch, run.state.batch_in_epoch)
@@ -156,6 +160,9 @@ def setup(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Run:
             raise ConfigError(f"resume_from_checkpoint: {resume_from} was written by a {written_by} run, this one is {running}; "
                               "resume it with the accelerate config it was trained with")
     sampler = make_sampler(cfg, samples, accelerator)
+    # The samples live for the whole run: kept out of the collector's generations, the full collections that free
+    # the encoders (release_memory) do not walk a million of them.
+    gc.freeze()
 
     logger.info("loading %s from %s in %s", adapter.variant.name, cfg.pretrained_model_name_or_path, adapter.weight_dtype)
     validator, encode, cached = prepare_conditioning(cfg, adapter, samples, accelerator, out)

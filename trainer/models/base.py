@@ -298,14 +298,22 @@ class ModelAdapter(ABC):
             counts += self.count_tokens([s.caption for s in samples[start:start + chunk]])
         return counts
 
+    def long_captions(self, samples: list, limit: int) -> list[tuple]:
+        """(sample, token count) of every caption over `limit` tokens. Only captions that could be are tokenized: each
+        token of a byte-level BPE or SentencePiece tokenizer covers at least one byte, so a caption of b UTF-8 bytes
+        counts at most b tokens more than the empty caption (the family's template and special tokens), plus a few
+        for a dummy prefix and template pieces that merge with it (8 allowed; tests/test_data_scale.py checks it)."""
+        base = self.count_tokens([""])[0] + 8
+        maybe = [s for s in samples if len(s.caption.encode()) + base > limit]
+        return [(s, n) for s, n in zip(maybe, self.caption_token_counts(maybe)) if n > limit]
+
     def check_sequences(self, samples: list) -> list[str]:
         """With the text encoders loaded, before the transformer: one warning line per sample whose conditioning
         the model will not see whole (default: captions over max_sequence_length tokens, which are cut); raises
         ConfigError naming the files when a sample's conditioning cannot run at all."""
         limit = self.cfg.max_sequence_length
-        counts = self.caption_token_counts(samples)
         return [f"caption of {s.image.name} has {n} tokens; only the first {limit} are used (max_sequence_length)"
-                for s, n in zip(samples, counts) if n > limit]
+                for s, n in self.long_captions(samples, limit)]
 
     def image_seq_len(self, latents: torch.Tensor) -> int:
         """Number of image tokens the transformer sees for these latents (drives the resolution shift); default: 2x2

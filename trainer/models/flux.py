@@ -112,9 +112,8 @@ class FluxAdapter(ModelAdapter):
 
     def check_sequences(self, samples: list) -> list[str]:
         limit = self.cfg.t5_max_sequence_length
-        counts = self.caption_token_counts(samples)
         return [f"caption of {s.image.name} has {n} T5 tokens; only the first {limit} are used (t5_max_sequence_length)"
-                for s, n in zip(samples, counts) if n > limit]
+                for s, n in self.long_captions(samples, limit)]
 
     @torch.no_grad()
     def encode_prompts(self, captions: list[str]) -> FluxCond:
