@@ -244,7 +244,10 @@ def scan_caption_folder(
     for p in files:
         if p.suffix.lower() == ext:
             by_stem.setdefault((p.parent, p.stem), []).append(p)
-    for img in images:
+    index = scan_index.active()
+    for n, img in enumerate(images):
+        if index is not None and n % 1000 == 0:  # the scan index's rows a thousand files at a time
+            index.prefetch(images[n:n + 1000])
         cap = img.with_suffix(ext)
         if not cap.is_file():
             alt = by_stem.get((img.parent, img.stem))

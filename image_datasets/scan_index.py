@@ -43,6 +43,7 @@ class ScanIndex:
         self.writable = writable
         self.db: sqlite3.Connection | None = None
         self.hits = self.misses = 0
+        self._rows: dict = {}  # prefetched rows (prefetch)
         self._pending = 0
         if self.path is None:
             return
@@ -58,13 +59,31 @@ class ScanIndex:
             logger.warning("scan index %s unusable (%s); checking every file", self.path, e)
             self.db = None
 
+    def prefetch(self, paths) -> None:
+        """Read the rows of these files in one query; the next get() of each is answered from them. A scan calls it
+        per chunk of files, so the rows held at once stay bounded."""
+        self._rows = {}
+        if self.db is None or not paths:
+            return
+        ids = [identity(p) for p in paths]
+        try:
+            for start in range(0, len(ids), 500):
+                part = ids[start:start + 500]
+                self._rows.update((r[0], r[1:]) for r in self.db.execute(
+                    f"SELECT path, size, mtime, width, height, sha256 FROM files WHERE path IN ({','.join('?' * len(part))})", part))
+        except sqlite3.Error:
+            self._rows = {}
+
     def get(self, path: Path) -> tuple[int, int, str | None] | None:
         """(width, height, sha256) recorded for this exact file version, or None."""
         if self.db is None:
             return None
         try:
             size, mtime = stat_key(path)
-            row = self.db.execute("SELECT size, mtime, width, height, sha256 FROM files WHERE path = ?", (identity(path),)).fetchone()
+            key = identity(path)
+            row = self._rows.pop(key, None) if self._rows else None
+            if row is None:
+                row = self.db.execute("SELECT size, mtime, width, height, sha256 FROM files WHERE path = ?", (key,)).fetchone()
         except (OSError, sqlite3.Error):
             row = None
         if row is None or row[0] != size or row[1] != mtime:

@@ -37,6 +37,7 @@ from trainer.checkpoint import (
     restore,
     save_checkpoint,
 )
+from trainer.cache import gc_paused
 from trainer.config import ConfigError, TrainConfig, caching_note
 from trainer.constants import CONFIG_FILE, LOG_FILE, torch_dtype
 from trainer.data import scan_for_training
@@ -280,7 +281,7 @@ def build_dataset(cfg: TrainConfig, adapter: ModelAdapter, accelerator: Accelera
     index_path = Path(cfg.cache_dir or Path(out or cfg.output_dir) / "cache") / scan_index.FILE_NAME
     error = None
     context = accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
-    with context:
+    with context, gc_paused():
         index = scan_index.ScanIndex(index_path, writable=accelerator is None or accelerator.is_main_process)
         scan_index.use(index)
         try:
