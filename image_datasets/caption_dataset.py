@@ -144,6 +144,9 @@ def expand_samples(samples: list[Sample], resolutions: Sequence[int], bucketing:
             return nearest_bucket(*src, buckets(res)) if bucketing else target_size(*src, res, multiple)
 
         for s in samples:
+            if not s.control_source_sizes and size(s.source_size) == s.size:  # nothing changes: the same object
+                out.append(s)
+                continue
             views = [reference_sizes(*c) if reference_sizes else (size(c),) for c in s.control_source_sizes]
             vae = []
             for src, (w, h) in zip(s.control_source_sizes, (v[0] for v in views)):
@@ -242,18 +245,18 @@ def scan_caption_folder(
     listings: dict = {}
     by_stem: dict[tuple[Path, str], list[Path]] = {}
     for p in files:
-        if p.suffix.lower() == ext:
+        if p.suffix.lower() == ext.lower():
             by_stem.setdefault((p.parent, p.stem), []).append(p)
     index = scan_index.active()
     for n, img in enumerate(images):
         if index is not None and n % 1000 == 0:  # the scan index's rows a thousand files at a time
             index.prefetch(images[n:n + 1000])
         cap = img.with_suffix(ext)
-        if not cap.is_file():
-            alt = by_stem.get((img.parent, img.stem))
-            if not alt:
-                result.problems.append(f"{img}: no caption file {cap.name}")
-                continue
+        alt = by_stem.get((img.parent, img.stem))  # the listing's caption files of this stem (any letter case of ext)
+        if not alt:
+            result.problems.append(f"{img}: no caption file {cap.name}")
+            continue
+        if cap not in alt:
             cap = alt[0]
         try:
             caption = read_caption(cap)
@@ -529,7 +532,9 @@ class SizeGroupedBatchSampler(Sampler):
         return batches
 
     def __len__(self) -> int:
-        return len(self.epoch_batches(0))
+        if getattr(self, "_len", None) is None:  # the same every epoch: only the order changes
+            self._len = len(self.epoch_batches(0))
+        return self._len
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         # Process r takes items [r*B, (r+1)*B) of every global batch, so N processes at batch B see exactly the

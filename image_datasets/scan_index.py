@@ -65,11 +65,12 @@ class ScanIndex:
         self._rows = {}
         if self.db is None or not paths:
             return
-        ids = [identity(p) for p in paths]
+        ids = {identity(p): str(p) for p in paths}
+        keys = list(ids)
         try:
-            for start in range(0, len(ids), 500):
-                part = ids[start:start + 500]
-                self._rows.update((r[0], r[1:]) for r in self.db.execute(
+            for start in range(0, len(keys), 500):
+                part = keys[start:start + 500]
+                self._rows.update((ids[r[0]], r[1:]) for r in self.db.execute(
                     f"SELECT path, size, mtime, width, height, sha256 FROM files WHERE path IN ({','.join('?' * len(part))})", part))
         except sqlite3.Error:
             self._rows = {}
@@ -80,10 +81,9 @@ class ScanIndex:
             return None
         try:
             size, mtime = stat_key(path)
-            key = identity(path)
-            row = self._rows.pop(key, None) if self._rows else None
+            row = self._rows.pop(str(path), None) if self._rows else None  # prefetched, keyed as the scan names the file
             if row is None:
-                row = self.db.execute("SELECT size, mtime, width, height, sha256 FROM files WHERE path = ?", (key,)).fetchone()
+                row = self.db.execute("SELECT size, mtime, width, height, sha256 FROM files WHERE path = ?", (identity(path),)).fetchone()
         except (OSError, sqlite3.Error):
             row = None
         if row is None or row[0] != size or row[1] != mtime:
@@ -110,15 +110,15 @@ class ScanIndex:
         for start in range(0, len(paths), chunk):
             part = paths[start:start + chunk]
             rows: dict = {}
-            if self.db is not None:
-                ids = [identity(p) for p in part]
+            ids = [identity(p) for p in part] if self.db is not None else []
+            if ids:
                 try:
                     rows = {r[0]: r[1:] for r in self.db.execute(
                         f"SELECT path, size, mtime, sha256 FROM files WHERE path IN ({','.join('?' * len(ids))})", ids)}
                 except sqlite3.Error:
                     rows = {}
-            for p in part:
-                row = rows.get(identity(p)) if rows else None
+            for n, p in enumerate(part):
+                row = rows.get(ids[n]) if rows else None
                 try:
                     ok = row is not None and (row[0], row[1]) == stat_key(p)
                 except OSError:
