@@ -113,6 +113,18 @@ def test_disk_cache_is_sharded_and_not_kept_in_ram(tiny_qwen, tmp_path):
         torch.testing.assert_close(cache.batch_latents(batch)[0], single.batch_latents(batch)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_framed_cache_keys_equal_the_plain_digest():
+    """The fast key makers must give the keys earlier versions wrote (an existing cache stays valid)."""
+    from trainer.cache import _digest, _Framed
+
+    text = _Framed(("text", "model-fp", None, 1024, 512, [], "torch.bfloat16"), (2,))
+    for caption in ["", "a cat", 'quotes " and \\ backslash', "猫 🐈 \u0000 \n\t", "x" * 1000]:
+        assert text(caption) == _digest("text", "model-fp", caption, 1024, 512, [], "torch.bfloat16")
+    latent = _Framed(("latents", "model-fp", None, None, []), (2, 3))
+    for digest, size in [("ab" * 32, (64, 48)), ("0" * 64, (1024, 1024))]:
+        assert latent(digest, size) == _digest("latents", "model-fp", digest, size, [])
+
+
 def test_disk_cache_entries_are_read_in_dataloader_workers(tiny_qwen, tmp_path):
     from image_datasets import CaptionDataset, SizeGroupedBatchSampler, collate
 

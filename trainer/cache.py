@@ -167,6 +167,23 @@ def _digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+class _Framed:
+    """_digest(*parts) for parts that differ only at `slots`, without encoding the constant parts again per sample:
+    the JSON text around the slots is made once, and each key joins it with the slots' own JSON (the same text, so
+    the same keys as _digest: existing caches stay valid)."""
+
+    MARK = "\u0000slot\u0000"
+
+    def __init__(self, parts: tuple, slots: tuple[int, ...]):
+        marked = [self.MARK if i in slots else p for i, p in enumerate(parts)]
+        self.pieces = json.dumps(marked, sort_keys=True, default=str).split(json.dumps(self.MARK))
+        assert len(self.pieces) == len(slots) + 1
+
+    def __call__(self, *values) -> str:
+        text = self.pieces[0] + "".join(json.dumps(v, sort_keys=True, default=str) + p for v, p in zip(values, self.pieces[1:]))
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
 def read_entry(directory: Path, kind: str, key: str) -> dict | None:
     """One entry of a disk cache (sharded layout, or the flat one of earlier versions); None when it is not there."""
     for path in (directory / kind / key[:2] / f"{key}.safetensors", directory / kind / f"{key}.safetensors"):
@@ -227,6 +244,7 @@ class EmbeddingCache:
         self._on_disk: dict[str, set[str]] | None = None  # keys found on disk, while building
         self.text_keys = TextKeys()  # per sample: (caption key, empty-caption key)
         self.latent_keys = KeyArray()
+        self._text_framed = self._latent_framed = None  # key makers for samples without references (_Framed)
         self.encoded = {"text": 0, "latents": 0}
         self.reused = {"text": 0, "latents": 0}
 
@@ -235,11 +253,19 @@ class EmbeddingCache:
         return [(file_digest(c), size) for c, size in zip(s.controls, s.control_sizes)] + list(s.condition_sizes)
 
     def _text_key(self, s: Sample, caption: str) -> str:
-        controls = self._controls(s) if self.adapter.text_needs_pixels else []
+        if not self.adapter.text_needs_pixels:
+            if self._text_framed is None:
+                self._text_framed = _Framed(("text", self.model, None, self.cfg.max_sequence_length, self.cfg.t5_max_sequence_length,
+                                             [], str(self.adapter.weight_dtype)), (2,))
+            return self._text_framed(caption)
         return _digest("text", self.model, caption, self.cfg.max_sequence_length, self.cfg.t5_max_sequence_length,
-                       controls, str(self.adapter.weight_dtype))
+                       self._controls(s), str(self.adapter.weight_dtype))
 
     def _latent_key(self, s: Sample, digest: str | None = None) -> str:
+        if not s.controls:
+            if self._latent_framed is None:
+                self._latent_framed = _Framed(("latents", self.model, None, None, []), (2, 3))
+            return self._latent_framed(digest or file_digest(s.image), s.size)
         return _digest("latents", self.model, digest or file_digest(s.image), s.size, self._controls(s))
 
     # --- storage -------------------------------------------------------------------------------------------

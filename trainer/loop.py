@@ -152,6 +152,9 @@ def setup(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Run:
     method.engine_file = ENGINE_FILES.get(engine_name(accelerator))
     method.check_setup()
     samples = build_dataset(cfg, adapter, accelerator, out)  # before any model loads: a bad dataset costs seconds, not a model load
+    # The samples live for the whole run: kept out of the collector's generations (made while it was paused), the
+    # collections that follow (those that free the encoders, too) do not walk a million of them.
+    gc.freeze()
     fingerprint = dataset_fingerprint(samples)
     resume_from, payload = find_resume_point(cfg, out, method, fingerprint)
     if resume_from is not None:  # an engine's checkpoint resumes with that engine only
@@ -161,9 +164,7 @@ def setup(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Run:
             raise ConfigError(f"resume_from_checkpoint: {resume_from} was written by a {written_by} run, this one is {running}; "
                               "resume it with the accelerate config it was trained with")
     sampler = make_sampler(cfg, samples, accelerator)
-    # The samples live for the whole run: kept out of the collector's generations, the full collections that free
-    # the encoders (release_memory) do not walk a million of them.
-    gc.freeze()
+    gc.freeze()  # and the sampler's lists
 
     logger.info("loading %s from %s in %s", adapter.variant.name, cfg.pretrained_model_name_or_path, adapter.weight_dtype)
     validator, encode, cached = prepare_conditioning(cfg, adapter, samples, accelerator, out)
