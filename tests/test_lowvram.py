@@ -78,7 +78,7 @@ def test_disk_cache_is_reused_and_invalidated_per_file(tiny_qwen, tmp_path):
     assert changed == {"images": 1, "prompts": 1}
 
 
-def test_cached_training_matches_uncached(tiny_qwen, tmp_path):
+def test_cached_training_matches_uncached(tiny_qwen, tmp_path, caplog):
     data = write_dataset(tmp_path / "d", n=4)
     common = {"data_config.caption_dropout_rate": 0.5}
     plain, losses_plain = _run(tiny_qwen, data, tmp_path / "plain", precompute_text_embeddings=False,
@@ -88,8 +88,12 @@ def test_cached_training_matches_uncached(tiny_qwen, tmp_path):
     assert cached == {"images": 4, "prompts": 5}  # each image and caption once, plus the empty caption for dropout
     assert (tmp_path / "cached" / "cache" / "latents").is_dir()  # on disk by default
     assert losses_cached == pytest.approx(losses_plain, rel=1e-5, abs=1e-6)
-    crops, _ = _run(tiny_qwen, data, tmp_path / "crops", **common, **{"data_config.random_ratio": True})
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        crops, _ = _run(tiny_qwen, data, tmp_path / "crops", **common, **{"data_config.random_ratio": True})
     assert crops == {"images": 4, "prompts": 5}  # random crops: latents every step (4 steps x 1), captions cached
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("conditioning:")]
+    assert said == [f"conditioning: prompt embeddings precomputed; images encoded every step (data_config.random_ratio: random crops "
+                    f"differ each epoch, so latents cannot be cached exactly) (cache in files in {tmp_path / 'crops' / 'cache'}, read per batch)"]
 
 
 @pytest.mark.parametrize("optimizer, lr", [("adamw", 1e-3), ("adamw8bit", 1e-3), ("adafactor", 1e-3), ("prodigy", 1.0)])

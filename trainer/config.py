@@ -386,7 +386,7 @@ def check_model_path(name: str, key: str = "pretrained_model_name_or_path") -> N
 
 def caching_note(cfg: TrainConfig) -> str:
     """One log line: which conditioning is precomputed (and where), which is encoded every step, and why."""
-    where = "files in cache_dir, read per batch" if cfg.save_cache_on_disk else "RAM"
+    where = f"files in {cfg.cache_dir or Path(cfg.output_dir) / 'cache'}, read per batch" if cfg.save_cache_on_disk else "RAM"
     text = ("prompt embeddings precomputed" if cfg.precompute_text_embeddings
             else "prompts encoded every step (precompute_text_embeddings: false; the text encoder stays loaded)")
     if cfg.precompute_image_embeddings:
