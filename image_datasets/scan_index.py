@@ -12,6 +12,7 @@ it read-only. A missing, locked or unreadable index is only slower, never wrong:
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import sqlite3
@@ -53,6 +54,7 @@ class ScanIndex:
                 self.db = sqlite3.connect(str(self.path), timeout=30)
                 self.db.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime INTEGER, "
                                 "width INTEGER, height INTEGER, sha256 TEXT)")
+                self.db.execute("CREATE TABLE IF NOT EXISTS shards (path TEXT PRIMARY KEY, size INTEGER, mtime INTEGER, listing TEXT)")
             elif self.path.is_file():
                 self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
         except sqlite3.Error as e:
@@ -131,6 +133,30 @@ class ScanIndex:
     def digest(self, path: Path) -> str | None:
         hit = self.get(path)
         return hit[2] if hit else None
+
+    def get_shard(self, shard: str) -> list | None:
+        """A tar shard's member listing (sources.shard_listing) recorded for this exact shard version, or None."""
+        if self.db is None:
+            return None
+        try:
+            st = os.stat(shard)
+            row = self.db.execute("SELECT size, mtime, listing FROM shards WHERE path = ?", (os.path.abspath(shard),)).fetchone()
+        except (OSError, sqlite3.Error):  # an index written before shards were recorded has no such table
+            return None
+        if row is None or (row[0], row[1]) != (st.st_size, st.st_mtime_ns):
+            return None
+        return [(n, o, s, None if t is None else t.encode("latin-1")) for n, o, s, t in json.loads(row[2])]
+
+    def put_shard(self, shard: str, listing: list) -> None:
+        if self.db is None or not self.writable:
+            return
+        try:
+            st = os.stat(shard)
+            text = json.dumps([(n, o, s, None if t is None else t.decode("latin-1")) for n, o, s, t in listing])
+            self.db.execute("INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?)", (os.path.abspath(shard), st.st_size, st.st_mtime_ns, text))
+            self._pending += 1
+        except (OSError, sqlite3.Error) as e:
+            logger.warning("scan index %s: cannot record shard %s (%s)", self.path, shard, e)
 
     def commit(self) -> None:
         if self.db is not None and self.writable and self._pending:

@@ -106,6 +106,35 @@ def test_webdataset_shards_give_the_folder_samples_and_report_bad_members(tmp_pa
     assert not scan.samples and "compressed tar shard" in scan.problems[0] and "plain .tar" in scan.problems[0]
 
 
+def test_shard_listings_are_recorded_in_the_scan_index(tmp_path, monkeypatch):
+    """A restart reads each unchanged shard's member listing from the scan index instead of its tar headers; a
+    rewritten shard is read again."""
+    from image_datasets import scan_index
+
+    folder = _folder(tmp_path)
+    shards = _shards(folder, tmp_path / "shards")
+    opened = []
+    real_open = tarfile.open
+    monkeypatch.setattr(tarfile, "open", lambda *a, **k: (k.get("mode") == "r:" and opened.append(str(a[0]))) or real_open(*a, **k))
+    cfg = _cfg(tmp_path, webdataset=f"{shards}/*.tar")
+
+    def scan():
+        index = scan_index.ScanIndex(tmp_path / "index.sqlite")
+        scan_index.use(index)
+        try:
+            return [(str(x.image), x.caption, x.size) for x in scan_for_training(cfg, _adapter(cfg)).samples]
+        finally:
+            scan_index.use(None)
+
+    first = scan()
+    assert len(opened) == 2 and len(first) == 5
+    assert scan() == first and len(opened) == 2  # no tar header read on a restart
+    (folder / "s4.txt").write_text("a new caption")
+    _shards(folder, shards)  # rewrites both shards (new mtimes; shard 0's content is the same)
+    third = scan()
+    assert len(opened) == 4 and ("a new caption" in [c for _, c, _ in third])
+
+
 @pytest.mark.parametrize("layout", ["save_to_disk", "parquet", "imagefolder"])
 def test_hf_datasets_give_the_folder_samples(layout, tmp_path, monkeypatch):
     import datasets
