@@ -28,7 +28,7 @@ class Sample:
     image: Path  # a file, or a Member: an image inside a tar shard / a datasets table (image_datasets/members.py)
     caption: str
     size: tuple[int, int]  # training (width, height) after resize + crop
-    controls: tuple[Path, ...] = ()  # (files or Members)  # reference / source images for edit and Kontext training
+    controls: tuple[Path, ...] = ()  # reference / source images (files or Members) for edit and Kontext training
     control_sizes: tuple[tuple[int, int], ...] = ()  # each reference's VAE view (width, height)
     condition_sizes: tuple[tuple[int, int], ...] = ()  # each reference's text-encoder view, when the family has one
     source_size: tuple[int, int] = (0, 0)  # the file's own (width, height), EXIF orientation applied

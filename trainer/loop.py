@@ -116,21 +116,21 @@ class Update:
 def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
     """Run training to cfg.max_train_steps; returns the path of the final weights file."""
     try:
-        run = setup(cfg, adapter_cls)
+        run = setup(cfg, adapter_cls)  # freezes the samples out of the cyclic collector (gc.freeze) for the run
+        with StopRequest() as stop:
+            while run.state.global_step < cfg.max_train_steps and stop.signum is None and not epochs_done(run):
+                run.sampler.set_epoch(run.state.epoch, run.state.batch_in_epoch)
+                for batch in run.loader:
+                    update = train_step(run, batch)
+                    run.state.batch_in_epoch += 1
+                    if update is not None and after_update(run, update, stop):
+                        break
+                else:
+                    run.state.epoch += 1
+                    run.state.batch_in_epoch = 0
+        return finish(run, stop)
     finally:
         gc.unfreeze()
-    with StopRequest() as stop:
-        while run.state.global_step < cfg.max_train_steps and stop.signum is None and not epochs_done(run):
-            run.sampler.set_epoch(run.state.epoch, run.state.batch_in_epoch)
-            for batch in run.loader:
-                update = train_step(run, batch)
-                run.state.batch_in_epoch += 1
-                if update is not None and after_update(run, update, stop):
-                    break
-            else:
-                run.state.epoch += 1
-                run.state.batch_in_epoch = 0
-    return finish(run, stop)
 
 
 def epochs_done(run: Run) -> bool:
