@@ -76,6 +76,36 @@ def test_sigterm_saves_checkpoint_and_says_how_to_resume(tiny_qwen, dataset, tmp
     assert (out / "pytorch_lora_weights.safetensors").is_file()
 
 
+def test_stop_between_updates_still_saves_a_checkpoint(tiny_qwen, tmp_path, monkeypatch):
+    """A SIGTERM that lands after an epoch's last update, while the loader winds down (no update follows to save in),
+    must still leave the checkpoint the message points to, and the run must resume from it."""
+    import image_datasets
+    from trainer import loop
+
+    data = write_dataset(tmp_path / "d", n=3)
+    out = tmp_path / "out"
+    stops = []
+    real_enter, real_iter = loop.StopRequest.__enter__, image_datasets.SizeGroupedBatchSampler.__iter__
+
+    def enter(self):
+        stops.append(self)
+        return real_enter(self)
+
+    def batches(self):
+        yield from real_iter(self)
+        if self.epoch == 0:
+            stops[-1].signum = signal.SIGTERM
+
+    monkeypatch.setattr(loop.StopRequest, "__enter__", enter)
+    monkeypatch.setattr(image_datasets.SizeGroupedBatchSampler, "__iter__", batches)
+    with pytest.raises(loop.Interrupted, match="checkpoint-3"):
+        train(load_config(None, base_overrides(tiny_qwen, data, out, max_train_steps=10)), QwenImageAdapter)
+    assert latest_checkpoint(out).name == "checkpoint-3" and len(read_losses(out)) == 3
+    monkeypatch.setattr(image_datasets.SizeGroupedBatchSampler, "__iter__", real_iter)
+    train(load_config(None, base_overrides(tiny_qwen, data, out, max_train_steps=5, resume_from_checkpoint="latest")), QwenImageAdapter)
+    assert len(read_losses(out)) == 5
+
+
 def test_unwritable_output_dir_fails_at_start(tiny_qwen, dataset, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")

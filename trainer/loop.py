@@ -102,6 +102,7 @@ class Run:
     step_losses: list[torch.Tensor] = field(default_factory=list)  # micro-batch losses of the update in progress
     step_paths: list[str] = field(default_factory=list)
     checked: bool = False  # the training method's no-op guard ran
+    saved_step: int = -1  # global_step of the last checkpoint this run wrote
 
 
 @dataclass
@@ -128,6 +129,8 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
                 else:
                     run.state.epoch += 1
                     run.state.batch_in_epoch = 0
+            if stop.signum is not None and 0 < run.state.global_step != run.saved_step:
+                save_now(run, final=True)  # the stop came between updates (e.g. while an epoch's loader wound down)
         return finish(run, stop)
     finally:
         gc.unfreeze()
@@ -572,11 +575,7 @@ def after_update(run: Run, update: Update, stop: "StopRequest") -> bool:
                     logger.warning(line)
             except ValueError as e:
                 raise TrainingError(str(e)) from None
-        run.log.flush()  # every step up to a checkpoint is in the log before the checkpoint exists
-        state.elapsed_seconds = run.log.elapsed()
-        saved = checkpoint(run, final=at_end or stop.signum is not None)
-        if run.accelerator.is_main_process:
-            logger.info("saved %s", saved)
+        save_now(run, final=at_end or stop.signum is not None)
     elif state.global_step % cfg.logging_steps == 0:
         run.log.flush()
     sample_now = cfg.validation_steps and state.global_step % cfg.validation_steps == 0
@@ -587,6 +586,15 @@ def after_update(run: Run, update: Update, stop: "StopRequest") -> bool:
                 run.validator.render(model, state.global_step, run.out, run.accelerator, save=run.accelerator.is_main_process)
         run.accelerator.wait_for_everyone()
     return at_end or stop.signum is not None
+
+
+def save_now(run: Run, final: bool) -> None:
+    run.log.flush()  # every step up to a checkpoint is in the log before the checkpoint exists
+    run.state.elapsed_seconds = run.log.elapsed()
+    saved = checkpoint(run, final=final)
+    run.saved_step = run.state.global_step
+    if run.accelerator.is_main_process:
+        logger.info("saved %s", saved)
 
 
 def checkpoint(run: Run, final: bool) -> Path:
