@@ -308,6 +308,14 @@ def control_columns(names) -> list[str]:
     return sorted(found, key=lambda n: 1 if n == "control_image" else int(n.rsplit("_", 1)[1]))
 
 
+def column_gap(where: str, columns: list[str], filled: list[bool]) -> str | None:
+    """A row whose control_image_k is set while an earlier one is empty: references fill their columns in order."""
+    gap = next((k for k in range(1, len(filled)) if filled[k] and not filled[k - 1]), None)
+    if gap is None:
+        return None
+    return f"{where}: {columns[gap]} is set but {columns[gap - 1]} is empty; fill the control images in order"
+
+
 def read_metadata(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
     """(line number, row) of every row of a metadata.csv / .jsonl file, and one problem line ("file:line: why") per
     row that cannot be read: a JSON line that is not a JSON object, a CSV row with more or fewer cells than the
@@ -394,9 +402,9 @@ def scan_metadata(metadata_file: str | Path, img_size: int, decode: bool = True,
             result.problems.append(f"{where}: '{bad[0]}' must be a path, got {type(row[bad[0]]).__name__}")
             continue
         filled = [bool(v and v.strip()) for v in values]
-        gap = next((k for k in range(1, len(filled)) if filled[k] and not filled[k - 1]), None)
-        if gap is not None:
-            result.problems.append(f"{where}: {columns[gap]} is set but {columns[gap - 1]} is empty; fill the control images in order")
+        problem = column_gap(where, columns, filled)
+        if problem:
+            result.problems.append(problem)
             continue
         given = [(c, v.strip()) for c, v, f in zip(columns, values, filled) if f]
         problem = rule.problem(where, len(given)) if rule else None
@@ -510,6 +518,7 @@ class SizeGroupedBatchSampler(Sampler):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self._len: int | None = None  # batches per epoch: the same every epoch, only the order changes
         self.epoch = 0
         self.start_batch = 0
 
@@ -532,7 +541,7 @@ class SizeGroupedBatchSampler(Sampler):
         return batches
 
     def __len__(self) -> int:
-        if getattr(self, "_len", None) is None:  # the same every epoch: only the order changes
+        if self._len is None:
             self._len = len(self.epoch_batches(0))
         return self._len
 

@@ -115,10 +115,6 @@ class Member:
     def name(self) -> str:
         return PurePosixPath(self.member).name
 
-    @property
-    def suffix(self) -> str:
-        return PurePosixPath(self.member).suffix
-
     def read_bytes(self) -> bytes:
         return self.source.read(self.loc)
 

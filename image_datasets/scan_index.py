@@ -72,8 +72,9 @@ class ScanIndex:
         try:
             for start in range(0, len(keys), 500):
                 part = keys[start:start + 500]
-                self._rows.update((ids[r[0]], r[1:]) for r in self.db.execute(
-                    f"SELECT path, size, mtime, width, height, sha256 FROM files WHERE path IN ({','.join('?' * len(part))})", part))
+                found = {ids[r[0]]: r[1:] for r in self.db.execute(
+                    f"SELECT path, size, mtime, width, height, sha256 FROM files WHERE path IN ({','.join('?' * len(part))})", part)}
+                self._rows.update((ids[k], found.get(ids[k])) for k in part)  # None: known to be absent, no query in get()
         except sqlite3.Error:
             self._rows = {}
 
@@ -83,8 +84,10 @@ class ScanIndex:
             return None
         try:
             size, mtime = stat_key(path)
-            row = self._rows.pop(str(path), None) if self._rows else None  # prefetched, keyed as the scan names the file
-            if row is None:
+            name = str(path)
+            if name in self._rows:  # prefetched, keyed as the scan names the file
+                row = self._rows.pop(name)
+            else:
                 row = self.db.execute("SELECT size, mtime, width, height, sha256 FROM files WHERE path = ?", (identity(path),)).fetchone()
         except (OSError, sqlite3.Error):
             row = None
@@ -107,27 +110,13 @@ class ScanIndex:
             logger.warning("scan index %s: cannot record %s (%s)", self.path, path, e)
 
     def digests(self, paths, chunk: int = 500) -> list[str | None]:
-        """digest() of many files, one query per `chunk` of them (a query per file costs ~20 us)."""
+        """digest() of many files, their rows fetched `chunk` at a time (a query per file costs ~20 us)."""
         out: list[str | None] = []
         for start in range(0, len(paths), chunk):
             part = paths[start:start + chunk]
-            rows: dict = {}
-            ids = [identity(p) for p in part] if self.db is not None else []
-            if ids:
-                try:
-                    rows = {r[0]: r[1:] for r in self.db.execute(
-                        f"SELECT path, size, mtime, sha256 FROM files WHERE path IN ({','.join('?' * len(ids))})", ids)}
-                except sqlite3.Error:
-                    rows = {}
-            for n, p in enumerate(part):
-                row = rows.get(ids[n]) if rows else None
-                try:
-                    ok = row is not None and (row[0], row[1]) == stat_key(p)
-                except OSError:
-                    ok = False
-                self.hits += ok
-                self.misses += not ok
-                out.append(row[2] if ok else None)
+            self.prefetch(part)
+            out += [hit[2] if (hit := self.get(p)) else None for p in part]
+        self._rows = {}
         return out
 
     def digest(self, path: Path) -> str | None:
@@ -139,11 +128,11 @@ class ScanIndex:
         if self.db is None:
             return None
         try:
-            st = os.stat(shard)
-            row = self.db.execute("SELECT size, mtime, listing FROM shards WHERE path = ?", (os.path.abspath(shard),)).fetchone()
+            version = stat_key(shard)
+            row = self.db.execute("SELECT size, mtime, listing FROM shards WHERE path = ?", (identity(shard),)).fetchone()
         except (OSError, sqlite3.Error):  # an index written before shards were recorded has no such table
             return None
-        if row is None or (row[0], row[1]) != (st.st_size, st.st_mtime_ns):
+        if row is None or (row[0], row[1]) != version:
             return None
         return [(n, o, s, None if t is None else t.encode("latin-1")) for n, o, s, t in json.loads(row[2])]
 
@@ -151,9 +140,8 @@ class ScanIndex:
         if self.db is None or not self.writable:
             return
         try:
-            st = os.stat(shard)
             text = json.dumps([(n, o, s, None if t is None else t.decode("latin-1")) for n, o, s, t in listing])
-            self.db.execute("INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?)", (os.path.abspath(shard), st.st_size, st.st_mtime_ns, text))
+            self.db.execute("INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?)", (identity(shard), *stat_key(shard), text))
             self._pending += 1
         except (OSError, sqlite3.Error) as e:
             logger.warning("scan index %s: cannot record shard %s (%s)", self.path, shard, e)

@@ -31,6 +31,7 @@ from trainer.config import IMAGE_EXTENSIONS
 from .members import ArrowSource, Member, TarSource
 
 CAPTION_FIELDS = ("prompt", "caption", "text")
+IMAGE_EXTS = {e.lstrip(".") for e in IMAGE_EXTENSIONS}  # WebDataset extensions of image members
 
 
 def shard_paths(spec) -> list[str]:
@@ -71,14 +72,13 @@ def shard_listing(shard: str) -> list[tuple[str, int, int, bytes | None]]:
     known = index.get_shard(shard) if index is not None else None
     if known is not None:
         return known
-    image_exts = {e.lstrip(".") for e in IMAGE_EXTENSIONS}
     listing = []
     with tarfile.open(shard, mode="r:") as tf:
         for m in tf:
             if not m.isfile() or PurePosixPath(m.name).name.startswith("."):
                 continue
             text = None
-            if m.size < 1 << 16 and _split_key(m.name)[1].rsplit(".", 1)[-1] not in image_exts:  # captions, json
+            if m.size < 1 << 16 and _split_key(m.name)[1].rsplit(".", 1)[-1] not in IMAGE_EXTS:  # captions, json
                 text = tf.extractfile(m).read()
             listing.append((m.name, m.offset_data, m.size, text))
     if index is not None:
@@ -95,7 +95,6 @@ def scan_webdataset(spec, img_size: int, caption_ext: str = "txt", decode: bool 
     if not shards:
         result.problems.append(f"{spec}: no tar shards found")
         return result
-    image_exts = {e.lstrip(".") for e in IMAGE_EXTENSIONS}
     cap_ext = caption_ext.lstrip(".").lower()
     for shard in shards:
         try:
@@ -113,9 +112,9 @@ def scan_webdataset(spec, img_size: int, caption_ext: str = "txt", decode: bool 
             continue
         for key, members in groups.items():
             where = f"{shard}:{key}"
-            images = sorted(e for e in members if e in image_exts)
+            images = sorted(e for e in members if e in IMAGE_EXTS)
             if not images:
-                if any(e.split(".")[-1] in image_exts for e in members):  # only references
+                if any(e.split(".")[-1] in IMAGE_EXTS for e in members):  # only references
                     result.problems.append(f"{where}: no target image ({key}.jpg / .png / ...), only {', '.join(sorted(members))}")
                 continue  # keys with no image at all (e.g. stray metadata) are not samples
             if (key, cap_ext) in texts:
@@ -134,7 +133,7 @@ def scan_webdataset(spec, img_size: int, caption_ext: str = "txt", decode: bool 
             by_column = {}
             for ext in members:
                 stem, _, suffix = ext.rpartition(".")
-                if stem and suffix in image_exts:
+                if stem and suffix in IMAGE_EXTS:
                     by_column.setdefault(stem, ext)
             columns = control_columns(by_column)
             gap = next((k for k in range(1, len(columns)) if columns[k] != f"control_image_{k + 1}"), None)
@@ -184,7 +183,7 @@ def load_hf_dataset(spec: str, split: str = "train"):
 def scan_hf_dataset(spec: str, split: str, img_size: int, image_column: str = "image", caption_column: str | None = None,
                     decode: bool = True, rule=None):
     """Samples from a Hugging Face dataset's rows (see the module doc), checked like a metadata file's."""
-    from .caption_dataset import ScanResult, _add_sample, control_columns
+    from .caption_dataset import ScanResult, _add_sample, column_gap, control_columns
 
     result = ScanResult()
     try:
@@ -216,9 +215,9 @@ def scan_hf_dataset(spec: str, split: str, img_size: int, image_column: str = "i
             result.problems.append(f"{where}: '{caption_column}' must be text, got {type(caption).__name__}")
             continue
         filled = [present[c][row] for c in columns]
-        gap = next((k for k in range(1, len(filled)) if filled[k] and not filled[k - 1]), None)
-        if gap is not None:
-            result.problems.append(f"{where}: {columns[gap]} is set but {columns[gap - 1]} is empty; fill the control images in order")
+        problem = column_gap(where, columns, filled)
+        if problem:
+            result.problems.append(problem)
             continue
         given = [c for c, f in zip(columns, filled) if f]
         problem = rule.problem(where, len(given)) if rule else None

@@ -184,15 +184,28 @@ class _Framed:
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def read_entry(directory: Path, kind: str, key: str) -> dict | None:
-    """One entry of a disk cache (sharded layout, or the flat one of earlier versions); None when it is not there."""
-    for path in (directory / kind / key[:2] / f"{key}.safetensors", directory / kind / f"{key}.safetensors"):
+def entry_path(directory: Path, kind: str, key: str) -> Path:
+    """Where a disk cache writes an entry: 256 subfolders per kind, by the key's first two characters."""
+    return directory / kind / key[:2] / f"{key}.safetensors"
+
+
+def entry_file(directory: Path, kind: str, key: str) -> Path | None:
+    """The entry's file, in the sharded layout or the flat one of earlier versions; None when there is none."""
+    for path in (entry_path(directory, kind, key), directory / kind / f"{key}.safetensors"):
         if path.is_file():
-            try:
-                return load_file(str(path))
-            except Exception as e:  # a torn or foreign file (writes are atomic, so another tool's doing)
-                raise RuntimeError(f"embedding cache file {path} is unreadable ({e}); delete it and start again to re-encode it") from None
+            return path
     return None
+
+
+def read_entry(directory: Path, kind: str, key: str) -> dict | None:
+    """One entry of a disk cache; None when it is not there."""
+    path = entry_file(directory, kind, key)
+    if path is None:
+        return None
+    try:
+        return load_file(str(path))
+    except Exception as e:  # a torn or foreign file (writes are atomic, so another tool's doing)
+        raise RuntimeError(f"embedding cache file {path} is unreadable ({e}); delete it and start again to re-encode it") from None
 
 
 class CacheReader:
@@ -200,7 +213,7 @@ class CacheReader:
     processes when data_config.num_workers > 0, so reading and deserializing overlap the training step and the main
     process only moves tensors to the device. Holds the keys (shared with the cache), never the entries."""
 
-    def __init__(self, directory: Path, text_keys: list | None, latent_keys: list | None):
+    def __init__(self, directory: Path, text_keys: TextKeys | None, latent_keys: KeyArray | None):
         self.dir, self.text_keys, self.latent_keys = directory, text_keys, latent_keys
 
     def __call__(self, index: int, dropped: bool) -> dict:
@@ -269,16 +282,6 @@ class EmbeddingCache:
         return _digest("latents", self.model, digest or file_digest(s.image), s.size, self._controls(s))
 
     # --- storage -------------------------------------------------------------------------------------------
-    def _path(self, kind: str, key: str) -> Path:
-        return self.dir / kind / key[:2] / f"{key}.safetensors"
-
-    def _file(self, kind: str, key: str) -> Path | None:
-        """The entry's file, in the sharded layout or the flat one of earlier versions; None when there is none."""
-        for path in (self._path(kind, key), self.dir / kind / f"{key}.safetensors"):
-            if path.is_file():
-                return path
-        return None
-
     def _has(self, kind: str, key: str) -> bool:
         if key in (self.text if kind == "text" else self.latents):
             return True
@@ -286,7 +289,7 @@ class EmbeddingCache:
             return False
         if self._on_disk is not None:  # during build: one listing per folder (kept current by _store), no stat per entry
             return key in self._on_disk[kind]
-        return self._file(kind, key) is not None
+        return entry_file(self.dir, kind, key) is not None
 
     def _list_disk(self) -> dict[str, set[str]]:
         """The keys already on disk per kind (sharded and flat layouts), listed with os.scandir."""
@@ -324,7 +327,7 @@ class EmbeddingCache:
         if self.dir is None:
             (self.text if kind == "text" else self.latents)[key] = tensors
             return
-        path = self._path(kind, key)
+        path = entry_path(self.dir, kind, key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
         save_file(tensors, str(tmp))
