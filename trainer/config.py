@@ -133,7 +133,7 @@ class TrainConfig:
     loss_weighting: str = doc("none", f"per-sample loss weighting: {', '.join(LOSS_WEIGHTINGS)}")
     max_sequence_length: int = doc(512, "maximum prompt tokens given to the text encoder (longer captions are truncated with a warning)")
     t5_max_sequence_length: int = doc(512, "FLUX: T5 prompt tokens (prompts are padded to this length, as in the pipeline)")
-    guidance_scale: float = doc(3.5, "FLUX dev / Kontext: the distilled guidance value fed to the transformer during training (ignored by models without a guidance embedding)")
+    guidance_scale: Optional[float] = doc(None, "FLUX.1 dev / Kontext, FLUX.2 dev: the distilled guidance value fed to the transformer during training; default: its pipeline's default (3.5 FLUX.1, 4.0 FLUX.2), what inference uses (ignored by models without a guidance embedding)")
 
     lora_format: str = doc("diffusers", "diffusers, or comfyui to also write pytorch_lora_weights_comfyui.safetensors (ComfyUI key names + alpha) next to every LoRA file")
     validation_prompts: list[Any] = doc([], "prompts rendered with the current LoRA into output_dir/samples/step-N.png (and TensorBoard); edit models: entries {prompt: ..., images: [ref1, ref2, ...]}")

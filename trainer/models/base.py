@@ -31,6 +31,18 @@ Cond = dict[str, Any]
 
 
 @dataclass(frozen=True)
+class LearningCase:
+    """How a variant's tiny model shows that training teaches it, seen through its own pipeline (trainer/learning.py):
+    the shapes case with this many references per sample, trained for `steps` at `learning_rate`."""
+
+    references: int = 0  # 0: text-to-image; 1: an edit (mirror the reference); 2: pick the first of two references
+    steps: int = 300
+    learning_rate: float = 1e-2
+    reference_size: int | None = None  # data_config.control_size (None: references sized as the pipeline sizes them)
+    in_suite: bool = True  # False: too slow for the test suite on 2 CPUs; bench/learning.py runs it (and the suite a short one)
+
+
+@dataclass(frozen=True)
 class Variant:
     """One pipeline a family trains (e.g. Qwen-Image-Edit-2509 inside the Qwen-Image family)."""
 
@@ -38,6 +50,7 @@ class Variant:
     pipeline: str  # model_index.json `_class_name`
     references: tuple[int, int] = (0, 0)  # (min, max) reference / control images per sample
     hub_hints: tuple[str, ...] = ()  # lower-case substrings of hub ids of this variant (planner without a model folder)
+    learning: LearningCase | None = None  # its learning test (a family is not done without one)
 
 
 @dataclass

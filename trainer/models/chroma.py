@@ -16,7 +16,7 @@ from typing import TypedDict
 import torch
 
 from . import register
-from .base import Cond, InferenceRequest, PlannerSpec, Variant
+from .base import Cond, InferenceRequest, LearningCase, PlannerSpec, Variant
 from .flux import FLUX_VAE_PARAMS, T5_XXL_PARAMS, FluxAdapter, build_flux_vae, build_t5, latent_ids
 from .qwen_image import pack_latents, unpack_latents
 
@@ -33,7 +33,7 @@ class ChromaCond(TypedDict):
 class ChromaAdapter(FluxAdapter):
     family = "chroma"
     entry = "train_chroma_lora.py"
-    variants = (Variant("chroma", "ChromaPipeline", hub_hints=("chroma",)),)
+    variants = (Variant("chroma", "ChromaPipeline", hub_hints=("chroma",), learning=LearningCase(0, 300, 1e-2)),)
     transformer_class = "ChromaTransformer2DModel"
     encoder_folders = ("text_encoder", "tokenizer", "vae")
 

@@ -20,7 +20,7 @@ import torch
 from diffusers import FluxPipeline
 
 from . import register
-from .base import Cond, InferenceRequest, ModelAdapter, PlannerSpec, Variant
+from .base import Cond, InferenceRequest, ModelAdapter, LearningCase, PlannerSpec, Variant
 from .qwen_image import pack_latents, unpack_latents
 
 T5_XXL_PARAMS = 4_762_310_656
@@ -57,8 +57,10 @@ class FluxAdapter(ModelAdapter):
     family = "flux"
     entry = "train_flux_lora.py"
     variants = (
-        Variant("flux", "FluxPipeline", hub_hints=("flux",)),
-        Variant("flux-kontext", "FluxKontextPipeline", (0, 1), hub_hints=("kontext",)),
+        Variant("flux", "FluxPipeline", hub_hints=("flux",), learning=LearningCase(0, 300, 1e-2)),
+        # the reference at its own size: training's control_size 64, the pipeline's _auto_resize off
+        Variant("flux-kontext", "FluxKontextPipeline", (0, 1), hub_hints=("kontext",),
+                learning=LearningCase(1, 300, 1e-2, reference_size=64)),
     )
     transformer_class = "FluxTransformer2DModel"
     default_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -132,6 +134,12 @@ class FluxAdapter(ModelAdapter):
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return flux_vae_latents(self.vae, pixels, self.device)
 
+    @property
+    def training_guidance(self) -> float:
+        """The distilled guidance value of training and validation samples: guidance_scale, else the pipeline's default
+        (what inference.py and the pipeline use when not told otherwise)."""
+        return DEFAULT_GUIDANCE if self.cfg.guidance_scale is None else self.cfg.guidance_scale
+
     def predict(self, transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Cond) -> torch.Tensor:
         """Kontext: reference latents appended on the sequence axis with ids[:, 0] = 1; loss on target tokens only."""
         b, _c, h, w = noisy.shape
@@ -140,7 +148,7 @@ class FluxAdapter(ModelAdapter):
         controls = cond.get("control_latents", [])
         hidden = torch.cat([target, *(pack_latents(c.to(dt)) for c in controls)], dim=1)
         ids = torch.cat([latent_ids(h, w, 0, dev, dt), *(latent_ids(c.shape[-2], c.shape[-1], 1, dev, dt) for c in controls)])
-        guidance = torch.full((b,), self.cfg.guidance_scale, device=dev, dtype=torch.float32) if self.guidance else None
+        guidance = torch.full((b,), self.training_guidance, device=dev, dtype=torch.float32) if self.guidance else None
         out = transformer(
             hidden_states=hidden,
             timestep=sigmas.to(dt),  # the pipeline passes t/1000 = sigma
@@ -155,7 +163,7 @@ class FluxAdapter(ModelAdapter):
 
     # --- sampling and inference ----------------------------------------------------------------------------
     def sampling_kwargs(self, cond: Cond, negative: Cond, size: tuple[int, int], images: list) -> dict:
-        kwargs = {"prompt_embeds": cond["prompt_embeds"], "pooled_prompt_embeds": cond["pooled"], "guidance_scale": self.cfg.guidance_scale}
+        kwargs = {"prompt_embeds": cond["prompt_embeds"], "pooled_prompt_embeds": cond["pooled"], "guidance_scale": self.training_guidance}
         if self.variant.pipeline == "FluxKontextPipeline":
             # The output at the training size (Kontext otherwise scales width x height to 1 MP); the reference
             # arrives already at the size training gives it.
@@ -224,7 +232,7 @@ def build_clip(hidden: int = 32):
     from .tiny import train_byte_level_bpe
 
     specials = ["<|startoftext|>", "<|endoftext|>"]
-    vocab, merges = train_byte_level_bpe(300, specials)
+    vocab, merges = train_byte_level_bpe(600, specials, end_of_word_suffix="</w>")
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
     config = CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
@@ -267,11 +275,19 @@ def build_flux_transformer(guidance_embeds: bool, joint_attention_dim: int = 32,
     )
 
 
-def build_flux_vae(latent_channels: int = 4, scaling_factor: float = 1.5035, shift_factor: float = 0.0609):
+def build_flux_vae(latent_channels: int = 4):
+    """The FLUX.1 VAE layout at tiny width; shift and scaling factors are its own latents' mean and 1 / std (as the
+    released factors are the released VAE's), so normalized latents have about unit variance."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
+    from .tiny import latent_statistics
+
+    vae = AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(4, 8, 8, 8), layers_per_block=1, latent_channels=latent_channels, norm_num_groups=4, sample_size=32,
-        use_quant_conv=False, use_post_quant_conv=False, shift_factor=shift_factor, scaling_factor=scaling_factor,
+        use_quant_conv=False, use_post_quant_conv=False,
     )
+    mean, std = latent_statistics(vae)
+    z_std = float(((std**2 + (mean - mean.mean()) ** 2).mean()) ** 0.5)  # over all channels together
+    vae.register_to_config(shift_factor=round(float(mean.mean()), 4), scaling_factor=round(1.0 / z_std, 4))
+    return vae

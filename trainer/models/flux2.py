@@ -28,7 +28,7 @@ from typing import TypedDict
 import torch
 
 from . import register
-from .base import Cond, InferenceRequest, ModelAdapter, PlannerSpec, Variant
+from .base import Cond, InferenceRequest, ModelAdapter, LearningCase, PlannerSpec, Variant
 
 MAX_REFERENCE_AREA = 1024 * 1024  # the pipelines shrink larger reference images to this area
 TRAINING_MU_STEPS = 50  # compute_empirical_mu's step count used for training sigmas
@@ -82,8 +82,8 @@ class Flux2Adapter(ModelAdapter):
     family = "flux2"
     entry = "train_flux2_lora.py"
     variants = (
-        Variant("flux2", "Flux2Pipeline", (0, 10), hub_hints=("flux.2-dev", "flux2-dev")),
-        Variant("flux2-klein", "Flux2KleinPipeline", (0, 10), hub_hints=("klein",)),
+        Variant("flux2", "Flux2Pipeline", (0, 10), hub_hints=("flux.2-dev", "flux2-dev"), learning=LearningCase(1, 300, 1e-2)),
+        Variant("flux2-klein", "Flux2KleinPipeline", (0, 10), hub_hints=("klein",), learning=LearningCase(2, 500, 1e-2)),
     )
     transformer_class = "Flux2Transformer2DModel"
     default_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
@@ -174,6 +174,12 @@ class Flux2Adapter(ModelAdapter):
     def training_mu(self, image_seq_len: int) -> float | None:
         return compute_mu(image_seq_len)
 
+    @property
+    def training_guidance(self) -> float:
+        """The distilled guidance value of training and validation samples: guidance_scale, else the pipeline's default
+        (what inference.py and the pipeline use when not told otherwise)."""
+        return DEFAULT_GUIDANCE if self.cfg.guidance_scale is None else self.cfg.guidance_scale
+
     def predict(self, transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Cond) -> torch.Tensor:
         from diffusers import Flux2Pipeline
 
@@ -188,7 +194,7 @@ class Flux2Adapter(ModelAdapter):
             hidden, ids = torch.cat([target, refs], dim=1), torch.cat([ids, ref_ids], dim=1)
         else:
             hidden = target
-        guidance = torch.full((b,), self.cfg.guidance_scale, device=dev, dtype=torch.float32) if self.guidance else None
+        guidance = torch.full((b,), self.training_guidance, device=dev, dtype=torch.float32) if self.guidance else None
         out = transformer(
             hidden_states=hidden,
             timestep=sigmas.to(dt),  # the pipeline passes t/1000 = sigma
@@ -202,7 +208,7 @@ class Flux2Adapter(ModelAdapter):
 
     # --- sampling and inference ----------------------------------------------------------------------------
     def sampling_kwargs(self, cond: Cond, negative: Cond, size: tuple[int, int], images: list) -> dict:
-        kwargs = {"prompt_embeds": cond["prompt_embeds"], "guidance_scale": self.cfg.validation_guidance_scale if self.klein else self.cfg.guidance_scale}
+        kwargs = {"prompt_embeds": cond["prompt_embeds"], "guidance_scale": self.cfg.validation_guidance_scale if self.klein else self.training_guidance}
         if self.klein:
             kwargs["negative_prompt_embeds"] = negative["prompt_embeds"]
         if images:
@@ -333,11 +339,15 @@ def build_mistral3(tokenizer, hidden: int = 32):
 def build_flux2_vae():
     from diffusers import AutoencoderKLFlux2
 
+    from .tiny import latent_statistics
+
     vae = AutoencoderKLFlux2(block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=8, norm_num_groups=4)
-    with torch.no_grad():  # non-trivial batch-norm statistics, so that a missing normalisation shows up
-        g = torch.Generator().manual_seed(2)
-        vae.bn.running_mean.copy_(torch.randn(vae.bn.running_mean.shape, generator=g) * 0.1)
-        vae.bn.running_var.copy_(1.0 + torch.rand(vae.bn.running_var.shape, generator=g))
+    # Batch-norm statistics of its own patchified latents, as the released VAE's are: normalized latents have about
+    # unit variance, and a missing normalisation changes them several-fold.
+    mean, std = latent_statistics(vae, patch=2)
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(mean)
+        vae.bn.running_var.copy_(std**2 - vae.config.batch_norm_eps)
     return vae
 
 

@@ -23,7 +23,7 @@ from typing import TypedDict
 import torch
 
 from . import register
-from .base import Cond, InferenceRequest, ModelAdapter, PlannerSpec, Variant
+from .base import Cond, InferenceRequest, ModelAdapter, LearningCase, PlannerSpec, Variant
 from .flux import CLIP_L_PARAMS, FLUX_VAE_PARAMS, build_clip, build_flux_vae, flux_vae_latents
 from .qwen_image import QWEN25_VL_PARAMS, build_qwen_text_encoder, build_qwen_tokenizer, pad_and_stack, save_qwen_processor
 
@@ -38,7 +38,8 @@ class KandinskyCond(TypedDict):
 class Kandinsky5Adapter(ModelAdapter):
     family = "kandinsky5"
     entry = "train_kandinsky_lora.py"
-    variants = (Variant("kandinsky5", "Kandinsky5T2IPipeline", hub_hints=("kandinsky-5", "kandinsky5")),)
+    variants = (Variant("kandinsky5", "Kandinsky5T2IPipeline", hub_hints=("kandinsky-5", "kandinsky5"),
+                        learning=LearningCase(0, 600, 1e-2)),)
     transformer_class = "Kandinsky5Transformer3DModel"
     default_target_modules = ("to_query", "to_key", "to_value", "self_attention.out_layer", "cross_attention.out_layer")
     block_count_keys = ("num_text_blocks", "num_visual_blocks")
@@ -175,7 +176,7 @@ class Kandinsky5Adapter(ModelAdapter):
                     p.normal_(0.0, 0.05)
         pipe = Kandinsky5T2IPipeline(
             transformer=transformer,
-            vae=build_flux_vae(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159),
+            vae=build_flux_vae(latent_channels=16),
             text_encoder=build_qwen_text_encoder(tokenizer), tokenizer=None, text_encoder_2=clip, tokenizer_2=clip_tok,
             scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         )

@@ -26,7 +26,7 @@ from diffusers import QwenImagePipeline
 from . import register
 from trainer.config import ConfigError
 
-from .base import Cond, InferenceRequest, ModelAdapter, PlannerSpec, Variant
+from .base import Cond, InferenceRequest, ModelAdapter, LearningCase, PlannerSpec, Variant
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def calculate_dimensions(area: int, ratio: float) -> tuple[int, int]:
 class QwenImageAdapter(ModelAdapter):
     family = "qwen-image"
     entry = "train.py"
-    variants = (Variant("qwen-image", "QwenImagePipeline", hub_hints=("qwen-image",)),)
+    variants = (Variant("qwen-image", "QwenImagePipeline", hub_hints=("qwen-image",), learning=LearningCase(0, 300, 1e-2)),)
     transformer_class = "QwenImageTransformer2DModel"
     default_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     encoder_folders = ("text_encoder", "tokenizer", "vae", "processor")
@@ -238,9 +238,13 @@ class QwenImageEditAdapter(QwenImageAdapter):
     family = "qwen-image-edit"
     entry = "train_qwen_edit_lora.py"
     variants = (
-        Variant("qwen-image-edit", "QwenImageEditPipeline", (1, 1), hub_hints=("qwen-image-edit",)),
+        # The pipelines give every reference a 1024x1024-area VAE view (4,096 tokens beside the target's 16): the
+        # learning runs take minutes on 2 CPUs, so bench/learning.py runs them.
+        Variant("qwen-image-edit", "QwenImageEditPipeline", (1, 1), hub_hints=("qwen-image-edit",),
+                learning=LearningCase(1, 300, 1e-2, in_suite=False)),
         Variant("qwen-image-edit-plus", "QwenImageEditPlusPipeline", (1, 3),
-                hub_hints=("qwen-image-edit-2509", "qwen-image-edit-2511", "qwen-image-edit-plus")),
+                hub_hints=("qwen-image-edit-2509", "qwen-image-edit-2511", "qwen-image-edit-plus"),
+                learning=LearningCase(2, 300, 1e-2, in_suite=False)),
     )
     text_needs_pixels = True
 
@@ -366,14 +370,16 @@ def build_qwen_text_encoder(tokenizer, hidden_size: int = 32):
 def build_qwen_vae(z_dim: int = 4):
     from diffusers import AutoencoderKLQwenImage
 
-    g = torch.Generator().manual_seed(1)
-    return AutoencoderKLQwenImage(
-        # 8x spatial downsampling like the released VAE, so image token counts are the real ones
-        base_dim=z_dim * 4, z_dim=z_dim, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True],
-        # Non-trivial statistics so that latent normalisation bugs show up in tests.
-        latents_mean=(torch.randn(z_dim, generator=g) * 0.1).tolist(),
-        latents_std=(1.0 + torch.rand(z_dim, generator=g)).tolist(),
-    )
+    from .tiny import latent_statistics
+
+    # 8x spatial downsampling like the released VAE, so image token counts are the real ones
+    vae = AutoencoderKLQwenImage(base_dim=z_dim * 4, z_dim=z_dim, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True])
+    # latents_mean / latents_std of its own latents, as the released ones are: normalized latents have about unit
+    # variance, and a normalisation bug changes them several-fold.
+    mean, std = latent_statistics(vae, frames=True)
+    vae.register_to_config(latents_mean=[round(v, 5) for v in mean.tolist()], latents_std=[round(v, 5) for v in std.tolist()])
+    return vae
 
 
 def build_qwen_transformer(z_dim: int = 4, joint_attention_dim: int = 32, num_layers: int = 2, **extra):

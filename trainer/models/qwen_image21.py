@@ -35,7 +35,7 @@ import torch
 from diffusers import QwenImage21Pipeline
 
 from . import register
-from .base import Cond, InferenceRequest, ModelAdapter, PlannerSpec, Variant
+from .base import Cond, InferenceRequest, ModelAdapter, LearningCase, PlannerSpec, Variant
 from .qwen_image import calculate_dimensions, qwen_cfg_kwargs, to_pil
 from trainer.config import ConfigError
 
@@ -71,7 +71,8 @@ def flatten(latents: torch.Tensor) -> torch.Tensor:
 class QwenImage21Adapter(ModelAdapter):
     family = "qwen-image-2.1"
     entry = "train_qwen_image_21_lora.py"
-    variants = (Variant("qwen-image-2.1", "QwenImage21Pipeline", (0, 10), hub_hints=("qwen-image-2.1",)),)
+    variants = (Variant("qwen-image-2.1", "QwenImage21Pipeline", (0, 10), hub_hints=("qwen-image-2.1",),
+                        learning=LearningCase(0, 300, 5e-3)),)
     transformer_class = "QwenImage21Transformer2DModel"
     default_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
     encoder_folders = ("text_encoder", "processor", "vae")
@@ -388,12 +389,13 @@ def build_qwen21_vae(z_dim: int = 16):
     """16x spatial (four downsamplings) RGBA VAE like the released one, at tiny width, with non-trivial statistics."""
     from diffusers import AutoencoderKLQwenImage21
 
-    g = torch.Generator().manual_seed(1)
-    return AutoencoderKLQwenImage21(
-        base_dim=8, decoder_base_dim=8, z_dim=z_dim, dim_mult=[1, 1, 1, 1, 1], num_res_blocks=1,
-        temperal_downsample=[False, True, True, True],
-        latents_mean=(torch.randn(z_dim, generator=g) * 0.1).tolist(), latents_std=(1.0 + torch.rand(z_dim, generator=g)).tolist(),
-    )
+    from .tiny import latent_statistics
+
+    vae = AutoencoderKLQwenImage21(base_dim=8, decoder_base_dim=8, z_dim=z_dim, dim_mult=[1, 1, 1, 1, 1], num_res_blocks=1,
+                                   temperal_downsample=[False, True, True, True])
+    mean, std = latent_statistics(vae, channels=4, frames=True)  # its own latents' statistics, as build_qwen_vae
+    vae.register_to_config(latents_mean=[round(v, 5) for v in mean.tolist()], latents_std=[round(v, 5) for v in std.tolist()])
+    return vae
 
 
 def qwen3_vl_processor(tokenizer):

@@ -22,11 +22,14 @@ the quick brown fox jumps over the lazy dog 0123456789 , . : ; ! ? ' " ( ) [ ] -
 """.strip().splitlines()
 
 
-def train_byte_level_bpe(vocab_size: int, special_tokens: list[str]):
-    """Train a byte-level BPE locally and return (vocab dict, merges list)."""
+def train_byte_level_bpe(vocab_size: int, special_tokens: list[str], end_of_word_suffix: str | None = None):
+    """Train a byte-level BPE locally and return (vocab dict, merges list). `end_of_word_suffix`: CLIP's "</w>"
+    convention (word-final pieces carry it; without it in the vocab, CLIP's tokenizer maps every word end to its
+    unknown token, which is its end-of-text token)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    tok = Tokenizer(models.BPE())
+    suffix = {"end_of_word_suffix": end_of_word_suffix} if end_of_word_suffix else {}
+    tok = Tokenizer(models.BPE(**suffix))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -34,11 +37,16 @@ def train_byte_level_bpe(vocab_size: int, special_tokens: list[str]):
         special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
+        **suffix,
     )
     tok.train_from_iterator(CORPUS * 20, trainer=trainer)
     model = json.loads(tok.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    return model["vocab"], merges
+    vocab = model["vocab"]
+    if end_of_word_suffix:  # every byte may end a word: no text maps to the unknown token
+        for c in pre_tokenizers.ByteLevel.alphabet():
+            vocab.setdefault(c + end_of_word_suffix, len(vocab))
+    return vocab, merges
 
 
 def pin_prefix_length(tokenizer, prefix: str, specials: list[str], n_tokens: int) -> None:
@@ -70,3 +78,48 @@ def pin_prefix_length(tokenizer, prefix: str, specials: list[str], n_tokens: int
     got = len(tokenizer(prefix).input_ids)
     if got != n_tokens:
         raise ValueError(f"template prefix tokenizes to {got} tokens, expected {n_tokens}")
+
+
+def calibration_pixels(size: int = 64, channels: int = 3) -> "torch.Tensor":
+    """Synthetic pictures in [-1, 1] (B x channels x size x size): flat shapes on dark, grey and light backgrounds,
+    gradients. A tiny VAE's latent normalization constants are set from its latents of these, as the released
+    constants are statistics of the released VAE's latents of real images: normalized latents then have about unit
+    variance, as in the real models, instead of the ~0.1 a random encoder gives (which drowns images in the noise)."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(12):
+        bg = tuple(int(v) for v in rng.integers(0, 256, 3)) if i % 3 else ((20, 20, 20), (128, 128, 128), (240, 240, 240))[i // 3 % 3]
+        img = Image.new("RGB", (size, size), bg)
+        d = ImageDraw.Draw(img)
+        for _ in range(2):
+            x0, y0 = (int(v) for v in rng.integers(0, size * 2 // 3, 2))
+            x1, y1 = x0 + int(rng.integers(size // 6, size // 2)), y0 + int(rng.integers(size // 6, size // 2))
+            colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+            (d.rectangle if rng.random() < 0.5 else d.ellipse)((x0, y0, x1, y1), fill=colour)
+        images.append(np.asarray(img, dtype=np.float32))
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    images.append(np.stack([np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size)), np.full((size, size), 128.0)], -1))
+    x = torch.from_numpy(np.stack(images)).float().permute(0, 3, 1, 2) / 127.5 - 1.0
+    if channels == 4:  # RGBA VAEs: opaque pictures
+        x = torch.cat([x, torch.ones_like(x[:, :1])], 1)
+    return x
+
+
+def latent_statistics(vae, channels: int = 3, frames: bool = False, patch: int = 1) -> tuple:
+    """Per-channel mean and standard deviation of a VAE's latents (the distribution's mode) of calibration_pixels;
+    `frames`: the VAE takes a frame axis; `patch`: latents are patchified p x p into channels first (FLUX.2)."""
+    import torch
+
+    x = calibration_pixels(channels=channels)
+    with torch.no_grad():
+        z = vae.encode(x[:, :, None] if frames else x).latent_dist.mode()
+    if frames:
+        z = z[:, :, 0]
+    if patch > 1:
+        b, c, h, w = z.shape
+        z = z.view(b, c, h // patch, patch, w // patch, patch).permute(0, 1, 3, 5, 2, 4).reshape(b, c * patch * patch, h // patch, w // patch)
+    return z.mean((0, 2, 3)), z.std((0, 2, 3))

@@ -23,7 +23,7 @@ from typing import TypedDict
 import torch
 
 from . import register
-from .base import Cond, InferenceRequest, ModelAdapter, PlannerSpec, Variant
+from .base import Cond, InferenceRequest, ModelAdapter, LearningCase, PlannerSpec, Variant
 from .flux import flux_vae_latents
 from .qwen_image import pad_and_stack
 
@@ -36,11 +36,20 @@ class ZImageCond(TypedDict):
     prompt_embeds_mask: torch.Tensor  # B x L, 1 for real tokens
 
 
+def pipeline_guidance(scale: float) -> float:
+    """ZImagePipeline's guidance_scale w for the usual classifier-free guidance scale s (what --true_cfg_scale and
+    validation_guidance_scale mean for every family: 1 = no CFG). Its step is pos + w (pos - neg), so w = s - 1
+    (0 = no CFG; the pipeline's own default w = 5 is s = 6). Passing s unchanged (as this trainer once did) runs
+    2 pos - neg at "no CFG", which overshoots what the model was trained to produce (found by tests/test_learning.py)."""
+    return max(scale - 1.0, 0.0)
+
+
 @register
 class ZImageAdapter(ModelAdapter):
     family = "z-image"
+    default_true_cfg_scale = 6.0  # the pipeline's own default (its guidance_scale 5.0; see pipeline_guidance)
     entry = "train_z_image_lora.py"
-    variants = (Variant("z-image", "ZImagePipeline", hub_hints=("z-image",)),)
+    variants = (Variant("z-image", "ZImagePipeline", hub_hints=("z-image",), learning=LearningCase(0, 300, 5e-3)),)
     transformer_class = "ZImageTransformer2DModel"
     # every Linear ComfyUI maps for Z-Image (comfy.utils.z_image_to_diffusers): attention and feed-forward
     default_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
@@ -97,11 +106,11 @@ class ZImageAdapter(ModelAdapter):
             return [e[m.bool()] for e, m in zip(c["prompt_embeds"], c["prompt_embeds_mask"])]
 
         return {"prompt_embeds": as_list(cond), "negative_prompt_embeds": as_list(negative),
-                "guidance_scale": self.cfg.validation_guidance_scale}
+                "guidance_scale": pipeline_guidance(self.cfg.validation_guidance_scale)}
 
     def inference_kwargs(self, request: InferenceRequest) -> dict:
-        # ZImagePipeline runs CFG when guidance_scale > 1 (Turbo: 0); its negative prompt defaults to "".
-        return self.cfg_inference_kwargs(request)
+        # its negative prompt defaults to ""
+        return {**self.cfg_inference_kwargs(request), "guidance_scale": pipeline_guidance(request.true_cfg_scale)}
 
     # --- planner, benches, tiny models ---------------------------------------------------------------------
     def planner_spec(self) -> PlannerSpec:
@@ -126,7 +135,7 @@ class ZImageAdapter(ModelAdapter):
         tokenizer = build_qwen3_tokenizer()
         ZImagePipeline(
             scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False),
-            vae=build_flux_vae(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159),
+            vae=build_flux_vae(latent_channels=16),
             text_encoder=build_qwen3(tokenizer), tokenizer=tokenizer, transformer=build_z_image_transformer(),
         ).save_pretrained(out)
 
