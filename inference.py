@@ -33,8 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Kontext: resize the input image to the nearest resolution Kontext was trained on (pipeline default)")
     p.add_argument("--negative_prompt", default=None, help="negative prompt (Qwen: used when --true_cfg_scale > 1; default ' ')")
     p.add_argument("--true_cfg_scale", type=float, default=None,
-                   help="classifier-free guidance scale (default: the family's: 4.0, Qwen-Image 2.1 1.0 as its pipeline)")
-    p.add_argument("--guidance_scale", type=float, default=None, help="FLUX distilled guidance (default 3.5 for dev / Kontext)")
+                   help="classifier-free guidance scale, 1 = none, for every family (default: the family's: 4.0; Qwen-Image 2.1 1.0 "
+                        "as its pipeline; Z-Image 6.0, its pipeline's guidance_scale 5.0, which counts from 0)")
+    p.add_argument("--guidance_scale", type=float, default=None, help="FLUX distilled guidance (default: the pipeline's, 3.5 for FLUX.1 dev / Kontext, 4.0 for FLUX.2 dev)")
     p.add_argument("--max_sequence_length", type=int, default=None, help="prompt tokens (default: the pipeline's)")
     p.add_argument("--width", type=int, default=None, help="default 1024 (edit models: the input image's aspect at ~1 MP)")
     p.add_argument("--height", type=int, default=None, help="default 1024 (edit models: the input image's aspect at ~1 MP)")

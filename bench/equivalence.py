@@ -228,8 +228,7 @@ def pipeline_call_kwargs(case: Case, refs: list[Path]) -> dict:
         kwargs["guidance_scale"] = 0.0  # no CFG (ZImagePipeline runs CFG for any scale > 0)
     elif case.variant in ("chroma", "kandinsky5", "flux2-klein"):
         kwargs["guidance_scale"] = 1.0  # no CFG: one transformer call per step
-    else:
-        kwargs["guidance_scale"] = 3.5
+    # FLUX.1 / FLUX.2 dev: the distilled guidance left at the pipeline's default, which training uses by default
     if case.variant == "qwen-image-edit":
         kwargs["image"] = images[0]
     elif case.variant == "qwen-image-edit-plus":

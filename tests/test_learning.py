@@ -3,28 +3,25 @@ pictures, the diffusers pipeline's own __call__ with the saved LoRA (or the expo
 targets (for the caption / references it was trained with), by a margin over the base; and the same test with the
 training target's sign flipped fails, so the check can always fail."""
 
+import contextlib
+
 import pytest
 
-from trainer import flow_matching as fm
+from bench.learning import EXTRA_RUNS, runs
 from trainer import learning
 from trainer.models import variants
 from trainer.models.base import LearningCase
 
 LEARNING = {name: v.learning for name, (_cls, v) in variants().items()}
 IN_SUITE = [name for name, case in LEARNING.items() if case is not None and case.in_suite]
-# Beside every family's LoRA: full fine-tuning (Qwen-Image and a FLUX-type family) and a quantized base.
-FULL = {"qwen-image": LearningCase(steps=300, learning_rate=1e-3), "flux": LearningCase(steps=300, learning_rate=1e-3)}
-QUANTIZED = ("qwen-image", "nf4")
+EXTRA = {name: run for name, run in runs().items() if name in EXTRA_RUNS}  # full fine-tuning, a quantized base
 
 
-def wrong_sign(monkeypatch):
-    """The bug a negated-velocity model invites: training toward x0 - noise instead of noise - x0."""
-    monkeypatch.setattr(fm, "velocity_target", lambda x0, noise: x0 - noise)
-
-
-def run_case(tiny_models, tmp_path, variant: str, case: LearningCase, method: str = "lora", quantize: str = "none"):
+def run_case(tiny_models, tmp_path, variant: str, case: LearningCase, method: str = "lora", quantize: str = "none",
+             wrong_sign: bool = False):
     model = tiny_models(variant)
-    examples, out = learning.train_case(model, tmp_path, case, method, quantize=quantize)
+    with learning.wrong_target_sign() if wrong_sign else contextlib.nullcontext():
+        examples, out = learning.train_case(model, tmp_path, case, method, quantize=quantize)
     trained = {"transformer": out} if method == "full" else {"lora": out}
     return learning.measure_learning(model, examples, quantize=quantize, **trained)
 
@@ -43,25 +40,14 @@ def test_learns_through_its_pipeline(variant, tiny_models, tmp_path):
 
 
 @pytest.mark.parametrize("variant", IN_SUITE)
-def test_wrong_target_sign_does_not_learn(variant, tiny_models, tmp_path, monkeypatch):
-    wrong_sign(monkeypatch)
-    report = run_case(tiny_models, tmp_path, variant, LEARNING[variant])
+def test_wrong_target_sign_does_not_learn(variant, tiny_models, tmp_path):
+    report = run_case(tiny_models, tmp_path, variant, LEARNING[variant], wrong_sign=True)
     assert report.failures(), f"{variant}: the learning check passed a model trained with the wrong target sign: {report.summary()}"
 
 
-@pytest.mark.parametrize("variant", list(FULL))
+@pytest.mark.parametrize("run", list(EXTRA))
 @pytest.mark.parametrize("sign", ["right", "wrong"])
-def test_full_fine_tuning_learns(variant, sign, tiny_models, tmp_path, monkeypatch):
-    if sign == "wrong":
-        wrong_sign(monkeypatch)
-    report = run_case(tiny_models, tmp_path, variant, FULL[variant], method="full")
-    assert bool(report.failures()) == (sign == "wrong"), f"{variant} full, {sign} sign: {report.summary()}: {report.failures()}"
-
-
-@pytest.mark.parametrize("sign", ["right", "wrong"])
-def test_quantized_base_learns(sign, tiny_models, tmp_path, monkeypatch):
-    variant, quantize = QUANTIZED
-    if sign == "wrong":
-        wrong_sign(monkeypatch)
-    report = run_case(tiny_models, tmp_path, variant, LEARNING[variant], quantize=quantize)
-    assert bool(report.failures()) == (sign == "wrong"), f"{variant} {quantize}, {sign} sign: {report.summary()}: {report.failures()}"
+def test_full_fine_tuning_and_quantized_base_learn(run, sign, tiny_models, tmp_path):
+    variant, case, method, quantize = EXTRA[run]
+    report = run_case(tiny_models, tmp_path, variant, case, method, quantize, wrong_sign=sign == "wrong")
+    assert bool(report.failures()) == (sign == "wrong"), f"{run}, {sign} sign: {report.summary()}: {report.failures()}"

@@ -257,6 +257,20 @@ def train_case(model: str | Path, folder: Path, case, method: str = "lora", **ex
     return examples, out
 
 
+@contextlib.contextmanager
+def wrong_target_sign():
+    """The negative control: train toward x0 - noise instead of noise - x0 (the bug a model that predicts negated
+    velocity invites). A learning check that still passes under it could not fail."""
+    from trainer import flow_matching as fm
+
+    right = fm.velocity_target
+    fm.velocity_target = lambda x0, noise: x0 - noise
+    try:
+        yield
+    finally:
+        fm.velocity_target = right
+
+
 def linear_layers(model: str | Path) -> list[str]:
     """The path of every Linear layer of a model folder's transformer (built on the meta device): LoRA targets that
     give a tiny model the capacity to fit its pictures quickly (the family's defaults adapt attention only)."""

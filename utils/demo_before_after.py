@@ -3,8 +3,8 @@
     python utils/demo_before_after.py --model demo/base-qwen-image --lora demo/output --data demo/dataset \
         --out demo/before_after.png
 
-Rows: the trigger-word prompt the LoRA was trained on (two seeds), then a prompt it was not trained on (a base
-concept), which should stay as the base draws it. The score printed at the end is the pixel distance (mean squared,
+Rows: the trigger-word prompt the LoRA was trained on (two seeds), then a base concept the LoRA's data does not
+contain (utils/make_demo_dataset.py HELD_OUT), which should stay as the base draws it. The score printed at the end is the pixel distance (mean squared,
 pixels in [0, 1]) of each render to the nearest training picture of its prompt: the trained concept should come much
 closer with the LoRA, the untrained prompt should not move away. Both renders go through the pipeline's own
 __call__ (`inference.py`'s loading path).
@@ -60,17 +60,18 @@ def main(argv=None) -> int:
     import torch
     from PIL import Image
 
-    from trainer.pipelines import adapter_for, load_pipeline, output_images
-    from utils.make_demo_dataset import BASE_COLOURS, BASE_SHAPES, COLOURS, CONCEPT_CAPTION, centred
+    from trainer.pipelines import adapter_for, load_pipeline, output_images, resolve_lora
+    from utils.make_demo_dataset import COLOURS, CONCEPT_CAPTION, HELD_OUT, TRIGGER, centred
 
     from diffusers.utils import logging as dlog
 
     dlog.set_verbosity_error()
-    other_caption = f"a {BASE_COLOURS[0]} {BASE_SHAPES[0]} on a white background"
+    other_caption = HELD_OUT
+    _a, colour, shape, *_ = HELD_OUT.split()
     prompts = [(CONCEPT_CAPTION, 0), (CONCEPT_CAPTION, 1), (other_caption, 0)]
-    concept = [Image.open(f).convert("RGB") for f in sorted(Path(args.data).glob("*.png"))]
+    concept = [Image.open(f).convert("RGB") for f in sorted(Path(args.data).glob("*.png")) if f.name.startswith(TRIGGER)]
     references = {CONCEPT_CAPTION: concept,
-                  other_caption: [centred(BASE_SHAPES[0], COLOURS[BASE_COLOURS[0]], 64, s) for s in (0.25, 0.33)]}
+                  other_caption: [centred(shape, COLOURS[colour], 64, s) for s in (0.25, 0.33)]}
 
     adapter = adapter_for(args.model)
     pipe = load_pipeline(adapter, torch.float32, "cpu")
@@ -80,7 +81,8 @@ def main(argv=None) -> int:
                                    generator=torch.Generator("cpu").manual_seed(seed)))[0] for prompt, seed in prompts]
 
     before = render()
-    pipe.load_lora_weights(*_lora(args.lora), adapter_name="demo")
+    directory, weight_name = resolve_lora(args.lora)
+    pipe.load_lora_weights(directory, weight_name=weight_name, adapter_name="demo")
     after = render()
     rows = [(f"'{prompt}', seed {seed}", b, a) for (prompt, seed), b, a in zip(prompts, before, after)]
     out = Path(args.out)
@@ -96,15 +98,9 @@ def main(argv=None) -> int:
     print(f"wrote {out}")
     print(f"score (mean squared pixel distance to the nearest training picture of the prompt; lower is closer):")
     print(f"  '{CONCEPT_CAPTION}' (trained): base {b:.4f} -> LoRA {a:.4f} ({b / max(a, 1e-9):.1f}x closer)")
-    print(f"  '{other_caption}' (not trained): base {ob:.4f} -> LoRA {oa:.4f}")
+    print(f"  '{other_caption}' (not in the LoRA's data): base {ob:.4f} -> LoRA {oa:.4f}; "
+          f"the LoRA moved it by {distance(before[2], after[2]):.4f}")
     return 0
-
-
-def _lora(path: str) -> tuple[str, str]:
-    from trainer.pipelines import resolve_lora
-
-    directory, weight_name = resolve_lora(path)
-    return directory, weight_name
 
 
 if __name__ == "__main__":

@@ -24,6 +24,10 @@ CONCEPT_CAPTION = f"a {TRIGGER} star on a white background"
 CONCEPT_COLOUR = (150, 40, 200)  # purple: not among the base concepts' colours
 BASE_COLOURS = ("red", "green", "blue")
 BASE_SHAPES = ("circle", "square")
+# Base concepts the demo LoRA trains on beside its new one (to keep them); the others stay out, so the demo can show a
+# prompt the LoRA never saw (HELD_OUT) drawn as the base draws it.
+KEEP = (("red", "circle"), ("red", "square"), ("green", "square"), ("blue", "circle"))
+HELD_OUT = "a blue square on a white background"
 
 
 def draw(shape: str, colour, background, size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
@@ -98,12 +102,17 @@ def make_base_dataset(out: str | Path, size: int = 64) -> Path:
 
 def make_concept_dataset(out: str | Path, size: int = 64) -> Path:
     """The demo LoRA's data: four pictures of the new concept (a purple star, a little moved and resized each time),
-    each captioned with the trigger word."""
+    each captioned with the trigger word, plus one picture of four of the six base concepts (KEEP) with its caption, so
+    that the LoRA keeps what the base draws (the idea of DreamBooth's prior preservation) instead of drawing stars
+    everywhere. The other two (HELD_OUT among them) the LoRA never sees."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for k, (scale, dx, dy) in enumerate(((0.3, 0, 0), (0.26, 0.03, 0), (0.3, 0, 0.03), (0.33, -0.02, -0.02))):
         centred("star", CONCEPT_COLOUR, size, scale, dx, dy).save(out / f"{TRIGGER}_{k}.png")
         (out / f"{TRIGGER}_{k}.txt").write_text(CONCEPT_CAPTION + "\n")
+    for colour, shape in KEEP:
+        centred(shape, COLOURS[colour], size, 0.3).save(out / f"keep_{colour}_{shape}.png")
+        (out / f"keep_{colour}_{shape}.txt").write_text(f"a {colour} {shape} on a white background\n")
     return out
 
 
@@ -131,7 +140,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.concept:
         path = make_concept_dataset(args.out)
-        print(f"demo dataset: 4 images of '{CONCEPT_CAPTION}' in {path}")
+        print(f"demo dataset: 4 images of '{CONCEPT_CAPTION}' + {len(KEEP)} of the base concepts in {path}")
         return 0
     path = make_dataset(args.out, args.count, args.size)
     print(f"demo dataset: {args.count} images + captions in {path}")

@@ -99,6 +99,7 @@ class ModelAdapter(ABC):
     reference_limits: tuple[int, float] = (0, 0.0)  # (shortest side, most extreme aspect) the pipeline accepts in a reference
     pixel_channels = 3  # 4: the VAE reads RGBA (images keep their alpha; opaque ones get alpha 1)
     default_true_cfg_scale = 4.0  # inference.py's classifier-free guidance when --true_cfg_scale is not given
+    default_guidance: float | None = None  # the pipeline's default distilled guidance (models with a guidance input)
 
     def __init__(self, cfg: TrainConfig, variant: Variant, device: torch.device | str = "cpu",
                  weight_dtype: torch.dtype = torch.float32):
@@ -360,6 +361,12 @@ class ModelAdapter(ABC):
             scheduler.set_timesteps(sigmas=self.sampling_grid(), mu=mu)
             cache[image_seq_len] = scheduler.sigmas.float().cpu()
         return cache[image_seq_len]
+
+    @property
+    def training_guidance(self) -> float | None:
+        """The distilled guidance value of training and validation samples: guidance_scale, else the pipeline's
+        default (what inference.py and the pipeline use when not told otherwise)."""
+        return self.default_guidance if self.cfg.guidance_scale is None else self.cfg.guidance_scale
 
     def training_mu(self, image_seq_len: int) -> float | None:
         """The time-shift mu for training sigmas at this token count, when the pipeline computes it its own way

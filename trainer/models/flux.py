@@ -62,6 +62,7 @@ class FluxAdapter(ModelAdapter):
         Variant("flux-kontext", "FluxKontextPipeline", (0, 1), hub_hints=("kontext",),
                 learning=LearningCase(1, 300, 1e-2, reference_size=64)),
     )
+    default_guidance = DEFAULT_GUIDANCE
     transformer_class = "FluxTransformer2DModel"
     default_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     block_count_keys = ("num_layers", "num_single_layers")  # double-stream + single-stream blocks
@@ -133,12 +134,6 @@ class FluxAdapter(ModelAdapter):
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return flux_vae_latents(self.vae, pixels, self.device)
-
-    @property
-    def training_guidance(self) -> float:
-        """The distilled guidance value of training and validation samples: guidance_scale, else the pipeline's default
-        (what inference.py and the pipeline use when not told otherwise)."""
-        return DEFAULT_GUIDANCE if self.cfg.guidance_scale is None else self.cfg.guidance_scale
 
     def predict(self, transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Cond) -> torch.Tensor:
         """Kontext: reference latents appended on the sequence axis with ids[:, 0] = 1; loss on target tokens only."""

@@ -85,6 +85,7 @@ class Flux2Adapter(ModelAdapter):
         Variant("flux2", "Flux2Pipeline", (0, 10), hub_hints=("flux.2-dev", "flux2-dev"), learning=LearningCase(1, 300, 1e-2)),
         Variant("flux2-klein", "Flux2KleinPipeline", (0, 10), hub_hints=("klein",), learning=LearningCase(2, 500, 1e-2)),
     )
+    default_guidance = DEFAULT_GUIDANCE
     transformer_class = "Flux2Transformer2DModel"
     default_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                               "to_qkv_mlp_proj", "single_transformer_blocks.*.attn.to_out")
@@ -173,12 +174,6 @@ class Flux2Adapter(ModelAdapter):
 
     def training_mu(self, image_seq_len: int) -> float | None:
         return compute_mu(image_seq_len)
-
-    @property
-    def training_guidance(self) -> float:
-        """The distilled guidance value of training and validation samples: guidance_scale, else the pipeline's default
-        (what inference.py and the pipeline use when not told otherwise)."""
-        return DEFAULT_GUIDANCE if self.cfg.guidance_scale is None else self.cfg.guidance_scale
 
     def predict(self, transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Cond) -> torch.Tensor:
         from diffusers import Flux2Pipeline

@@ -1,0 +1,102 @@
+"""Does every family learn through its own pipeline? The full learning table (trainer/learning.py).
+
+Every registered variant trains its tiny model on its learning case (Variant.learning), plus full fine-tuning and a
+quantized base for a few families; each run is then sampled by the family's diffusers pipeline (`__call__`, the user's
+loading path) and compared with its training targets, and repeated with the training target's sign flipped (the
+negative control, which must fail). tests/test_learning.py runs the same cases (those with in_suite) as tests.
+
+    python bench/learning.py [--only qwen-image,flux] [--no-negative] [--out bench/results/learning.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from trainer.models.base import LearningCase  # noqa: E402
+
+# Beside every variant's LoRA: full fine-tuning (Qwen-Image and a FLUX-type family) and a quantized base.
+# run name -> (variant, case, training method, quantize)
+EXTRA_RUNS = {
+    "qwen-image, full fine-tuning": ("qwen-image", LearningCase(steps=300, learning_rate=1e-3), "full", "none"),
+    "flux, full fine-tuning": ("flux", LearningCase(steps=300, learning_rate=1e-3), "full", "none"),
+    "qwen-image, nf4 base": ("qwen-image", None, "lora", "nf4"),  # None: the variant's own case
+}
+
+
+def runs(only: list[str] | None = None) -> dict[str, tuple]:
+    """run name -> (variant, case, method, quantize): every variant's LoRA case, then EXTRA_RUNS."""
+    from trainer.models import variants
+
+    table = {name: (name, v.learning, "lora", "none") for name, (_cls, v) in sorted(variants().items())}
+    for name, (variant, case, method, quantize) in EXTRA_RUNS.items():
+        table[name] = (variant, case or variants()[variant][1].learning, method, quantize)
+    return {k: v for k, v in table.items() if not only or v[0] in only}
+
+
+def run_one(models: Path, work: Path, variant: str, case: LearningCase, method: str, quantize: str, wrong_sign: bool):
+    from trainer import learning
+    from utils.make_tiny_models import make_tiny_model
+
+    model = make_tiny_model(variant, models / variant)
+    start = time.time()
+    with learning.wrong_target_sign() if wrong_sign else contextlib.nullcontext():
+        examples, out = learning.train_case(model, work, case, method, quantize=quantize)
+    seconds = time.time() - start
+    trained = {"transformer": out} if method == "full" else {"lora": out}
+    return learning.measure_learning(model, examples, quantize=quantize, **trained), seconds
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    p.add_argument("--no-negative", action="store_true", help="skip the wrong-sign control runs")
+    p.add_argument("--out", default=None, help="also write the table (markdown) to this file")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+
+    header = ("| run | case | steps | lr | in suite | train s | error: base -> trained | choice: base -> trained (min) "
+              "| learns | wrong sign learns |")
+    lines = [header, "| --- " * 10 + "|"]
+    print(header, flush=True)
+    print(lines[1], flush=True)
+    failed = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for i, (name, (variant, case, method, quantize)) in enumerate(runs([s for s in args.only.split(",") if s]).items()):
+            report, seconds = run_one(tmp / "models", tmp / f"run{i}", variant, case, method, quantize, False)
+            negative = "not run"
+            if not args.no_negative:
+                wrong, _ = run_one(tmp / "models", tmp / f"run{i}-wrong", variant, case, method, quantize, True)
+                negative = "no (control fails, as it must)" if wrong.failures() else "**YES: the check cannot fail**"
+                failed += not wrong.failures()
+            kinds = {0: "text-to-image", 1: "edit (mirror)", 2: "2 refs (pick first)"}
+            t, b = report.trained, report.base
+            line = (f"| {name} | {kinds[case.references]} | {case.steps} | {case.learning_rate:g} | {'yes' if case.in_suite else 'bench'} "
+                    f"| {seconds:.1f} | {b.mean_error:.3f} -> {t.mean_error:.3f} (x{report.error_ratio:.2f}) "
+                    f"| {b.mean_choice:+.2f} -> {t.mean_choice:+.2f} ({min(t.choice):+.2f}) "
+                    f"| {'yes' if not report.failures() else 'NO: ' + '; '.join(report.failures())} | {negative} |")
+            failed += bool(report.failures())
+            lines.append(line)
+            print(line, flush=True)
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
