@@ -140,7 +140,7 @@ class TrainConfig:
     validation_images: list[str] = doc([], "edit / Kontext: input image per validation prompt (one image is shared by all prompts); entries with their own images override it")
     validation_steps: int = doc(0, "render the validation prompts every N steps (0 = only at the end)")
     validation_num_inference_steps: int = doc(20, "denoising steps for validation samples")
-    validation_guidance_scale: float = doc(4.0, "Qwen: true CFG scale for validation samples (FLUX uses guidance_scale)")
+    validation_guidance_scale: float = doc(4.0, "classifier-free guidance scale of validation samples, 1 = none, for the families that run real CFG (Qwen, Z-Image, Chroma, Kandinsky 5, FLUX.2 Klein); FLUX.1 / FLUX.2 dev use guidance_scale")
     validation_seed: int = doc(0, "seed of the validation samples (fixed, so samples are comparable across steps)")
     checkpointing_steps: int = doc(500, "save a checkpoint every N optimizer steps (0 disables intermediate checkpoints)")
     checkpoints_total_limit: Optional[int] = doc(None, "keep at most this many checkpoints (oldest deleted first)")
