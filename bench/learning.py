@@ -11,12 +11,10 @@ negative control, which must fail). tests/test_learning.py runs the same cases (
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -47,13 +45,7 @@ def run_one(models: Path, work: Path, variant: str, case: LearningCase, method: 
     from trainer import learning
     from utils.make_tiny_models import make_tiny_model
 
-    model = make_tiny_model(variant, models / variant)
-    start = time.time()
-    with learning.wrong_target_sign() if wrong_sign else contextlib.nullcontext():
-        examples, out = learning.train_case(model, work, case, method, quantize=quantize)
-    seconds = time.time() - start
-    trained = {"transformer": out} if method == "full" else {"lora": out}
-    return learning.measure_learning(model, examples, quantize=quantize, **trained), seconds
+    return learning.run(make_tiny_model(variant, models / variant), work, case, method, quantize, wrong_sign)
 
 
 def main(argv=None) -> int:

@@ -3,8 +3,6 @@ pictures, the diffusers pipeline's own __call__ with the saved LoRA (or the expo
 targets (for the caption / references it was trained with), by a margin over the base; and the same test with the
 training target's sign flipped fails, so the check can always fail."""
 
-import contextlib
-
 import pytest
 
 from bench.learning import EXTRA_RUNS, runs
@@ -19,11 +17,7 @@ EXTRA = {name: run for name, run in runs().items() if name in EXTRA_RUNS}  # ful
 
 def run_case(tiny_models, tmp_path, variant: str, case: LearningCase, method: str = "lora", quantize: str = "none",
              wrong_sign: bool = False):
-    model = tiny_models(variant)
-    with learning.wrong_target_sign() if wrong_sign else contextlib.nullcontext():
-        examples, out = learning.train_case(model, tmp_path, case, method, quantize=quantize)
-    trained = {"transformer": out} if method == "full" else {"lora": out}
-    return learning.measure_learning(model, examples, quantize=quantize, **trained)
+    return learning.run(tiny_models(variant), tmp_path, case, method, quantize, wrong_sign)[0]
 
 
 def test_every_variant_has_a_learning_case():

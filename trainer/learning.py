@@ -257,6 +257,20 @@ def train_case(model: str | Path, folder: Path, case, method: str = "lora", **ex
     return examples, out
 
 
+def run(model: str | Path, folder: Path, case, method: str = "lora", quantize: str = "none",
+        wrong_sign: bool = False) -> tuple[Report, float]:
+    """train_case, then measure_learning on what it saved (the LoRA, or the exported transformer for full
+    fine-tuning); `wrong_sign`: the negative control. Returns the report and the training's seconds."""
+    import time
+
+    start = time.time()
+    with wrong_target_sign() if wrong_sign else contextlib.nullcontext():
+        examples, out = train_case(model, folder, case, method, quantize=quantize)
+    seconds = time.time() - start
+    trained = {"transformer": out} if method == "full" else {"lora": out}
+    return measure_learning(model, examples, quantize=quantize, **trained), seconds
+
+
 @contextlib.contextmanager
 def wrong_target_sign():
     """The negative control: train toward x0 - noise instead of noise - x0 (the bug a model that predicts negated

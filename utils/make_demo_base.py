@@ -82,7 +82,7 @@ def build(out: Path, vae_steps: int, transformer_steps: int, reuse_vae: bool = F
     from trainer.constants import TRANSFORMER_DIR
     from trainer.loop import train
     from trainer.models import variants
-    from trainer.models.tiny import latent_statistics
+    from trainer.models.qwen_image import calibrate_qwen_vae
     from utils.make_demo_dataset import make_base_dataset
     from utils.make_tiny_models import make_tiny_model
 
@@ -102,9 +102,7 @@ def build(out: Path, vae_steps: int, transformer_steps: int, reuse_vae: bool = F
         torch.manual_seed(0)
         vae = AutoencoderKLQwenImage(**VAE)
         mse = train_vae(vae, vae_steps)
-        mean, std = latent_statistics(vae, frames=True)
-        vae.register_to_config(latents_mean=[round(v, 5) for v in mean.tolist()], latents_std=[round(v, 5) for v in std.tolist()])
-        vae.save_pretrained(model / "vae")
+        calibrate_qwen_vae(vae).save_pretrained(model / "vae")
     torch.manual_seed(0)
     shutil.rmtree(model / "transformer")
     QwenImageTransformer2DModel(**TRANSFORMER).save_pretrained(model / "transformer")

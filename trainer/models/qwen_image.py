@@ -370,14 +370,18 @@ def build_qwen_text_encoder(tokenizer, hidden_size: int = 32):
 def build_qwen_vae(z_dim: int = 4):
     from diffusers import AutoencoderKLQwenImage
 
-    from .tiny import latent_statistics
-
     # 8x spatial downsampling like the released VAE, so image token counts are the real ones
     vae = AutoencoderKLQwenImage(base_dim=z_dim * 4, z_dim=z_dim, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
                                  temperal_downsample=[False, True, True])
-    # latents_mean / latents_std of its own latents, as the released ones are: normalized latents have about unit
-    # variance, and a normalisation bug changes them several-fold.
-    mean, std = latent_statistics(vae, frames=True)
+    return calibrate_qwen_vae(vae)
+
+
+def calibrate_qwen_vae(vae, channels: int = 3):
+    """Set a (tiny) Qwen-style VAE's latents_mean / latents_std to its own latents' statistics, as the released ones
+    are: normalized latents then have about unit variance, and a normalisation bug changes them several-fold."""
+    from .tiny import latent_statistics
+
+    mean, std = latent_statistics(vae, channels=channels, frames=True)
     vae.register_to_config(latents_mean=[round(v, 5) for v in mean.tolist()], latents_std=[round(v, 5) for v in std.tolist()])
     return vae
 

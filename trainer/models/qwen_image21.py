@@ -36,7 +36,7 @@ from diffusers import QwenImage21Pipeline
 
 from . import register
 from .base import Cond, InferenceRequest, ModelAdapter, LearningCase, PlannerSpec, Variant
-from .qwen_image import calculate_dimensions, qwen_cfg_kwargs, to_pil
+from .qwen_image import calculate_dimensions, calibrate_qwen_vae, qwen_cfg_kwargs, to_pil
 from trainer.config import ConfigError
 
 OUTPUT_RESOLUTION = 1024  # QwenImage21Pipeline's output_resolution default: condition images at this side's area
@@ -389,13 +389,9 @@ def build_qwen21_vae(z_dim: int = 16):
     """16x spatial (four downsamplings) RGBA VAE like the released one, at tiny width, with non-trivial statistics."""
     from diffusers import AutoencoderKLQwenImage21
 
-    from .tiny import latent_statistics
-
     vae = AutoencoderKLQwenImage21(base_dim=8, decoder_base_dim=8, z_dim=z_dim, dim_mult=[1, 1, 1, 1, 1], num_res_blocks=1,
                                    temperal_downsample=[False, True, True, True])
-    mean, std = latent_statistics(vae, channels=4, frames=True)  # its own latents' statistics, as build_qwen_vae
-    vae.register_to_config(latents_mean=[round(v, 5) for v in mean.tolist()], latents_std=[round(v, 5) for v in std.tolist()])
-    return vae
+    return calibrate_qwen_vae(vae, channels=4)
 
 
 def qwen3_vl_processor(tokenizer):
