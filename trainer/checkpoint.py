@@ -4,6 +4,7 @@ checkpoint-N/
     <the training method's files>      e.g. pytorch_lora_weights.safetensors (trainer/methods/)
     training_state.pt                  optimizer, LR schedule, step, data position, every RNG (torch.load weights_only)
     config.yaml                        the configuration the run used
+    owner.json                         the run that wrote it and the files it wrote (trainer/output_dir.py)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import random
 import re
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 
 from trainer.constants import CONFIG_FILE, STATE_FILE
+from trainer.output_dir import owner_id, remove_checkpoint, write_owner
 
 logger = logging.getLogger("trainer")
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -60,9 +63,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def complete_checkpoints(output_dir: str | Path, required: tuple[str, ...] = ()) -> list[tuple[int, Path]]:
-    """(step, path) of every finished checkpoint (holding the state file and `required`), oldest first.
-    Half-written temporary folders are ignored."""
+def complete_checkpoints(output_dir: str | Path, required: tuple[str, ...] = (), run_id: str | None = None) -> list[tuple[int, Path]]:
+    """(step, path) of every finished checkpoint (holding the state file and `required`), oldest first; with
+    `run_id`, only those that run wrote (trainer/output_dir.py). Half-written temporary folders are ignored."""
     out = Path(output_dir)
     if not out.is_dir():
         return []
@@ -70,12 +73,13 @@ def complete_checkpoints(output_dir: str | Path, required: tuple[str, ...] = ())
     for p in out.iterdir():
         m = _CKPT_RE.match(p.name)
         if m and p.is_dir() and all((p / f).is_file() for f in (STATE_FILE, *required)):
-            found.append((int(m.group(1)), p))
+            if run_id is None or owner_id(p) == run_id:
+                found.append((int(m.group(1)), p))
     return sorted(found)
 
 
-def latest_checkpoint(output_dir: str | Path, required: tuple[str, ...] = ()) -> Path | None:
-    ckpts = complete_checkpoints(output_dir, required)
+def latest_checkpoint(output_dir: str | Path, required: tuple[str, ...] = (), run_id: str | None = None) -> Path | None:
+    ckpts = complete_checkpoints(output_dir, required, run_id)
     return ckpts[-1][1] if ckpts else None
 
 
@@ -112,12 +116,14 @@ def save_checkpoint(
     total_limit: int | None = None,
     is_main: bool = True,
     barrier: Callable[[], None] = lambda: None,
+    run_id: str = "",
 ) -> Path:
     """Write checkpoint-<step> atomically, then delete the oldest complete ones beyond total_limit.
 
     Every process of a run calls this: `write_weights` runs on each (a sharded run writes its shards from every
     rank; other writers act on the main process only), everything else on the main process. `optimizer=None`: its
-    state is in the weights' own (sharded) files."""
+    state is in the weights' own (sharded) files. The checkpoint records `run_id` and the files it holds (owner.json):
+    rotation deletes only that run's checkpoints, and in them only the files it wrote."""
     out = Path(output_dir)
     final = out / f"checkpoint-{state.global_step}"
     tmp = out / f".tmp-checkpoint-{state.global_step}"
@@ -142,6 +148,7 @@ def save_checkpoint(
             (tmp / CONFIG_FILE).write_text(config_yaml)
         barrier()
         if is_main:
+            write_owner(tmp, run_id)
             fsync_tree(tmp)
     except Exception as e:  # torch, safetensors and plain writes each raise their own type on a full disk
         if is_main:
@@ -150,14 +157,18 @@ def save_checkpoint(
             raise
         raise CheckpointWriteError(disk_full_message(out, final.name)) from None
     if is_main:
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # this run's own, from before a resume at an earlier step
+            remove_checkpoint(final)
+            if final.exists():  # someone's files were in it: kept under another name
+                kept = out / f"{final.name}.kept-{int(time.time())}"
+                final.rename(kept)
+                logger.warning("moved %s to %s: it holds files the run did not write", final, kept)
         os.replace(tmp, final)
         _fsync_dir(out)
         if total_limit is not None:
-            ckpts = complete_checkpoints(out)  # every finished one: a checkpoint is renamed into place whole
+            ckpts = complete_checkpoints(out, run_id=run_id)  # a checkpoint is renamed into place whole
             for _step, path in ckpts[: max(0, len(ckpts) - total_limit)]:
-                shutil.rmtree(path, ignore_errors=True)
+                remove_checkpoint(path)
     barrier()
     return final
 

@@ -81,7 +81,8 @@ class DataConfig:
 class TrainConfig:
     pretrained_model_name_or_path: str = doc("Qwen/Qwen-Image", "diffusers model folder or Hugging Face hub id of the base model")
     data_config: DataConfig = field(default_factory=DataConfig, metadata={"help": "dataset options (see data_config.*)"})
-    output_dir: str = doc("./output", "where checkpoints, the final LoRA and logs are written")
+    output_dir: str = doc("./output", "where checkpoints, the final LoRA and logs are written; a folder belongs to one run (a fresh run refuses a folder holding an earlier run's results or other files)")
+    overwrite_output_dir: bool = doc(False, "start a fresh run in an output_dir that holds an earlier run's results (they are deleted; the embedding cache and files the trainer did not write are kept)")
     seed: int = doc(42, "random seed for data order, caption dropout, noise and timesteps")
 
     max_train_steps: int = doc(1000, "number of optimizer steps to train")
@@ -355,11 +356,38 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
             if not Path(img).is_file():
                 raise ConfigError(f"config key 'validation_images': file '{img}' does not exist")
         check_model_path(cfg.pretrained_model_name_or_path)
+        check_output_dir_place(cfg)
         if cfg.resume_from_checkpoint not in (None, "latest") and not Path(cfg.resume_from_checkpoint).is_dir():
             raise ConfigError(
                 f"config key 'resume_from_checkpoint': '{cfg.resume_from_checkpoint}' is not a checkpoint folder (use 'latest' or a path)"
             )
     return cfg
+
+
+def inside(path, folder) -> bool:
+    """`path` is `folder` or below it (links resolved)."""
+    path, folder = Path(path).expanduser().resolve(), Path(folder).expanduser().resolve()
+    return path == folder or folder in path.parents
+
+
+def check_output_dir_place(cfg: TrainConfig) -> None:
+    """output_dir is never the dataset (its files would become training data, and rotation could reach them) nor
+    the base model's folder (a full fine-tune would replace its transformer/)."""
+    d = cfg.data_config
+    out = cfg.output_dir
+    folders = {"data_config.img_dir": d.img_dir if not (d.metadata_file or d.webdataset or d.hf_dataset) else None,
+               "data_config.metadata_file": str(Path(d.metadata_file).parent) if d.metadata_file else None,
+               "data_config.hf_dataset": d.hf_dataset if d.hf_dataset and Path(d.hf_dataset).expanduser().is_dir() else None}
+    controls = [d.control_dir] if isinstance(d.control_dir, str) else list(d.control_dir or [])
+    folders.update({f"data_config.control_dir[{i}]": c for i, c in enumerate(controls)})
+    for key, folder in folders.items():
+        if folder and inside(out, folder):
+            raise ConfigError(f"config key 'output_dir': '{out}' is inside the dataset folder {key} ('{folder}'); the trainer's files "
+                              "(samples, loss curve, cache) would be read as training data. Choose a folder outside the dataset")
+    model = Path(cfg.pretrained_model_name_or_path).expanduser()
+    if model.is_dir() and Path(out).expanduser().resolve() == model.resolve():
+        raise ConfigError(f"config key 'output_dir': '{out}' is the base model's folder, whose transformer/ a run would replace; "
+                          "choose another folder")
 
 
 def check_model_path(name: str, key: str = "pretrained_model_name_or_path") -> None:

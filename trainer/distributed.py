@@ -11,7 +11,7 @@ the root), exactly as on GPUs. That is how the CPU tests run real sharding.
 
 Checkpoints of a sharded run: `sharded/` is a torch.distributed.checkpoint (DCP) folder written by every rank at
 once, holding the trained parameters, the optimizer state and the EMA as shards (fast, no gathering); resume reads
-it back into the same sharding. The training method's usual files (the LoRA file; a full fine-tune's transformer
+it back into the same sharding, every pickled piece through an allow-list (trainer/safe_load.py). The training method's usual files (the LoRA file; a full fine-tune's transformer
 folder, consolidated at the end of the run) are gathered and written by rank 0 only.
 """
 
@@ -117,20 +117,19 @@ def save_sharded(directory: Path, model: torch.nn.Module, optimizer, ema: dict |
 
 def load_sharded(directory: Path, model: torch.nn.Module, optimizer, ema: dict | None = None) -> None:
     """Read `save_sharded`'s folder back into the same sharding (collective); `ema` tensors are filled in place."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from trainer.safe_load import dcp_load, dcp_reader
 
     state = _state(model, optimizer, ema)
     folder = str(Path(directory) / SHARDED_DIR)
-    stored = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+    stored = dcp_reader(folder).read_metadata().state_dict_metadata
     missing = [k for k in state["model"] if f"model.{k}" not in stored]
     if missing:
         raise ValueError(f"{directory} does not hold these trained weights: {missing[:3]} ({len(missing)} in all)")
     # The template has optimizer state for every trained tensor (torch initialises it with a zero-gradient step); the
     # checkpoint has none for tensors that never got a gradient (e.g. LoRA layers whose output nothing reads).
-    dcp.load(state, checkpoint_id=folder, planner=DefaultLoadPlanner(allow_partial_load=True))
+    dcp_load(state, folder, allow_partial_load=True)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))  # frozen weights come from the base model
 
@@ -152,7 +151,19 @@ def save_engine_state(accelerator, directory: Path, prepared_model, optimizer, e
         save_sharded(directory, accelerator.unwrap_model(prepared_model), optimizer, extra)
 
 
+def verify_engine_files(directory: Path) -> None:
+    """Read an engine checkpoint's pickles through the allow-list (trainer/safe_load.py) before anything loads them:
+    a file that would build or call anything but data refuses the resume with one line naming it."""
+    from trainer.safe_load import DEEPSPEED_ALLOWED, check_pickles, dcp_reader
+
+    if (Path(directory) / SHARDED_DIR / ".metadata").is_file():
+        dcp_reader(Path(directory) / SHARDED_DIR).read_metadata()
+    if (Path(directory) / DEEPSPEED_DIR).is_dir():
+        check_pickles(Path(directory) / DEEPSPEED_DIR, DEEPSPEED_ALLOWED)
+
+
 def load_engine_state(accelerator, directory: Path, prepared_model, optimizer, extra: dict | None) -> None:
+    verify_engine_files(directory)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         prepared_model.load_checkpoint(str(Path(directory) / DEEPSPEED_DIR), tag="state", load_module_strict=False,
                                        load_optimizer_states=True, load_lr_scheduler_states=False)

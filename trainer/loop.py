@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 
 from image_datasets import CaptionDataset, SizeGroupedBatchSampler, collate
 from trainer import flow_matching as fm
+from trainer import output_dir
 from trainer.checkpoint import (
     CheckpointWriteError,
     TrainState,
@@ -38,8 +39,9 @@ from trainer.checkpoint import (
     save_checkpoint,
 )
 from trainer.cache import gc_paused
-from trainer.config import ConfigError, TrainConfig, caching_note
-from trainer.constants import CONFIG_FILE, LOG_FILE, torch_dtype
+from trainer.output_dir import release_lock
+from trainer.config import ConfigError, TrainConfig, caching_note, inside
+from trainer.constants import CONFIG_FILE, LOG_FILE, STATE_FILE, torch_dtype
 from trainer.data import scan_for_training
 from trainer.distributed import (
     ENGINE_FILES,
@@ -49,6 +51,7 @@ from trainer.distributed import (
     load_engine_state,
     save_engine_state,
     use_fsdp_on_cpu,
+    verify_engine_files,
     wrap_family_blocks,
 )
 from trainer.methods import TrainingMethod, make_method
@@ -79,6 +82,15 @@ class Interrupted(RuntimeError):
     pass
 
 
+class NothingToTrain(Exception):
+    """The checkpoint resumed from has reached max_train_steps / num_train_epochs already: its weights are published
+    and the run ends at once (exit status 0, so a re-queued job that finished does not count as failed)."""
+
+    def __init__(self, message: str, final: Path):
+        super().__init__(message)
+        self.final = final
+
+
 @dataclass
 class Run:
     """Everything one training run holds; built by `setup`, advanced by `train_step` / `after_update`."""
@@ -99,6 +111,7 @@ class Run:
     state: TrainState
     log: TrainLog
     config_yaml: str
+    run_id: str  # the run that owns output_dir (trainer/output_dir.py)
     step_losses: list[torch.Tensor] = field(default_factory=list)  # micro-batch losses of the update in progress
     step_paths: list[str] = field(default_factory=list)
     checked: bool = False  # the training method's no-op guard ran
@@ -117,7 +130,11 @@ class Update:
 def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
     """Run training to cfg.max_train_steps; returns the path of the final weights file."""
     try:
-        run = setup(cfg, adapter_cls)  # freezes the samples out of the cyclic collector (gc.freeze) for the run
+        try:
+            run = setup(cfg, adapter_cls)  # freezes the samples out of the cyclic collector (gc.freeze) for the run
+        except NothingToTrain as e:
+            logger.info("%s", e)
+            return e.final
         with StopRequest() as stop:
             while run.state.global_step < cfg.max_train_steps and stop.signum is None and not epochs_done(run):
                 run.sampler.set_epoch(run.state.epoch, run.state.batch_in_epoch)
@@ -134,6 +151,7 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
         return finish(run, stop)
     finally:
         gc.unfreeze()
+        release_lock(Path(cfg.output_dir))
 
 
 def epochs_done(run: Run) -> bool:
@@ -154,12 +172,19 @@ def setup(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Run:
     method.is_main, method.sharded = accelerator.is_main_process, is_sharded(accelerator)
     method.engine_file = ENGINE_FILES.get(engine_name(accelerator))
     method.check_setup()
+    run_id = claim_output_dir(cfg, out, method, accelerator)
     samples = build_dataset(cfg, adapter, accelerator, out)  # before any model loads: a bad dataset costs seconds, not a model load
     # The samples live for the whole run: kept out of the collector's generations (made while it was paused), the
     # collections that follow (those that free the encoders, too) do not walk a million of them.
     gc.freeze()
     fingerprint = dataset_fingerprint(samples)
-    resume_from, payload = find_resume_point(cfg, out, method, fingerprint)
+    resume_from, payload = find_resume_point(cfg, out, method, fingerprint, run_id)
+    if payload is not None and nothing_left(cfg, payload["train_state"]):
+        step = payload["train_state"]["global_step"]
+        final = publish(resume_from, out, method.published_files(), accelerator.is_main_process)
+        raise NothingToTrain(f"nothing to train: {resume_from} is at step {step} (epoch {payload['train_state']['epoch']}) and the run "
+                             f"ends at max_train_steps={cfg.max_train_steps}" + (f" / num_train_epochs={cfg.num_train_epochs}" if cfg.num_train_epochs else "")
+                             + f"; its weights are in {final}. Raise max_train_steps to train further", final)
     if resume_from is not None:  # an engine's checkpoint resumes with that engine only
         written_by = next((name for name, f in ENGINE_FILES.items() if (resume_from / f).is_file()), "plain")
         running = engine_name(accelerator) if method.sharded else "plain"
@@ -207,7 +232,57 @@ def setup(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Run:
             accelerator.num_processes, f"{sum(p.numel() for p in params):,}", method.name,
         )
     return Run(cfg, out, accelerator, adapter, method, transformer, params, optimizer, lr_scheduler, sampler, loader, encode,
-               validator, state, log, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+               validator, state, log, OmegaConf.to_yaml(OmegaConf.structured(cfg)), run_id)
+
+
+def claim_output_dir(cfg: TrainConfig, out: Path, method: TrainingMethod, accelerator: Accelerator) -> str:
+    """The main process decides whether this run may use output_dir and takes its lock (trainer/output_dir.py);
+    every process gets the verdict, so all of them stop alike. Returns the run id."""
+    verdict: list = [None]
+    if accelerator.is_main_process:
+        try:
+            verdict[0] = ("ok", output_dir.claim(out, cfg, resumes_inside(cfg, out, method), cache_folder(cfg, out)))
+        except ConfigError as e:
+            verdict[0] = ("error", str(e))
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(verdict)
+    kind, value = verdict[0]
+    if kind == "error":
+        raise output_dir.OutputDirError(value)
+    return value
+
+
+def resumes_inside(cfg: TrainConfig, out: Path, method: TrainingMethod) -> bool:
+    """The run continues from a checkpoint in output_dir (rather than starting there, fresh or from elsewhere)."""
+    if cfg.resume_from_checkpoint == "latest":
+        return latest_checkpoint(out, method.checkpoint_files(), output_dir.folder_run_id(out)) is not None
+    return bool(cfg.resume_from_checkpoint) and inside(cfg.resume_from_checkpoint, out)
+
+
+def cache_folder(cfg: TrainConfig, out: Path) -> Path:
+    return Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
+
+
+def nothing_left(cfg: TrainConfig, train_state: dict) -> bool:
+    return train_state["global_step"] >= cfg.max_train_steps or (
+        cfg.num_train_epochs is not None and train_state["epoch"] >= cfg.num_train_epochs)
+
+
+def publish(ckpt: Path, out: Path, files: tuple[str, ...], is_main: bool) -> Path:
+    """Copy the checkpoint's weights (those of `files` it has) into output_dir; returns the first file's path there,
+    after making sure it exists (a run never reports weights it did not write)."""
+    if is_main:
+        for name in files:
+            if (ckpt / name).exists() and Path(ckpt).resolve() != out.resolve():
+                try:
+                    atomic_copy(ckpt / name, out / name)
+                except CheckpointWriteError as e:
+                    raise TrainingError(f"{e} (the weights are in {ckpt})") from None
+        if not (out / files[0]).exists():
+            raise TrainingError(f"{ckpt} holds no {files[0]}, so none was published in {out}; the checkpoint is incomplete")
+    return out / files[0]
 
 
 def probe_output_dir(output_dir: Path) -> None:
@@ -345,18 +420,45 @@ def dataset_fingerprint(samples: list) -> str:
     return h.hexdigest()[:16]
 
 
-def find_resume_point(cfg: TrainConfig, out: Path, method: TrainingMethod, fingerprint: str) -> tuple[Path | None, dict | None]:
-    """(checkpoint folder, its training state) to resume from, after checking it is the same experiment."""
+def find_resume_point(cfg: TrainConfig, out: Path, method: TrainingMethod, fingerprint: str,
+                      run_id: str | None = None) -> tuple[Path | None, dict | None]:
+    """(checkpoint folder, its training state) to resume from, after checking it is a complete checkpoint of this
+    training method and the same experiment. `latest` = the newest complete checkpoint of the run owning output_dir."""
     resume_from = None
     if cfg.resume_from_checkpoint == "latest":
-        resume_from = latest_checkpoint(out, method.checkpoint_files())
+        resume_from = latest_checkpoint(out, method.checkpoint_files(), run_id)
     elif cfg.resume_from_checkpoint:
         resume_from = Path(cfg.resume_from_checkpoint)
     if resume_from is None:
         return None, None
-    payload = load_training_state(resume_from)
+    check_checkpoint(resume_from, cfg, method)
+    verify_engine_files(resume_from)  # before any model loads
+    try:
+        payload = load_training_state(resume_from)
+        payload["train_state"]["global_step"], payload["train_state"]["epoch"], payload["train_state"]["extra"]  # noqa: B018
+    except Exception as e:  # a damaged, foreign or unsafe file (weights_only refuses code)
+        raise ConfigError(f"resume_from_checkpoint: {resume_from / STATE_FILE} cannot be loaded as a training state "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'damaged'}); resume from another checkpoint") from None
     check_resume_compatible(cfg, resume_from, RESUME_KEYS + method.resume_keys, fingerprint, payload["train_state"]["extra"].get("dataset"))
     return resume_from, payload
+
+
+def check_checkpoint(ckpt: Path, cfg: TrainConfig, method: TrainingMethod) -> None:
+    """A checkpoint folder of this training method with every file resuming reads; else one line saying what is wrong."""
+    if not ckpt.is_dir():
+        raise ConfigError(f"resume_from_checkpoint: '{ckpt}' is not a checkpoint folder (use 'latest', or a checkpoint-N folder)")
+    try:
+        saved = OmegaConf.load(ckpt / CONFIG_FILE)
+        saved_method = OmegaConf.select(saved, "training_method", default="lora")
+    except Exception:
+        saved_method = None
+    if saved_method is not None and saved_method != cfg.training_method:
+        raise ConfigError(f"resume_from_checkpoint: {ckpt} was trained with training_method: {saved_method}, this run is "
+                          f"{cfg.training_method}; resume it with the same training method")
+    missing = [f for f in (STATE_FILE, CONFIG_FILE, *method.checkpoint_files()) if not (ckpt / f).is_file()]
+    if missing:
+        raise ConfigError(f"resume_from_checkpoint: {ckpt} is incomplete (missing {', '.join(missing)}); resume from another "
+                          "checkpoint (resume_from_checkpoint=latest picks the newest complete one)")
 
 
 def check_resume_compatible(cfg: TrainConfig, ckpt: Path, keys: tuple[str, ...], fingerprint: str, saved_fingerprint: str | None) -> None:
@@ -612,7 +714,8 @@ def checkpoint(run: Run, final: bool) -> Path:
 
     try:
         return save_checkpoint(run.out, run.state, write_weights, None if run.method.sharded else run.optimizer, run.lr_scheduler,
-                               run.config_yaml, run.cfg.checkpoints_total_limit, acc.is_main_process, acc.wait_for_everyone)
+                               run.config_yaml, run.cfg.checkpoints_total_limit, acc.is_main_process, acc.wait_for_everyone,
+                               run.run_id)
     except CheckpointWriteError as e:
         raise TrainingError(str(e)) from None
 
@@ -626,21 +729,17 @@ def finish(run: Run, stop: "StopRequest") -> Path:
     run.log.close()
     acc.wait_for_everyone()
     ckpt = out / f"checkpoint-{state.global_step}"
-    files = run.method.published_files()
-    if acc.is_main_process:
-        for name in files:
-            if (ckpt / name).exists():
-                try:
-                    atomic_copy(ckpt / name, out / name)
-                except CheckpointWriteError as e:
-                    raise TrainingError(f"{e} (the weights are in {ckpt})") from None
+    if run.saved_step != state.global_step and not (ckpt / STATE_FILE).is_file():  # e.g. stopped before the first update
+        acc.end_training()
+        raise (Interrupted if stop.signum is not None else TrainingError)(
+            f"stopped at step {state.global_step} before any checkpoint of this run was written; nothing was published in {out}")
+    final = publish(ckpt, out, run.method.published_files(), acc.is_main_process)
     acc.end_training()
     if stop.signum is not None:
         raise Interrupted(
             f"stopped by {signal.Signals(stop.signum).name} at step {state.global_step}; checkpoint saved in {ckpt}. "
             f"Resume with the same command plus resume_from_checkpoint=latest"
         )
-    final = out / files[0]
     if acc.is_main_process:
         elapsed = run.log.elapsed()
         write_summary(out, run.cfg, state.global_step, state.epoch, elapsed, run.log.last_loss, final)
