@@ -59,8 +59,48 @@ def fail(msg: str) -> None:
     sys.exit(2)
 
 
+MAX_SIDE = 8192  # pixels: beyond this no released model renders, and the latents alone would fill a GPU
+MAX_SEED = 2**63 - 1
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Numbers the pipeline would crash on (or hang with): one line each, before any model loads."""
+    import math
+
+    if not 1 <= args.num_inference_steps <= 1000:
+        fail(f"--num_inference_steps must be between 1 and 1000 (got {args.num_inference_steps})")
+    for flag, value in (("--width", args.width), ("--height", args.height)):
+        if value is not None and value > MAX_SIDE:
+            fail(f"{flag} must be at most {MAX_SIDE} (got {value})")
+    if not 0 <= args.seed <= MAX_SEED:
+        fail(f"--seed must be between 0 and {MAX_SEED} (got {args.seed})")
+    for flag, value in (("--lora_scale", args.lora_scale), ("--true_cfg_scale", args.true_cfg_scale),
+                        ("--guidance_scale", args.guidance_scale)):
+        if value is not None and not math.isfinite(value):
+            fail(f"{flag} must be a finite number (got {value})")
+    if args.true_cfg_scale is not None and args.true_cfg_scale < 0:
+        fail(f"--true_cfg_scale must be >= 0 (got {args.true_cfg_scale}; 1 = no guidance)")
+    if args.max_sequence_length is not None and args.max_sequence_length < 1:
+        fail(f"--max_sequence_length must be >= 1 (got {args.max_sequence_length})")
+
+
+def image_problem(path: str) -> str | None:
+    """Why PIL cannot use this file as an input image (None when it can), read the way training reads images."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        return f"is not an image PIL can read ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'unreadable'})"
+    return None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from trainer.cli import printable_names
+
+    printable_names()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from trainer.models.base import InferenceRequest
@@ -80,11 +120,18 @@ def main(argv=None) -> int:
             resolve_transformer(args.transformer)
         except ToolError as e:
             fail(f"--transformer: {e}")
+    if Path(args.output_image).is_dir():
+        fail(f"--output_image: '{args.output_image}' is a folder; give a file name such as {Path(args.output_image) / 'out.png'}")
     if Path(args.output_image).suffix.lower() not in IMAGE_EXTENSIONS:
         fail(f"--output_image: '{args.output_image}' needs an image extension ({', '.join(IMAGE_EXTENSIONS)})")
+    if any(p.exists() and not p.is_dir() for p in Path(args.output_image).parents):
+        fail(f"--output_image: a parent of '{args.output_image}' is a file, not a folder")
+    check_numbers(args)
     multiple = adapter.size_multiple
     for flag, value in (("--width", args.width), ("--height", args.height)):
-        if value is not None and (value < multiple or value % multiple):
+        if value is not None and value < multiple:
+            fail(f"{flag} must be at least {multiple} (got {value})")
+        if value is not None and value % multiple:
             print(f"note: {flag} {value} is not a multiple of {multiple}; the pipeline renders "
                   f"{max(multiple, value // multiple * multiple)}", file=sys.stderr)
     low, high = adapter.variant.references
@@ -96,6 +143,9 @@ def main(argv=None) -> int:
     for path in args.image:
         if not Path(path).is_file():
             fail(f"--image: '{path}' does not exist")
+        problem = image_problem(path)
+        if problem:
+            fail(f"--image: '{path}' {problem}")
 
     import torch
     from diffusers.utils import logging as dlog

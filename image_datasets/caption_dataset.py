@@ -174,21 +174,43 @@ def _find_control(control_dir: Path, stem: str, listings: dict) -> Path | None:
     return by_stem.get(stem)
 
 
-def _list_files(root: Path, recursive: bool) -> tuple[list[Path], int]:
+def _list_files(root: Path, recursive: bool, warnings: list[str] | None = None) -> tuple[list[Path], int]:
     """(files under root, sorted; images in subfolders when not recursive), with os.scandir's entry types instead
-    of a stat per file."""
+    of a stat per file. Each real folder is entered once (a link back up the tree is a loop, reported and skipped);
+    without `recursive` only the direct subfolders are looked into, to count their images. An unreadable subfolder
+    is reported in `warnings` and skipped."""
     files, nested, stack = [], 0, [(str(root), ())]
+    seen: set[tuple[int, int]] = set()
     while stack:
         folder, parts = stack.pop()
-        with os.scandir(folder) as entries:
-            for e in entries:
-                if e.is_dir():
+        try:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                if warnings is not None:
+                    warnings.append(f"{folder}: a link to a folder already scanned (a loop, or the same folder twice); skipped")
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(folder) as entries:
+                listed = list(entries)
+        except OSError as e:
+            if not parts:
+                raise
+            if warnings is not None:
+                warnings.append(f"{folder}: unreadable folder ({e.strerror or e}); skipped")
+            continue
+        for e in listed:
+            try:
+                is_dir, is_file = e.is_dir(), e.is_file()
+            except OSError:
+                continue
+            if is_dir:
+                if recursive or not parts:
                     stack.append((e.path, (*parts, e.name)))
-                elif e.is_file():
-                    if not parts or recursive:
-                        files.append((*parts, e.name))  # sorted as Path sorts: by path components
-                    elif is_image_file(Path(e.name)):
-                        nested += 1
+            elif is_file:
+                if not parts or recursive:
+                    files.append((*parts, e.name))  # sorted as Path sorts: by path components
+                elif is_image_file(Path(e.name)):
+                    nested += 1
     return [root.joinpath(*f) for f in sorted(files)], nested
 
 
@@ -232,7 +254,7 @@ def scan_caption_folder(
     root = Path(img_dir)
     result = ScanResult()
     ext = "." + caption_ext.lstrip(".")
-    files, nested = _list_files(root, recursive)
+    files, nested = _list_files(root, recursive, result.warnings)
     images = [p for p in files if is_image_file(p)]
     if not recursive:
         if nested:

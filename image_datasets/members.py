@@ -144,5 +144,11 @@ def stat_key(ref) -> tuple[int, int]:
 
 
 def identity(ref) -> str:
-    """A stable name for the scan index: the absolute path, or container:member."""
-    return str(ref) if isinstance(ref, Member) else os.path.abspath(ref)
+    """A stable name for the scan index: the absolute path, or container:member. A name that is not UTF-8 (its
+    bytes carried as surrogates) is spelled with backslash escapes, which SQLite can store."""
+    name = str(ref) if isinstance(ref, Member) else os.path.abspath(ref)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        name = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return name

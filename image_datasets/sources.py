@@ -62,10 +62,19 @@ def _caption_from_json(raw: bytes) -> str | None:
     return None
 
 
+TEXT_EXTS = {"txt", "json", "caption", "text", "prompt", "tags", "cls"}  # read whole up to MAX_TEXT; other members up to 64 KiB
+MAX_TEXT = 16 << 20
+
+
 def shard_listing(shard: str) -> list[tuple[str, int, int, bytes | None]]:
     """(member name, data offset, size, bytes for small non-image members) of one plain tar shard's files, in tar
     order. Read from the run's scan index while the shard's size and mtime are unchanged (a pass over a shard's
-    headers costs ~60 us per member in Python's tarfile); otherwise one pass over the headers, then recorded."""
+    headers costs ~60 us per member in Python's tarfile); otherwise one pass over the headers, then recorded.
+
+    Python's tarfile stops without a word at a header it cannot read after the first one, and lists a member whose
+    data runs past the end of the file: a shard cut short would silently lose its tail. Such damage is recorded as
+    entries ("", -1, -1, message), which the scan reports as problems (-2: a warning, for a shard that ends without
+    tar's end-of-archive blocks)."""
     from . import scan_index
 
     index = scan_index.active()
@@ -73,14 +82,40 @@ def shard_listing(shard: str) -> list[tuple[str, int, int, bytes | None]]:
     if known is not None:
         return known
     listing = []
+    file_size = os.path.getsize(shard)
     with tarfile.open(shard, mode="r:") as tf:
-        for m in tf:
+        while True:
+            try:
+                m = tf.next()
+            except tarfile.ReadError as e:  # the data of the last member listed runs past the end of the file
+                listing.append(("", -1, -1, f"cut short at byte {file_size} ({e}): every member from there on is lost; rewrite "
+                                            "the shard".encode()))
+                break
+            if m is None:
+                break
             if not m.isfile() or PurePosixPath(m.name).name.startswith("."):
                 continue
+            if m.offset_data + m.size > file_size:
+                listing.append(("", -1, -1, f"{m.name}: member cut short ({file_size - m.offset_data} of {m.size} bytes in the "
+                                            "shard); the shard was truncated".encode()))
+                continue
             text = None
-            if m.size < 1 << 16 and _split_key(m.name)[1].rsplit(".", 1)[-1] not in IMAGE_EXTS:  # captions, json
+            ext = _split_key(m.name)[1].rsplit(".", 1)[-1]
+            if ext not in IMAGE_EXTS and (m.size < 1 << 16 or ext in TEXT_EXTS and m.size <= MAX_TEXT):  # captions, json
                 text = tf.extractfile(m).read()
             listing.append((m.name, m.offset_data, m.size, text))
+        end = tf.offset  # where the header after the last member starts
+    with open(shard, "rb") as f:
+        f.seek(end)
+        tail = f.read(1024)
+    if listing and listing[-1][1] == -1:
+        pass
+    elif tail.strip(b"\0"):
+        listing.append(("", -1, -1, f"unreadable tar header at byte {end} of {file_size}: every member after it is lost (the shard "
+                                    "is cut short or damaged; rewrite it)".encode()))
+    elif not tail and listing:
+        listing.append(("", -2, -1, f"ends without tar's end-of-archive blocks after {len(listing)} member(s): it may have been cut "
+                                    "short between two members".encode()))
     if index is not None:
         index.put_shard(shard, listing)
     return listing
@@ -102,6 +137,9 @@ def scan_webdataset(spec, img_size: int, caption_ext: str = "txt", decode: bool 
             groups: dict[str, dict[str, tuple]] = {}
             texts: dict[tuple[str, str], bytes] = {}
             for name, offset, size, text in shard_listing(shard):
+                if offset < 0:  # damage found while listing (-1: members lost; -2: possibly)
+                    (result.problems if offset == -1 else result.warnings).append(f"{shard}: {text.decode(errors='replace')}")
+                    continue
                 key, ext = _split_key(name)
                 groups.setdefault(key, {})[ext] = (name, offset, size)
                 if text is not None and ext in (cap_ext, "json"):
@@ -126,6 +164,11 @@ def scan_webdataset(spec, img_size: int, caption_ext: str = "txt", decode: bool 
                     continue
             elif (key, "json") in texts and _caption_from_json(texts[(key, "json")]) is not None:
                 caption = _caption_from_json(texts[(key, "json")])
+            elif cap_ext in members:
+                limit = f"{MAX_TEXT >> 20} MiB" if cap_ext in TEXT_EXTS else "64 KiB"
+                result.problems.append(f"{where}.{cap_ext}: caption member of {members[cap_ext][2]:,} bytes is larger than a caption "
+                                       f"can be (.{cap_ext} members are read up to {limit})")
+                continue
             else:
                 result.problems.append(f"{where}: no caption ({key}.{cap_ext}, or {key}.json with a "
                                        f"{' / '.join(CAPTION_FIELDS)} field)")

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from image_datasets import CaptionDataset, Sample, collate, scan_index
-from trainer.config import TrainConfig
+from trainer.config import ConfigError, TrainConfig
 
 if TYPE_CHECKING:
     from trainer.models.base import ModelAdapter
@@ -197,6 +197,26 @@ def entry_file(directory: Path, kind: str, key: str) -> Path | None:
     return None
 
 
+def entry_intact(path: Path) -> bool:
+    """A safetensors file whose header parses and whose size is what the header says: catches the empty and the
+    truncated files a full disk, a crash of another tool or a copy cut short leave (reads the header only)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < n <= 100 << 20:
+                return False
+            meta = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
+            return os.fstat(f.fileno()).st_size == 8 + n + end
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+class CacheWriteError(ConfigError):
+    """cache_dir cannot take the entries (read-only, full); the message names it."""
+
+
 def read_entry(directory: Path, kind: str, key: str) -> dict | None:
     """One entry of a disk cache; None when it is not there."""
     path = entry_file(directory, kind, key)
@@ -260,6 +280,7 @@ class EmbeddingCache:
         self._text_framed = self._latent_framed = None  # key makers for samples without references (_Framed)
         self.encoded = {"text": 0, "latents": 0}
         self.reused = {"text": 0, "latents": 0}
+        self.healed = 0  # damaged disk entries found and encoded again by the last build
 
     # --- keys ----------------------------------------------------------------------------------------------
     def _controls(self, s: Sample) -> list:
@@ -328,10 +349,17 @@ class EmbeddingCache:
             (self.text if kind == "text" else self.latents)[key] = tensors
             return
         path = entry_path(self.dir, kind, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, str(tmp))
+            os.replace(tmp, path)
+        except Exception as e:  # OSError, or safetensors' own error type for the same causes
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            reason = "the disk is full" if "No space" in str(e) or "os error 28" in str(e) else str(e).splitlines()[0][:200]
+            raise CacheWriteError(f"config key 'cache_dir': cannot write embedding cache entries in '{self.dir}' ({reason}); free "
+                                  "space, make it writable, or point cache_dir to another folder") from None
         if self._on_disk is not None:
             self._on_disk[kind].add(key)
 
@@ -357,6 +385,8 @@ class EmbeddingCache:
                     self.latent_keys.extend([self._latent_key(s, d) for s, d in zip(chunk, digests)])
         mine = range(rank, len(self.samples), world)
         self._on_disk = self._list_disk() if self.dir is not None else None
+        if self.dir is not None:
+            self._drop_damaged(mine, text, latents, need_empty_captions)
         todo_latents = [i for i in mine if latents and not self._has("latents", self.latent_keys[i])]
         todo_text = []
         for i in mine:
@@ -411,6 +441,29 @@ class EmbeddingCache:
             self.encoded["text"], self.reused["text"], self.encoded["latents"], self.reused["latents"],
             f" (in {self.dir})" if self.dir else " (in RAM)", f" by process {rank} of {world}" if world > 1 else "",
         )
+
+    def _drop_damaged(self, mine: range, text: bool, latents: bool, need_empty_captions: bool) -> None:
+        """Check the header and size of every entry this process would reuse; damaged ones (empty, truncated) are
+        deleted, so the build below encodes them again, before any model needs them."""
+        wanted: dict[str, set[str]] = {"text": set(), "latents": set()}
+        for i in mine:
+            if latents:
+                wanted["latents"].add(self.latent_keys[i])
+            if text:
+                caption_key, empty_key = self.text_keys[i]
+                wanted["text"].update((caption_key, empty_key) if need_empty_captions else (caption_key,))
+        damaged = 0
+        for kind, keys in wanted.items():
+            for key in keys & self._on_disk[kind]:
+                path = entry_file(self.dir, kind, key)
+                if path is not None and not entry_intact(path):
+                    path.unlink(missing_ok=True)
+                    self._on_disk[kind].discard(key)
+                    damaged += 1
+        self.healed = damaged
+        if damaged:
+            logger.warning("embedding cache %s: %d damaged entr%s (empty or truncated files) deleted; encoding them again",
+                           self.dir, damaged, "y" if damaged == 1 else "ies")
 
     def _encode_latents(self, ds: CaptionDataset, chunk: list[int]) -> None:
         """VAE latents of samples of one shape group, in one encoder call; stored per sample."""

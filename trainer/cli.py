@@ -10,6 +10,16 @@ import sys
 from trainer.config import ConfigError, describe_keys, load_config
 
 
+def printable_names() -> None:
+    """File names that are not UTF-8 (bytes carried as surrogates) print with backslash escapes instead of
+    crashing print() on stdout (stderr already does this)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):  # a replaced stream (pytest's capture, a pipe wrapper)
+            pass
+
+
 def setup_logging() -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     # Library chatter (per-weight loading bars, deprecation notes) drowns the training log.
@@ -47,6 +57,7 @@ def load_adapter(spec: str):
 def main(adapter: str, description: str, argv: list[str] | None = None, preset: dict | None = None) -> int:
     """Parse, validate, train. `preset` holds an entry's own defaults (below the YAML and the command line)."""
     args = parse_args(description, argv)
+    printable_names()
     setup_logging()
     log = logging.getLogger("trainer")
     try:

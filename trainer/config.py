@@ -375,9 +375,8 @@ def check_output_dir_place(cfg: TrainConfig) -> None:
     the base model's folder (a full fine-tune would replace its transformer/)."""
     d = cfg.data_config
     out = cfg.output_dir
-    folders = {"data_config.img_dir": d.img_dir if not (d.metadata_file or d.webdataset or d.hf_dataset) else None,
-               "data_config.metadata_file": str(Path(d.metadata_file).parent) if d.metadata_file else None,
-               "data_config.hf_dataset": d.hf_dataset if d.hf_dataset and Path(d.hf_dataset).expanduser().is_dir() else None}
+    # the folders the scan lists (a metadata file or a dataset table names its files itself)
+    folders = {"data_config.img_dir": d.img_dir if not (d.metadata_file or d.webdataset or d.hf_dataset) else None}
     controls = [d.control_dir] if isinstance(d.control_dir, str) else list(d.control_dir or [])
     folders.update({f"data_config.control_dir[{i}]": c for i, c in enumerate(controls)})
     for key, folder in folders.items():
@@ -456,13 +455,41 @@ def load_config(
             if bad:
                 raise ConfigError(f"command-line override '{bad[0]}' must look like key=value (e.g. max_train_steps=20)")
             layers.append(OmegaConf.from_dotlist(overrides))
-        merged = OmegaConf.merge(*layers)
+        try:
+            merged = OmegaConf.merge(*layers)
+        except (TypeError, OmegaConfBaseException) as e:  # a mapping where a list belongs, or the other way round
+            found = next((m for layer in layers[1:] if (m := _shape_mismatch(schema, layer))), None)
+            if found is None:
+                raise
+            raise ConfigError(f"bad value for config key '{found[0]}': expected {found[1]}") from None
         cfg: TrainConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(_one_line(e)) from None
     if path is not None:
         _require_model_and_data(path, layers[-1] if overrides else OmegaConf.create(), loaded)
     return validate(cfg, check_paths=check_paths)
+
+
+def _shape_mismatch(schema, layer, prefix: str = "") -> tuple[str, str] | None:
+    """(key, what it expects) of the first value whose shape disagrees with the schema's: a mapping where a list or
+    a single value belongs, a list where a mapping belongs. None when the shapes agree."""
+    from omegaconf import DictConfig, ListConfig
+
+    if not isinstance(layer, DictConfig) or not isinstance(schema, DictConfig):
+        return None
+    for k in layer:
+        want, got = schema._get_node(k), layer._get_node(k)
+        if want is None:
+            continue
+        key = f"{prefix}{k}"
+        expected = "a list" if isinstance(want, ListConfig) else "a mapping of keys to values" if isinstance(want, DictConfig) else "a single value"
+        if isinstance(got, DictConfig) and not isinstance(want, DictConfig) or isinstance(got, ListConfig) and not isinstance(want, ListConfig):
+            return key, expected
+        if isinstance(got, DictConfig) and not got._is_none():
+            inner = _shape_mismatch(want, got, key + ".")
+            if inner:
+                return inner
+    return None
 
 
 def _yaml_error(e: Exception) -> str:

@@ -248,7 +248,7 @@ def train_case(model: str | Path, folder: Path, case, method: str = "lora", **ex
         "data_config.control_size": case.reference_size or "null", "output_dir": str(out), "mixed_precision": "no",
         "report_to": "none", "seed": 0, "max_train_steps": case.steps, "learning_rate": case.learning_rate,
         "lr_scheduler": "cosine", "checkpointing_steps": 0, "logging_steps": 50, "training_method": method,
-        "t5_max_sequence_length": TEXT_TOKENS, "max_sequence_length": TEXT_TOKENS,
+        "t5_max_sequence_length": TEXT_TOKENS, "max_sequence_length": TEXT_TOKENS, "overwrite_output_dir": True,
     }
     if method == "lora":
         overrides.update(rank=16, lora_target_modules="[" + ",".join(linear_layers(model)) + "]")

@@ -135,6 +135,9 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
         except NothingToTrain as e:
             logger.info("%s", e)
             return e.final
+        except KeyboardInterrupt:  # Ctrl-C while scanning, caching or loading: nothing trained yet
+            raise Interrupted("interrupted before training started; nothing was trained (embedding cache entries written so far "
+                              "are kept and reused). Run the same command again to start") from None
         with StopRequest() as stop:
             while run.state.global_step < cfg.max_train_steps and stop.signum is None and not epochs_done(run):
                 run.sampler.set_epoch(run.state.epoch, run.state.batch_in_epoch)
@@ -149,9 +152,14 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
             if stop.signum is not None and 0 < run.state.global_step != run.saved_step:
                 save_now(run, final=True)  # the stop came between updates (e.g. while an epoch's loader wound down)
         return finish(run, stop)
+    except KeyboardInterrupt:  # the second Ctrl-C: stop at once
+        latest = latest_checkpoint(Path(cfg.output_dir), run_id=run.run_id)
+        raise Interrupted(f"aborted at step {run.state.global_step} without saving; "
+                          + (f"the latest checkpoint is {latest.name}: resume with resume_from_checkpoint=latest" if latest
+                             else "no checkpoint of this run exists yet")) from None
     finally:
         gc.unfreeze()
-        release_lock(Path(cfg.output_dir))
+        release_lock(Path(cfg.output_dir), id(cfg))
 
 
 def epochs_done(run: Run) -> bool:
@@ -166,6 +174,8 @@ def setup(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Run:
     out = Path(cfg.output_dir)
     adapter_cls.check_setup(cfg)
     probe_output_dir(out)
+    if cfg.save_cache_on_disk:
+        probe_output_dir(cache_folder(cfg, out), "cache_dir")
     accelerator = make_accelerator(cfg, out)
     adapter = adapter_cls.from_model(cfg, accelerator.device, torch_dtype(cfg.mixed_precision))
     method = make_method(cfg, adapter)
@@ -285,15 +295,15 @@ def publish(ckpt: Path, out: Path, files: tuple[str, ...], is_main: bool) -> Pat
     return out / files[0]
 
 
-def probe_output_dir(output_dir: Path) -> None:
-    """Fail at start-up, not after hours, when checkpoints cannot be written."""
+def probe_output_dir(output_dir: Path, key: str = "output_dir") -> None:
+    """Fail at start-up, not after hours, when checkpoints (or cache entries) cannot be written."""
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         probe = output_dir / f".write-probe-{os.getpid()}"  # one per process: they all probe at once
         probe.write_bytes(b"\0" * 1024 * 1024)
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"config key 'output_dir': cannot write to '{output_dir}' ({e.strerror or e})") from None
+        raise ConfigError(f"config key '{key}': cannot write to '{output_dir}' ({e.strerror or e})") from None
 
 
 def make_accelerator(cfg: TrainConfig, out: Path) -> Accelerator:

@@ -45,7 +45,7 @@ PUBLISHED = (LORA_FILE, COMFY_FILE, TRANSFORMER_DIR, TRANSFORMER_EMA_DIR)  # wha
 # what a checkpoint of an earlier version (no owner.json) holds: deleted by name when such a run is overwritten
 LEGACY_CHECKPOINT = (STATE_FILE, CONFIG_FILE, LORA_FILE, COMFY_FILE, TRANSFORMER_DIR, TRANSFORMER_EMA_DIR, "sharded", "deepspeed")
 
-_held: dict[str, int] = {}  # resolved output_dir -> the open lock file descriptor of this process
+_held: dict[str, tuple[int, int]] = {}  # resolved output_dir -> (open lock file descriptor, holder token) of this process
 
 
 class OutputDirError(ConfigError):
@@ -139,8 +139,8 @@ def write_marker(out: Path, run_id: str, cfg, resumed: bool) -> None:
     os.replace(tmp, out / MARKER)
 
 
-def acquire_lock(out: Path, run_id: str) -> None:
-    """Take the folder's lock for this process (until `release_lock` or the process's end)."""
+def acquire_lock(out: Path, run_id: str, holder: int = 0) -> None:
+    """Take the folder's lock for this process (until `release_lock(out, holder)` or the process's end)."""
     import fcntl
 
     key = str(out.resolve())
@@ -167,12 +167,13 @@ def acquire_lock(out: Path, run_id: str) -> None:
                        "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
     os.ftruncate(fd, 0)
     os.pwrite(fd, text, 0)
-    _held[key] = fd
+    _held[key] = (fd, holder)
 
 
-def release_lock(out: Path) -> None:
-    fd = _held.pop(str(Path(out).resolve()), None)
-    if fd is not None:
+def release_lock(out: Path, holder: int = 0) -> None:
+    key = str(Path(out).resolve())
+    if key in _held and _held[key][1] == holder:
+        fd = _held.pop(key)[0]
         os.ftruncate(fd, 0)
         os.close(fd)  # closing drops the flock
 
@@ -218,11 +219,12 @@ def folder_run_id(out: Path) -> str | None:
 
 
 def claim(out: Path, cfg, continuing: bool, cache_dir: Path | None) -> str:
-    """Decide whether this run may use `out` and take its lock; returns the run id (the owner's when `continuing`
-    its run, a new one otherwise). `continuing`: the run resumes from a checkpoint inside `out`."""
+    """Decide whether this run may use `out` and take its lock (on behalf of `cfg`: release_lock(out, id(cfg)));
+    returns the run id (the owner's when `continuing` its run, a new one otherwise). `continuing`: the run resumes
+    from a checkpoint inside `out`."""
     marker = read_marker(out)
     run_id = (folder_run_id(out) if continuing else None) or uuid.uuid4().hex[:12]
-    acquire_lock(out, run_id)
+    acquire_lock(out, run_id, id(cfg))
     try:
         if not continuing:
             contents = survey(out, cfg.logging_dir, cache_dir)
@@ -244,7 +246,7 @@ def claim(out: Path, cfg, continuing: bool, cache_dir: Path | None) -> str:
                     write_owner(ckpt, run_id)
         write_marker(out, run_id, cfg, resumed=continuing)
     except BaseException:
-        release_lock(out)
+        release_lock(out, id(cfg))
         raise
     return run_id
 

@@ -67,6 +67,11 @@ def resolve_transformer(path: str) -> Path:
     p = Path(path)
     for candidate in (p, p / TRANSFORMER_DIR):
         if (candidate / "config.json").is_file():
+            if not any(candidate.glob("*.safetensors")):
+                pickled = sorted(f.name for f in candidate.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+                raise ToolError(f"'{candidate}' holds no .safetensors weights" + (
+                    f" ({', '.join(pickled[:2])} is a pickle, which is never loaded here: it could run code; save the model "
+                    "with save_pretrained(safe_serialization=True))" if pickled else ""))
             return candidate
     raise ToolError(f"'{path}' is not a transformer folder (no config.json in it or in {TRANSFORMER_DIR}/)")
 
@@ -78,10 +83,16 @@ def load_transformer(adapter, path: str, dtype):
     import diffusers
 
     folder = resolve_transformer(path)
-    found = json.loads((folder / "config.json").read_text()).get("_class_name")
+    try:
+        found = json.loads((folder / "config.json").read_text()).get("_class_name")
+    except (ValueError, AttributeError):
+        raise ToolError(f"'{folder / 'config.json'}' is not a model config (not a JSON object)") from None
     if found != adapter.transformer_class:
         raise ToolError(f"'{folder}' holds a {found}, but {adapter.variant.name} models use a {adapter.transformer_class}")
-    return getattr(diffusers, adapter.transformer_class).from_pretrained(folder, torch_dtype=dtype)
+    try:
+        return getattr(diffusers, adapter.transformer_class).from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
+    except Exception as e:  # damaged weights, shapes of another model size
+        raise ToolError(f"'{folder}' cannot be loaded as a {found} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
 def load_pipeline(adapter, dtype, device: str, lora: str | None = None, lora_scale: float = 1.0,

@@ -115,7 +115,7 @@ def build(out: Path, vae_steps: int, transformer_steps: int, reuse_vae: bool = F
         "data_config.train_batch_size": 4, "data_config.caption_dropout_rate": 0.1, "output_dir": run,
         "training_method": "full", "learning_rate": 2e-3, "lr_scheduler": "cosine", "max_train_steps": transformer_steps,
         "mixed_precision": "no", "report_to": "none", "checkpointing_steps": 0, "logging_steps": 50, "seed": 0,
-        "max_sequence_length": 64,
+        "max_sequence_length": 64, "overwrite_output_dir": True,  # a rebuild replaces the earlier one
     }
     cls = variants()["qwen-image"][0]
     train(load_config(None, [f"{k}={v}" for k, v in overrides.items()]), cls)

@@ -38,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give exactly one of --config, --path, --metadata, --webdataset and --hf_dataset")
 
     from image_datasets import scan_dataset
+    from trainer.cli import printable_names
     from trainer.config import ConfigError, DataConfig, load_config
+
+    printable_names()
 
     if args.config:
         try:

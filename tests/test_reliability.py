@@ -216,3 +216,216 @@ def test_sharded_checkpoint_pieces_load_through_an_allow_list(tmp_path):
     with pytest.raises(UnsafeCheckpoint):
         check_pickles(ds.parent, DEEPSPEED_ALLOWED)
     assert not ran.exists()
+
+
+# --- caches heal themselves ------------------------------------------------------------------------------------
+
+
+def test_damaged_cache_entries_are_encoded_again_before_the_model_loads(tiny_qwen, dataset, tmp_path, caplog, monkeypatch):
+    from trainer import cache as cache_mod
+
+    out = tmp_path / "out"
+    _train(tiny_qwen, dataset, out, max_train_steps=1)
+    entries = sorted((out / "cache").rglob("*.safetensors"))
+    latents = [p for p in entries if "latents" in p.parts]
+    texts = [p for p in entries if "text" in p.parts]
+    assert len(latents) == 4 and all(cache_mod.entry_intact(p) for p in entries)
+    latents[0].write_bytes(latents[0].read_bytes()[:-10])  # truncated
+    latents[1].write_bytes(b"")  # empty
+    texts[0].write_bytes(texts[0].read_bytes()[:20])  # cut inside the header
+    with caplog.at_level("INFO", logger="trainer"):
+        _train(tiny_qwen, dataset, out, max_train_steps=1, overwrite_output_dir=True)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("3 damaged entries (empty or truncated files) deleted; encoding them again" in m for m in msgs), msgs
+    assert any("text 1 encoded / 3 reused, latents 2 encoded / 2 reused" in m for m in msgs), msgs
+    assert all(cache_mod.entry_intact(p) for p in (out / "cache").rglob("*.safetensors"))
+    # a cache folder that cannot be written: one line naming it, before the model loads
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="config key 'cache_dir': cannot write to"):
+        _train(tiny_qwen, dataset, tmp_path / "o2", cache_dir=str(blocker / "cache"))
+
+    def disk_full(*_a, **_k):
+        from safetensors import SafetensorError
+
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })")
+
+    monkeypatch.setattr(cache_mod, "save_file", disk_full)
+    with pytest.raises(ConfigError, match="config key 'cache_dir': cannot write embedding cache entries in .* .the disk is full"):
+        _train(tiny_qwen, dataset, tmp_path / "o3")
+
+
+# --- sources say what they skipped -----------------------------------------------------------------------------
+
+
+def _shard(path, captions: dict, ext="txt"):
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    def add(tf, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+
+    with tarfile.open(path, "w") as tf:
+        for key, caption in captions.items():
+            buf = io.BytesIO()
+            Image.new("RGB", (64, 64), (len(key) * 20, 40, 90)).save(buf, "PNG")
+            add(tf, f"{key}.png", buf.getvalue())
+            add(tf, f"{key}.{ext}", caption.encode())
+    return path
+
+
+def test_damaged_shards_and_long_captions_are_reported(tmp_path):
+    import tarfile
+
+    from image_datasets.sources import scan_webdataset
+
+    long = "a very long caption " * 4000  # 80 KB: read whole, not taken for a missing caption
+    good = _shard(tmp_path / "good.tar", {"a": long, "b": "two", "c": "three", "d": "four"})
+    r = scan_webdataset(str(good), 64)
+    assert len(r.samples) == 4 and not r.problems and not r.warnings and r.samples[0].caption == " ".join(long.split())
+    odd = _shard(tmp_path / "odd.tar", {"a": "x" * 70000, "b": "short"}, ext="cap")
+    r = scan_webdataset(str(odd), 64, caption_ext="cap")
+    assert len(r.samples) == 1 and "caption member of 70,000 bytes is larger than a caption can be" in r.problems[0]
+    with tarfile.open(good) as tf:
+        members = {m.name: m for m in tf}
+    data = good.read_bytes()
+    cases = {
+        "header": (members["c.png"].offset + 100, 2, "unreadable tar header at byte"),
+        "data": (members["c.png"].offset_data + 50, 2, "c.png: member cut short"),
+        "boundary": (members["c.png"].offset, 2, "ends without tar's end-of-archive blocks"),
+    }
+    for name, (cut, n, message) in cases.items():
+        shard = tmp_path / f"{name}.tar"
+        shard.write_bytes(data[:cut])
+        r = scan_webdataset(str(shard), 64)
+        said = r.problems + r.warnings
+        assert len(r.samples) == n and any(message in line for line in said), (name, said)
+    # the same shard truncated after a scan that the index recorded: listed again, and the cut reported
+    from image_datasets import scan_index
+
+    index = scan_index.ScanIndex(tmp_path / "index.sqlite")
+    scan_index.use(index)
+    try:
+        shard = tmp_path / "later.tar"
+        shard.write_bytes(data)
+        assert len(scan_webdataset(str(shard), 64).samples) == 4
+        index.commit()
+        shard.write_bytes(data[: members["c.png"].offset + 100])
+        r = scan_webdataset(str(shard), 64)
+        assert len(r.samples) == 2 and any("unreadable tar header" in p for p in r.problems)
+    finally:
+        scan_index.use(None)
+
+
+# --- no traceback for anything a user can type or point at ----------------------------------------------------
+
+
+@pytest.mark.parametrize("yaml_text, key, expected", [
+    ("lora_target_modules: {to_q: 1}", "lora_target_modules", "a list"),
+    ("validation_prompts: {a: b}", "validation_prompts", "a list"),
+    ("data_config:\n  resolutions: {a: 1}", "data_config.resolutions", "a list"),
+    ("data_config: [1, 2]", "data_config", "a mapping"),
+    ("seed: {a: 1}", "seed", "a single value"),
+    ("wandb_tags: {x: y}", "wandb_tags", "a list"),
+])
+def test_a_mapping_where_a_list_belongs_is_one_line(tmp_path, yaml_text, key, expected):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"pretrained_model_name_or_path: a/b\n{yaml_text}\n")
+    with pytest.raises(ConfigError, match=f"bad value for config key '{key}': expected {expected}"):
+        load_config(str(path), check_paths=False)
+
+
+def test_inference_refuses_what_it_cannot_render_in_one_line(tiny_qwen, tmp_path, capsys):
+    import inference
+
+    not_image = tmp_path / "photo.png"
+    not_image.write_text("this is text")
+    pickled = tmp_path / "tuned"
+    pickled.mkdir()
+    (tmp_path / "looks.png").mkdir()
+    (pickled / "config.json").write_text(json.dumps({"_class_name": "QwenImageTransformer2DModel"}))
+    (pickled / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(Payload(tmp_path / "ran")))
+    cases = [
+        (["--num_inference_steps", "0"], "--num_inference_steps must be between 1 and 1000"),
+        (["--num_inference_steps", "-3"], "--num_inference_steps must be between"),
+        (["--width", "0"], "--width must be at least 16"),
+        (["--height", "-64"], "--height must be at least 16"),
+        (["--width", "100000"], "--width must be at most 8192"),
+        (["--seed", "-1"], "--seed must be between 0 and"),
+        (["--seed", str(2**70)], "--seed must be between 0 and"),
+        (["--lora_scale", "nan"], "--lora_scale must be a finite number"),
+        (["--true_cfg_scale", "inf"], "--true_cfg_scale must be a finite number"),
+        (["--output_image", str(tmp_path)], "is a folder"),
+        (["--output_image", str(pickled.parent / "looks.png")], "is a folder"),
+        (["--output_image", str(not_image / "x.png")], "a parent of"),
+        (["--transformer", str(pickled)], "holds no .safetensors weights (diffusion_pytorch_model.bin is a pickle"),
+    ]
+    for extra, message in cases:
+        output = [] if "--output_image" in extra else ["--output_image", str(tmp_path / "o.png")]
+        with pytest.raises(SystemExit) as e:
+            inference.main(["--model_name", str(tiny_qwen), "--prompt", "x", *output, *extra])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and "Traceback" not in err, (extra, err)
+    r = subprocess.run([PY, "utils/extract_lora.py", "--model_name", str(tiny_qwen), "--transformer", str(pickled),
+                        "--out", str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "is a pickle" in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]
+    assert not (tmp_path / "ran").exists()
+
+
+def test_inference_refuses_an_input_that_is_not_an_image(tiny_models, tmp_path, capsys):
+    import inference
+
+    bad = tmp_path / "ref.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    with pytest.raises(SystemExit) as e:
+        inference.main(["--model_name", str(tiny_models("qwen-image-edit")), "--prompt", "x", "--image", str(bad),
+                        "--output_image", str(tmp_path / "o.png")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--image:" in err and "is not an image PIL can read" in err
+
+
+def test_odd_folders_scan_without_a_traceback(tmp_path):
+    from image_datasets import scan_caption_folder
+
+    data = write_dataset(tmp_path / "data", n=3)
+    os.rename(bytes(data / "img0.png"), bytes(data) + b"/img\xff.png")  # a name that is not UTF-8
+    os.rename(bytes(data / "img0.txt"), bytes(data) + b"/img\xff.txt")
+    os.symlink(data, data / "loop")  # a link back up the tree
+    deep = tmp_path / "huge"
+    for i in range(30):
+        deep = deep / f"level{i}"
+    deep.mkdir(parents=True)
+    (deep / "buried.png").write_bytes(b"")
+    os.symlink(tmp_path / "huge", data / "huge")  # a link to a deep tree: not walked unless recursive
+    r = scan_caption_folder(data, 64)
+    assert len(r.samples) == 3 and not r.problems
+    r = scan_caption_folder(data, 64, recursive=True)
+    assert len(r.samples) == 3 and any("a loop" in w for w in r.warnings), r.warnings
+    assert any("buried.png" in p for p in r.problems)  # walked when asked to, and the empty file named
+    out = subprocess.run([PY, "utils/validate_dataset.py", "--path", str(data), "--img_size", "64"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-1500:]
+
+
+def test_ctrl_c_while_caching_is_one_line_and_keeps_the_cache(tiny_qwen, dataset, tmp_path):
+    from trainer.loop import Interrupted
+
+    class CtrlCWhileCaching(QwenImageAdapter):
+        calls = 0
+
+        def encode_latents(self, batch):
+            CtrlCWhileCaching.calls += 1
+            if CtrlCWhileCaching.calls == 2:
+                raise KeyboardInterrupt
+            return super().encode_latents(batch)
+
+    out = tmp_path / "out"
+    cfg = load_config(None, base_overrides(tiny_qwen, dataset, out, cache_batch_size=1))
+    with pytest.raises(Interrupted, match="interrupted before training started; nothing was trained"):
+        train(cfg, CtrlCWhileCaching)
+    assert len(list((out / "cache" / "latents").rglob("*.safetensors"))) == 1
+    _train(tiny_qwen, dataset, out, cache_batch_size=1)  # the lock was released; the folder holds no results yet
