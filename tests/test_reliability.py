@@ -429,3 +429,17 @@ def test_ctrl_c_while_caching_is_one_line_and_keeps_the_cache(tiny_qwen, dataset
         train(cfg, CtrlCWhileCaching)
     assert len(list((out / "cache" / "latents").rglob("*.safetensors"))) == 1
     _train(tiny_qwen, dataset, out, cache_batch_size=1)  # the lock was released; the folder holds no results yet
+
+
+def test_merge_lora_never_writes_over_the_model_or_a_folder(tiny_qwen, dataset, tmp_path):
+    out = tmp_path / "run"
+    _train(tiny_qwen, dataset, out, max_train_steps=1)
+    cmd = [PY, "utils/merge_lora.py", "--model_name", str(tiny_qwen), "--lora_weights", str(out)]
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "mine.txt").write_text("keep")
+    for target, message in [(tiny_qwen, "the base model's folder"), (tiny_qwen / "merged", "the base model's folder"),
+                            (out, "holds the LoRA being merged"), (taken, "already exists and is not an empty folder")]:
+        r = subprocess.run([*cmd, "--out", str(target)], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (target, r.stderr[-1500:])
+    assert (taken / "mine.txt").read_text() == "keep" and (tiny_qwen / "transformer").is_dir()
