@@ -388,7 +388,7 @@ def test_inference_refuses_an_input_that_is_not_an_image(tiny_models, tmp_path, 
     assert e.value.code == 2 and "--image:" in err and "is not an image PIL can read" in err
 
 
-def test_odd_folders_scan_without_a_traceback(tmp_path):
+def test_odd_folders_scan_without_a_traceback(tmp_path, monkeypatch):
     from image_datasets import scan_caption_folder
 
     data = write_dataset(tmp_path / "data", n=3)
@@ -409,6 +409,18 @@ def test_odd_folders_scan_without_a_traceback(tmp_path):
     out = subprocess.run([PY, "utils/validate_dataset.py", "--path", str(data), "--img_size", "64"], cwd=ROOT,
                          capture_output=True, text=True)
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-1500:]
+    # an unreadable subfolder (root reads every folder, so the refusal is simulated at os.scandir)
+    (data / "private").mkdir()
+    real = os.scandir
+
+    def scandir(path):
+        if str(path).endswith("private"):
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    r = scan_caption_folder(data, 64, recursive=True)
+    assert len(r.samples) == 3 and any("private: unreadable folder (Permission denied); skipped" in w for w in r.warnings)
 
 
 def test_ctrl_c_while_caching_is_one_line_and_keeps_the_cache(tiny_qwen, dataset, tmp_path):
