@@ -85,21 +85,34 @@ def test_fsdp2_lora_equals_one_process_and_resumes_exactly(tiny_qwen, data, one_
     assert mixed.returncode != 0 and "was written by a FSDP run, this one is plain" in mixed.stderr and "loading" not in mixed.stderr
 
 
+FULL_YAML = ROOT / "train_configs/train_full_qwen_image.yaml"  # the shipped full fine-tuning YAML, as its header runs it
+
+
 def test_fsdp2_full_training_consolidates_what_one_process_trains(tiny_qwen, data, tmp_path):
-    common = dict(max_train_steps=3, learning_rate=1e-3, training_method="full", checkpointing_steps=0)
+    common = dict(max_train_steps=3, learning_rate=1e-3, checkpointing_steps=0, optimizer="adamw", lr_warmup_steps=0,
+                  **{"data_config.num_workers": 0})
     sharded = tmp_path / "sharded"
-    launch(FSDP + TRAIN + base_overrides(tiny_qwen, data, sharded, **common, **{"data_config.train_batch_size": 1}))
+    launch(FSDP + ["train_full_qwen_image.py", "--config", str(FULL_YAML)]
+           + base_overrides(tiny_qwen, data, sharded, **common, **{"data_config.train_batch_size": 1}))
     one = tmp_path / "one"
-    train(load_config(YAML, base_overrides(tiny_qwen, data, one, **common, **{"data_config.train_batch_size": 2})), QwenImageAdapter)
+    train(load_config(FULL_YAML, base_overrides(tiny_qwen, data, one, **common, **{"data_config.train_batch_size": 2})), QwenImageAdapter)
     a, b = read_folder(sharded / "transformer"), read_folder(one / "transformer")
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     assert json.loads((sharded / "transformer" / "config.json").read_text())["_class_name"] == "QwenImageTransformer2DModel"
 
 
-def test_fsdp2_refuses_a_quantized_base(tiny_qwen, data, tmp_path):
-    r = subprocess.run(FSDP + TRAIN + base_overrides(tiny_qwen, data, tmp_path / "o", quantize="nf4"), cwd=ROOT,
+@pytest.mark.parametrize("entry, extra, message", [
+    (TRAIN, {"quantize": "nf4"}, "cannot shard quantized ones"),
+    # bitsandbytes' 8-bit AdamW cannot step DTensors: the shipped full YAML (adamw8bit) and FlyMyAI's alias are refused
+    (["train_full_qwen_image.py", "--config", str(FULL_YAML)], {}, "config key 'optimizer' selects adamw8bit.*add optimizer=adamw"),
+    (TRAIN, {"use_8bit_adam": "true"}, "config key 'use_8bit_adam' selects adamw8bit.*add use_8bit_adam=false optimizer=adamw"),
+])
+def test_fsdp2_refuses_what_it_cannot_shard_before_the_model_loads(tiny_qwen, data, tmp_path, entry, extra, message):
+    import re
+
+    r = subprocess.run(FSDP + entry + base_overrides(tiny_qwen, data, tmp_path / "o", **extra), cwd=ROOT,
                        capture_output=True, text=True, timeout=300, env=CPU)
-    assert r.returncode != 0 and "cannot shard quantized ones" in r.stderr and "Loading" not in r.stderr
+    assert r.returncode != 0 and re.search(message, r.stderr) and "Loading" not in r.stderr, r.stderr[-2000:]
 
 
 def test_two_machines_on_localhost_train_one_model(tiny_qwen, data, one_process, tmp_path):

@@ -339,6 +339,12 @@ def make_accelerator(cfg: TrainConfig, out: Path) -> Accelerator:
     if engine == "FSDP" and cfg.quantize != "none":
         raise ConfigError(f"config key 'quantize' is {cfg.quantize}, but FSDP shards the weights itself and cannot shard quantized ones; "
                           "use quantize: none (FSDP spreads the bf16 weights over the GPUs instead)")
+    if engine == "FSDP" and cfg.optimizer == "adamw8bit":
+        key = next((k for k in ("use_8bit_adam", "adam8bit") if getattr(cfg, k)), "optimizer")
+        fix = f"{key}=false optimizer=adamw" if key != "optimizer" else "optimizer=adamw"
+        raise ConfigError(f"config key '{key}' selects adamw8bit, whose bitsandbytes kernels cannot update FSDP's sharded tensors; with FSDP "
+                          f"add {fix} (its state is sharded too: 1/N of 8 bytes per trained weight on each of N GPUs; "
+                          "utils/estimate_memory.py counts it), or keep adamw8bit with data parallelism (accelerate_configs/multi_gpu_ddp.yaml)")
     if engine == "FSDP" and accelerator.mixed_precision != "no":
         accelerator.state.fsdp_plugin.set_mixed_precision(accelerator.mixed_precision)
     if cfg.blocks_to_swap and engine in ("FSDP", "DEEPSPEED"):

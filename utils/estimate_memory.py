@@ -241,6 +241,12 @@ def full_plan(cfg, resolution: int, gpu_counts=(1, 2, 4, 8)) -> tuple[list[FullR
     spec = adapter.planner_spec()
     acts = activation_bytes(model, resolution, cfg.data_config.train_batch_size, cfg.gradient_checkpointing, spec.text_tokens,
                             spec.token_width)
+    # the trainer refuses adamw8bit under FSDP2 (bitsandbytes cannot update sharded tensors): its rows count adamw
+    fsdp_optimizer = optimizer
+    if cfg.optimizer == "adamw8bit":
+        import dataclasses
+
+        fsdp_optimizer = full_components(model, dataclasses.replace(cfg, optimizer="adamw"))[2]
     rows = []
     for engine in ENGINES:
         for n in gpu_counts:
@@ -249,7 +255,7 @@ def full_plan(cfg, resolution: int, gpu_counts=(1, 2, 4, 8)) -> tuple[list[FullR
                     continue
                 rows.append(FullRow(engine, n, weights, grads, optimizer, ema, acts))
             elif engine == "FSDP2":
-                rows.append(FullRow(engine, n, weights / n + (2 * largest_block if n > 1 else 0), grads / n, optimizer / n, ema / n, acts))
+                rows.append(FullRow(engine, n, weights / n + (2 * largest_block if n > 1 else 0), grads / n, fsdp_optimizer / n, ema / n, acts))
             elif engine == "ZeRO-2":
                 rows.append(FullRow(engine, n, weights, grads / n, optimizer / n, ema, acts))
             else:
@@ -270,6 +276,8 @@ def print_full_plan(cfg, resolution: int, vram_gb: float) -> int:
     for r in rows:
         print(f"{r.engine:14} {r.gpus:>4} {r.weights / GB:>8.2f} {r.grads / GB:>8.2f} {r.optimizer / GB:>8.2f} {r.ema / GB:>6.2f} "
               f"{r.activations / GB:>7.2f} {r.peak / GB:>9.2f}  {'yes' if r.peak <= vram_gb * GB else 'no'}")
+    if cfg.optimizer == "adamw8bit":
+        print("FSDP2 rows count optimizer=adamw: adamw8bit cannot update FSDP2's sharded tensors (the trainer refuses it there)")
     fitting = [r for r in rows if r.peak <= vram_gb * GB]
     if fitting:
         best = min(fitting, key=lambda r: (r.gpus, ENGINES.index(r.engine)))
