@@ -390,8 +390,42 @@ def read_metadata(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
     return rows, problems
 
 
+DIFFSYNTH_REFERENCE_COLUMNS = ("edit_image", "kontext_images")  # DiffSynth-Studio's names: one path or a list of paths
+
+
+def reference_cells(row: dict, where: str) -> tuple[list[tuple[str, str]], str | None]:
+    """((column, path) of each reference image in order, problem) of one metadata row. References are ours
+    (control_image, control_image_2, ...: one path each, filled in order) or DiffSynth-Studio's (edit_image /
+    kontext_images: a path, or a list of paths: a JSON list in a .jsonl row, or written as one in a CSV cell)."""
+    import json
+
+    ours, theirs = control_columns(row), [c for c in DIFFSYNTH_REFERENCE_COLUMNS if c in row]
+    if len(theirs) > 1 or ours and theirs:
+        return [], f"{where}: reference images in {', '.join(ours + theirs)}; use one layout (control_image, control_image_2, ... or one {theirs[0]} column)"
+    if theirs:
+        column, value = theirs[0], row[theirs[0]]
+        if isinstance(value, str) and value.strip().startswith("["):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                return [], f"{where}: '{column}' looks like a list but is not valid JSON ({e.msg})"
+        values = value if isinstance(value, list) else [] if value is None else [value]
+        if not all(isinstance(v, str) for v in values):
+            return [], f"{where}: '{column}' must be a path or a list of paths"
+        return [(column, v.strip()) for v in values if v.strip()], None
+    values = [row[c] for c in ours]
+    bad = [c for c, v in zip(ours, values) if v is not None and not isinstance(v, str)]
+    if bad:
+        return [], f"{where}: '{bad[0]}' must be a path, got {type(row[bad[0]]).__name__}"
+    filled = [bool(v and v.strip()) for v in values]
+    problem = column_gap(where, ours, filled)
+    return ([] if problem else [(c, v.strip()) for c, v, f in zip(ours, values, filled) if f]), problem
+
+
 def scan_metadata(metadata_file: str | Path, img_size: int, decode: bool = True, rule: ReferenceRule | None = None) -> ScanResult:
-    """Edit samples from metadata.csv / .jsonl with columns image, prompt, control_image[, control_image_2, ...].
+    """Samples from metadata.csv / .jsonl with columns image, prompt and the references: control_image[,
+    control_image_2, ...], or DiffSynth-Studio's edit_image / kontext_images (a path or a list of paths). A
+    text-to-image file has image and prompt only (DiffSynth's layout too).
 
     Relative paths are resolved from the metadata file's folder. Every row-level problem is reported as file:line.
     """
@@ -405,6 +439,11 @@ def scan_metadata(metadata_file: str | Path, img_size: int, decode: bool = True,
     if not rows and not result.problems:
         result.problems.append(f"{meta}: no rows")
         return result
+    for column, value in (rows[0][1] if rows else {}).items():  # a column of image paths that nothing reads
+        if (column not in ("image", "prompt", *DIFFSYNTH_REFERENCE_COLUMNS) and not re.fullmatch(r"control_image(_\d+)?", column)
+                and isinstance(value, str) and is_image_file(Path(value.strip()))):
+            result.warnings.append(f"{meta}: column '{column}' holds image paths but is not read (reference images go in "
+                                   "control_image, control_image_2, ... or DiffSynth's edit_image / kontext_images)")
     for n, row in rows:
         where = f"{meta}:{n}"
         image, prompt = row.get("image"), row.get("prompt")
@@ -417,18 +456,10 @@ def scan_metadata(metadata_file: str | Path, img_size: int, decode: bool = True,
         if prompt is not None and not isinstance(prompt, str):
             result.problems.append(f"{where}: 'prompt' must be text, got {type(prompt).__name__}")
             continue
-        columns = control_columns(row)
-        values = [row[c] for c in columns]
-        bad = [c for c, v in zip(columns, values) if v is not None and not isinstance(v, str)]
-        if bad:
-            result.problems.append(f"{where}: '{bad[0]}' must be a path, got {type(row[bad[0]]).__name__}")
-            continue
-        filled = [bool(v and v.strip()) for v in values]
-        problem = column_gap(where, columns, filled)
+        given, problem = reference_cells(row, where)
         if problem:
             result.problems.append(problem)
             continue
-        given = [(c, v.strip()) for c, v, f in zip(columns, values, filled) if f]
         problem = rule.problem(where, len(given)) if rule else None
         if problem:
             result.problems.append(problem)

@@ -68,7 +68,7 @@ class DataConfig:
     repeats: int = doc(1, "how many times each image appears per epoch")
     recursive: bool = doc(False, "also use images in subfolders of img_dir (captions beside them; control images under the same relative path in control_dir)")
     control_dir: Optional[Any] = doc(None, "edit / Kontext: folder of control (reference) images with the same stems as img_dir's images, or a list of folders: reference 1, 2, 3, ... in order (a sample may lack the later ones where the model allows fewer)")
-    metadata_file: Optional[str] = doc(None, "edit: metadata.csv or .jsonl with columns image, prompt, control_image[, control_image_2, ...] (replaces img_dir); paths relative to the file")
+    metadata_file: Optional[str] = doc(None, "metadata.csv or .jsonl with columns image, prompt[, control_image, control_image_2, ... or DiffSynth-Studio's edit_image / kontext_images: a path or a list] (replaces img_dir); paths relative to the file")
     webdataset: Optional[Any] = doc(None, "WebDataset tar shards (replaces img_dir): a path, a glob (shards/*.tar) or a list; per sample key.jpg/png/... + key.txt (or key.json with prompt / caption / text) [+ key.control_image.png, key.control_image_2.png, ...]; plain tar, read in place")
     hf_dataset: Optional[str] = doc(None, "a Hugging Face datasets dataset (replaces img_dir): a save_to_disk folder, parquet / arrow file(s) or a folder of them, an imagefolder, or a hub id (network or local HF cache); columns image_column, caption_column [, control_image, control_image_2, ...]")
     hf_split: str = doc("train", "hf_dataset: the split to train on")

@@ -3,7 +3,8 @@
     python utils/validate_dataset.py --config train_configs/my_run.yaml           # exactly the check training runs
     python utils/validate_dataset.py --path ./my_dataset [--img_size 1024] [--caption_type txt] [--recursive]
     python utils/validate_dataset.py --path ./targets --control_dir ./sources      # edit / Kontext pairs
-    python utils/validate_dataset.py --metadata ./edits/metadata.csv                 # edit samples
+    python utils/validate_dataset.py --path ./targets --control_dir ./ref1 --control_dir ./ref2   # two references
+    python utils/validate_dataset.py --metadata ./edits/metadata.csv                 # metadata rows (ours or DiffSynth's)
     python utils/validate_dataset.py --webdataset 'shards/*.tar'                     # WebDataset tar shards
     python utils/validate_dataset.py --hf_dataset ./my_saved_dataset [--hf_split train]  # a Hugging Face dataset
 
@@ -23,10 +24,13 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="a training YAML: check its data_config for its model, as training does")
-    p.add_argument("--path", help="folder of images with same-stem caption files")
-    p.add_argument("--control_dir", help="folder of control images with the same stems (edit / Kontext datasets)")
-    p.add_argument("--metadata", help="metadata.csv / .jsonl with image, prompt, control_image[, control_image_2, ...] columns")
-    p.add_argument("--webdataset", help="WebDataset tar shards: a path or a glob (quote it)")
+    p.add_argument("--path", "--img_dir", dest="path", help="folder of images with same-stem caption files (data_config.img_dir)")
+    p.add_argument("--control_dir", action="append", default=None,
+                   help="folder of control images with the same stems (edit / Kontext datasets); repeat it (or give a "
+                        "comma-separated list) for reference 1, 2, 3, ... in order")
+    p.add_argument("--metadata", "--metadata_file", dest="metadata",
+                   help="metadata.csv / .jsonl with image, prompt[, control_image, control_image_2, ... or DiffSynth's edit_image] columns")
+    p.add_argument("--webdataset", nargs="+", help="WebDataset tar shards: paths or globs (a glob the shell expanded gives every shard)")
     p.add_argument("--hf_dataset", help="a Hugging Face dataset: save_to_disk folder, parquet / arrow file(s), imagefolder or hub id")
     p.add_argument("--hf_split", default="train", help="with --hf_dataset: the split")
     p.add_argument("--img_size", type=int, default=1024, help="training resolution, to report the crop sizes")
@@ -36,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if sum(bool(x) for x in (args.config, args.path, args.metadata, args.webdataset, args.hf_dataset)) != 1:
         p.error("give exactly one of --config, --path, --metadata, --webdataset and --hf_dataset")
+    if args.overrides and not args.config:
+        p.error(f"'{args.overrides[0]}': key=value overrides apply to --config only"
+                + ("; several --webdataset shards are given after the flag, before any other option" if args.webdataset else ""))
+    if args.control_dir:
+        args.control_dir = [f for item in args.control_dir for f in item.split(",") if f]
 
     from image_datasets import scan_dataset
     from trainer.cli import printable_names
@@ -50,20 +59,24 @@ def main(argv: list[str] | None = None) -> int:
             from trainer.models import resolve
 
             cls, variant = resolve(cfg.pretrained_model_name_or_path)
+            cls.check_setup(cfg)  # the checks training runs before its dataset scan
             scan = scan_for_training(cfg, cls(cfg, variant))
         except (ConfigError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         img_size = cfg.data_config.img_size
     else:
-        for flag, value, is_ok in (("--path", args.path, Path.is_dir), ("--control_dir", args.control_dir, Path.is_dir),
-                                   ("--metadata", args.metadata, Path.is_file)):
+        checks = [("--path", args.path, Path.is_dir), ("--metadata", args.metadata, Path.is_file),
+                  *[("--control_dir", c, Path.is_dir) for c in args.control_dir or []]]
+        for flag, value, is_ok in checks:
             if value and not is_ok(Path(value)):
                 print(f"error: {flag}: '{value}' does not exist", file=sys.stderr)
                 return 1
+        controls = args.control_dir[0] if args.control_dir and len(args.control_dir) == 1 else args.control_dir
         d = DataConfig(img_dir=args.path or "", img_size=args.img_size, caption_type=args.caption_type,
-                       control_dir=args.control_dir, metadata_file=args.metadata, recursive=args.recursive,
-                       webdataset=args.webdataset, hf_dataset=args.hf_dataset, hf_split=args.hf_split)
+                       control_dir=controls, metadata_file=args.metadata, recursive=args.recursive,
+                       webdataset=args.webdataset[0] if args.webdataset and len(args.webdataset) == 1 else args.webdataset,
+                       hf_dataset=args.hf_dataset, hf_split=args.hf_split)
         scan = scan_dataset(d)
         img_size = args.img_size
     for w in scan.warnings:

@@ -172,8 +172,8 @@ class ModelAdapter(ABC):
         low, high = variant.references
         if low and not has_refs:
             raise ConfigError(f"{cls.entry} needs control images for a {name} model: set data_config.control_dir or data_config.metadata_file")
-        if not high and has_refs:
-            raise ConfigError(f"a {name} model takes no control images: remove data_config.control_dir / metadata_file")
+        if not high and d.control_dir is not None:  # a metadata file's rows are counted by the scan, row by row
+            raise ConfigError(f"a {name} model takes no control images: remove data_config.control_dir")
 
     def reference_rule(self):
         """How many reference images each sample must have (checked by the dataset scan, file by file)."""
