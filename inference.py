@@ -183,6 +183,11 @@ def main(argv=None) -> int:
         generator=torch.Generator(device="cpu").manual_seed(args.seed),
         **adapter.inference_kwargs(request),
     )
+    allowed = getattr(pipe, "resolutions", None)  # Kandinsky 5 renders a fixed list of sizes and resizes any other request
+    if allowed and kwargs["width"] and kwargs["height"] and (kwargs["width"], kwargs["height"]) not in allowed:
+        w, h = min(allowed, key=lambda r: abs(r[0] / r[1] - kwargs["width"] / kwargs["height"]))
+        print(f"note: {name} renders only {', '.join(f'{a}x{b}' for a, b in allowed)}; {kwargs['width']}x{kwargs['height']} "
+              f"becomes {w}x{h} (the nearest aspect ratio)", file=sys.stderr)
     image = output_images(pipe(**kwargs))[0]
     out = Path(args.output_image)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -306,6 +306,9 @@ def batch_independence(model: Path, work: Path, references: int) -> float:
 
 
 def main() -> int:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     logging.disable(logging.WARNING)
     from utils.make_tiny_models import make_tiny_model
 

@@ -93,6 +93,9 @@ def main() -> int:
             out["cuda_peak"] = torch.cuda.max_memory_allocated()
         print(json.dumps(out))
         return 0
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
 
     rows = []
     for kind, values in (("weights", ["none", "qfloat8", "qint8", "nf4", "qint4"]), ("optimizer", ["adamw", "adamw8bit"]),

@@ -40,6 +40,9 @@ def rows() -> list[tuple[str, str, float, float]]:
 
 
 def main() -> int:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     logging.disable(logging.WARNING)
     print("| model | quantize | planner GiB | measured GiB (H100) | error GiB |")
     print("| --- | --- | --- | --- | --- |")

@@ -86,7 +86,7 @@ def test_offline_hub_id_not_cached_says_what_to_do(yaml_file, monkeypatch, tmp_p
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_cache"))
     with pytest.raises(ConfigError) as e:
         load_config(yaml_file, ["pretrained_model_name_or_path=Someone/NotCached"])
-    assert "huggingface-cli download Someone/NotCached" in str(e.value)
+    assert "hf download Someone/NotCached" in str(e.value)
 
 
 def test_every_key_documented():
@@ -99,7 +99,8 @@ def test_cli_rejects_unknown_key_fast_before_model_load(yaml_file):
     t = time.time()
     r = subprocess.run([PY, "train.py", "--config", str(yaml_file), "max_train_step=5"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2
-    assert r.stderr.strip() == "error: unknown config key 'max_train_step' (see `python train.py --help` for the valid keys)"
+    assert r.stderr.strip() == ("error: unknown config key 'max_train_step'; did you mean 'max_train_steps'? "
+                                "(see `python train.py --help` for the valid keys)")
     assert "loading" not in r.stdout + r.stderr
     assert time.time() - t < 20
 

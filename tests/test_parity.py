@@ -97,3 +97,57 @@ def test_validator_takes_what_users_type(tiny_models, pictures, tmp_path):
     ov = base_overrides(tiny_models("qwen-image"), targets, tmp_path / "o", **{"data_config.control_dir": str(refs)})
     r = validate("--config", ROOT / "train_configs/train_lora.yaml", *ov)
     assert r.returncode == 2 and "takes no control images" in r.stderr
+
+
+def test_help_is_truthful_for_every_entry_and_bench():
+    import sys
+
+    entries = {"train_4090.py": "quantize (str, default 'qfloat8' (this entry's preset))",
+               "train_full_qwen_image.py": "training_method (str, default 'full' (this entry's preset))",
+               "train_flux_lora.py": "pretrained_model_name_or_path (str, required: set it in the YAML)"}
+    benches = sorted(p.name for p in (ROOT / "bench").glob("*.py") if p.name != "__init__.py")
+    procs = {name: subprocess.Popen([sys.executable, f"bench/{name}" if name in benches else name, "--help"], cwd=ROOT,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in [*entries, *benches]}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and out.startswith("usage:"), (name, out[:300], err[-500:])
+        if name in entries:
+            assert entries[name] in out, name
+    assert "Qwen/Qwen-Image" not in subprocess.run([sys.executable, "train_flux_lora.py", "--help"], cwd=ROOT, capture_output=True,
+                                                   text=True).stdout
+
+
+@pytest.mark.parametrize("override, hint", [("rnak=4", "did you mean 'rank'?"), ("img_dir=x", "did you mean 'data_config.img_dir'?"),
+                                            ("lora_rank=8", "did you mean 'rank'?"), ("data_config.img_siz=64", "'data_config.img_size'")])
+def test_a_mistyped_key_names_the_nearest_one(override, hint):
+    with pytest.raises(ConfigError, match=hint.replace("?", r"\?").replace(".", r"\.")):
+        load_config(None, [override], check_paths=False)
+
+
+def test_what_the_user_asked_is_what_runs(tiny_qwen, dataset, tmp_path, caplog):
+    # warm-up with a constant schedule warms up; epochs end the run with the bar's total and a line saying so
+    with caplog.at_level("INFO", logger="trainer"):
+        train(load_config(None, base_overrides(tiny_qwen, dataset, tmp_path / "o", max_train_steps=50, num_train_epochs=2,
+                                               lr_warmup_steps=4)), QwenImageAdapter)
+    lrs = [json.loads(x)["lr"] for x in (tmp_path / "o" / "train_log.jsonl").read_text().splitlines()]
+    assert len(lrs) == 8 and lrs[0] < lrs[1] < lrs[3] == lrs[7] == 1e-3
+    assert any("num_train_epochs=2 ends the run at step 8" in r.getMessage() for r in caplog.records)
+
+
+def test_convert_lora_reads_the_family_from_the_file(qwen_lora, tmp_path):
+    r = subprocess.run([PY, "utils/convert_lora.py", "--in", str(qwen_lora), "--out", str(tmp_path / "new" / "c.safetensors"),
+                        "--to", "comfyui"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "family: qwen-image (from the file)" in r.stdout and (tmp_path / "new" / "c.safetensors").is_file(), r.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    r = subprocess.run([PY, "utils/convert_lora.py", "--in", str(qwen_lora), "--out", str(blocker / "c.safetensors"), "--to", "comfyui"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "is a file, not a folder" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.fixture(scope="module")
+def qwen_lora(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    data = write_dataset(root / "data")
+    train(load_config(None, base_overrides(tiny_models("qwen-image"), data, root / "out", max_train_steps=1)), QwenImageAdapter)
+    return root / "out" / "pytorch_lora_weights.safetensors"

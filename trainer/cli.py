@@ -38,8 +38,8 @@ def setup_logging() -> None:
         pass
 
 
-def parse_args(description: str, argv: list[str] | None) -> argparse.Namespace:
-    epilog = "config keys (set in the YAML, or override as key=value):\n" + "\n".join(describe_keys())
+def parse_args(description: str, argv: list[str] | None, preset: dict | None = None) -> argparse.Namespace:
+    epilog = "config keys (set in the YAML, or override as key=value):\n" + "\n".join(describe_keys(preset=preset))
     p = argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML file in train_configs/")
     p.add_argument("overrides", nargs="*", help="OmegaConf dot-list overrides, e.g. max_train_steps=20 data_config.img_dir=./data")
@@ -56,7 +56,7 @@ def load_adapter(spec: str):
 
 def main(adapter: str, description: str, argv: list[str] | None = None, preset: dict | None = None) -> int:
     """Parse, validate, train. `preset` holds an entry's own defaults (below the YAML and the command line)."""
-    args = parse_args(description, argv)
+    args = parse_args(description, argv, preset)
     printable_names()
     setup_logging()
     log = logging.getLogger("trainer")

@@ -159,11 +159,35 @@ class TrainConfig:
     wandb_tags: list[str] = doc([], "wandb tags")
 
 
+def all_keys(schema: type | None = None, prefix: str = "") -> list[str]:
+    """Every config key, dotted (data_config.img_dir)."""
+    out = []
+    for f in dataclasses.fields(schema or TrainConfig):
+        if f.name == "data_config":
+            out += all_keys(DataConfig, f"{prefix}{f.name}.")
+        else:
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
+def _nearest_key(key: str) -> str:
+    """ "; did you mean 'x'?" for a mistyped key (also one put at the wrong level), or "" when nothing is close."""
+    import difflib
+
+    keys = all_keys()
+    leaf = key.rsplit(".", 1)[-1]
+    found = ([k for k in keys if k.rsplit(".", 1)[-1] == leaf]  # the right key at the wrong level (img_dir, data_config.rank)
+             or difflib.get_close_matches(key, keys, n=1, cutoff=0.75)  # a typo
+             or [k for k in keys if difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1]], n=1, cutoff=0.8)][:1]
+             or [k for k in keys if leaf.endswith("_" + k.rsplit(".", 1)[-1])][:1])  # lora_rank -> rank
+    return f"; did you mean '{found[0]}'?" if found else ""
+
+
 def _one_line(exc: OmegaConfBaseException) -> str:
     key = getattr(exc, "full_key", None)
     msg = str(exc).splitlines()[0]
     if type(exc).__name__ == "ConfigKeyError" or "not in" in msg:
-        return f"unknown config key '{key}' (see `python train.py --help` for the valid keys)"
+        return f"unknown config key '{key}'{_nearest_key(str(key))} (see `python train.py --help` for the valid keys)"
     return f"bad value for config key '{key}': {msg}"
 
 
@@ -407,7 +431,7 @@ def check_model_path(name: str, key: str = "pretrained_model_name_or_path") -> N
         except Exception:
             raise ConfigError(
                 f"config key '{key}': '{name}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
-                f"run `huggingface-cli download {name}` on a connected machine, or point the key to a local folder"
+                f"run `hf download {name}` on a connected machine, or point the key to a local folder"
             ) from None
 
 
@@ -515,14 +539,25 @@ def to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def describe_keys(schema: type = TrainConfig, prefix: str = "") -> list[str]:
-    """`key (type, default): doc` lines for --help and the README."""
+REQUIRED_IN_YAML = ("pretrained_model_name_or_path",)  # a config file must set these (_require_model_and_data)
+
+
+def describe_keys(schema: type = TrainConfig, prefix: str = "", preset: dict | None = None) -> list[str]:
+    """`key (type, default): doc` lines for --help and the README; `preset`: an entry's own defaults, shown instead
+    of the schema's (what that entry really starts from)."""
     lines = []
     for f in dataclasses.fields(schema):
         if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None) or f.name == "data_config":
-            lines.extend(describe_keys(DataConfig, prefix=f"{prefix}{f.name}."))
+            lines.extend(describe_keys(DataConfig, prefix=f"{prefix}{f.name}.", preset=preset))
             continue
+        key = f"{prefix}{f.name}"
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        lines.append(f"  {prefix}{f.name} ({type_name}, default {default!r}): {f.metadata.get('help', '')}")
+        if key in REQUIRED_IN_YAML:
+            shown = "required: set it in the YAML"
+        elif preset and key in preset:
+            shown = f"default {preset[key]!r} (this entry's preset)"
+        else:
+            shown = f"default {default!r}"
+        lines.append(f"  {key} ({type_name}, {shown}): {f.metadata.get('help', '')}")
     return lines

@@ -211,7 +211,7 @@ def setup(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Run:
         logger.info("FSDP2: one shard group per %s", ", ".join(wrap_family_blocks(accelerator, transformer)))
     optimizer = make_optimizer(cfg, params)
     # Stepped by us once per optimizer step (not prepared), so warm-up and length mean optimizer steps.
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_train_steps)
+    lr_scheduler = get_scheduler(scheduler_name(cfg), optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_train_steps)
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
     if accelerator.distributed_type == DistributedType.FSDP:  # fully_shard replaced the parameters with sharded ones
         params = [p for p in accelerator.unwrap_model(transformer).parameters() if p.requires_grad]
@@ -232,7 +232,11 @@ def setup(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Run:
         logger.info("resume_from_checkpoint=latest: no checkpoint in %s yet, starting fresh", out)
     method.watch(params)  # the weights as this run starts them (fresh or resumed), for the no-op guard
     state.extra["dataset"] = fingerprint
-    log = TrainLog(out / LOG_FILE, accelerator, cfg.max_train_steps, state.global_step, state.elapsed_seconds)
+    total = planned_steps(cfg, sampler)
+    if total < cfg.max_train_steps and accelerator.is_main_process:
+        logger.info("num_train_epochs=%d ends the run at step %d (%d update(s) per epoch), before max_train_steps=%d",
+                    cfg.num_train_epochs, total, len(sampler) // cfg.gradient_accumulation_steps, cfg.max_train_steps)
+    log = TrainLog(out / LOG_FILE, accelerator, total, state.global_step, state.elapsed_seconds)
     if accelerator.is_main_process:
         project = (cfg.wandb_project_name or cfg.tracker_project_name) if cfg.report_to in ("wandb", "all") else cfg.tracker_project_name
         accelerator.init_trackers(project, config=flat_config(cfg), init_kwargs=tracker_kwargs(cfg))
@@ -243,6 +247,23 @@ def setup(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Run:
         )
     return Run(cfg, out, accelerator, adapter, method, transformer, params, optimizer, lr_scheduler, sampler, loader, encode,
                validator, state, log, OmegaConf.to_yaml(OmegaConf.structured(cfg)), run_id)
+
+
+def scheduler_name(cfg: TrainConfig) -> str:
+    """diffusers' schedule for cfg.lr_scheduler. Its `constant` ignores warm-up; with lr_warmup_steps the user asked
+    for one, so it becomes `constant_with_warmup` (said once in the log)."""
+    if cfg.lr_scheduler == "constant" and cfg.lr_warmup_steps > 0:
+        logger.info("lr_scheduler: constant with lr_warmup_steps=%d: the learning rate rises linearly over those steps, then stays "
+                    "constant (constant_with_warmup)", cfg.lr_warmup_steps)
+        return "constant_with_warmup"
+    return cfg.lr_scheduler
+
+
+def planned_steps(cfg: TrainConfig, sampler) -> int:
+    """Optimizer steps this run will take: max_train_steps, or fewer when num_train_epochs ends it first."""
+    if cfg.num_train_epochs is None:
+        return cfg.max_train_steps
+    return min(cfg.max_train_steps, cfg.num_train_epochs * (len(sampler) // cfg.gradient_accumulation_steps))
 
 
 def claim_output_dir(cfg: TrainConfig, out: Path, method: TrainingMethod, accelerator: Accelerator) -> str:

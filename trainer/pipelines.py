@@ -23,7 +23,7 @@ def adapter_for(model_name: str):
         read_model_index(model_name)
     except Exception as e:
         raise ToolError(f"cannot find '{model_name}' locally or on the hub ({type(e).__name__}); "
-                        f"download it with `huggingface-cli download {model_name}` or pass a local folder") from None
+                        f"download it with `hf download {model_name}` or pass a local folder") from None
     try:
         cls, variant = resolve(model_name)
     except ValueError as e:

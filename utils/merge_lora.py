@@ -1,6 +1,6 @@
 """Fuse a LoRA into its base model and save a plain diffusers folder (no LoRA needed at inference).
 
-    python utils/merge_lora.py --model_name Qwen/Qwen-Image --lora_weights output/ --out merged/ [--scale 0.8]
+    python utils/merge_lora.py --model_name Qwen/Qwen-Image --lora_weights output/ --out merged/ [--lora_scale 0.8]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def main(argv=None) -> int:
     p.add_argument("--model_name", required=True)
     p.add_argument("--lora_weights", required=True, help="LoRA .safetensors file or a folder holding pytorch_lora_weights.safetensors")
     p.add_argument("--out", required=True)
-    p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--lora_scale", "--scale", dest="scale", type=float, default=1.0, help="LoRA strength baked in (as inference.py's --lora_scale)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of the saved model")
     p.add_argument("--overwrite", action="store_true", help="replace --out when it already holds files")
     args = p.parse_args(argv)
