@@ -151,3 +151,36 @@ def qwen_lora(tiny_models, tmp_path_factory):
     data = write_dataset(root / "data")
     train(load_config(None, base_overrides(tiny_models("qwen-image"), data, root / "out", max_train_steps=1)), QwenImageAdapter)
     return root / "out" / "pytorch_lora_weights.safetensors"
+
+
+def test_samples_by_default_and_the_command_to_try_the_result(tiny_models, pictures, tmp_path, caplog):
+    import shlex
+
+    import yaml
+    from PIL import Image
+
+    for path in sorted((ROOT / "train_configs").glob("*.yaml")):
+        cfg = yaml.safe_load(path.read_text())
+        assert cfg.get("validation_prompts") or cfg.get("validation_samples", 0) > 0, path.name
+    out = tmp_path / "t2i"
+    ov = base_overrides(tiny_models("qwen-image"), pictures / "images", out, max_train_steps=2, validation_samples=2,
+                        validation_steps=2, validation_num_inference_steps=2)
+    with caplog.at_level("INFO", logger="trainer"):
+        train(load_config(ROOT / "train_configs/train_lora.yaml", ov), QwenImageAdapter)
+    grids = {p.name: Image.open(p) for p in (out / "samples").glob("*.png")}
+    assert sorted(grids) == ["step-0.png", "step-2.png"]
+    assert grids["step-0.png"].size[0] == 128 and grids["step-0.png"].size[1] > 64  # two tiles, their captions below
+    tried = [r.getMessage() for r in caplog.records if r.getMessage().startswith("try it: ")]
+    assert len(tried) == 1 and "--prompt 'a photo of thing number 0'" in tried[0] and "--width 64 --height 64" in tried[0]
+    r = subprocess.run(shlex.split(tried[0][len("try it: "):]) + ["--num_inference_steps", "2"], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and (out / "sample.png").is_file(), r.stderr[-2000:]
+    # an edit model samples its training references
+    edit = tmp_path / "edit"
+    ov = base_overrides(tiny_models("qwen-image-edit"), pictures / "images", edit, max_train_steps=1, validation_samples=1,
+                        validation_num_inference_steps=2, **{"data_config.control_dir": str(pictures / "edits")})
+    caplog.clear()
+    with caplog.at_level("INFO", logger="trainer"):
+        train(load_config(None, ov), QwenImageEditAdapter)
+    assert sorted(p.name for p in (edit / "samples").glob("*.png")) == ["step-0.png", "step-1.png"]
+    assert any("--image " + str(pictures / "edits" / "img0.png") in r.getMessage() for r in caplog.records)

@@ -139,6 +139,8 @@ class TrainConfig:
     lora_format: str = doc("diffusers", "diffusers, or comfyui to also write pytorch_lora_weights_comfyui.safetensors (ComfyUI key names + alpha) next to every LoRA file")
     validation_prompts: list[Any] = doc([], "prompts rendered with the current LoRA into output_dir/samples/step-N.png (and TensorBoard); edit models: entries {prompt: ..., images: [ref1, ref2, ...]}")
     validation_images: list[str] = doc([], "edit / Kontext: input image per validation prompt (one image is shared by all prompts); entries with their own images override it")
+    validation_samples: int = doc(0, "when validation_prompts is empty: render the captions (with their reference images) of this many training samples instead, beside their training targets' captions (the shipped YAMLs use 2); 0 = no samples")
+    validation_at_start: bool = doc(True, "also render the validation prompts before the first step (samples/step-0.png: the base model, for comparison)")
     validation_steps: int = doc(0, "render the validation prompts every N steps (0 = only at the end)")
     validation_num_inference_steps: int = doc(20, "denoising steps for validation samples")
     validation_guidance_scale: float = doc(4.0, "classifier-free guidance scale of validation samples, 1 = none, for the families that run real CFG (Qwen, Z-Image, Chroma, Kandinsky 5, FLUX.2 Klein); FLUX.1 / FLUX.2 dev use guidance_scale")
@@ -355,6 +357,8 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
             raise ConfigError("config key 'data_config.img_dir' is not set: point it to your folder of images + captions")
         if not Path(d.img_dir).is_dir():
             raise ConfigError(f"config key 'data_config.img_dir': folder '{d.img_dir}' does not exist")
+    if cfg.validation_samples < 0:
+        raise ConfigError(f"config key 'validation_samples' must be >= 0, got {cfg.validation_samples}")
     if cfg.validation_steps < 0 or cfg.validation_num_inference_steps < 1:
         raise ConfigError("config keys 'validation_steps' must be >= 0 and 'validation_num_inference_steps' >= 1")
     if cfg.validation_images and len(cfg.validation_images) not in (1, len(cfg.validation_prompts)):

@@ -138,6 +138,8 @@ def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
         except KeyboardInterrupt:  # Ctrl-C while scanning, caching or loading: nothing trained yet
             raise Interrupted("interrupted before training started; nothing was trained (embedding cache entries written so far "
                               "are kept and reused). Run the same command again to start") from None
+        if cfg.validation_at_start and run.state.global_step == 0:
+            render_samples(run)  # samples/step-0.png: the base model, to compare the later samples with
         with StopRequest() as stop:
             while run.state.global_step < cfg.max_train_steps and stop.signum is None and not epochs_done(run):
                 run.sampler.set_epoch(run.state.epoch, run.state.batch_in_epoch)
@@ -546,7 +548,7 @@ def prepare_conditioning(cfg: TrainConfig, adapter: ModelAdapter, samples: list,
         logger.warning(line)
     if len(problems) > 20:
         logger.warning("... and %d more sample(s) with the same problem", len(problems) - 20)
-    validator = Validator(adapter, cfg)
+    validator = Validator(adapter, cfg, samples)
     validator.prepare()  # prompt embeddings now, while the text encoders are loaded
     if accelerator.is_main_process:
         logger.info(caching_note(cfg))
@@ -561,7 +563,7 @@ def prepare_conditioning(cfg: TrainConfig, adapter: ModelAdapter, samples: list,
     # Freed before the transformer loads: on a 24 GB card the encoders and the transformer never coexist.
     if cfg.precompute_text_embeddings:
         adapter.free_text_encoders()
-    if cfg.precompute_image_embeddings and not cfg.validation_prompts:  # sampling still decodes with it
+    if cfg.precompute_image_embeddings and not validator.items:  # sampling still decodes with it
         adapter.free_vae()
 
     def encode(batch: dict) -> tuple[torch.Tensor, dict]:
@@ -718,13 +720,20 @@ def after_update(run: Run, update: Update, stop: "StopRequest") -> bool:
     elif state.global_step % cfg.logging_steps == 0:
         run.log.flush()
     sample_now = cfg.validation_steps and state.global_step % cfg.validation_steps == 0
-    if (sample_now or at_end) and cfg.validation_prompts:
-        if run.accelerator.is_main_process or run.method.sharded:  # a sharded model renders only with every rank taking part
-            model = run.accelerator.unwrap_model(run.transformer)
-            with run.method.sampling(model):
-                run.validator.render(model, state.global_step, run.out, run.accelerator, save=run.accelerator.is_main_process)
-        run.accelerator.wait_for_everyone()
+    if sample_now or at_end:
+        render_samples(run)
     return at_end or stop.signum is not None
+
+
+def render_samples(run: Run) -> None:
+    """The validation samples at the current step (every process takes part when the model is sharded)."""
+    if not run.validator.items:
+        return
+    if run.accelerator.is_main_process or run.method.sharded:  # a sharded model renders only with every rank taking part
+        model = run.accelerator.unwrap_model(run.transformer)
+        with run.method.sampling(model):
+            run.validator.render(model, run.state.global_step, run.out, run.accelerator, save=run.accelerator.is_main_process)
+    run.accelerator.wait_for_everyone()
 
 
 def save_now(run: Run, final: bool) -> None:
@@ -782,7 +791,24 @@ def finish(run: Run, stop: "StopRequest") -> Path:
         write_summary(out, run.cfg, state.global_step, state.epoch, elapsed, run.log.last_loss, final)
         plot_losses(read_log(out / LOG_FILE), out / "loss_curve.png")
         logger.info("done: %d steps in %.1f s; %s written to %s", state.global_step, elapsed, run.method.name, final)
+        logger.info("try it: %s", inference_command(run, final))
     return final
+
+
+def inference_command(run: Run, final: Path) -> str:
+    """The exact inference.py command for what this run wrote, with its first validation prompt (or training
+    caption), its references and its training size."""
+    import shlex
+
+    cfg = run.cfg
+    entries = run.validator.entries() or [(s.caption, list(s.controls)) for s in run.validator.samples[:1]]
+    prompt, refs = entries[0] if entries else ("...", [])
+    size = run.validator.samples[0].size if run.validator.samples else (cfg.data_config.img_size,) * 2
+    weights = ["--transformer", str(run.out)] if cfg.training_method == "full" else ["--lora_weights", str(final)]
+    images = [a for r in refs for a in ("--image", str(r) if isinstance(r, (str, Path)) else "<reference image>")]
+    cmd = ["python", "inference.py", "--model_name", cfg.pretrained_model_name_or_path, *weights, "--prompt", prompt, *images,
+           "--width", str(size[0]), "--height", str(size[1]), "--output_image", str(run.out / "sample.png")]
+    return " ".join(shlex.quote(c) if c != "<reference image>" else c for c in cmd)
 
 
 class StopRequest:

@@ -22,9 +22,23 @@ logger = logging.getLogger("trainer")
 
 
 class Validator:
-    def __init__(self, adapter: ModelAdapter, cfg: TrainConfig):
+    def __init__(self, adapter: ModelAdapter, cfg: TrainConfig, samples: list | None = None):
         self.adapter, self.cfg = adapter, cfg
+        self.samples = samples or []
         self.items: list[dict] = []
+
+    def entries(self) -> list[tuple[str, list]]:
+        """(prompt, reference images) to render: validation_prompts, else the first validation_samples distinct
+        training samples' captions and references."""
+        entries = validation_entries(self.cfg)
+        if entries or not self.cfg.validation_samples:
+            return entries
+        seen, out = set(), []
+        for s in self.samples:
+            if s.image not in seen and len(out) < self.cfg.validation_samples:
+                seen.add(s.image)
+                out.append((s.caption, list(s.controls)))
+        return out
 
     def prepare(self) -> None:
         """Encode the validation prompts (and the family's blank negative) while the text encoders are still
@@ -32,8 +46,8 @@ class Validator:
         from image_datasets import target_size
 
         cfg = self.cfg
-        for prompt, paths in validation_entries(cfg):
-            images = [load_image(Path(p), keep_alpha=self.adapter.pixel_channels == 4) for p in paths]
+        for prompt, paths in self.entries():
+            images = [load_image(Path(p) if isinstance(p, str) else p, keep_alpha=self.adapter.pixel_channels == 4) for p in paths]
             controls, views = [], [[]]
             for img in images:
                 sized = self.adapter.reference_views(img)
@@ -43,7 +57,7 @@ class Validator:
             cond = self.adapter.encode_text({**batch, "captions": [prompt]})
             neg = self.adapter.encode_text({**batch, "captions": [self.adapter.empty_prompt]})
             size = target_size(*images[0].size, cfg.data_config.img_size) if images else (cfg.data_config.img_size,) * 2
-            self.items.append({"cond": _cpu(cond), "neg": _cpu(neg), "images": images, "size": size})
+            self.items.append({"cond": _cpu(cond), "neg": _cpu(neg), "images": images, "size": size, "prompt": prompt})
 
     @torch.no_grad()
     def render(self, transformer: torch.nn.Module, step: int, out: Path, accelerator, save: bool = True) -> Path | None:
@@ -66,7 +80,7 @@ class Validator:
         transformer.train(was_training)
         if not save:
             return None
-        grid = _grid(images)
+        grid = _grid(images, [it["prompt"] for it in self.items])
         path = out / "samples" / f"step-{step}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)
@@ -100,11 +114,28 @@ def _to(v, device):
     return v.to(device) if isinstance(v, torch.Tensor) else v
 
 
-def _grid(images: list[Image.Image]) -> Image.Image:
+def _grid(images: list[Image.Image], prompts: list[str] | None = None) -> Image.Image:
+    """The samples side by side, each with its prompt written under it (wrapped to the tile's width)."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    captions = [_wrap(p, max(8, im.width // 6)) for im, p in zip(images, prompts or [""] * len(images))]
+    line_h = 11
+    text_h = max((len(c) for c in captions), default=0) * line_h + (4 if prompts else 0)
     h = max(im.height for im in images)
-    grid = Image.new("RGB", (sum(im.width for im in images), h), "white")
+    grid = Image.new("RGB", (sum(im.width for im in images), h + text_h), "white")
+    draw = ImageDraw.Draw(grid)
     x = 0
-    for im in images:
-        grid.paste(im, (x, 0))
+    for im, lines in zip(images, captions):
+        grid.paste(im.convert("RGB"), (x, 0))
+        for k, line in enumerate(lines):
+            draw.text((x + 2, h + 2 + k * line_h), line, fill="black", font=font)
         x += im.width
     return grid
+
+
+def _wrap(text: str, width: int, max_lines: int = 6) -> list[str]:
+    import textwrap
+
+    lines = textwrap.wrap(text, width) or [""]
+    return lines[:max_lines - 1] + [lines[max_lines - 1][: width - 3] + "..."] if len(lines) > max_lines else lines
