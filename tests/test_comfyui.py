@@ -1,5 +1,7 @@
 """Every family's ComfyUI-format LoRA file maps completely under ComfyUI's own key rules (tests/comfyui_rules.py)."""
 
+import json
+
 import pytest
 from helpers import base_overrides, write_dataset
 from safetensors.torch import load_file
@@ -29,3 +31,51 @@ def test_comfyui_file_maps_completely(variant, tiny_models, tmp_path):
     adapter = cls.from_model(load_config(None, base_overrides(model, data, out), check_paths=False))
     adapter.load_transformer()
     assert not_loaded(comfy, variant, adapter.transformer) == []
+
+
+# The inputs each ComfyUI node of the shipped workflows takes (required ones; from ComfyUI's node definitions).
+COMFY_NODE_INPUTS = {
+    "UNETLoader": {"unet_name", "weight_dtype"}, "CLIPLoader": {"clip_name", "type"}, "DualCLIPLoader": {"clip_name1", "clip_name2", "type"},
+    "VAELoader": {"vae_name"}, "LoraLoaderModelOnly": {"model", "lora_name", "strength_model"}, "ModelSamplingAuraFlow": {"model", "shift"},
+    "CLIPTextEncode": {"text", "clip"}, "ConditioningZeroOut": {"conditioning"}, "FluxGuidance": {"conditioning", "guidance"},
+    "EmptySD3LatentImage": {"width", "height", "batch_size"}, "LoadImage": {"image"},
+    "ImageScaleToTotalPixels": {"image", "upscale_method", "megapixels", "resolution_steps"}, "VAEEncode": {"pixels", "vae"},
+    "TextEncodeQwenImageEdit": {"clip", "prompt", "vae", "image"}, "FluxKontextImageScale": {"image"},
+    "ReferenceLatent": {"conditioning", "latent"},
+    "KSampler": {"model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive", "negative", "latent_image", "denoise"},
+    "VAEDecode": {"samples", "vae"}, "SaveImage": {"images", "filename_prefix"},
+}
+CLIP_TYPES = {"CLIPLoader": {"qwen_image", "lumina2", "chroma", "flux2"}, "DualCLIPLoader": {"flux"}}
+
+
+def test_comfyui_workflows_load_the_trained_lora_into_the_sampled_model():
+    import subprocess
+
+    from helpers import PY, ROOT
+
+    from trainer.constants import COMFY_FILE
+    from trainer.models import variants
+    from utils.comfyui_workflows import WORKFLOWS
+
+    r = subprocess.run([PY, "utils/comfyui_workflows.py", "--check"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert set(WORKFLOWS) <= set(variants())
+    for name in WORKFLOWS:
+        nodes = json.loads((ROOT / "comfyui" / f"{name}.json").read_text())
+        for node_id, node in nodes.items():
+            kind, inputs = node["class_type"], node["inputs"]
+            assert set(inputs) == COMFY_NODE_INPUTS[kind], (name, kind)
+            for value in inputs.values():
+                if isinstance(value, list):  # a link: [node id, output index] of an existing node
+                    assert value[0] in nodes and value[1] == 0 and value[0] != node_id, (name, node_id, value)
+            if kind in CLIP_TYPES:
+                assert inputs["type"] in CLIP_TYPES[kind], (name, inputs["type"])
+        loras = [n for n in nodes.values() if n["class_type"] == "LoraLoaderModelOnly"]
+        assert len(loras) == 1 and loras[0]["inputs"]["lora_name"] == COMFY_FILE and loras[0]["inputs"]["strength_model"] == 1.0
+        # the sampler's model comes from the base model through the LoRA
+        sampler = next(n for n in nodes.values() if n["class_type"] == "KSampler")
+        chain, node = [], sampler
+        while "model" in node["inputs"]:
+            node = nodes[node["inputs"]["model"][0]]
+            chain.append(node["class_type"])
+        assert "LoraLoaderModelOnly" in chain and chain[-1] == "UNETLoader", (name, chain)

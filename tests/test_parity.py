@@ -184,3 +184,13 @@ def test_samples_by_default_and_the_command_to_try_the_result(tiny_models, pictu
         train(load_config(None, ov), QwenImageEditAdapter)
     assert sorted(p.name for p in (edit / "samples").glob("*.png")) == ["step-0.png", "step-1.png"]
     assert any("--image " + str(pictures / "edits" / "img0.png") in r.getMessage() for r in caplog.records)
+
+
+def test_requirements_alone_leave_the_tools_runnable(tmp_path):
+    """FlyMyAI's route is `pip install -r requirements.txt`: its last line installs this project, so a tool runs from
+    any folder (without it, utils/validate_dataset.py could not import image_datasets)."""
+    lines = [x.strip() for x in (ROOT / "requirements.txt").read_text().splitlines()]
+    assert "-e ." in lines
+    r = subprocess.run([PY, str(ROOT / "utils/validate_dataset.py"), "--path", str(write_dataset(tmp_path / "d", n=2)), "--img_size", "64"],
+                       cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0 and "2 usable sample(s)" in r.stdout, r.stderr[-1500:]

@@ -1,0 +1,158 @@
+"""Write the ComfyUI workflows in comfyui/: per family, load the base model, apply a trained LoRA at strength 1 and
+sample with the family's settings.
+
+    python utils/comfyui_workflows.py            # rewrites comfyui/<variant>.json
+    python utils/comfyui_workflows.py --check    # exit 1 when a file differs from what this script writes
+
+The files are in ComfyUI's API format (queue them with ComfyUI's /prompt endpoint, or load them in the UI). The LoRA
+is `pytorch_lora_weights_comfyui.safetensors` (training with `lora_format: comfyui`, or `utils/convert_lora.py --to
+comfyui`), copied into ComfyUI's models/loras/. The base model files are ComfyUI's repackaged ones (models/
+diffusion_models, text_encoders, vae); rename them in the file if yours differ. Edit models read `input.png` from
+ComfyUI's input/ folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "comfyui"
+LORA = "pytorch_lora_weights_comfyui.safetensors"  # trainer.constants.COMFY_FILE (kept literal: no heavy imports)
+
+
+class Graph:
+    """A ComfyUI API-format prompt: {id: {"class_type", "inputs", "_meta"}}; a link is [node id, output index]."""
+
+    def __init__(self):
+        self.nodes: dict[str, dict] = {}
+
+    def add(self, class_type: str, title: str, **inputs) -> list:
+        node_id = str(len(self.nodes) + 1)
+        self.nodes[node_id] = {"class_type": class_type, "inputs": inputs, "_meta": {"title": title}}
+        return [node_id, 0]
+
+
+def _tail(g: Graph, model, positive, negative, latent, vae, steps: int, cfg: float, sampler: str, name: str) -> None:
+    sampled = g.add("KSampler", "sample", model=model, seed=0, steps=steps, cfg=cfg, sampler_name=sampler, scheduler="simple",
+                    positive=positive, negative=negative, latent_image=latent, denoise=1.0)
+    image = g.add("VAEDecode", "decode", samples=sampled, vae=vae)
+    g.add("SaveImage", "save", images=image, filename_prefix=f"lora_{name}")
+
+
+def _lora(g: Graph, model) -> list:
+    return g.add("LoraLoaderModelOnly", "the trained LoRA", model=model, lora_name=LORA, strength_model=1.0)
+
+
+PROMPT = "your trigger word and prompt"
+EDIT_PROMPT = "your edit instruction"
+
+
+def qwen_image(edit: bool) -> dict:
+    g = Graph()
+    unet = g.add("UNETLoader", "base model", unet_name="qwen_image_edit_bf16.safetensors" if edit else "qwen_image_bf16.safetensors",
+                 weight_dtype="default")
+    clip = g.add("CLIPLoader", "text encoder", clip_name="qwen_2.5_vl_7b.safetensors", type="qwen_image")
+    vae = g.add("VAELoader", "vae", vae_name="qwen_image_vae.safetensors")
+    model = g.add("ModelSamplingAuraFlow", "shift", model=_lora(g, unet), shift=3.1)
+    if edit:
+        image = g.add("LoadImage", "input image", image="input.png")
+        image = g.add("ImageScaleToTotalPixels", "about 1 MP", image=image, upscale_method="lanczos", megapixels=1.0, resolution_steps=1)
+        positive = g.add("TextEncodeQwenImageEdit", "instruction", clip=clip, prompt=EDIT_PROMPT, vae=vae, image=image)
+        negative = g.add("TextEncodeQwenImageEdit", "negative", clip=clip, prompt=" ", vae=vae, image=image)
+        latent = g.add("VAEEncode", "start from the input", pixels=image, vae=vae)
+    else:
+        positive = g.add("CLIPTextEncode", "prompt", text=PROMPT, clip=clip)
+        negative = g.add("CLIPTextEncode", "negative", text=" ", clip=clip)
+        latent = g.add("EmptySD3LatentImage", "size", width=1328, height=1328, batch_size=1)
+    _tail(g, model, positive, negative, latent, vae, steps=50, cfg=4.0, sampler="euler", name="qwen_image_edit" if edit else "qwen_image")
+    return g.nodes
+
+
+def flux(kontext: bool) -> dict:
+    g = Graph()
+    unet = g.add("UNETLoader", "base model", unet_name="flux1-dev-kontext.safetensors" if kontext else "flux1-dev.safetensors",
+                 weight_dtype="default")
+    clip = g.add("DualCLIPLoader", "text encoders", clip_name1="clip_l.safetensors", clip_name2="t5xxl_fp16.safetensors", type="flux")
+    vae = g.add("VAELoader", "vae", vae_name="ae.safetensors")
+    model = _lora(g, unet)
+    text = g.add("CLIPTextEncode", "prompt", text=EDIT_PROMPT if kontext else PROMPT, clip=clip)
+    negative = g.add("ConditioningZeroOut", "no negative (cfg 1)", conditioning=text)
+    if kontext:
+        image = g.add("LoadImage", "input image", image="input.png")
+        image = g.add("FluxKontextImageScale", "Kontext's resolution", image=image)
+        latent = g.add("VAEEncode", "the input's latents", pixels=image, vae=vae)
+        text = g.add("ReferenceLatent", "the input as reference", conditioning=text, latent=latent)
+        positive = g.add("FluxGuidance", "distilled guidance", conditioning=text, guidance=2.5)
+    else:
+        positive = g.add("FluxGuidance", "distilled guidance", conditioning=text, guidance=3.5)
+        latent = g.add("EmptySD3LatentImage", "size", width=1024, height=1024, batch_size=1)
+    _tail(g, model, positive, negative, latent, vae, steps=28, cfg=1.0, sampler="euler", name="flux_kontext" if kontext else "flux")
+    return g.nodes
+
+
+def z_image() -> dict:
+    """Z-Image-Turbo with a LoRA trained on Z-Image (Base), as README recommends."""
+    g = Graph()
+    unet = g.add("UNETLoader", "base model (Turbo)", unet_name="z_image_turbo_bf16.safetensors", weight_dtype="default")
+    clip = g.add("CLIPLoader", "text encoder", clip_name="qwen_3_4b.safetensors", type="lumina2")
+    vae = g.add("VAELoader", "vae", vae_name="ae.safetensors")
+    model = g.add("ModelSamplingAuraFlow", "shift", model=_lora(g, unet), shift=3.0)
+    positive = g.add("CLIPTextEncode", "prompt", text=PROMPT, clip=clip)
+    negative = g.add("ConditioningZeroOut", "no negative (cfg 1)", conditioning=positive)
+    latent = g.add("EmptySD3LatentImage", "size", width=1024, height=1024, batch_size=1)
+    _tail(g, model, positive, negative, latent, vae, steps=9, cfg=1.0, sampler="res_multistep", name="z_image")
+    return g.nodes
+
+
+def chroma() -> dict:
+    g = Graph()
+    unet = g.add("UNETLoader", "base model", unet_name="Chroma1-HD.safetensors", weight_dtype="default")
+    clip = g.add("CLIPLoader", "text encoder", clip_name="t5xxl_fp16.safetensors", type="chroma")
+    vae = g.add("VAELoader", "vae", vae_name="ae.safetensors")
+    positive = g.add("CLIPTextEncode", "prompt", text=PROMPT, clip=clip)
+    negative = g.add("CLIPTextEncode", "negative", text="low quality, blurry", clip=clip)
+    latent = g.add("EmptySD3LatentImage", "size", width=1024, height=1024, batch_size=1)
+    _tail(g, _lora(g, unet), positive, negative, latent, vae, steps=28, cfg=5.0, sampler="euler", name="chroma")
+    return g.nodes
+
+
+WORKFLOWS = {  # variant name (trainer/models) -> its workflow
+    "qwen-image": lambda: qwen_image(edit=False),
+    "qwen-image-edit": lambda: qwen_image(edit=True),
+    "flux": lambda: flux(kontext=False),
+    "flux-kontext": lambda: flux(kontext=True),
+    "z-image": z_image,
+    "chroma": chroma,
+}
+
+
+def render(name: str) -> str:
+    return json.dumps(WORKFLOWS[name](), indent=1) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true", help="compare comfyui/*.json with what this script writes; exit 1 on a difference")
+    args = p.parse_args(argv)
+    stale = []
+    OUT.mkdir(exist_ok=True)
+    for name in WORKFLOWS:
+        path = OUT / f"{name}.json"
+        text = render(name)
+        if args.check:
+            if not path.is_file() or path.read_text() != text:
+                stale.append(path.name)
+        else:
+            path.write_text(text)
+            print(f"wrote {path.relative_to(ROOT)}")
+    if stale:
+        print(f"out of date: {', '.join(stale)} (run python utils/comfyui_workflows.py)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
