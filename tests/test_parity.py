@@ -194,3 +194,13 @@ def test_requirements_alone_leave_the_tools_runnable(tmp_path):
     r = subprocess.run([PY, str(ROOT / "utils/validate_dataset.py"), "--path", str(write_dataset(tmp_path / "d", n=2)), "--img_size", "64"],
                        cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0 and "2 usable sample(s)" in r.stdout, r.stderr[-1500:]
+
+
+def test_one_line_errors_under_the_readmes_accelerate_launch(tmp_path):
+    from helpers import ACCELERATE
+
+    cmd = [ACCELERATE[0], "launch", "--quiet", *ACCELERATE[2:], "train.py", "--config", "train_configs/train_lora.yaml", "rnak=4"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode != 0 and lines == ["error: unknown config key 'rnak'; did you mean 'rank'? (see `python train.py --help` for the valid keys)"], r.stderr
+    assert "accelerate launch --quiet train.py" in (ROOT / "README.md").read_text()

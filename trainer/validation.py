@@ -66,6 +66,14 @@ class Validator:
         if not self.items:
             return None
         pipe = self.adapter.sampling_pipeline(transformer)
+        allowed = getattr(pipe, "resolutions", None)  # Kandinsky 5 renders a fixed list of sizes and resizes other requests
+        if allowed and not getattr(self, "_size_said", False):
+            self._size_said = True
+            for it in self.items:
+                if tuple(it["size"]) not in allowed:
+                    logger.info("validation samples: %s renders only %s; %dx%d previews come out at the nearest of those",
+                                self.adapter.variant.name, ", ".join(f"{w}x{h}" for w, h in allowed), *it["size"])
+                    break
         was_training = transformer.training
         transformer.eval()
         images = []
