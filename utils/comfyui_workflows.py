@@ -42,6 +42,16 @@ def _tail(g: Graph, model, positive, negative, latent, vae, steps: int, cfg: flo
     g.add("SaveImage", "save", images=image, filename_prefix=f"lora_{name}")
 
 
+def _loaders(g: Graph, unet_name: str, clip_names: tuple[str, ...], clip_type: str, vae_name: str, title: str = "base model"):
+    """(model, clip, vae) outputs: the diffusion model, its text encoder(s) (CLIPLoader, or DualCLIPLoader for two), the VAE."""
+    unet = g.add("UNETLoader", title, unet_name=unet_name, weight_dtype="default")
+    if len(clip_names) == 1:
+        clip = g.add("CLIPLoader", "text encoder", clip_name=clip_names[0], type=clip_type)
+    else:
+        clip = g.add("DualCLIPLoader", "text encoders", clip_name1=clip_names[0], clip_name2=clip_names[1], type=clip_type)
+    return unet, clip, g.add("VAELoader", "vae", vae_name=vae_name)
+
+
 def _lora(g: Graph, model) -> list:
     return g.add("LoraLoaderModelOnly", "the trained LoRA", model=model, lora_name=LORA, strength_model=1.0)
 
@@ -52,10 +62,8 @@ EDIT_PROMPT = "your edit instruction"
 
 def qwen_image(edit: bool) -> dict:
     g = Graph()
-    unet = g.add("UNETLoader", "base model", unet_name="qwen_image_edit_bf16.safetensors" if edit else "qwen_image_bf16.safetensors",
-                 weight_dtype="default")
-    clip = g.add("CLIPLoader", "text encoder", clip_name="qwen_2.5_vl_7b.safetensors", type="qwen_image")
-    vae = g.add("VAELoader", "vae", vae_name="qwen_image_vae.safetensors")
+    unet, clip, vae = _loaders(g, "qwen_image_edit_bf16.safetensors" if edit else "qwen_image_bf16.safetensors",
+                               ("qwen_2.5_vl_7b.safetensors",), "qwen_image", "qwen_image_vae.safetensors")
     model = g.add("ModelSamplingAuraFlow", "shift", model=_lora(g, unet), shift=3.1)
     if edit:
         image = g.add("LoadImage", "input image", image="input.png")
@@ -73,10 +81,8 @@ def qwen_image(edit: bool) -> dict:
 
 def flux(kontext: bool) -> dict:
     g = Graph()
-    unet = g.add("UNETLoader", "base model", unet_name="flux1-dev-kontext.safetensors" if kontext else "flux1-dev.safetensors",
-                 weight_dtype="default")
-    clip = g.add("DualCLIPLoader", "text encoders", clip_name1="clip_l.safetensors", clip_name2="t5xxl_fp16.safetensors", type="flux")
-    vae = g.add("VAELoader", "vae", vae_name="ae.safetensors")
+    unet, clip, vae = _loaders(g, "flux1-dev-kontext.safetensors" if kontext else "flux1-dev.safetensors",
+                               ("clip_l.safetensors", "t5xxl_fp16.safetensors"), "flux", "ae.safetensors")
     model = _lora(g, unet)
     text = g.add("CLIPTextEncode", "prompt", text=EDIT_PROMPT if kontext else PROMPT, clip=clip)
     negative = g.add("ConditioningZeroOut", "no negative (cfg 1)", conditioning=text)
@@ -96,9 +102,8 @@ def flux(kontext: bool) -> dict:
 def z_image() -> dict:
     """Z-Image-Turbo with a LoRA trained on Z-Image (Base), as README recommends."""
     g = Graph()
-    unet = g.add("UNETLoader", "base model (Turbo)", unet_name="z_image_turbo_bf16.safetensors", weight_dtype="default")
-    clip = g.add("CLIPLoader", "text encoder", clip_name="qwen_3_4b.safetensors", type="lumina2")
-    vae = g.add("VAELoader", "vae", vae_name="ae.safetensors")
+    unet, clip, vae = _loaders(g, "z_image_turbo_bf16.safetensors", ("qwen_3_4b.safetensors",), "lumina2", "ae.safetensors",
+                               "base model (Turbo)")
     model = g.add("ModelSamplingAuraFlow", "shift", model=_lora(g, unet), shift=3.0)
     positive = g.add("CLIPTextEncode", "prompt", text=PROMPT, clip=clip)
     negative = g.add("ConditioningZeroOut", "no negative (cfg 1)", conditioning=positive)
@@ -109,9 +114,7 @@ def z_image() -> dict:
 
 def chroma() -> dict:
     g = Graph()
-    unet = g.add("UNETLoader", "base model", unet_name="Chroma1-HD.safetensors", weight_dtype="default")
-    clip = g.add("CLIPLoader", "text encoder", clip_name="t5xxl_fp16.safetensors", type="chroma")
-    vae = g.add("VAELoader", "vae", vae_name="ae.safetensors")
+    unet, clip, vae = _loaders(g, "Chroma1-HD.safetensors", ("t5xxl_fp16.safetensors",), "chroma", "ae.safetensors")
     positive = g.add("CLIPTextEncode", "prompt", text=PROMPT, clip=clip)
     negative = g.add("CLIPTextEncode", "negative", text="low quality, blurry", clip=clip)
     latent = g.add("EmptySD3LatentImage", "size", width=1024, height=1024, batch_size=1)
