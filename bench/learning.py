@@ -26,8 +26,10 @@ from trainer.models.base import LearningCase  # noqa: E402
 # run name -> (variant, case, training method, quantize)
 EXTRA_RUNS = {
     "qwen-image, full fine-tuning": ("qwen-image", LearningCase(steps=300, learning_rate=1e-3), "full", "none"),
-    "flux, full fine-tuning": ("flux", LearningCase(steps=300, learning_rate=1e-3), "full", "none"),
+    "flux, full fine-tuning": ("flux", LearningCase(steps=300, learning_rate=2e-3), "full", "none"),
     "qwen-image, nf4 base": ("qwen-image", None, "lora", "nf4"),  # None: the variant's own case
+    # Qwen-Image 2.1's own case is its edit case (references at 288 px); its text-to-image case, in the bench only
+    "qwen-image-2.1, text-to-image": ("qwen-image-2.1", LearningCase(0, 300, 5e-3, in_suite=False), "lora", "none"),
 }
 
 

@@ -12,7 +12,7 @@ from trainer.models.base import LearningCase
 
 LEARNING = {name: v.learning for name, (_cls, v) in variants().items()}
 IN_SUITE = [name for name, case in LEARNING.items() if case is not None and case.in_suite]
-EXTRA = {name: run for name, run in runs().items() if name in EXTRA_RUNS}  # full fine-tuning, a quantized base
+EXTRA = {name: run for name, run in runs().items() if name in EXTRA_RUNS and run[1].in_suite}  # full fine-tuning, a quantized base
 
 
 def run_case(tiny_models, tmp_path, variant: str, case: LearningCase, method: str = "lora", quantize: str = "none",

@@ -185,8 +185,9 @@ def raw_latent(vae, image: Image.Image, like: torch.Tensor, channels: int = 3) -
 
 
 def sample_latents(pipe, adapter, example: Example, steps: int, seed: int, size: int = SIZE,
-                   max_sequence_length: int | None = None) -> torch.Tensor:
-    """What the pipeline's own __call__ decodes for an example's caption (and references), at the training size."""
+                   max_sequence_length: int | None = None, reference_size: int | None = None) -> torch.Tensor:
+    """What the pipeline's own __call__ decodes for an example's caption (and references), at the training size;
+    `reference_size`: the references at that size, as training sized them (the family's `reference_area`)."""
     from trainer.models.base import InferenceRequest
 
     if size not in {w for w, _ in getattr(pipe, "resolutions", [(size, size)])}:
@@ -194,16 +195,20 @@ def sample_latents(pipe, adapter, example: Example, steps: int, seed: int, size:
         # tiny model learns at SIZE, so that size joins the list (the pipeline's own attribute, nothing else changes).
         pipe.resolutions = [*pipe.resolutions, (size, size)]
     request = InferenceRequest(prompt=example.caption, images=[draw(n) for n in example.references], width=size, height=size,
-                               true_cfg_scale=1.0, auto_resize=False, max_sequence_length=max_sequence_length)
+                               true_cfg_scale=1.0, auto_resize=False, max_sequence_length=max_sequence_length,
+                               reference_size=reference_size)
     kwargs = adapter.inference_kwargs(request)
-    with decoded_latents(pipe.vae) as seen:
+    sizing = adapter.reference_area(pipe, reference_size) if reference_size else contextlib.nullcontext()
+    with sizing, decoded_latents(pipe.vae) as seen:
         pipe(prompt=example.caption, width=size, height=size, num_inference_steps=steps,
              generator=torch.Generator("cpu").manual_seed(seed), **kwargs)
     return seen[-1]
 
 
-def score(pipe, adapter, examples: list[Example], steps: int, seed: int, max_sequence_length: int | None = None) -> Scores:
-    samples = [sample_latents(pipe, adapter, ex, steps, seed, max_sequence_length=max_sequence_length) for ex in examples]
+def score(pipe, adapter, examples: list[Example], steps: int, seed: int, max_sequence_length: int | None = None,
+          reference_size: int | None = None) -> Scores:
+    samples = [sample_latents(pipe, adapter, ex, steps, seed, max_sequence_length=max_sequence_length, reference_size=reference_size)
+               for ex in examples]
     targets = {n: raw_latent(pipe.vae, draw(n), samples[0], adapter.pixel_channels) for n in SHAPES}
     sep = float((targets["left"] - targets["right"]).pow(2).mean())
 
@@ -217,7 +222,7 @@ def score(pipe, adapter, examples: list[Example], steps: int, seed: int, max_seq
 
 def measure_learning(model: str | Path, examples: list[Example], lora: str | Path | None = None,
                      transformer: str | Path | None = None, steps: int = 10, seed: int = 0, quantize: str = "none",
-                     max_sequence_length: int | None = TEXT_TOKENS) -> Report:
+                     max_sequence_length: int | None = TEXT_TOKENS, reference_size: int | None = None) -> Report:
     """Sample every example with the base pipeline and with the trained one (a LoRA, or a fully fine-tuned
     transformer folder), loaded as a user loads them, and compare both with the training targets.
     `max_sequence_length`: the prompt length the training used, when it was not the pipeline's default."""
@@ -225,11 +230,11 @@ def measure_learning(model: str | Path, examples: list[Example], lora: str | Pat
 
     adapter = adapter_for(str(model))
     base = load_pipeline(adapter, torch.float32, "cpu", quantize=quantize)
-    before = score(base, adapter, examples, steps, seed, max_sequence_length)
+    before = score(base, adapter, examples, steps, seed, max_sequence_length, reference_size)
     del base
     trained = load_pipeline(adapter, torch.float32, "cpu", lora=str(lora) if lora else None, quantize=quantize,
                             transformer=str(transformer) if transformer else None)
-    after = score(trained, adapter, examples, steps, seed, max_sequence_length)
+    after = score(trained, adapter, examples, steps, seed, max_sequence_length, reference_size)
     return Report(before, after, examples)
 
 
@@ -268,7 +273,7 @@ def run(model: str | Path, folder: Path, case, method: str = "lora", quantize: s
         examples, out = train_case(model, folder, case, method, quantize=quantize)
     seconds = time.time() - start
     trained = {"transformer": out} if method == "full" else {"lora": out}
-    return measure_learning(model, examples, quantize=quantize, **trained), seconds
+    return measure_learning(model, examples, quantize=quantize, reference_size=case.reference_size, **trained), seconds
 
 
 @contextlib.contextmanager

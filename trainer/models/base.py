@@ -66,6 +66,7 @@ class InferenceRequest:
     negative_prompt: str | None = None
     max_sequence_length: int | None = None
     auto_resize: bool = True  # let the pipeline snap reference images to the sizes the model was trained on
+    reference_size: int | None = None  # references at about this side's area, as data_config.control_size had them (None: the pipeline's own)
 
 
 @dataclass
@@ -401,6 +402,15 @@ class ModelAdapter(ABC):
     @abstractmethod
     def inference_kwargs(self, request: InferenceRequest) -> dict:
         """Pipeline call arguments for inference.py (guidance style, references)."""
+
+    def reference_area(self, pipe, side: int):
+        """A context in which the pipeline sizes its reference images at about side x side pixels, as
+        `data_config.control_size: side` sized them in training, for pipelines that have no argument for it. Default:
+        nothing to change (the pipeline keeps references at their own size, or `inference_kwargs` passes
+        `InferenceRequest.reference_size` as its argument)."""
+        import contextlib
+
+        return contextlib.nullcontext()
 
     @staticmethod
     def cfg_inference_kwargs(request: InferenceRequest, scale_key: str = "guidance_scale") -> dict:

@@ -60,7 +60,7 @@ class FluxAdapter(ModelAdapter):
         Variant("flux", "FluxPipeline", hub_hints=("flux",), learning=LearningCase(0, 300, 1e-2)),
         # the reference at its own size: training's control_size 64, the pipeline's _auto_resize off
         Variant("flux-kontext", "FluxKontextPipeline", (0, 1), hub_hints=("kontext",),
-                learning=LearningCase(1, 300, 1e-2, reference_size=64)),
+                learning=LearningCase(1, 500, 1e-2, reference_size=64)),
     )
     default_guidance = DEFAULT_GUIDANCE
     transformer_class = "FluxTransformer2DModel"

@@ -39,7 +39,7 @@ class Kandinsky5Adapter(ModelAdapter):
     family = "kandinsky5"
     entry = "train_kandinsky_lora.py"
     variants = (Variant("kandinsky5", "Kandinsky5T2IPipeline", hub_hints=("kandinsky-5", "kandinsky5"),
-                        learning=LearningCase(0, 600, 1e-2)),)
+                        learning=LearningCase(0, 800, 1e-2)),)
     transformer_class = "Kandinsky5Transformer3DModel"
     default_target_modules = ("to_query", "to_key", "to_value", "self_attention.out_layer", "cross_attention.out_layer")
     block_count_keys = ("num_text_blocks", "num_visual_blocks")

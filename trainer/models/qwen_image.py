@@ -16,6 +16,8 @@ What the trainer feeds the transformer, and where it follows the diffusers pipel
 
 from __future__ import annotations
 
+import contextlib
+
 import inspect
 import logging
 from typing import TypedDict
@@ -241,16 +243,40 @@ class QwenImageEditAdapter(QwenImageAdapter):
         # The pipelines give every reference a 1024x1024-area VAE view (4,096 tokens beside the target's 16): the
         # learning runs take minutes on 2 CPUs, so bench/learning.py runs them.
         Variant("qwen-image-edit", "QwenImageEditPipeline", (1, 1), hub_hints=("qwen-image-edit",),
-                learning=LearningCase(1, 300, 1e-2, in_suite=False)),
+                learning=LearningCase(1, 300, 1e-2, reference_size=64)),
         Variant("qwen-image-edit-plus", "QwenImageEditPlusPipeline", (1, 3),
                 hub_hints=("qwen-image-edit-2509", "qwen-image-edit-2511", "qwen-image-edit-plus"),
-                learning=LearningCase(2, 300, 1e-2, in_suite=False)),
+                learning=LearningCase(2, 300, 1e-2, reference_size=64)),
     )
     text_needs_pixels = True
 
     @property
     def plus(self) -> bool:
         return self.variant.references[1] > 1
+
+    @contextlib.contextmanager
+    def reference_area(self, pipe, side: int):
+        """The edit pipelines size references with their module's `calculate_dimensions(1024 * 1024, ratio)` (Edit;
+        Plus through its module constant VAE_IMAGE_SIZE): while this runs, that area is side x side (the Qwen2.5-VL
+        view of Plus, 384 x 384, is left as it is, as training leaves it)."""
+        import sys
+
+        module = sys.modules[type(pipe).__module__]
+        original = module.calculate_dimensions
+
+        def sized(area, ratio):
+            return original(side * side if area == VAE_AREA else area, ratio)
+
+        saved = getattr(module, "VAE_IMAGE_SIZE", None)
+        module.calculate_dimensions = sized
+        if saved is not None:
+            module.VAE_IMAGE_SIZE = side * side
+        try:
+            yield
+        finally:
+            module.calculate_dimensions = original
+            if saved is not None:
+                module.VAE_IMAGE_SIZE = saved
 
     def reference_sizes(self, width: int, height: int) -> tuple[tuple[int, int], ...]:
         """VAE view at 1024x1024 area (control_size^2 when set); Plus adds its 384x384-area Qwen2.5-VL view."""

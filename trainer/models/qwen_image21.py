@@ -72,7 +72,7 @@ class QwenImage21Adapter(ModelAdapter):
     family = "qwen-image-2.1"
     entry = "train_qwen_image_21_lora.py"
     variants = (Variant("qwen-image-2.1", "QwenImage21Pipeline", (0, 10), hub_hints=("qwen-image-2.1",),
-                        learning=LearningCase(0, 300, 5e-3)),)
+                        learning=LearningCase(1, 300, 5e-3, reference_size=MIN_CONDITION_SIDE)),)
     transformer_class = "QwenImage21Transformer2DModel"
     default_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
     encoder_folders = ("text_encoder", "processor", "vae")
@@ -282,6 +282,8 @@ class QwenImage21Adapter(ModelAdapter):
         kwargs = qwen_cfg_kwargs(request, self.empty_prompt)
         if request.images:
             kwargs["image"] = request.images
+        if request.reference_size:  # condition images at the area training sized them (data_config.control_size)
+            kwargs["output_resolution"] = request.reference_size
         return kwargs
 
     # --- planner, benches, tiny models ---------------------------------------------------------------------

@@ -28,7 +28,9 @@ def train_byte_level_bpe(vocab_size: int, special_tokens: list[str], end_of_word
     unknown token, which is its end-of-text token)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    suffix = {"end_of_word_suffix": end_of_word_suffix} if end_of_word_suffix else {}
+    if end_of_word_suffix:
+        return _bpe_with_suffix(vocab_size, special_tokens, end_of_word_suffix)
+    suffix = {}
     tok = Tokenizer(models.BPE(**suffix))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -42,10 +44,50 @@ def train_byte_level_bpe(vocab_size: int, special_tokens: list[str], end_of_word
     tok.train_from_iterator(CORPUS * 20, trainer=trainer)
     model = json.loads(tok.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    vocab = model["vocab"]
-    if end_of_word_suffix:  # every byte may end a word: no text maps to the unknown token
-        for c in pre_tokenizers.ByteLevel.alphabet():
-            vocab.setdefault(c + end_of_word_suffix, len(vocab))
+    return model["vocab"], merges
+
+
+def _bpe_with_suffix(vocab_size: int, special_tokens: list[str], suffix: str):
+    """Byte-level BPE with CLIP's word-end suffix, trained here: `tokenizers`' trainer with end_of_word_suffix numbers
+    its tokens (and so breaks ties between equally frequent pairs) in hash order, which differs per process, so every
+    build was another tokenizer, and every tiny CLIP model another model. Ties go to the lexically smallest pair here.
+    Every byte, word-final or not, is in the vocabulary (no text maps to the unknown token)."""
+    from collections import Counter
+
+    from tokenizers import pre_tokenizers
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    words: Counter = Counter()
+    for line in CORPUS * 20:
+        for word, _ in byte_level.pre_tokenize_str(line):
+            words[tuple(word[:-1]) + (word[-1] + suffix,)] += 1
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for token in [*special_tokens, *alphabet, *(c + suffix for c in alphabet)]:
+        vocab.setdefault(token, len(vocab))
+    merges: list[tuple[str, str]] = []
+    while len(vocab) < vocab_size:
+        pairs: Counter = Counter()
+        for word, n in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += n
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        vocab.setdefault(best[0] + best[1], len(vocab))
+        merged: Counter = Counter()
+        for word, n in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += n
+        words = merged
     return vocab, merges
 
 
