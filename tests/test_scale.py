@@ -150,8 +150,9 @@ def test_merge_lora_bakes_the_lora_in(qwen_run, tiny_qwen, tmp_path):
 
 
 def test_samples_summary_curve_and_tensorboard(qwen_run):
-    assert sorted(p.name for p in (qwen_run / "samples").iterdir()) == ["step-2.png", "step-4.png"]
-    assert Image.open(qwen_run / "samples" / "step-4.png").size == (64, 32)  # two 32x32 samples side by side
+    assert sorted(p.name for p in (qwen_run / "samples").iterdir()) == ["step-0.png", "step-2.png", "step-4.png"]  # step 0: the base
+    grid = Image.open(qwen_run / "samples" / "step-4.png")
+    assert grid.size[0] == 64 and grid.size[1] > 32  # two 32x32 samples side by side, their prompts written below
     summary = json.loads((qwen_run / "training_summary.json").read_text())
     assert summary["steps"] == 4 and summary["final_loss"] == pytest.approx(read_losses(qwen_run)[-1])
     assert summary["config"]["rank"] == 4 and summary["peak_memory"]["host_peak_rss_bytes"] > 0

@@ -115,6 +115,7 @@ class Run:
     step_losses: list[torch.Tensor] = field(default_factory=list)  # micro-batch losses of the update in progress
     step_paths: list[str] = field(default_factory=list)
     checked: bool = False  # the training method's no-op guard ran
+    lr_applied: float = 0.0  # the largest learning rate an update has used so far (a warm-up starts at 0)
     saved_step: int = -1  # global_step of the last checkpoint this run wrote
 
 
@@ -659,6 +660,7 @@ def train_step(run: Run, batch: dict) -> Update | None:
         if finite:
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grads_with_norm_(run.params, cfg.max_grad_norm, norm)
+            run.lr_applied = max(run.lr_applied, run.optimizer.param_groups[0]["lr"])
             run.optimizer.step()
             run.method.after_update(run.params)
         run.lr_scheduler.step()  # a skipped update still uses up its step of the schedule
@@ -709,7 +711,10 @@ def after_update(run: Run, update: Update, stop: "StopRequest") -> bool:
         last_epoch and len(run.sampler) - state.batch_in_epoch < cfg.gradient_accumulation_steps)  # no update left in it
     periodic = cfg.checkpointing_steps and state.global_step % cfg.checkpointing_steps == 0
     if periodic or at_end or stop.signum is not None:
-        if not run.checked:  # the no-op guard, once per run: before the first checkpoint is written
+        if not run.checked and run.lr_applied == 0:  # a warm-up from 0 has not moved any weight yet: nothing to judge
+            logger.info("step %d: the learning rate has been 0 so far (lr_warmup_steps=%d); the check that the %s changes waits "
+                        "for the next checkpoint", state.global_step, cfg.lr_warmup_steps, run.method.name)
+        elif not run.checked:  # the no-op guard, once per run: before the first checkpoint is written
             run.checked = True
             try:
                 for line in run.method.check_trained(run.params, state.global_step):

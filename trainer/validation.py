@@ -6,6 +6,7 @@ have been freed to make room for the transformer). The VAE is kept for decoding.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -76,14 +77,21 @@ class Validator:
                     break
         was_training = transformer.training
         transformer.eval()
+        # The trained layers are fp32 beside bf16 / fp16 frozen weights: their output (and so the latents the scheduler
+        # steps) would be fp32 while the VAE is not; under autocast every layer runs in the weights' precision, as in
+        # training's forward.
+        dtype = self.adapter.weight_dtype
+        autocast = (torch.autocast(self.adapter.device.type, dtype=dtype) if dtype in (torch.bfloat16, torch.float16)
+                    else contextlib.nullcontext())
         images = []
         for it in self.items:
             kwargs = self.adapter.sampling_kwargs({k: _to(v, self.adapter.device) for k, v in it["cond"].items()},
                                                   {k: _to(v, self.adapter.device) for k, v in it["neg"].items()}, it["size"],
                                                   it["images"])
-            result = pipe(**kwargs, width=it["size"][0], height=it["size"][1],
-                          num_inference_steps=self.cfg.validation_num_inference_steps,
-                          generator=torch.Generator("cpu").manual_seed(self.cfg.validation_seed))
+            with autocast:
+                result = pipe(**kwargs, width=it["size"][0], height=it["size"][1],
+                              num_inference_steps=self.cfg.validation_num_inference_steps,
+                              generator=torch.Generator("cpu").manual_seed(self.cfg.validation_seed))
             images.append(output_images(result)[0])
         transformer.train(was_training)
         if not save:
