@@ -172,8 +172,9 @@ def test_samples_by_default_and_the_command_to_try_the_result(tiny_models, pictu
     assert grids["step-0.png"].size[0] == 128 and grids["step-0.png"].size[1] > 64  # two tiles, their captions below
     tried = [r.getMessage() for r in caplog.records if r.getMessage().startswith("try it: ")]
     assert len(tried) == 1 and "--prompt 'a photo of thing number 0'" in tried[0] and "--width 64 --height 64" in tried[0]
-    r = subprocess.run(shlex.split(tried[0][len("try it: "):]) + ["--num_inference_steps", "2"], cwd=ROOT, capture_output=True,
-                       text=True)
+    command = shlex.split(tried[0][len("try it: "):])
+    assert command[:2] == ["python", "inference.py"]
+    r = subprocess.run([PY, *command[1:], "--num_inference_steps", "2"], cwd=ROOT, capture_output=True, text=True)  # this venv's python
     assert r.returncode == 0 and (out / "sample.png").is_file(), r.stderr[-2000:]
     # an edit model samples its training references
     edit = tmp_path / "edit"
