@@ -296,6 +296,7 @@ def resumes_inside(cfg: TrainConfig, out: Path, method: TrainingMethod) -> bool:
 
 
 def cache_folder(cfg: TrainConfig, out: Path) -> Path:
+    """Where the embedding cache and the scan index live: cache_dir, or <output_dir>/cache."""
     return Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
 
 
@@ -397,7 +398,7 @@ def build_dataset(cfg: TrainConfig, adapter: ModelAdapter, accelerator: Accelera
     run for the files that did not change. Every process reaches the same verdict and raises its own error."""
     from image_datasets import scan_index
 
-    index_path = Path(cfg.cache_dir or Path(out or cfg.output_dir) / "cache") / scan_index.FILE_NAME
+    index_path = cache_folder(cfg, Path(out or cfg.output_dir)) / scan_index.FILE_NAME
     error = None
     context = accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
     with context, gc_paused():
@@ -555,7 +556,7 @@ def prepare_conditioning(cfg: TrainConfig, adapter: ModelAdapter, samples: list,
         logger.info(caching_note(cfg))
     if not (cfg.precompute_text_embeddings or cfg.precompute_image_embeddings):
         return validator, adapter.encode_batch, None
-    directory = Path(cfg.cache_dir or out / "cache") if cfg.save_cache_on_disk else None
+    directory = cache_folder(cfg, out) if cfg.save_cache_on_disk else None
     cache = EmbeddingCache(adapter, samples, cfg, directory, batch_size=cfg.cache_batch_size)
     # A disk cache is built by all processes together (each its share), then read by all; a RAM cache by each.
     rank, world = build_split(accelerator, directory) if directory is not None else (0, 1)
