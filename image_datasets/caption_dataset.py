@@ -6,45 +6,18 @@ import logging
 import os
 import random
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Hashable, Iterator, Sequence
+from typing import Hashable, Iterator, Sequence
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from . import scan_index
-from .images import BadImageError, is_image_file, load_image, oriented_size, resize_and_crop, resize_views, target_size, to_tensor
-
-# (source width, source height) -> (VAE view size, [text-encoder view size]) of a reference image; the family's
-# `ModelAdapter.reference_sizes`. Without one, references are sized like targets.
-ReferenceSizer = Callable[[int, int], tuple[tuple[int, int], ...]]
+from .images import BadImageError, is_image_file, load_image, resize_and_crop, resize_views, target_size, to_tensor
+from .samples import ReferenceRule, ReferenceSizer, Sample, ScanResult, _shared, add_sample, column_gap, control_columns
+from .sources import scan_hf_dataset, scan_webdataset
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class Sample:
-    image: Path  # a file, or a Member: an image inside a tar shard / a datasets table (image_datasets/members.py)
-    caption: str
-    size: tuple[int, int]  # training (width, height) after resize + crop
-    controls: tuple[Path, ...] = ()  # reference / source images (files or Members) for edit and Kontext training
-    control_sizes: tuple[tuple[int, int], ...] = ()  # each reference's VAE view (width, height)
-    condition_sizes: tuple[tuple[int, int], ...] = ()  # each reference's text-encoder view, when the family has one
-    source_size: tuple[int, int] = (0, 0)  # the file's own (width, height), EXIF orientation applied
-    control_source_sizes: tuple[tuple[int, int], ...] = ()
-
-    @property
-    def group(self) -> tuple:
-        """Samples with equal groups can share a batch (every tensor in it has the same shape)."""
-        return (self.size, self.control_sizes)
-
-
-@dataclass
-class ScanResult:
-    samples: list[Sample] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)  # one line per unusable file
-    warnings: list[str] = field(default_factory=list)  # usable, but worth knowing
 
 
 def read_caption(path: Path) -> str:
@@ -55,56 +28,6 @@ def read_caption(path: Path) -> str:
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: caption is not UTF-8 text (byte {e.start}); re-save it as UTF-8") from None
     return " ".join(text.split())
-
-
-def _check_image(path: Path, img_size: int, decode: bool, result: ScanResult) -> tuple[int, int] | None:
-    """Source (width, height) of one usable image, or None (and a problem line) when it cannot be used.
-
-    A file the run's scan index (image_datasets/scan_index.py) already checked, unchanged since, is not opened."""
-    index = scan_index.active()
-    known = index.get(path) if index is not None else None
-    try:
-        w, h = known[:2] if known else oriented_size(path)
-        size = target_size(w, h, img_size)
-        if decode and not known:
-            load_image(path, draft_size=size)
-            if index is not None and index.writable:
-                index.put(path, w, h, scan_index.sha256_file(path))
-    except BadImageError as e:
-        result.problems.append(str(e))
-        return None
-    if min(w, h) < min(size) // 2:
-        result.warnings.append(f"{path}: {w}x{h} is much smaller than the training size {size[0]}x{size[1]} and will be upscaled")
-    return w, h
-
-
-def _add_sample(result: ScanResult, image: Path, caption: str, caption_name: str, controls: list[Path], img_size: int, decode: bool,
-                rule: ReferenceRule | None = None) -> None:
-    source = _check_image(image, img_size, decode, result)
-    control_sources = [_check_image(c, img_size, decode, result) for c in controls]
-    if source is None or any(cs is None for cs in control_sources):
-        return
-    sized = [rule.size_problem(str(c), *cs) for c, cs in zip(controls, control_sources)] if rule else []
-    if any(sized):
-        result.problems.extend(p for p in sized if p)
-        return
-    if not caption:
-        result.warnings.append(f"{caption_name}: caption is empty (the image trains unconditionally)")
-    result.samples.append(Sample(
-        image, caption, _shared(target_size(*source, img_size)), controls=tuple(controls),
-        control_sizes=tuple(target_size(*c, img_size) for c in control_sources), source_size=_shared(source),
-        control_source_sizes=tuple(control_sources),
-    ))
-
-
-_SIZES: dict = {}
-
-
-def _shared(size: tuple) -> tuple:
-    """One tuple object per distinct size (a dataset has few): ~100 bytes less per sample at a million samples."""
-    if len(_SIZES) > 100_000:
-        _SIZES.clear()
-    return _SIZES.setdefault(size, size)
 
 
 def bucket_sizes(resolution: int, multiple: int = 16, max_ratio: float = 4.0) -> list[tuple[int, int]]:
@@ -214,32 +137,6 @@ def _list_files(root: Path, recursive: bool, warnings: list[str] | None = None) 
     return [root.joinpath(*f) for f in sorted(files)], nested
 
 
-@dataclass(frozen=True)
-class ReferenceRule:
-    """How many reference (control) images each sample must have for the model being trained."""
-
-    low: int
-    high: int
-    model: str  # e.g. "QwenImageEditPipeline", for the messages
-    hint: str = ""  # appended when a sample has more than `high`
-    min_side: int = 0  # the pipeline refuses reference images with a shorter side
-    max_aspect: float = 0.0  # ... or a more extreme aspect ratio (0 = no limit)
-
-    def size_problem(self, where: str, width: int, height: int) -> str | None:
-        if self.min_side and min(width, height) < self.min_side:
-            return f"{where}: reference image is {width}x{height}; a {self.model} model needs both sides >= {self.min_side}"
-        if self.max_aspect and max(width / height, height / width) > self.max_aspect:
-            return f"{where}: reference image is {width}x{height}; a {self.model} model takes aspect ratios up to {self.max_aspect:g}:1"
-        return None
-
-    def problem(self, where: str, n: int) -> str | None:
-        if n > self.high:
-            return f"{where}: {n} control image(s), more than the {self.high} a {self.model} model takes{self.hint}"
-        if n < self.low:
-            return f"{where}: {n} control image(s); a {self.model} model needs {self.low}" + (f" to {self.high}" if self.high > self.low else "")
-        return None
-
-
 def scan_caption_folder(
     img_dir: str | Path, img_size: int, caption_ext: str = "txt", decode: bool = True,
     control_dir: str | Path | list | None = None, recursive: bool = False, rule: ReferenceRule | None = None,
@@ -300,7 +197,7 @@ def scan_caption_folder(
         if problem:
             result.problems.append(problem)
             continue
-        _add_sample(result, img, caption, str(cap), controls, img_size, decode, rule)
+        add_sample(result, img, caption, str(cap), controls, img_size, decode, rule)
     return result
 
 
@@ -310,8 +207,6 @@ def scan_dataset(d, decode: bool = True, reference_sizes: ReferenceSizer | None 
     folder (with control_dir for edit pairs),
     expanded over data_config.resolutions / bucketing / repeats (sides multiples of `multiple`), references sized by
     the family's `reference_sizes` and counted against the model's `rule`."""
-    from .sources import scan_hf_dataset, scan_webdataset
-
     if d.webdataset:
         result = scan_webdataset(d.webdataset, d.img_size, d.caption_type, decode, rule)
     elif d.hf_dataset:
@@ -322,20 +217,6 @@ def scan_dataset(d, decode: bool = True, reference_sizes: ReferenceSizer | None 
         result = scan_caption_folder(d.img_dir, d.img_size, d.caption_type, decode, d.control_dir, d.recursive, rule)
     result.samples = expand_samples(result.samples, d.resolutions or [d.img_size], d.bucketing, d.repeats, reference_sizes, multiple)
     return result
-
-
-def control_columns(names) -> list[str]:
-    """control_image, control_image_2, control_image_3, ... among `names`, in reference order."""
-    found = [n for n in names if n == "control_image" or re.fullmatch(r"control_image_\d+", n)]
-    return sorted(found, key=lambda n: 1 if n == "control_image" else int(n.rsplit("_", 1)[1]))
-
-
-def column_gap(where: str, columns: list[str], filled: list[bool]) -> str | None:
-    """A row whose control_image_k is set while an earlier one is empty: references fill their columns in order."""
-    gap = next((k for k in range(1, len(filled)) if filled[k] and not filled[k - 1]), None)
-    if gap is None:
-        return None
-    return f"{where}: {columns[gap]} is set but {columns[gap - 1]} is empty; fill the control images in order"
 
 
 def read_metadata(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
@@ -470,7 +351,7 @@ def scan_metadata(metadata_file: str | Path, img_size: int, decode: bool = True,
             result.problems.append(f"{where}: file(s) not found: {', '.join(absent)}")
             continue
         caption = " ".join(str(prompt or "").split())
-        _add_sample(result, resolved[0], caption, where, resolved[1:], img_size, decode, rule)
+        add_sample(result, resolved[0], caption, where, resolved[1:], img_size, decode, rule)
     return result
 
 

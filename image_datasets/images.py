@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from trainer.config import IMAGE_EXTENSIONS
-
 from .members import open_binary
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")  # what a dataset folder's images may be
 
 # Above this many pixels we refuse the file instead of letting PIL allocate gigabytes (PIL's own guard is 179 MP).
 MAX_PIXELS = 180_000_000

@@ -1,7 +1,7 @@
 """Large-dataset sources read in place: WebDataset tar shards and Hugging Face `datasets` datasets.
 
 Both become the same `Sample`s as a caption folder (image_datasets/members.py: each image is a `Member` read by
-offset or by row), checked by the same rules (`_add_sample`: decodable, size, references per model) with one
+offset or by row), checked by the same rules (`add_sample`: decodable, size, references per model) with one
 problem line per unusable entry, and ordered deterministically (shards in name order, members in tar order; rows in
 table order), so the size-grouped sampler's batches, and with them an exact resume, are the same as for files.
 
@@ -26,9 +26,10 @@ import os
 import tarfile
 from pathlib import Path, PurePosixPath
 
-from trainer.config import IMAGE_EXTENSIONS
+from .images import IMAGE_EXTENSIONS
 
 from .members import ArrowSource, Member, TarSource
+from .samples import ScanResult, add_sample, column_gap, control_columns
 
 CAPTION_FIELDS = ("prompt", "caption", "text")
 IMAGE_EXTS = {e.lstrip(".") for e in IMAGE_EXTENSIONS}  # WebDataset extensions of image members
@@ -123,7 +124,6 @@ def shard_listing(shard: str) -> list[tuple[str, int, int, bytes | None]]:
 
 def scan_webdataset(spec, img_size: int, caption_ext: str = "txt", decode: bool = True, rule=None):
     """Samples from WebDataset tar shards (see the module doc), checked like a caption folder's."""
-    from .caption_dataset import ScanResult, _add_sample, control_columns
 
     result = ScanResult()
     shards = shard_paths(spec)
@@ -192,7 +192,7 @@ def scan_webdataset(spec, img_size: int, caption_ext: str = "txt", decode: bool 
                 name, offset, size = members[ext]
                 return Member(source, (offset, size), name)
 
-            _add_sample(result, member(images[0]), " ".join(caption.split()), where,
+            add_sample(result, member(images[0]), " ".join(caption.split()), where,
                         [member(by_column[c]) for c in columns], img_size, decode, rule)
     return result
 
@@ -226,7 +226,6 @@ def load_hf_dataset(spec: str, split: str = "train"):
 def scan_hf_dataset(spec: str, split: str, img_size: int, image_column: str = "image", caption_column: str | None = None,
                     decode: bool = True, rule=None):
     """Samples from a Hugging Face dataset's rows (see the module doc), checked like a metadata file's."""
-    from .caption_dataset import ScanResult, _add_sample, column_gap, control_columns
 
     result = ScanResult()
     try:
@@ -267,6 +266,6 @@ def scan_hf_dataset(spec: str, split: str, img_size: int, image_column: str = "i
         if problem:
             result.problems.append(problem)
             continue
-        _add_sample(result, Member(source, (row, image_column), f"row {row} {image_column}"), " ".join((caption or "").split()),
+        add_sample(result, Member(source, (row, image_column), f"row {row} {image_column}"), " ".join((caption or "").split()),
                     where, [Member(source, (row, c), f"row {row} {c}") for c in given], img_size, decode, rule)
     return result

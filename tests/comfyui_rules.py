@@ -10,7 +10,9 @@ Qwen-Image 2.1's model fuses its MLP input projections, v0.37's comfy/lora.py ma
 
 from __future__ import annotations
 
-PARTS = ("lora_up.weight", "lora_down.weight", "lora_A.weight", "lora_B.weight", "alpha", "lora_mid.weight", "dora_scale")
+PARTS = ("lora_up.weight", "lora_down.weight", "lora_A.weight", "lora_B.weight", "alpha", "lora_mid.weight", "dora_scale",
+         "lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2",  # comfy/weight_adapter/lokr.py
+         "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")  # comfy/weight_adapter/loha.py
 
 
 def _direct(transformer) -> set[str]:
@@ -111,3 +113,38 @@ def not_loaded(keys, variant: str, transformer) -> list[str]:
         if not any(key.endswith("." + part) and key[: -len(part) - 1] in names for part in PARTS):
             bad.append(key)
     return bad
+
+
+def comfyui_weight(parts: dict, weight):
+    """The weight ComfyUI patches a layer to at strength 1 from one module's LoRA parts (`parts`: part name ->
+    tensor), restating comfy/weight_adapter/{lora,lokr,loha}.py `calculate_weight` and base.py `weight_decompose`
+    (the output-axis form: the frozen weight's own row norms)."""
+    import torch
+
+    alpha = parts.get("alpha")
+    if "lora_A.weight" in parts or "lora_down.weight" in parts:
+        down, up = parts.get("lora_A.weight", parts.get("lora_down.weight")), parts.get("lora_B.weight", parts.get("lora_up.weight"))
+        diff, dim = up.float() @ down.float(), down.shape[0]
+    elif "hada_w1_a" in parts:
+        diff = (parts["hada_w1_a"] @ parts["hada_w1_b"]) * (parts["hada_w2_a"] @ parts["hada_w2_b"])
+        dim = parts["hada_w1_b"].shape[0]
+    else:
+        dim = None
+        w1 = parts.get("lokr_w1")
+        if w1 is None:
+            dim = parts["lokr_w1_b"].shape[0]
+            w1 = parts["lokr_w1_a"] @ parts["lokr_w1_b"]
+        w2 = parts.get("lokr_w2")
+        if w2 is None:
+            dim = parts["lokr_w2_b"].shape[0]
+            w2 = parts["lokr_w2_a"] @ parts["lokr_w2_b"]
+        diff = torch.kron(w1, w2).reshape(weight.shape)
+    scale = float(alpha) / dim if alpha is not None and dim is not None else 1.0
+    weight = weight.float()
+    if "dora_scale" not in parts:
+        return weight + scale * diff
+    dora = parts["dora_scale"].float()
+    calc = weight + scale * diff
+    assert dora.shape[0] == weight.shape[0], "dora_scale on the output axis"
+    norm = weight.reshape(weight.shape[0], -1).norm(dim=1, keepdim=True) + torch.finfo(weight.dtype).eps
+    return calc * (dora / norm)

@@ -49,3 +49,59 @@ def base_overrides(model: Path, data: Path, out: Path, **extra) -> list[str]:
 
 def read_losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def trained_model(model: Path, data: Path, out: Path, **extra):
+    """(adapter, transformer, method): the family's transformer with the LoRA in `out` loaded the way resume loads it."""
+    from trainer.config import load_config
+    from trainer.methods import make_method
+    from trainer.models import resolve
+
+    cls, _ = resolve(str(model))
+    cfg = load_config(None, base_overrides(model, data, out, **extra), check_paths=False)
+    adapter = cls.from_model(cfg)
+    adapter.load_transformer()
+    method = make_method(cfg, adapter)
+    method.attach(adapter.transformer)
+    method.load(adapter.transformer, out)
+    return adapter, adapter.transformer, method
+
+
+def adapted_layers(transformer, adapter_name: str = "default") -> dict:
+    """module path -> peft layer carrying `adapter_name`."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {n: m for n, m in transformer.named_modules()
+            if isinstance(m, BaseTunerLayer) and any(adapter_name in getattr(m, a, {}) for a in m.adapter_layer_names)}
+
+
+def merged_weights(transformer, adapter_name: str = "default") -> dict:
+    """module path -> the weight peft's own merge gives each adapted layer (base + adapter), fp32."""
+    import torch
+
+    out = {}
+    with torch.no_grad():
+        for name, layer in adapted_layers(transformer, adapter_name).items():
+            layer.merge(adapter_names=[adapter_name])
+            out[name] = layer.get_base_layer().weight.detach().float().clone()
+            layer.unmerge()
+    return out
+
+
+def comfyui_error(comfy: dict, adapter, transformer) -> float:
+    """Largest |ComfyUI's patched weight - peft's merged weight| over every adapted layer whose ComfyUI name the file
+    holds, relative to the largest change the adapter makes (ComfyUI's arithmetic: comfyui_rules.comfyui_weight)."""
+    from comfyui_rules import comfyui_weight
+
+    error, change, checked = 0.0, 0.0, 0
+    for name, merged in merged_weights(transformer).items():
+        base = adapted_layers(transformer)[name].get_base_layer().weight.detach().float()
+        comfy_name = adapter.comfyui_names(name)[2].removesuffix(".alpha")
+        parts = {k[len(comfy_name) + 1:]: v for k, v in comfy.items() if k.startswith(comfy_name + ".")}
+        if not parts:
+            continue
+        checked += 1
+        change = max(change, (merged - base).abs().max().item())
+        error = max(error, (comfyui_weight(parts, base) - merged).abs().max().item())
+    assert checked and change > 0, "no trained layer of the ComfyUI file was checked"
+    return error / change

@@ -118,3 +118,53 @@ def test_wandb_keys_reach_the_tracker(key, tmp_path):
     cfg = load_config(None, [f"{key}=x", "wandb_tags=[a,b]"], check_paths=False)
     kw = tracker_kwargs(cfg)["wandb"]
     assert kw[{"wandb_run_name": "name", "wandb_entity": "entity"}[key]] == "x" and kw["tags"] == ["a", "b"]
+
+
+def import_graph(packages=("trainer", "image_datasets")) -> dict[str, set[str]]:
+    """module -> the project modules it imports (at the top or inside functions); a package's __init__ importing its
+    own submodules is not an edge (it is how a package exposes its parts)."""
+    import ast
+
+    mods = {}
+    for pkg in packages:
+        for f in (ROOT / pkg).rglob("*.py"):
+            name = ".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            mods[name] = f
+    graph = {}
+    for name, f in mods.items():
+        package = name if f.name == "__init__.py" else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]) if node.level else ""
+                mod = ".".join(p for p in (base, node.module) if p)
+                subs = {f"{mod}.{a.name}" for a in node.names} & set(mods)
+                found |= subs or {mod}
+        graph[name] = {d for d in found if d in mods and d != name and not (f.name == "__init__.py" and d.startswith(name + "."))}
+    return graph
+
+
+def test_imports_run_one_way():
+    """No import circle among the trainer's and the data package's modules, and the data package never imports the
+    trainer (the config reads the data package's constants, never the other way round)."""
+    graph = import_graph()
+    assert len(graph) > 30 and graph["trainer.loop"], "the import graph was not read"
+    circles, state = [], {}
+
+    def visit(m, path):
+        state[m] = "open"
+        for d in sorted(graph[m]):
+            if state.get(d) == "open":
+                circles.append(path[path.index(d):] + [d])
+            elif d not in state:
+                visit(d, path + [d])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not circles, "import circles: " + "; ".join(" -> ".join(c) for c in circles)
+    upward = sorted(f"{m} -> {d}" for m, ds in graph.items() if m.startswith("image_datasets") for d in ds if d.startswith("trainer"))
+    assert not upward, upward

@@ -10,7 +10,7 @@ import torch
 from helpers import base_overrides, write_dataset
 from PIL import Image
 
-import image_datasets.caption_dataset as caption_dataset
+import image_datasets.samples as scan_checks  # where the scan opens images (check_image)
 import image_datasets.images as images
 from image_datasets import scan_index
 from trainer.cache import EmbeddingCache
@@ -39,7 +39,7 @@ def test_png_size_and_orientation_come_from_the_header(tmp_path, monkeypatch):
 class Counter:
     def __init__(self, monkeypatch):
         self.opened, self.decoded = 0, 0
-        real_size, real_load = caption_dataset.oriented_size, caption_dataset.load_image
+        real_size, real_load = scan_checks.oriented_size, scan_checks.load_image
 
         def size(path):
             self.opened += 1
@@ -49,8 +49,8 @@ class Counter:
             self.decoded += 1
             return real_load(path, *a, **k)
 
-        monkeypatch.setattr(caption_dataset, "oriented_size", size)
-        monkeypatch.setattr(caption_dataset, "load_image", load)
+        monkeypatch.setattr(scan_checks, "oriented_size", size)
+        monkeypatch.setattr(scan_checks, "load_image", load)
 
 
 def test_scan_index_skips_unchanged_files_and_rechecks_changed_ones(tiny_qwen, tmp_path, monkeypatch):

@@ -17,6 +17,8 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from image_datasets.images import IMAGE_EXTENSIONS  # noqa: F401  (re-exported: inference.py checks output names with it)
+
 
 class ConfigError(ValueError):
     """A user mistake in the configuration; the message is one line naming the key."""
@@ -29,7 +31,6 @@ def doc(default: Any, help: str):
     return field(default=default, metadata={"help": help})
 
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 TIMESTEP_SAMPLINGS = ("shift", "uniform", "logit_normal", "schedule")
 LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
@@ -44,6 +45,7 @@ LR_SCHEDULERS = (
 TRACKERS = ("none", "tensorboard", "wandb", "all")
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy")
 TRAINING_METHODS = ("lora", "full")
+LORA_TYPES = ("lora", "lokr", "loha")
 FULL_WEIGHTS = ("fp32", "bf16")
 QUANTIZE_CHOICES = ("none", "qfloat8", "qint8", "qint4", "nf4", "int8", "int8_w8a8", "fp8_w8a8")
 
@@ -123,9 +125,16 @@ class TrainConfig:
     use_8bit_adam: bool = doc(False, "FlyMyAI alias (full training): true selects optimizer=adamw8bit")
 
     rank: int = doc(16, "LoRA rank")
-    lora_alpha: Optional[int] = doc(None, "LoRA alpha (scale = alpha / rank); defaults to rank")
+    lora_alpha: Optional[float] = doc(None, "LoRA alpha (scale = alpha / rank); defaults to rank")
     lora_dropout: float = doc(0.0, "dropout on the LoRA branch")
-    lora_target_modules: Optional[list[str]] = doc(None, "module names to adapt; default: the family's attention projections")
+    lora_target_modules: Optional[list[str]] = doc(None, "module names to adapt (a name matches a module path ending in it; `*` stands for one path component; `re:<regex>` is a full-path regex, e.g. 're:transformer_blocks\\.(1[0-9])\\.attn\\.to_q' for blocks 10-19 only); default: the family's attention projections")
+    lora_type: str = doc("lora", f"adapter type: {', '.join(LORA_TYPES)}; lokr (Kronecker product) and loha (Hadamard product) are LyCORIS's, written with LyCORIS / ComfyUI key names")
+    use_dora: bool = doc(False, "lora: DoRA (weight-decomposed LoRA: a trained magnitude per output channel beside the LoRA)")
+    use_rslora: bool = doc(False, "lora: rank-stabilized scaling alpha / sqrt(rank) instead of alpha / rank")
+    loraplus_lr_ratio: Optional[float] = doc(None, "lora: LoRA+: the output side (lora_B) learns this many times faster than learning_rate (e.g. 16); null = off")
+    rank_pattern: dict[str, int] = doc({}, "per-module ranks: {regex: rank}, the regex matched against the end of the module path (e.g. {'transformer_blocks\\.0\\..*': 4}); other modules use rank")
+    alpha_pattern: dict[str, float] = doc({}, "per-module alphas, like rank_pattern; other modules use lora_alpha")
+    lokr_factor: int = doc(-1, "lokr: the Kronecker factor size of each layer's first matrix (-1 = as square as the layer allows; e.g. 16 makes the first factor 16x16)")
     assistant_lora: Optional[str] = doc(None, "a LoRA (file or folder) active while training but off for validation previews and left out of the saved LoRA, e.g. a de-distillation adapter that keeps a step-distilled model (Z-Image-Turbo) from losing its distillation")
 
     timestep_sampling: str = doc("shift", f"how sigma is drawn: {', '.join(TIMESTEP_SAMPLINGS)}; shift = logit-normal through the scheduler's resolution-dependent shift used at inference; schedule = uniform along the sigmas the pipeline steps through at this resolution")
@@ -240,12 +249,16 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
                               "trained, so set blocks_to_swap: 0")
         if cfg.assistant_lora is not None:
             raise ConfigError("config key 'assistant_lora' is a LoRA-training option; remove it for training_method: full")
+        for key, default in ADAPTER_KEYS.items():
+            if getattr(cfg, key) != default:
+                raise ConfigError(f"config key '{key}' is a LoRA-training option; remove it for training_method: full")
         if cfg.full_weights == "bf16" and cfg.mixed_precision != "bf16":
             raise ConfigError(f"config key 'full_weights: bf16' needs mixed_precision: bf16 (got {cfg.mixed_precision})")
         if cfg.full_weights == "bf16" and cfg.optimizer != "adamw":
             raise ConfigError(f"config key 'full_weights: bf16' rounds updates stochastically inside optimizer=adamw only; got optimizer={cfg.optimizer} "
                               "(use full_weights: fp32, or optimizer: adamw)")
     else:
+        check_adapter_keys(cfg)
         for key, default in (("trainable_modules", None), ("ema_decay", 0.0)):
             if getattr(cfg, key) != default:
                 raise ConfigError(f"config key '{key}' applies to training_method: full only")
@@ -390,6 +403,41 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
                 f"config key 'resume_from_checkpoint': '{cfg.resume_from_checkpoint}' is not a checkpoint folder (use 'latest' or a path)"
             )
     return cfg
+
+
+ADAPTER_KEYS = {"lora_type": "lora", "use_dora": False, "use_rslora": False, "loraplus_lr_ratio": None, "rank_pattern": {},
+                "alpha_pattern": {}, "lokr_factor": -1}
+
+
+def check_adapter_keys(cfg: TrainConfig) -> None:
+    """The adapter-type keys agree with each other (training_method: lora)."""
+    import re
+
+    _check_choice("lora_type", cfg.lora_type, LORA_TYPES)
+    if cfg.lora_type != "lora":
+        for key in ("use_dora", "use_rslora", "loraplus_lr_ratio"):
+            if getattr(cfg, key) != ADAPTER_KEYS[key]:
+                raise ConfigError(f"config key '{key}' applies to lora_type: lora (got lora_type: {cfg.lora_type})")
+    if cfg.lokr_factor != -1 and cfg.lora_type != "lokr":
+        raise ConfigError(f"config key 'lokr_factor' applies to lora_type: lokr (got lora_type: {cfg.lora_type})")
+    if cfg.lokr_factor == 0 or cfg.lokr_factor < -1:
+        raise ConfigError(f"config key 'lokr_factor' must be -1 or a positive factor size, got {cfg.lokr_factor}")
+    if cfg.loraplus_lr_ratio is not None and cfg.loraplus_lr_ratio <= 0:
+        raise ConfigError(f"config key 'loraplus_lr_ratio' must be > 0 or null, got {cfg.loraplus_lr_ratio}")
+    if cfg.use_dora and cfg.quantize not in ("none", "nf4", "int8"):
+        raise ConfigError(f"config key 'use_dora' reads the frozen weights every step; peft's DoRA does that for bitsandbytes layers "
+                          f"(quantize: nf4 / int8) and plain ones, not for quantize: {cfg.quantize}")
+    if cfg.lora_type != "lora" and cfg.quantize != "none":
+        raise ConfigError(f"config key 'lora_type: {cfg.lora_type}': peft's LyCORIS layers wrap plain Linear layers only; use quantize: none "
+                          "(or lora_type: lora for a quantized base)")
+    for key in ("rank_pattern", "alpha_pattern"):
+        for pattern, value in getattr(cfg, key).items():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"config key '{key}': '{pattern}' is not a regular expression ({e})") from None
+            if not value > 0:
+                raise ConfigError(f"config key '{key}': '{pattern}' must map to a value > 0, got {value}")
 
 
 def inside(path, folder) -> bool:

@@ -212,7 +212,7 @@ def setup(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Run:
     transformer, params = load_trainable(cfg, adapter, method)
     if engine_name(accelerator) == "FSDP":
         logger.info("FSDP2: one shard group per %s", ", ".join(wrap_family_blocks(accelerator, transformer)))
-    optimizer = make_optimizer(cfg, params)
+    optimizer = make_optimizer(cfg, method.param_groups(params))
     # Stepped by us once per optimizer step (not prepared), so warm-up and length mean optimizer steps.
     lr_scheduler = get_scheduler(scheduler_name(cfg), optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_train_steps)
     transformer, optimizer = accelerator.prepare(transformer, optimizer)

@@ -11,9 +11,11 @@ import torch
 from trainer.config import TrainConfig
 
 
-def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(cfg: TrainConfig, params: list) -> torch.optim.Optimizer:
+    """`params`: the trained parameters, or torch's parameter groups ({"params": [...], "lr": ...}; e.g. LoRA+)."""
     betas = (cfg.adam_beta1, cfg.adam_beta2)
-    if cfg.optimizer == "adamw" and params and all(p.dtype == torch.bfloat16 for p in params):
+    flat = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else params
+    if cfg.optimizer == "adamw" and flat and all(p.dtype == torch.bfloat16 for p in flat):
         return StochasticAdamW(params, lr=cfg.learning_rate, betas=betas, weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
                                seed=cfg.seed)
     if cfg.optimizer == "adamw":

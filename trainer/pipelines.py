@@ -95,6 +95,31 @@ def load_transformer(adapter, path: str, dtype):
         raise ToolError(f"'{folder}' cannot be loaded as a {found} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
+def load_lora(pipe, path: str, name: str = "lora", scale: float = 1.0) -> None:
+    """A LoRA file into the pipeline's transformer as adapter `name` at `scale`: the pipeline's own
+    load_lora_weights, or, for the LyCORIS types its loader does not read (LoHa everywhere, LoKr outside Z-Image /
+    FLUX.2), peft's own layers built from the config our file carries."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from trainer.lora_format import PREFIX, _own_lycoris, adapter_config
+
+    directory, weight_name = resolve_lora(path)
+    file = Path(directory) / weight_name
+    try:
+        pipe.load_lora_weights(directory, weight_name=weight_name, adapter_name=name)
+    except ValueError:
+        if _own_lycoris(file) is None:
+            raise
+        sd = {k.removeprefix(PREFIX): v for k, v in load_file(str(file)).items()}
+        pipe.transformer.add_adapter(adapter_config(file), adapter_name=name)
+        result = set_peft_model_state_dict(pipe.transformer, sd, adapter_name=name)
+        missing = [k for k in getattr(result, "missing_keys", []) if f".{name}" in k]
+        if missing or getattr(result, "unexpected_keys", []):
+            raise ToolError(f"'{file}' does not match this model (missing {missing[:2]}, unexpected {result.unexpected_keys[:2]})") from None
+    pipe.set_adapters([name], adapter_weights=[scale])
+
+
 def load_pipeline(adapter, dtype, device: str, lora: str | None = None, lora_scale: float = 1.0,
                   quantize: str = "none", offload: str = "none", transformer: str | None = None):
     """The family's pipeline from its folder, optionally with a fully fine-tuned transformer, quantized block-wise
@@ -114,9 +139,7 @@ def load_pipeline(adapter, dtype, device: str, lora: str | None = None, lora_sca
         # quantized transformer then goes back to the CPU until it runs.
         place_model(pipe.transformer.requires_grad_(False), quantize, torch.device(device), dtype)
     if lora:
-        directory, weight_name = resolve_lora(lora)
-        pipe.load_lora_weights(directory, weight_name=weight_name, adapter_name="lora")
-        pipe.set_adapters(["lora"], adapter_weights=[lora_scale])
+        load_lora(pipe, lora, "lora", lora_scale)
     if offload == "model":
         pipe.enable_model_cpu_offload(device=device)
     elif offload == "sequential":

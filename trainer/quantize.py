@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from trainer.config import normalize_mode
+from trainer.w8a8 import quantize_linears, replace_linears
 
 if TYPE_CHECKING:
     from trainer.offload import BlockSwap
@@ -115,8 +116,6 @@ def place_model(
 
 def _quantize_block(block: nn.Module, mode: str, compute_dtype: torch.dtype, device: torch.device) -> None:
     if mode in W8A8_MODES:
-        from trainer.w8a8 import quantize_linears
-
         quantize_linears(block, mode)
     elif mode in QUANTO_MODES:
         from optimum import quanto
@@ -125,17 +124,6 @@ def _quantize_block(block: nn.Module, mode: str, compute_dtype: torch.dtype, dev
         quanto.freeze(block)
     else:
         replace_linears(block, lambda linear: _to_bnb(linear, mode, compute_dtype, device))
-
-
-def replace_linears(block: nn.Module, convert) -> int:
-    """Replace every plain nn.Linear inside `block` with convert(linear); returns how many."""
-    count = 0
-    for parent in list(block.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                setattr(parent, name, convert(child))
-                count += 1
-    return count
 
 
 def weight_bytes(model: nn.Module) -> int:

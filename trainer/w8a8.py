@@ -109,6 +109,16 @@ class W8A8Linear(nn.Linear):
 
 def quantize_linears(block: nn.Module, mode: str) -> int:
     """Replace every plain nn.Linear inside `block` with a W8A8Linear; returns how many."""
-    from trainer.quantize import replace_linears
-
     return replace_linears(block, lambda linear: W8A8Linear(linear, mode))
+
+
+def replace_linears(block: nn.Module, convert) -> int:
+    """Replace every plain nn.Linear inside `block` with convert(linear); returns how many (quantize.py uses it for the
+    bitsandbytes layers too)."""
+    count = 0
+    for parent in list(block.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, convert(child))
+                count += 1
+    return count

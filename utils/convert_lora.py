@@ -25,7 +25,6 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--to", choices=["comfyui", "diffusers"], required=True)
     p.add_argument("--family", choices=sorted(known), default=None, help="the LoRA's model family (default: read from the file)")
-    p.add_argument("--rank", type=int, default=None, help="only for files without alpha metadata: the LoRA rank")
     args = p.parse_args(argv)
     src = Path(args.src)
     if src.is_dir():
@@ -65,10 +64,11 @@ def main(argv=None) -> int:
         return 2
     Path(out_parent).mkdir(parents=True, exist_ok=True)  # a new folder for --out is made, as the trainer makes output_dir
     if args.to == "comfyui":
-        from safetensors.torch import load_file
-
-        rank = args.rank or next(v.shape[0] for k, v in load_file(str(src)).items() if ".lora_A." in k)
-        out = save_comfyui(src, args.out, adapter, rank)
+        try:
+            out = save_comfyui(src, args.out, adapter)  # each layer's alpha from the file's metadata (none: scale 1)
+        except ValueError as e:  # a DoRA file: its ComfyUI form needs the base model
+            print(f"error: --in: {e}", file=sys.stderr)
+            return 2
     else:
         layers = {k.removeprefix("transformer."): v for k, v in comfyui_to_diffusers(src, adapter.pipeline_class).items()}
         out_dir = Path(args.out)

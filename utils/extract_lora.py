@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         transformer_lora_adapter_metadata={"r": args.rank, "lora_alpha": args.rank, "target_modules": modules})
     add_metadata(out / LORA_FILE, {VARIANT_KEY: adapter.variant.name})
     if args.format == "comfyui":
-        save_comfyui(out / LORA_FILE, out / COMFY_FILE, adapter, args.rank)
+        save_comfyui(out / LORA_FILE, out / COMFY_FILE, adapter)
     fractions = sorted(kept.values())
     print(f"{len(modules)} layers at rank {args.rank}: the LoRA keeps {fractions[0]:.3f} (worst layer) to {fractions[-1]:.3f} "
           f"(best) of each layer's change; median {fractions[len(fractions) // 2]:.3f}")

@@ -57,6 +57,10 @@ class TrainingMethod(ABC):
         """Files of the last checkpoint copied into output_dir when training ends (those that exist)."""
         return self.checkpoint_files()
 
+    def param_groups(self, params: list[torch.nn.Parameter]) -> list[dict]:
+        """The optimizer's parameter groups (one by default; e.g. LoRA+ gives the output side its own rate)."""
+        return [{"params": params}]
+
     def watch(self, params: list[torch.nn.Parameter]) -> None:
         """Remember the trainable weights as they start (or resume), for `check_trained`."""
 

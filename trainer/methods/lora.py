@@ -1,13 +1,15 @@
-"""LoRA (peft) on the transformer's Linear layers; saved in diffusers format (and ComfyUI naming on request)."""
+"""LoRA and its relatives (peft) on the transformer's Linear layers: LoRA (with DoRA, rsLoRA, LoRA+ and per-module
+ranks), and LyCORIS's LoKr and LoHa. Saved in diffusers format (LoKr / LoHa: peft's LyCORIS key names, which are
+LyCORIS's own) and, on request, in ComfyUI naming."""
 
 from __future__ import annotations
 
 import contextlib
-
+import json
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
+from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from trainer.constants import COMFY_FILE, LORA_FILE
@@ -20,17 +22,30 @@ ASSISTANT = "assistant"  # peft adapter name of cfg.assistant_lora
 
 class LoRAMethod(TrainingMethod):
     name = "lora"
-    resume_keys = ("rank", "lora_alpha", "lora_target_modules", "assistant_lora")
+    resume_keys = ("rank", "lora_alpha", "lora_target_modules", "assistant_lora", "lora_type", "use_dora", "use_rslora",
+                   "rank_pattern", "alpha_pattern", "lokr_factor")
 
-    def lora_config(self) -> LoraConfig:
+    def lora_config(self) -> PeftConfig:
         cfg = self.cfg
-        return LoraConfig(
-            r=cfg.rank,
-            lora_alpha=cfg.lora_alpha or cfg.rank,
-            lora_dropout=cfg.lora_dropout,
-            init_lora_weights="gaussian",
-            target_modules=target_regex(cfg.lora_target_modules or self.adapter.default_target_modules),
-        )
+        alpha = cfg.lora_alpha or cfg.rank
+        common = dict(r=cfg.rank, target_modules=target_regex(cfg.lora_target_modules or self.adapter.default_target_modules),
+                      rank_pattern=dict(cfg.rank_pattern), alpha_pattern=dict(cfg.alpha_pattern))
+        if cfg.lora_type == "lokr":
+            # LyCORIS's initialisation: the first factor zero, so the adapter starts as the identity
+            return LoKrConfig(alpha=alpha, decompose_factor=cfg.lokr_factor, module_dropout=cfg.lora_dropout, **common)
+        if cfg.lora_type == "loha":
+            return LoHaConfig(alpha=alpha, module_dropout=cfg.lora_dropout, **common)
+        return LoraConfig(lora_alpha=alpha, lora_dropout=cfg.lora_dropout, init_lora_weights="gaussian", use_dora=cfg.use_dora,
+                          use_rslora=cfg.use_rslora, **common)
+
+    def param_groups(self, params: list[torch.nn.Parameter]) -> list[dict]:
+        """LoRA+: the output side (lora_B) in its own group at loraplus_lr_ratio x the learning rate."""
+        if not self.cfg.loraplus_lr_ratio:
+            return [{"params": params}]
+        names = {id(p): n for n, p in self.adapter.transformer.named_parameters()}
+        fast = [p for p in params if ".lora_B." in names.get(id(p), "")]
+        slow = [p for p in params if ".lora_B." not in names.get(id(p), "")]
+        return [{"params": slow}, {"params": fast, "lr": self.cfg.learning_rate * self.cfg.loraplus_lr_ratio}]
 
     def attach(self, transformer: torch.nn.Module, placement=None) -> list[torch.nn.Parameter]:
         """A fresh LoRA on the frozen transformer; returns its (fp32) trainable parameters."""
@@ -49,16 +64,17 @@ class LoRAMethod(TrainingMethod):
             activate(transformer, [ASSISTANT, TRAINED])
         transformer.requires_grad_(False)
         for name, p in transformer.named_parameters():
-            p.requires_grad_(f".{TRAINED}." in name)
+            p.requires_grad_(f".{TRAINED}." in name or name.endswith(f".{TRAINED}"))  # LyCORIS parameters end in the adapter name
         params = [p for p in transformer.parameters() if p.requires_grad]
         for p in params:
             p.data = p.data.float()  # train LoRA in fp32 even when the base runs in bf16
         return params
 
     def watch(self, params: list[torch.nn.Parameter]) -> None:
-        from trainer.distributed import local
+        from trainer.distributed import all_ranks_agree, local
 
         self.initial = [local(p).detach().to("cpu", copy=True) for p in params]  # LoRA weights are small; host RAM (own shard)
+        self.starts_zero = all_ranks_agree(torch.tensor([not bool(p0.any()) for p0 in self.initial])).tolist()
         self.no_gradient: set[int] | None = None
 
     def note_gradients(self, params: list[torch.nn.Parameter]) -> None:
@@ -80,9 +96,9 @@ class LoRAMethod(TrainingMethod):
         same = torch.tensor([torch.equal(local(p).detach().cpu(), p0) for p, p0 in zip(params, self.initial)])
         unchanged = all_ranks_agree(same).nonzero().flatten().tolist()  # unchanged on every rank's shard
         silent = self.no_gradient or set()
-        up = [i for i in range(len(params)) if ".lora_B." in names.get(id(params[i]), "")]
+        up = [i for i in range(len(params)) if self.starts_zero[i]]  # the output side: lora_B, LoKr's w1, LoHa's w2_b
         if len(unchanged) == len(params) or (up and set(up) <= set(unchanged)):
-            what = "no LoRA weight has changed" if len(unchanged) == len(params) else "every lora_B (the LoRA's output side) is unchanged"
+            what = "no LoRA weight has changed" if len(unchanged) == len(params) else "every zero-initialised output-side tensor (lora_B, lokr_w1, hada_w2_b) is unchanged"
             raise ValueError(
                 f"after {steps} step(s) {what}: the LoRA would do nothing. Check that the loss is finite and learning_rate > 0, "
                 "and that lora_target_modules names layers whose output reaches the prediction"
@@ -93,7 +109,7 @@ class LoRAMethod(TrainingMethod):
                 f"after {steps} step(s) {len(stuck)} LoRA tensor(s) that received gradients are still exactly at their initial "
                 f"values (e.g. {names.get(id(params[stuck[0]]), stuck[0])}): the optimizer does not update them"
             )
-        unused = sorted({names.get(id(params[i]), str(i)).split(".lora_")[0] for i in unchanged})
+        unused = sorted({module_of(names.get(id(params[i]), str(i))) for i in unchanged})
         return [f"{len(unused)} LoRA layer(s) receive no gradient in this model and stay at their initial values "
                 f"(e.g. {unused[0]}); they do no harm, or leave them out of lora_target_modules"] if unused else []
 
@@ -134,21 +150,21 @@ class LoRAMethod(TrainingMethod):
         return {k: full(v.detach()).to("cpu", torch.float32).contiguous() for k, v in sd.items()}
 
     def save(self, transformer: torch.nn.Module, directory: Path, final: bool = True, state_dict: dict | None = None) -> None:
-        """Diffusers-format LoRA file loadable with `<Pipeline>.load_lora_weights(directory)`."""
+        """Diffusers-format file loadable with `<Pipeline>.load_lora_weights(directory)` (LoKr: where diffusers reads
+        it; LoHa: `trainer.pipelines.load_lora`), the adapter's peft config in its metadata."""
+        from trainer.lora_format import CONFIG_KEY, VARIANT_KEY, add_metadata, dora_ratios, peft_metadata, save_comfyui
+
         layers = self.state_dict(transformer, state_dict)
+        ratios = dora_ratios(transformer, TRAINED, state_dict) if self.cfg.use_dora and self.cfg.lora_format == "comfyui" else None
         if not self.is_main:
             return
-        self.adapter.pipeline_class.save_lora_weights(
-            directory,
-            transformer_lora_layers=layers,
-            transformer_lora_adapter_metadata=self.lora_config().to_dict(),
-        )
-        from trainer.lora_format import VARIANT_KEY, add_metadata, save_comfyui
-
+        config = peft_metadata(self.lora_config())
+        self.adapter.pipeline_class.save_lora_weights(directory, transformer_lora_layers=layers, transformer_lora_adapter_metadata=config)
         d = Path(directory)
-        add_metadata(d / LORA_FILE, {VARIANT_KEY: self.adapter.variant.name})  # tools can then say what a file is for
+        # tools can then say what a file is for, and rebuild any adapter type from the file alone
+        add_metadata(d / LORA_FILE, {VARIANT_KEY: self.adapter.variant.name, CONFIG_KEY: json.dumps(config)})
         if self.cfg.lora_format == "comfyui":
-            save_comfyui(d / LORA_FILE, d / COMFY_FILE, self.adapter, self.cfg.rank)
+            save_comfyui(d / LORA_FILE, d / COMFY_FILE, self.adapter, dora=ratios)
 
     def load(self, transformer: torch.nn.Module, directory: Path) -> None:
         """Restore the trainable LoRA weights written by `save` (exact, fp32)."""
@@ -158,7 +174,7 @@ class LoRAMethod(TrainingMethod):
         prefix = "transformer."
         sd = {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in sd.items()}
         result = set_peft_model_state_dict(transformer, sd, adapter_name=TRAINED)
-        missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k and f".{ASSISTANT}." not in k]
+        missing = [k for k in getattr(result, "missing_keys", []) if f".{TRAINED}" in k]
         if missing or getattr(result, "unexpected_keys", []):
             raise ValueError(f"checkpoint {directory} does not match this LoRA (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
 
@@ -177,17 +193,26 @@ def activate(transformer: torch.nn.Module, names: list[str]) -> None:
 
     for module in transformer.modules():
         if isinstance(module, BaseTunerLayer):
-            module._active_adapter = [n for n in names if n in getattr(module, "lora_A", {})]
+            module._active_adapter = [n for n in names if any(n in getattr(module, a, {}) for a in module.adapter_layer_names)]
+
+
+def module_of(parameter_name: str) -> str:
+    """The adapted module's path of an adapter parameter's name (...to_q.lora_A.default.weight -> ...to_q)."""
+    import re
+
+    return re.split(r"\.(lora_|lokr_|hada_)", parameter_name, maxsplit=1)[0]
 
 
 def target_regex(names) -> str:
     """peft target_modules as one regex: each name matches a module path ending in it (peft's rule for a list of
     names), and `*` stands for one path component, e.g. `single_transformer_blocks.*.attn.to_out`, which picks a
-    Linear that a plain `attn.to_out` would confuse with another block type's container of the same name."""
+    Linear that a plain `attn.to_out` would confuse with another block type's container of the same name; a name
+    `re:<regex>` is a regex over the whole module path (peft matches the whole path: re.fullmatch)."""
     import re
 
-    parts = [re.escape(n).replace(r"\*", r"[^.]+") for n in names]
-    return r"(.*\.)?(" + "|".join(parts) + ")"
+    parts = [re.escape(n).replace(r"\*", r"[^.]+") for n in names if not n.startswith("re:")]
+    full = [n[3:] for n in names if n.startswith("re:")]
+    return "|".join(([r"(.*\.)?(" + "|".join(parts) + ")"] if parts else []) + [f"(?:{r})" for r in full])
 
 
 def targets(names, module_name: str) -> bool:
