@@ -424,12 +424,12 @@ def check_adapter_keys(cfg: TrainConfig) -> None:
         raise ConfigError(f"config key 'lokr_factor' must be -1 or a positive factor size, got {cfg.lokr_factor}")
     if cfg.loraplus_lr_ratio is not None and cfg.loraplus_lr_ratio <= 0:
         raise ConfigError(f"config key 'loraplus_lr_ratio' must be > 0 or null, got {cfg.loraplus_lr_ratio}")
-    if cfg.use_dora and cfg.quantize not in ("none", "nf4", "int8"):
-        raise ConfigError(f"config key 'use_dora' reads the frozen weights every step; peft's DoRA does that for bitsandbytes layers "
-                          f"(quantize: nf4 / int8) and plain ones, not for quantize: {cfg.quantize}")
-    if cfg.lora_type != "lora" and cfg.quantize != "none":
-        raise ConfigError(f"config key 'lora_type: {cfg.lora_type}': peft's LyCORIS layers wrap plain Linear layers only; use quantize: none "
-                          "(or lora_type: lora for a quantized base)")
+    if cfg.use_dora and cfg.quantize not in ("none", "nf4"):
+        raise ConfigError(f"config key 'use_dora' normalises by the frozen weights every step; peft's DoRA reads them dequantized from "
+                          f"plain and nf4 layers (QDoRA), not from quantize: {cfg.quantize}")
+    if cfg.lora_type != "lora" and cfg.quantize in ("nf4", "int8"):
+        raise ConfigError(f"config key 'lora_type: {cfg.lora_type}': peft's LyCORIS layers do not run on bitsandbytes layers "
+                          f"(quantize: {cfg.quantize}); use quantize: qfloat8 / qint8 / int8_w8a8, or lora_type: lora")
     for key in ("rank_pattern", "alpha_pattern"):
         for pattern, value in getattr(cfg, key).items():
             try:

@@ -18,6 +18,8 @@ from trainer.methods import TrainingMethod
 
 TRAINED = "default"  # peft adapter name of the LoRA being trained
 ASSISTANT = "assistant"  # peft adapter name of cfg.assistant_lora
+# the zero-initialised side of each type (peft's init): while all of it is unchanged the adapter does nothing
+OUTPUT_SIDE = (".lora_B.", ".lokr_w1.", ".lokr_w1_a.", ".hada_w2_b.")
 
 
 class LoRAMethod(TrainingMethod):
@@ -71,10 +73,9 @@ class LoRAMethod(TrainingMethod):
         return params
 
     def watch(self, params: list[torch.nn.Parameter]) -> None:
-        from trainer.distributed import all_ranks_agree, local
+        from trainer.distributed import local
 
         self.initial = [local(p).detach().to("cpu", copy=True) for p in params]  # LoRA weights are small; host RAM (own shard)
-        self.starts_zero = all_ranks_agree(torch.tensor([not bool(p0.any()) for p0 in self.initial])).tolist()
         self.no_gradient: set[int] | None = None
 
     def note_gradients(self, params: list[torch.nn.Parameter]) -> None:
@@ -96,7 +97,7 @@ class LoRAMethod(TrainingMethod):
         same = torch.tensor([torch.equal(local(p).detach().cpu(), p0) for p, p0 in zip(params, self.initial)])
         unchanged = all_ranks_agree(same).nonzero().flatten().tolist()  # unchanged on every rank's shard
         silent = self.no_gradient or set()
-        up = [i for i in range(len(params)) if self.starts_zero[i]]  # the output side: lora_B, LoKr's w1, LoHa's w2_b
+        up = [i for i in range(len(params)) if any(part in names.get(id(params[i]), "") + "." for part in OUTPUT_SIDE)]
         if len(unchanged) == len(params) or (up and set(up) <= set(unchanged)):
             what = "no LoRA weight has changed" if len(unchanged) == len(params) else "every zero-initialised output-side tensor (lora_B, lokr_w1, hada_w2_b) is unchanged"
             raise ValueError(
