@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from . import scan_index
+from .captions import CaptionRule
 from .images import BadImageError, is_image_file, load_image, resize_and_crop, resize_views, target_size, to_tensor
 from .samples import ReferenceRule, ReferenceSizer, Sample, ScanResult, _shared, add_sample, column_gap, control_columns
 from .sources import scan_hf_dataset, scan_webdataset
@@ -212,9 +213,12 @@ def scan_dataset(d, decode: bool = True, reference_sizes: ReferenceSizer | None 
     elif d.hf_dataset:
         result = scan_hf_dataset(d.hf_dataset, d.hf_split, d.img_size, d.image_column, d.caption_column, decode, rule)
     elif d.metadata_file:
-        result = scan_metadata(d.metadata_file, d.img_size, decode, rule)
+        result = scan_metadata(d.metadata_file, d.img_size, decode, rule, d.caption_column or "prompt")
     else:
         result = scan_caption_folder(d.img_dir, d.img_size, d.caption_type, decode, d.control_dir, d.recursive, rule)
+    captions = CaptionRule.of(d)
+    for s in result.samples:
+        s.caption = captions.finish(s.caption)
     result.samples = expand_samples(result.samples, d.resolutions or [d.img_size], d.bucketing, d.repeats, reference_sizes, multiple)
     return result
 
@@ -303,7 +307,8 @@ def reference_cells(row: dict, where: str) -> tuple[list[tuple[str, str]], str |
     return ([] if problem else [(c, v.strip()) for c, v, f in zip(ours, values, filled) if f]), problem
 
 
-def scan_metadata(metadata_file: str | Path, img_size: int, decode: bool = True, rule: ReferenceRule | None = None) -> ScanResult:
+def scan_metadata(metadata_file: str | Path, img_size: int, decode: bool = True, rule: ReferenceRule | None = None,
+                  caption_column: str = "prompt") -> ScanResult:
     """Samples from metadata.csv / .jsonl with columns image, prompt and the references: control_image[,
     control_image_2, ...], or DiffSynth-Studio's edit_image / kontext_images (a path or a list of paths). A
     text-to-image file has image and prompt only (DiffSynth's layout too).
@@ -321,21 +326,21 @@ def scan_metadata(metadata_file: str | Path, img_size: int, decode: bool = True,
         result.problems.append(f"{meta}: no rows")
         return result
     for column, value in (rows[0][1] if rows else {}).items():  # a column of image paths that nothing reads
-        if (column not in ("image", "prompt", *DIFFSYNTH_REFERENCE_COLUMNS) and not re.fullmatch(r"control_image(_\d+)?", column)
+        if (column not in ("image", caption_column, *DIFFSYNTH_REFERENCE_COLUMNS) and not re.fullmatch(r"control_image(_\d+)?", column)
                 and isinstance(value, str) and is_image_file(Path(value.strip()))):
             result.warnings.append(f"{meta}: column '{column}' holds image paths but is not read (reference images go in "
                                    "control_image, control_image_2, ... or DiffSynth's edit_image / kontext_images)")
     for n, row in rows:
         where = f"{meta}:{n}"
-        image, prompt = row.get("image"), row.get("prompt")
-        if "prompt" not in row:
-            result.problems.append(f"{where}: no 'prompt' (expected image, prompt, control_image, ...)")
+        image, prompt = row.get("image"), row.get(caption_column)
+        if caption_column not in row:
+            result.problems.append(f"{where}: no '{caption_column}' (expected image, {caption_column}, control_image, ...)")
             continue
         if not isinstance(image, str) or not image.strip():
             result.problems.append(f"{where}: no 'image' path (expected image, prompt, control_image, ...)")
             continue
         if prompt is not None and not isinstance(prompt, str):
-            result.problems.append(f"{where}: 'prompt' must be text, got {type(prompt).__name__}")
+            result.problems.append(f"{where}: '{caption_column}' must be text, got {type(prompt).__name__}")
             continue
         given, problem = reference_cells(row, where)
         if problem:
@@ -374,6 +379,7 @@ class CaptionDataset(Dataset):
         reference_transform=resize_views,
         keep_alpha: bool = False,
         cached=None,
+        captions: CaptionRule | None = None,
     ):
         self.samples = list(samples)
         self.caption_dropout_rate = caption_dropout_rate
@@ -385,6 +391,7 @@ class CaptionDataset(Dataset):
         self.reference_transform = reference_transform
         self.keep_alpha = keep_alpha  # RGBA pixels for families whose VAE reads alpha
         self.cached = cached  # (index, dropped) -> the sample's disk-cache entries (trainer.cache.CacheReader), or None
+        self.captions = captions  # per-epoch caption changes (tag shuffling), or None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -394,7 +401,8 @@ class CaptionDataset(Dataset):
         s = self.samples[index]
         rng = sample_rng(self.seed, epoch, index)
         drop = rng.random() < self.caption_dropout_rate
-        item = {"index": index, "epoch": epoch, "dropped": drop, "caption": self.empty_caption if drop else s.caption, "path": str(s.image)}
+        caption = self.empty_caption if drop else self.captions.shuffled(s.caption, rng) if self.captions else s.caption
+        item = {"index": index, "epoch": epoch, "dropped": drop, "caption": caption, "path": str(s.image)}
         if self.cached is not None:
             item["cached"] = self.cached(index, drop)
         if not self.load_pixels:

@@ -75,7 +75,11 @@ class DataConfig:
     hf_dataset: Optional[str] = doc(None, "a Hugging Face datasets dataset (replaces img_dir): a save_to_disk folder, parquet / arrow file(s) or a folder of them, an imagefolder, or a hub id (network or local HF cache); columns image_column, caption_column [, control_image, control_image_2, ...]")
     hf_split: str = doc("train", "hf_dataset: the split to train on")
     image_column: str = doc("image", "hf_dataset: the column holding the target images")
-    caption_column: Optional[str] = doc(None, "hf_dataset: the caption column; null = the first of prompt, text, caption")
+    caption_column: Optional[str] = doc(None, "hf_dataset / metadata_file: the caption column; null = the first of prompt, text, caption (metadata_file: prompt)")
+    trigger_word: str = doc("", "a word every caption trains with: put in front of captions that lack it ('<trigger>, <caption>'), and written for [trigger] in captions")
+    caption_template: Optional[str] = doc(None, "the trained caption made from each caption, e.g. 'a photo of {trigger}, {caption}' ({caption}, {trigger}); null = the trigger_word rule above")
+    shuffle_tags: bool = doc(False, "shuffle comma-separated caption tags every epoch (tag-style captions); captions then change each epoch, so they are encoded every step")
+    keep_tags: int = doc(0, "shuffle_tags: this many leading tags stay in place (e.g. 1 keeps the trigger word first)")
     control_size: Optional[int] = doc(None, "edit / Kontext: size control images to about control_size x control_size pixels; null = as the family's pipeline does at inference (Qwen-Image-Edit: 1024x1024 area; Kontext: its preferred resolutions); smaller is faster but differs from inference")
 
 
@@ -111,7 +115,7 @@ class TrainConfig:
     adam8bit: bool = doc(False, "FlyMyAI alias: true selects optimizer=adamw8bit")
     quantize: str = doc("none", "quantize the frozen transformer: none, qfloat8, qint8, qint4 (optimum-quanto), nf4, int8 (bitsandbytes), int8_w8a8 / fp8_w8a8 (8-bit matmuls); true = qfloat8")
     quantize_text_encoder: str = doc("none", "quantize the text encoder the same way (useful when embeddings are not precomputed)")
-    precompute_text_embeddings: Optional[bool] = doc(None, "encode every caption once before training, then free the text encoder; null (default) = yes (exact: a dropped caption uses the cached empty prompt); false = encode every step")
+    precompute_text_embeddings: Optional[bool] = doc(None, "encode every caption once before training, then free the text encoder; null (default) = yes unless data_config.shuffle_tags (exact: a dropped caption uses the cached empty prompt); false = encode every step")
     precompute_image_embeddings: Optional[bool] = doc(None, "encode every image once to VAE latents before training, then free the VAE; null (default) = yes unless data_config.random_ratio (random crops differ each epoch); false = encode every step")
     save_cache_on_disk: Optional[bool] = doc(None, "keep the precomputed embeddings as files in cache_dir, read per batch (RAM does not grow with the dataset) and reused by later runs and resumes (keyed by file content, caption, model, size); null (default) = yes whenever embeddings are precomputed; false = in RAM")
     cache_dir: Optional[str] = doc(None, "where the embedding cache and the dataset scan index live; default <output_dir>/cache")
@@ -268,8 +272,19 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         raise ConfigError("config key 'trainable_modules' is an empty list; remove it to train every transformer weight")
     if cfg.num_train_epochs is not None and cfg.num_train_epochs < 1:
         raise ConfigError(f"config key 'num_train_epochs' must be >= 1 or null, got {cfg.num_train_epochs}")
+    if d.caption_template is not None:
+        from image_datasets.captions import template_problem
+
+        problem = template_problem(d.caption_template)
+        if problem:
+            raise ConfigError(f"config key 'data_config.caption_template': {problem}")
+    if d.keep_tags < 0 or d.keep_tags and not d.shuffle_tags:
+        raise ConfigError(f"config key 'data_config.keep_tags' is {d.keep_tags}; it counts tags kept in place by shuffle_tags: true (>= 0)")
+    if d.shuffle_tags and cfg.precompute_text_embeddings:
+        raise ConfigError("config key 'precompute_text_embeddings: true' caches one embedding per caption, but data_config.shuffle_tags "
+                          "makes a new caption every epoch; remove precompute_text_embeddings (shuffled captions are encoded every step)")
     if cfg.precompute_text_embeddings is None:
-        cfg.precompute_text_embeddings = True
+        cfg.precompute_text_embeddings = not d.shuffle_tags
     if cfg.precompute_image_embeddings is None:
         cfg.precompute_image_embeddings = not d.random_ratio
     if cfg.save_cache_on_disk is None:

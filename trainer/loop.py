@@ -27,6 +27,7 @@ from diffusers.optimization import get_scheduler
 from omegaconf import OmegaConf
 
 from image_datasets import CaptionDataset, SizeGroupedBatchSampler, collate
+from image_datasets.captions import CaptionRule
 from trainer import flow_matching as fm
 from trainer import output_dir
 from trainer.checkpoint import (
@@ -596,7 +597,8 @@ def make_loader(cfg: TrainConfig, adapter: ModelAdapter, samples: list, sampler,
     need_pixels = not cfg.precompute_image_embeddings or (not cfg.precompute_text_embeddings and adapter.text_needs_pixels)
     dataset = CaptionDataset(samples, d.caption_dropout_rate, d.random_ratio, cfg.seed, load_pixels=need_pixels,
                              empty_caption=adapter.empty_prompt, reference_transform=adapter.reference_transform(),
-                             keep_alpha=adapter.pixel_channels == 4, cached=cached)
+                             keep_alpha=adapter.pixel_channels == 4, cached=cached,
+                             captions=CaptionRule.of(d) if d.shuffle_tags else None)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=d.num_workers,
                                        pin_memory=device.type == "cuda")
 

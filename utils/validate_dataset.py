@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--img_size", type=int, default=1024, help="training resolution, to report the crop sizes")
     p.add_argument("--caption_type", default="txt", help="caption file extension")
     p.add_argument("--recursive", action="store_true", help="also use images in subfolders")
+    p.add_argument("--trigger_word", default="", help="as data_config.trigger_word: shown in the printed captions")
+    p.add_argument("--caption_template", default=None, help="as data_config.caption_template")
     p.add_argument("overrides", nargs="*", help="with --config: key=value overrides, as for training")
     args = p.parse_args(argv)
     if sum(bool(x) for x in (args.config, args.path, args.metadata, args.webdataset, args.hf_dataset)) != 1:
@@ -65,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         img_size = cfg.data_config.img_size
+        data = cfg.data_config
     else:
         checks = [("--path", args.path, Path.is_dir), ("--metadata", args.metadata, Path.is_file),
                   *[("--control_dir", c, Path.is_dir) for c in args.control_dir or []]]
@@ -72,13 +75,20 @@ def main(argv: list[str] | None = None) -> int:
             if value and not is_ok(Path(value)):
                 print(f"error: {flag}: '{value}' does not exist", file=sys.stderr)
                 return 1
+        from image_datasets.captions import template_problem
+
+        problem = template_problem(args.caption_template) if args.caption_template is not None else None
+        if problem:
+            print(f"error: --caption_template: {problem}", file=sys.stderr)
+            return 2
         controls = args.control_dir[0] if args.control_dir and len(args.control_dir) == 1 else args.control_dir
         d = DataConfig(img_dir=args.path or "", img_size=args.img_size, caption_type=args.caption_type,
                        control_dir=controls, metadata_file=args.metadata, recursive=args.recursive,
                        webdataset=args.webdataset[0] if args.webdataset and len(args.webdataset) == 1 else args.webdataset,
-                       hf_dataset=args.hf_dataset, hf_split=args.hf_split)
+                       hf_dataset=args.hf_dataset, hf_split=args.hf_split, trigger_word=args.trigger_word,
+                       caption_template=args.caption_template)
         scan = scan_dataset(d)
-        img_size = args.img_size
+        img_size, data = args.img_size, d
     for w in scan.warnings:
         print(f"warning: {w}")
     for prob in scan.problems:
@@ -90,7 +100,26 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{w}x{h} ({n})" for (w, h), n in sizes.most_common())
         + ("; control images per sample: " + ", ".join(f"{k} ({n})" for k, n in sorted(refs.items())) if any(refs) else "")
     )
+    show_captions(scan.samples, data)
     return 1 if scan.problems or not scan.samples else 0
+
+
+def show_captions(samples, d, n: int = 3) -> None:
+    """The captions a few samples train with (trigger word and template applied; a shuffled epoch when tags shuffle)."""
+    import random
+
+    from image_datasets.captions import CaptionRule
+
+    rule = CaptionRule.of(d)
+    seen = set()
+    for s in samples:
+        if str(s.image) in seen:
+            continue
+        seen.add(str(s.image))
+        caption = rule.shuffled(s.caption, random.Random(len(seen)))
+        print(f"caption of {Path(str(s.image)).name}: {caption!r}" + (" (tags shuffle every epoch)" if rule.shuffle else ""))
+        if len(seen) == n:
+            break
 
 
 if __name__ == "__main__":
