@@ -9,11 +9,13 @@ import re
 from pathlib import Path
 from typing import Hashable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from . import scan_index
 from .captions import CaptionRule
+from .masks import attach_masks, load_mask
 from .images import BadImageError, is_image_file, load_image, resize_and_crop, resize_views, target_size, to_tensor
 from .samples import ReferenceRule, ReferenceSizer, Sample, ScanResult, _shared, add_sample, column_gap, control_columns
 from .sources import scan_hf_dataset, scan_webdataset
@@ -219,6 +221,7 @@ def scan_dataset(d, decode: bool = True, reference_sizes: ReferenceSizer | None 
     captions = CaptionRule.of(d)
     for s in result.samples:
         s.caption = captions.finish(s.caption)
+    attach_masks(result, d, decode)
     result.samples = expand_samples(result.samples, d.resolutions or [d.img_size], d.bucketing, d.repeats, reference_sizes, multiple)
     return result
 
@@ -326,7 +329,7 @@ def scan_metadata(metadata_file: str | Path, img_size: int, decode: bool = True,
         result.problems.append(f"{meta}: no rows")
         return result
     for column, value in (rows[0][1] if rows else {}).items():  # a column of image paths that nothing reads
-        if (column not in ("image", caption_column, *DIFFSYNTH_REFERENCE_COLUMNS) and not re.fullmatch(r"control_image(_\d+)?", column)
+        if (column not in ("image", caption_column, "mask", *DIFFSYNTH_REFERENCE_COLUMNS) and not re.fullmatch(r"control_image(_\d+)?", column)
                 and isinstance(value, str) and is_image_file(Path(value.strip()))):
             result.warnings.append(f"{meta}: column '{column}' holds image paths but is not read (reference images go in "
                                    "control_image, control_image_2, ... or DiffSynth's edit_image / kontext_images)")
@@ -350,13 +353,21 @@ def scan_metadata(metadata_file: str | Path, img_size: int, decode: bool = True,
         if problem:
             result.problems.append(problem)
             continue
+        mask = row.get("mask")
+        if mask is not None and not isinstance(mask, str):
+            result.problems.append(f"{where}: 'mask' must be a path, got {type(mask).__name__}")
+            continue
+        mask = meta.parent / mask.strip() if mask and mask.strip() else None
         resolved = [meta.parent / p for p in [image.strip()] + [v for _, v in given]]
-        absent = [str(p) for p in resolved if not p.is_file()]
+        absent = [str(p) for p in resolved + ([mask] if mask else []) if not p.is_file()]
         if absent:
             result.problems.append(f"{where}: file(s) not found: {', '.join(absent)}")
             continue
         caption = " ".join(str(prompt or "").split())
+        before = len(result.samples)
         add_sample(result, resolved[0], caption, where, resolved[1:], img_size, decode, rule)
+        if mask and len(result.samples) > before:
+            result.samples[-1].mask = mask
     return result
 
 
@@ -402,9 +413,14 @@ class CaptionDataset(Dataset):
         rng = sample_rng(self.seed, epoch, index)
         drop = rng.random() < self.caption_dropout_rate
         caption = self.empty_caption if drop else self.captions.shuffled(s.caption, rng) if self.captions else s.caption
-        item = {"index": index, "epoch": epoch, "dropped": drop, "caption": caption, "path": str(s.image)}
+        item = {"index": index, "epoch": epoch, "dropped": drop, "caption": caption, "path": str(s.image), "size": s.size,
+                "loss_weight": s.loss_weight}
         if self.cached is not None:
             item["cached"] = self.cached(index, drop)
+        crop_state = rng.getstate()  # the mask is cropped where its image is
+        if s.mask is not None:
+            mask = self._mask(s, random.Random() if self.random_crop else None, crop_state)
+            item["mask"] = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
         if not self.load_pixels:
             return {**item, "pixel_values": None, "controls": [], "condition_images": []}
         img = resize_and_crop(self._load(s.image, s.size), s.size, rng if self.random_crop else None)
@@ -418,6 +434,17 @@ class CaptionDataset(Dataset):
             views += [to_tensor(v) for v in made[1:]]
         return {**item, "pixel_values": to_tensor(img), "controls": controls, "condition_images": views}
 
+
+    def _mask(self, s: Sample, rng: random.Random | None, state):
+        if rng is not None:
+            rng.setstate(state)
+        try:
+            return resize_and_crop(load_mask(s.mask, s.mask_alpha), s.size, rng)
+        except BadImageError as e:  # changed after the scan: the whole image trains this time
+            logger.warning("%s; training this sample without its mask", e)
+            from PIL import Image
+
+            return Image.new("L", s.size, 255)
 
     def _load(self, path: Path, size: tuple[int, int], draft: bool = True):
         try:
@@ -441,8 +468,12 @@ def collate(items: list[dict]) -> dict:
         "controls": [torch.stack([it["controls"][k] for it in items]) for k in range(n_controls)],
         "condition_images": [it.get("condition_images", []) for it in items],  # per sample: text-encoder views
         "captions": [it["caption"] for it in items],
+        "loss_weights": torch.tensor([it["loss_weight"] for it in items]),
         "paths": [it["path"] for it in items],
         "cached": [it["cached"] for it in items] if "cached" in items[0] else None,  # disk-cache entries, read by the loader
+        # loss masks at the training size (B x 1 x H x W, 1 = trained); a sample without one trains everywhere
+        "masks": torch.stack([it["mask"] if "mask" in it else torch.ones(1, it["size"][1], it["size"][0]) for it in items])
+        if any("mask" in it for it in items) else None,
     }
 
 

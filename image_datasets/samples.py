@@ -27,6 +27,10 @@ class Sample:
     condition_sizes: tuple[tuple[int, int], ...] = ()  # each reference's text-encoder view, when the family has one
     source_size: tuple[int, int] = (0, 0)  # the file's own (width, height), EXIF orientation applied
     control_source_sizes: tuple[tuple[int, int], ...] = ()
+    mask: Path | None = None  # loss mask (image_datasets/masks.py): a file, or the image itself with mask_alpha
+    mask_alpha: bool = False
+    loss_weight: float = 1.0  # this sample's share of the loss (prior-preservation images: prior_loss_weight)
+    dataset: int = 0  # which of data_config.datasets it came from
 
     @property
     def group(self) -> tuple:
@@ -39,6 +43,7 @@ class ScanResult:
     samples: list[Sample] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # one line per unusable file
     warnings: list[str] = field(default_factory=list)  # usable, but worth knowing
+    masks: tuple[int, float] | None = None  # (samples with a loss mask, their mean coverage)
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,9 @@ class DataConfig:
     hf_split: str = doc("train", "hf_dataset: the split to train on")
     image_column: str = doc("image", "hf_dataset: the column holding the target images")
     caption_column: Optional[str] = doc(None, "hf_dataset / metadata_file: the caption column; null = the first of prompt, text, caption (metadata_file: prompt)")
+    mask_dir: Optional[str] = doc(None, "masked loss: folder of masks with the images' stems (same relative paths); white = trained, black = ignored, grey between; any size of the image's aspect ratio")
+    alpha_mask: bool = doc(False, "masked loss: use each image's alpha channel as its mask (transparent = ignored)")
+    mask_floor: float = doc(0.0, "masked loss: the least loss weight a pixel keeps (0 = masked-out pixels do not train at all)")
     trigger_word: str = doc("", "a word every caption trains with: put in front of captions that lack it ('<trigger>, <caption>'), and written for [trigger] in captions")
     caption_template: Optional[str] = doc(None, "the trained caption made from each caption, e.g. 'a photo of {trigger}, {caption}' ({caption}, {trigger}); null = the trigger_word rule above")
     shuffle_tags: bool = doc(False, "shuffle comma-separated caption tags every epoch (tag-style captions); captions then change each epoch, so they are encoded every step")
@@ -272,6 +275,15 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         raise ConfigError("config key 'trainable_modules' is an empty list; remove it to train every transformer weight")
     if cfg.num_train_epochs is not None and cfg.num_train_epochs < 1:
         raise ConfigError(f"config key 'num_train_epochs' must be >= 1 or null, got {cfg.num_train_epochs}")
+    if d.mask_dir and d.alpha_mask:
+        raise ConfigError("config keys 'data_config.mask_dir' and 'data_config.alpha_mask' both give masks; use one")
+    if not 0.0 <= d.mask_floor < 1.0:
+        raise ConfigError(f"config key 'data_config.mask_floor' must be in [0, 1), got {d.mask_floor}")
+    if check_paths and d.mask_dir and not Path(d.mask_dir).is_dir():
+        raise ConfigError(f"config key 'data_config.mask_dir': folder '{d.mask_dir}' does not exist")
+    if d.mask_dir and (d.webdataset or d.hf_dataset or d.metadata_file):
+        raise ConfigError("config key 'data_config.mask_dir' pairs a folder of masks with img_dir's images; a metadata file names masks "
+                          "in a 'mask' column, shards and datasets use data_config.alpha_mask")
     if d.caption_template is not None:
         from image_datasets.captions import template_problem
 

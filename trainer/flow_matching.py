@@ -99,10 +99,29 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 
 def flow_matching_loss(
-    pred: torch.Tensor, target: torch.Tensor, sigmas: torch.Tensor, weighting: str = "none"
+    pred: torch.Tensor, target: torch.Tensor, sigmas: torch.Tensor, weighting: str = "none",
+    mask: torch.Tensor | None = None, sample_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-sample weighted MSE, averaged over the batch (computed in fp32)."""
-    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    """Per-sample weighted MSE, averaged over the batch (computed in fp32).
+
+    mask: per-pixel loss weights broadcastable to `pred` (B x 1 x [F x] H x W at the latents' size): each sample's
+    error is their weighted mean. sample_weights: each sample's multiplier (B) in the batch average."""
+    err = (pred.float() - target.float()).pow(2)
+    if mask is None:
+        per_sample = err.flatten(1).mean(1)
+    else:
+        m = mask.float().expand_as(err)
+        per_sample = (err * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1e-8)
     if weighting != "none":
         per_sample = per_sample * compute_loss_weighting_for_sd3(weighting, sigmas.float()).view(-1)
+    if sample_weights is not None:
+        per_sample = per_sample * sample_weights.to(per_sample)
     return per_sample.mean()
+
+
+def latent_mask(mask: torch.Tensor, latents: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
+    """A pixel mask (B x 1 x H x W in [0, 1]) at the latents' spatial size (area average: each latent pixel weighs
+    what its patch of pixels does), raised to at least `floor`, shaped to broadcast over `latents`."""
+    small = torch.nn.functional.interpolate(mask.float(), size=tuple(latents.shape[-2:]), mode="area")
+    small = floor + (1.0 - floor) * small
+    return small.view(small.shape[0], 1, *([1] * (latents.ndim - 4)), *small.shape[-2:]).to(latents.device)

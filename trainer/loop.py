@@ -649,7 +649,7 @@ def train_step(run: Run, batch: dict) -> Update | None:
     cfg, acc = run.cfg, run.accelerator
     latents, cond = run.encode(batch)
     with acc.accumulate(run.transformer):
-        loss = flow_matching_loss(run, latents, cond, list(zip(batch["epochs"], batch["indices"])))
+        loss = flow_matching_loss(run, latents, cond, batch)
         acc.backward(loss)
         run.step_losses.append(loss.detach())
         run.step_paths.extend(batch["paths"])
@@ -671,9 +671,11 @@ def train_step(run: Run, batch: dict) -> Update | None:
     return Update(torch.stack(run.step_losses).mean(), norm, finite)
 
 
-def flow_matching_loss(run: Run, x0: torch.Tensor, cond: dict, keys: list[tuple[int, int]]) -> torch.Tensor:
-    """Noise and sigma drawn per (epoch, sample): independent of batch size, process count and resume point."""
+def flow_matching_loss(run: Run, x0: torch.Tensor, cond: dict, batch: dict) -> torch.Tensor:
+    """Noise and sigma drawn per (epoch, sample): independent of batch size, process count and resume point; each
+    sample's loss mask and weight applied."""
     device = run.accelerator.device
+    keys = list(zip(batch["epochs"], batch["indices"]))
     gens = [sample_generator(run.cfg.seed, epoch, index, device) for epoch, index in keys]
     noise = torch.stack([torch.randn(x0.shape[1:], generator=g, device=device) for g in gens])
     seq_len = run.adapter.image_seq_len(x0)
@@ -685,7 +687,11 @@ def flow_matching_loss(run: Run, x0: torch.Tensor, cond: dict, keys: list[tuple[
         for g in gens
     ])
     pred = run.adapter.predict(run.transformer, fm.add_noise(x0, noise, sigmas), sigmas, cond)
-    return fm.flow_matching_loss(pred, fm.velocity_target(x0, noise), sigmas, run.cfg.loss_weighting)
+    mask = batch.get("masks")
+    mask = fm.latent_mask(mask, x0, run.cfg.data_config.mask_floor) if mask is not None else None
+    weights = batch.get("loss_weights")
+    weights = weights.to(device) if weights is not None and bool((weights != 1).any()) else None
+    return fm.flow_matching_loss(pred, fm.velocity_target(x0, noise), sigmas, run.cfg.loss_weighting, mask, weights)
 
 
 def after_update(run: Run, update: Update, stop: "StopRequest") -> bool:

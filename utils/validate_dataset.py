@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--img_size", type=int, default=1024, help="training resolution, to report the crop sizes")
     p.add_argument("--caption_type", default="txt", help="caption file extension")
     p.add_argument("--recursive", action="store_true", help="also use images in subfolders")
+    p.add_argument("--mask_dir", default=None, help="as data_config.mask_dir: loss masks with the images' stems")
+    p.add_argument("--alpha_mask", action="store_true", help="as data_config.alpha_mask: the images' alpha channels are their masks")
     p.add_argument("--trigger_word", default="", help="as data_config.trigger_word: shown in the printed captions")
     p.add_argument("--caption_template", default=None, help="as data_config.caption_template")
     p.add_argument("overrides", nargs="*", help="with --config: key=value overrides, as for training")
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         img_size = cfg.data_config.img_size
         data = cfg.data_config
     else:
-        checks = [("--path", args.path, Path.is_dir), ("--metadata", args.metadata, Path.is_file),
+        checks = [("--path", args.path, Path.is_dir), ("--metadata", args.metadata, Path.is_file), ("--mask_dir", args.mask_dir, Path.is_dir),
                   *[("--control_dir", c, Path.is_dir) for c in args.control_dir or []]]
         for flag, value, is_ok in checks:
             if value and not is_ok(Path(value)):
@@ -86,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                        control_dir=controls, metadata_file=args.metadata, recursive=args.recursive,
                        webdataset=args.webdataset[0] if args.webdataset and len(args.webdataset) == 1 else args.webdataset,
                        hf_dataset=args.hf_dataset, hf_split=args.hf_split, trigger_word=args.trigger_word,
+                       mask_dir=args.mask_dir, alpha_mask=args.alpha_mask,
                        caption_template=args.caption_template)
         scan = scan_dataset(d)
         img_size, data = args.img_size, d
@@ -100,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{w}x{h} ({n})" for (w, h), n in sizes.most_common())
         + ("; control images per sample: " + ", ".join(f"{k} ({n})" for k, n in sorted(refs.items())) if any(refs) else "")
     )
+    if scan.masks:
+        print(f"loss masks: {scan.masks[0]} sample(s), {scan.masks[1]:.0%} of their pixels trained on average")
     show_captions(scan.samples, data)
     return 1 if scan.problems or not scan.samples else 0
 
