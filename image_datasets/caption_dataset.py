@@ -382,7 +382,7 @@ class CaptionDataset(Dataset):
     def __init__(
         self,
         samples: Sequence[Sample],
-        caption_dropout_rate: float = 0.0,
+        caption_dropout_rate: float | Sequence[float] = 0.0,
         random_crop: bool = False,
         seed: int = 0,
         load_pixels: bool = True,
@@ -390,10 +390,12 @@ class CaptionDataset(Dataset):
         reference_transform=resize_views,
         keep_alpha: bool = False,
         cached=None,
-        captions: CaptionRule | None = None,
+        captions: CaptionRule | Sequence[CaptionRule | None] | None = None,
     ):
         self.samples = list(samples)
-        self.caption_dropout_rate = caption_dropout_rate
+        # per dataset (Sample.dataset): caption dropout and per-epoch caption changes (tag shuffling) or None
+        self.dropout = list(caption_dropout_rate) if isinstance(caption_dropout_rate, (list, tuple)) else [caption_dropout_rate]
+        self.captions = list(captions) if isinstance(captions, (list, tuple)) else [captions]
         self.random_crop = random_crop
         self.seed = seed
         self.load_pixels = load_pixels  # False when every latent is precomputed: no decoding at all
@@ -402,7 +404,6 @@ class CaptionDataset(Dataset):
         self.reference_transform = reference_transform
         self.keep_alpha = keep_alpha  # RGBA pixels for families whose VAE reads alpha
         self.cached = cached  # (index, dropped) -> the sample's disk-cache entries (trainer.cache.CacheReader), or None
-        self.captions = captions  # per-epoch caption changes (tag shuffling), or None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -411,8 +412,9 @@ class CaptionDataset(Dataset):
         index, epoch = key
         s = self.samples[index]
         rng = sample_rng(self.seed, epoch, index)
-        drop = rng.random() < self.caption_dropout_rate
-        caption = self.empty_caption if drop else self.captions.shuffled(s.caption, rng) if self.captions else s.caption
+        drop = rng.random() < self.dropout[s.dataset % len(self.dropout)]
+        rule = self.captions[s.dataset % len(self.captions)]
+        caption = self.empty_caption if drop else rule.shuffled(s.caption, rng) if rule else s.caption
         item = {"index": index, "epoch": epoch, "dropped": drop, "caption": caption, "path": str(s.image), "size": s.size,
                 "loss_weight": s.loss_weight}
         if self.cached is not None:
@@ -484,7 +486,8 @@ class SizeGroupedBatchSampler(Sampler):
     would have seen, and every process gets the same number of batches.
     """
 
-    def __init__(self, groups: Sequence[Hashable], batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, groups: Sequence[Hashable], batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 shares: Sequence[float] | None = None, datasets: Sequence[int] | None = None):
         ids: dict = {}
         self.groups = [ids.setdefault(g, len(ids)) for g in groups]  # e.g. Sample.group, as small ints: items in one batch share it
         self.batch_size = batch_size
@@ -494,6 +497,37 @@ class SizeGroupedBatchSampler(Sampler):
         self._len: int | None = None  # batches per epoch: the same every epoch, only the order changes
         self.epoch = 0
         self.start_batch = 0
+        self.quotas = self._quotas(shares, datasets) if shares is not None else None
+
+    def _quotas(self, shares: Sequence[float], datasets: Sequence[int]) -> list[tuple[list[int], int]]:
+        """Weighted datasets: (members, entries per epoch) of every (dataset, size group) cell. Dataset i gets
+        shares[i] / sum(shares) of the epoch's len(groups) entries, spread over its groups by their sizes; the
+        counts are fixed, so every epoch has the same batches per group (and the same length)."""
+        cells: dict[tuple[int, int], list[int]] = {}
+        for i, (d, g) in enumerate(zip(datasets, self.groups)):
+            cells.setdefault((d, g), []).append(i)
+        sizes = [sum(1 for x in datasets if x == d) for d in range(len(shares))]
+        total = len(self.groups)
+        out = []
+        for (d, _g), members in sorted(cells.items()):
+            wanted = shares[d] / sum(shares) * total
+            out.append((members, max(1, round(wanted * len(members) / sizes[d]))))
+        return out
+
+    def epoch_items(self, epoch: int) -> list[int]:
+        """The entries an epoch trains on: every entry once, or (weighted datasets) each cell's quota taken from an
+        endless run of shuffles of its members, so that over epochs every member is used equally often."""
+        if self.quotas is None:
+            return list(range(len(self.groups)))
+        items = []
+        for c, (members, quota) in enumerate(self.quotas):
+            start, m = epoch * quota, len(members)
+            for k in range(start // m, (start + quota - 1) // m + 1):
+                order = list(members)
+                random.Random(f"{self.seed}-cell-{c}-{k}").shuffle(order)
+                lo, hi = max(start - k * m, 0), min(start + quota - k * m, m)
+                items += order[lo:hi]
+        return items
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
@@ -501,7 +535,7 @@ class SizeGroupedBatchSampler(Sampler):
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """Global batches (batch_size x world_size items of one group) of an epoch, in training order."""
         rng = random.Random(f"{self.seed}-batches-{epoch}")
-        order = list(range(len(self.groups)))
+        order = self.epoch_items(epoch)
         rng.shuffle(order)
         groups: dict[Hashable, list[int]] = {}
         for i in order:

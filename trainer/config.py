@@ -56,6 +56,38 @@ def normalize_mode(value: str) -> str:
 
 
 @dataclass
+class DatasetEntry:
+    """One of data_config.datasets: its data and the settings that differ from data_config's (null = data_config's)."""
+
+    img_dir: Optional[str] = doc(None, "folder of images + captions (as data_config.img_dir)")
+    control_dir: Optional[Any] = doc(None, "edit / Kontext: its control folder(s) (as data_config.control_dir)")
+    metadata_file: Optional[str] = doc(None, "its metadata.csv / .jsonl (as data_config.metadata_file)")
+    webdataset: Optional[Any] = doc(None, "its WebDataset shards (as data_config.webdataset)")
+    hf_dataset: Optional[str] = doc(None, "its Hugging Face dataset (as data_config.hf_dataset)")
+    hf_split: Optional[str] = doc(None, "as data_config.hf_split")
+    image_column: Optional[str] = doc(None, "as data_config.image_column")
+    caption_column: Optional[str] = doc(None, "as data_config.caption_column")
+    caption_type: Optional[str] = doc(None, "as data_config.caption_type")
+    recursive: Optional[bool] = doc(None, "as data_config.recursive")
+    mask_dir: Optional[str] = doc(None, "as data_config.mask_dir")
+    alpha_mask: Optional[bool] = doc(None, "as data_config.alpha_mask")
+    trigger_word: Optional[str] = doc(None, "as data_config.trigger_word")
+    caption_template: Optional[str] = doc(None, "as data_config.caption_template")
+    shuffle_tags: Optional[bool] = doc(None, "as data_config.shuffle_tags")
+    keep_tags: Optional[int] = doc(None, "as data_config.keep_tags")
+    caption_dropout_rate: Optional[float] = doc(None, "as data_config.caption_dropout_rate")
+    img_size: Optional[int] = doc(None, "as data_config.img_size")
+    resolutions: Optional[list[int]] = doc(None, "as data_config.resolutions")
+    bucketing: Optional[bool] = doc(None, "as data_config.bucketing")
+    repeats: Optional[int] = doc(None, "as data_config.repeats: its entries appear this many times per epoch")
+    weight: Optional[float] = doc(None, "its share of every epoch's samples, relative to the other entries' weights (null on every entry = each dataset's own size, times repeats)")
+    loss_weight: Optional[float] = doc(None, "its samples' multiplier in the loss (e.g. 0.5 for prior-preservation / regularization images; default 1)")
+
+
+SOURCE_KEYS = ("img_dir", "control_dir", "metadata_file", "webdataset", "hf_dataset", "mask_dir")  # what each dataset names itself
+
+
+@dataclass
 class DataConfig:
     img_dir: str = doc("", "folder of training images, each with a same-stem caption file (e.g. cat.png + cat.txt)")
     img_size: int = doc(1024, "training resolution: images are resized to about img_size x img_size pixels, aspect kept, sides multiples of 16")
@@ -83,7 +115,27 @@ class DataConfig:
     caption_template: Optional[str] = doc(None, "the trained caption made from each caption, e.g. 'a photo of {trigger}, {caption}' ({caption}, {trigger}); null = the trigger_word rule above")
     shuffle_tags: bool = doc(False, "shuffle comma-separated caption tags every epoch (tag-style captions); captions then change each epoch, so they are encoded every step")
     keep_tags: int = doc(0, "shuffle_tags: this many leading tags stay in place (e.g. 1 keeps the trigger word first)")
+    datasets: list[DatasetEntry] = doc([], "several datasets in one run: a list of entries, each with its own data (img_dir / metadata_file / webdataset / hf_dataset, control_dir, mask_dir) and, where they differ, its own captions, sizes, repeats, weight and loss_weight; the keys above are the entries' defaults (see README 'Several datasets')")
     control_size: Optional[int] = doc(None, "edit / Kontext: size control images to about control_size x control_size pixels; null = as the family's pipeline does at inference (Qwen-Image-Edit: 1024x1024 area; Kontext: its preferred resolutions); smaller is faster but differs from inference")
+
+    def parts(self) -> list["DataConfig"]:
+        """The datasets of the run, each a whole DataConfig: this one, or one per data_config.datasets entry (its
+        unset keys taken from this one)."""
+        if not self.datasets:
+            return [self]
+        out = []
+        for entry in self.datasets:
+            given = {k: v for k, v in dataclasses.asdict(entry).items() if v is not None and k not in ("weight", "loss_weight")}
+            out.append(dataclasses.replace(self, datasets=[], **given))
+        return out
+
+    def loss_weights(self) -> list[float]:
+        """Each part's loss multiplier."""
+        return [1.0 if not self.datasets or e.loss_weight is None else e.loss_weight for e in self.datasets or [None]]
+
+    def sampling_weights(self) -> list[float] | None:
+        """Each part's share of an epoch as given (None: every part its own size)."""
+        return [e.weight for e in self.datasets] if self.datasets and self.datasets[0].weight is not None else None
 
 
 @dataclass
@@ -177,15 +229,21 @@ class TrainConfig:
     wandb_tags: list[str] = doc([], "wandb tags")
 
 
-def all_keys(schema: type | None = None, prefix: str = "") -> list[str]:
-    """Every config key, dotted (data_config.img_dir)."""
-    out = []
+def walk_fields(schema: type | None = None, prefix: str = ""):
+    """(dotted key, dataclass field) of every config key, nested sections and dataset entries (data_config.datasets[].x)
+    included."""
     for f in dataclasses.fields(schema or TrainConfig):
         if f.name == "data_config":
-            out += all_keys(DataConfig, f"{prefix}{f.name}.")
-        else:
-            out.append(f"{prefix}{f.name}")
-    return out
+            yield from walk_fields(DataConfig, f"{prefix}{f.name}.")
+            continue
+        yield f"{prefix}{f.name}", f
+        if f.name == "datasets":
+            yield from walk_fields(DatasetEntry, f"{prefix}{f.name}[].")
+
+
+def all_keys(schema: type | None = None, prefix: str = "") -> list[str]:
+    """Every config key, dotted (data_config.img_dir)."""
+    return [key for key, _ in walk_fields(schema, prefix)]
 
 
 def _nearest_key(key: str) -> str:
@@ -203,6 +261,8 @@ def _nearest_key(key: str) -> str:
 
 def _one_line(exc: OmegaConfBaseException) -> str:
     key = getattr(exc, "full_key", None)
+    if getattr(exc, "object_type", None) is DatasetEntry and key and not str(key).startswith("data_config"):
+        key = f"data_config.datasets[].{key}"  # OmegaConf names a list element's key without its place
     msg = str(exc).splitlines()[0]
     if type(exc).__name__ == "ConfigKeyError" or "not in" in msg:
         return f"unknown config key '{key}'{_nearest_key(str(key))} (see `python train.py --help` for the valid keys)"
@@ -275,28 +335,17 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         raise ConfigError("config key 'trainable_modules' is an empty list; remove it to train every transformer weight")
     if cfg.num_train_epochs is not None and cfg.num_train_epochs < 1:
         raise ConfigError(f"config key 'num_train_epochs' must be >= 1 or null, got {cfg.num_train_epochs}")
-    if d.mask_dir and d.alpha_mask:
-        raise ConfigError("config keys 'data_config.mask_dir' and 'data_config.alpha_mask' both give masks; use one")
+    check_data(cfg, check_paths)
+    if d.control_size is not None and (d.control_size <= 0 or d.control_size % 16):
+        raise ConfigError(f"config key 'data_config.control_size' must be a positive multiple of 16 or null, got {d.control_size}")
     if not 0.0 <= d.mask_floor < 1.0:
         raise ConfigError(f"config key 'data_config.mask_floor' must be in [0, 1), got {d.mask_floor}")
-    if check_paths and d.mask_dir and not Path(d.mask_dir).is_dir():
-        raise ConfigError(f"config key 'data_config.mask_dir': folder '{d.mask_dir}' does not exist")
-    if d.mask_dir and (d.webdataset or d.hf_dataset or d.metadata_file):
-        raise ConfigError("config key 'data_config.mask_dir' pairs a folder of masks with img_dir's images; a metadata file names masks "
-                          "in a 'mask' column, shards and datasets use data_config.alpha_mask")
-    if d.caption_template is not None:
-        from image_datasets.captions import template_problem
-
-        problem = template_problem(d.caption_template)
-        if problem:
-            raise ConfigError(f"config key 'data_config.caption_template': {problem}")
-    if d.keep_tags < 0 or d.keep_tags and not d.shuffle_tags:
-        raise ConfigError(f"config key 'data_config.keep_tags' is {d.keep_tags}; it counts tags kept in place by shuffle_tags: true (>= 0)")
-    if d.shuffle_tags and cfg.precompute_text_embeddings:
+    shuffled = any(part.shuffle_tags for part in d.parts())
+    if shuffled and cfg.precompute_text_embeddings:
         raise ConfigError("config key 'precompute_text_embeddings: true' caches one embedding per caption, but data_config.shuffle_tags "
                           "makes a new caption every epoch; remove precompute_text_embeddings (shuffled captions are encoded every step)")
     if cfg.precompute_text_embeddings is None:
-        cfg.precompute_text_embeddings = not d.shuffle_tags
+        cfg.precompute_text_embeddings = not shuffled
     if cfg.precompute_image_embeddings is None:
         cfg.precompute_image_embeddings = not d.random_ratio
     if cfg.save_cache_on_disk is None:
@@ -342,61 +391,10 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         raise ConfigError(f"config key 'cache_batch_size' must be >= 1, got {cfg.cache_batch_size}")
     if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
         raise ConfigError(f"config key 'checkpoints_total_limit' must be >= 1 or null, got {cfg.checkpoints_total_limit}")
-    if not 0.0 <= d.caption_dropout_rate <= 1.0:
-        raise ConfigError(f"config key 'data_config.caption_dropout_rate' must be in [0, 1], got {d.caption_dropout_rate}")
-    if d.control_size is not None and (d.control_size <= 0 or d.control_size % 16):
-        raise ConfigError(f"config key 'data_config.control_size' must be a positive multiple of 16 or null, got {d.control_size}")
-    if d.img_size % 16:
-        raise ConfigError(f"config key 'data_config.img_size' must be a multiple of 16, got {d.img_size}")
-    for r in d.resolutions or []:
-        if r <= 0 or r % 16:
-            raise ConfigError(f"config key 'data_config.resolutions' must hold positive multiples of 16, got {r}")
-    if d.resolutions is not None and not d.resolutions:
-        raise ConfigError("config key 'data_config.resolutions' is an empty list; remove it to train at img_size")
-    if d.repeats < 1:
-        raise ConfigError(f"config key 'data_config.repeats' must be >= 1, got {d.repeats}")
     if cfg.logit_std <= 0:
         raise ConfigError(f"config key 'logit_std' must be > 0, got {cfg.logit_std}")
     if cfg.lora_target_modules is not None and not cfg.lora_target_modules:
         raise ConfigError("config key 'lora_target_modules' is an empty list; remove it to use the family's default")
-    if d.control_dir is not None and d.metadata_file is not None:
-        raise ConfigError("config keys 'data_config.control_dir' and 'data_config.metadata_file' are exclusive; use one")
-    sources = [k for k in ("metadata_file", "webdataset", "hf_dataset") if getattr(d, k)]  # each replaces img_dir
-    if len(sources) > 1:
-        raise ConfigError(f"config keys {' and '.join(f'data_config.{k}' for k in sources)} are exclusive; the data comes from one of them")
-    if d.control_dir is not None and (d.webdataset or d.hf_dataset):
-        raise ConfigError("config key 'data_config.control_dir' pairs folders of files; WebDataset shards and hf_dataset rows carry their "
-                          "references themselves (key.control_image.png / a control_image column)")
-    if d.webdataset is not None:
-        from image_datasets.sources import shard_paths
-
-        if not (isinstance(d.webdataset, str) or isinstance(d.webdataset, list) and all(isinstance(x, str) for x in d.webdataset)):
-            raise ConfigError("config key 'data_config.webdataset' must be a path, a glob or a list of them")
-        shards = shard_paths(d.webdataset) if check_paths else []
-        missing = [p for p in shards if not Path(p).is_file()]
-        if check_paths and (not shards or missing):
-            raise ConfigError(f"config key 'data_config.webdataset': no tar shard at '{missing[0] if missing else d.webdataset}'")
-    if check_paths and d.hf_dataset is not None and not Path(d.hf_dataset).expanduser().exists():
-        if d.hf_dataset.startswith((".", "/", "~")) or d.hf_dataset.count("/") != 1:
-            raise ConfigError(f"config key 'data_config.hf_dataset': '{d.hf_dataset}' does not exist (and is not a hub id like owner/name)")
-    if check_paths and d.metadata_file is not None:
-        if not Path(d.metadata_file).is_file():
-            raise ConfigError(f"config key 'data_config.metadata_file': file '{d.metadata_file}' does not exist")
-        if Path(d.metadata_file).suffix.lower() not in (".csv", ".jsonl"):
-            raise ConfigError(f"config key 'data_config.metadata_file': '{d.metadata_file}' must be a .csv or .jsonl file")
-    if d.control_dir is not None:
-        folders = [d.control_dir] if isinstance(d.control_dir, str) else d.control_dir
-        if not isinstance(folders, list) or not folders or not all(isinstance(f, str) and f for f in folders):
-            raise ConfigError("config key 'data_config.control_dir' must be a folder or a list of folders")
-        d.control_dir = folders[0] if len(folders) == 1 else list(folders)
-        for f in folders if check_paths else []:
-            if not Path(f).is_dir():
-                raise ConfigError(f"config key 'data_config.control_dir': folder '{f}' does not exist")
-    if check_paths and not (d.metadata_file or d.webdataset or d.hf_dataset):
-        if not d.img_dir:
-            raise ConfigError("config key 'data_config.img_dir' is not set: point it to your folder of images + captions")
-        if not Path(d.img_dir).is_dir():
-            raise ConfigError(f"config key 'data_config.img_dir': folder '{d.img_dir}' does not exist")
     if cfg.validation_samples < 0:
         raise ConfigError(f"config key 'validation_samples' must be >= 0, got {cfg.validation_samples}")
     if cfg.validation_steps < 0 or cfg.validation_num_inference_steps < 1:
@@ -430,6 +428,97 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
                 f"config key 'resume_from_checkpoint': '{cfg.resume_from_checkpoint}' is not a checkpoint folder (use 'latest' or a path)"
             )
     return cfg
+
+
+def check_data(cfg: TrainConfig, check_paths: bool = True) -> None:
+    """The data sources and their settings: data_config itself, or each of data_config.datasets (each entry's unset
+    keys taken from data_config)."""
+    d = cfg.data_config
+    if not d.datasets:
+        check_part(d, "data_config", check_paths)
+        return
+    given = [k for k in SOURCE_KEYS if getattr(d, k) not in (None, "")]
+    if given:
+        raise ConfigError(f"config key 'data_config.{given[0]}' is set beside data_config.datasets; with several datasets each entry names "
+                          "its own data (move it into an entry)")
+    weights = [e.weight for e in d.datasets]
+    for i, (entry, part) in enumerate(zip(d.datasets, d.parts())):
+        key = f"data_config.datasets[{i}]"
+        if entry.weight is not None and not entry.weight > 0:
+            raise ConfigError(f"config key '{key}.weight' must be > 0 or null, got {entry.weight}")
+        if entry.loss_weight is not None and entry.loss_weight < 0:
+            raise ConfigError(f"config key '{key}.loss_weight' must be >= 0, got {entry.loss_weight}")
+        check_part(part, key, check_paths)
+    if weights.count(None) not in (0, len(weights)):
+        raise ConfigError("config key 'data_config.datasets[*].weight' is set on some entries only; give every entry a weight, or none")
+
+
+def check_part(d: DataConfig, key: str, check_paths: bool) -> None:
+    """One dataset's keys (named under `key`)."""
+    if d.mask_dir and d.alpha_mask:
+        raise ConfigError(f"config keys '{key}.mask_dir' and '{key}.alpha_mask' both give masks; use one")
+    if check_paths and d.mask_dir and not Path(d.mask_dir).is_dir():
+        raise ConfigError(f"config key '{key}.mask_dir': folder '{d.mask_dir}' does not exist")
+    if d.mask_dir and (d.webdataset or d.hf_dataset or d.metadata_file):
+        raise ConfigError(f"config key '{key}.mask_dir' pairs a folder of masks with img_dir's images; a metadata file names masks "
+                          f"in a 'mask' column, shards and datasets use {key}.alpha_mask")
+    if d.caption_template is not None:
+        from image_datasets.captions import template_problem
+
+        problem = template_problem(d.caption_template)
+        if problem:
+            raise ConfigError(f"config key '{key}.caption_template': {problem}")
+    if d.keep_tags < 0 or d.keep_tags and not d.shuffle_tags:
+        raise ConfigError(f"config key '{key}.keep_tags' is {d.keep_tags}; it counts tags kept in place by shuffle_tags: true (>= 0)")
+    if not 0.0 <= d.caption_dropout_rate <= 1.0:
+        raise ConfigError(f"config key '{key}.caption_dropout_rate' must be in [0, 1], got {d.caption_dropout_rate}")
+    if d.img_size % 16:
+        raise ConfigError(f"config key '{key}.img_size' must be a multiple of 16, got {d.img_size}")
+    for r in d.resolutions or []:
+        if r <= 0 or r % 16:
+            raise ConfigError(f"config key '{key}.resolutions' must hold positive multiples of 16, got {r}")
+    if d.resolutions is not None and not d.resolutions:
+        raise ConfigError(f"config key '{key}.resolutions' is an empty list; remove it to train at img_size")
+    if d.repeats < 1:
+        raise ConfigError(f"config key '{key}.repeats' must be >= 1, got {d.repeats}")
+    if d.control_dir is not None and d.metadata_file is not None:
+        raise ConfigError(f"config keys '{key}.control_dir' and '{key}.metadata_file' are exclusive; use one")
+    sources = [k for k in ("metadata_file", "webdataset", "hf_dataset") if getattr(d, k)]  # each replaces img_dir
+    if len(sources) > 1:
+        raise ConfigError(f"config keys {' and '.join(f'{key}.{k}' for k in sources)} are exclusive; the data comes from one of them")
+    if d.control_dir is not None and (d.webdataset or d.hf_dataset):
+        raise ConfigError(f"config key '{key}.control_dir' pairs folders of files; WebDataset shards and hf_dataset rows carry their "
+                          "references themselves (key.control_image.png / a control_image column)")
+    if d.webdataset is not None:
+        from image_datasets.sources import shard_paths
+
+        if not (isinstance(d.webdataset, str) or isinstance(d.webdataset, list) and all(isinstance(x, str) for x in d.webdataset)):
+            raise ConfigError(f"config key '{key}.webdataset' must be a path, a glob or a list of them")
+        shards = shard_paths(d.webdataset) if check_paths else []
+        missing = [p for p in shards if not Path(p).is_file()]
+        if check_paths and (not shards or missing):
+            raise ConfigError(f"config key '{key}.webdataset': no tar shard at '{missing[0] if missing else d.webdataset}'")
+    if check_paths and d.hf_dataset is not None and not Path(d.hf_dataset).expanduser().exists():
+        if d.hf_dataset.startswith((".", "/", "~")) or d.hf_dataset.count("/") != 1:
+            raise ConfigError(f"config key '{key}.hf_dataset': '{d.hf_dataset}' does not exist (and is not a hub id like owner/name)")
+    if check_paths and d.metadata_file is not None:
+        if not Path(d.metadata_file).is_file():
+            raise ConfigError(f"config key '{key}.metadata_file': file '{d.metadata_file}' does not exist")
+        if Path(d.metadata_file).suffix.lower() not in (".csv", ".jsonl"):
+            raise ConfigError(f"config key '{key}.metadata_file': '{d.metadata_file}' must be a .csv or .jsonl file")
+    if d.control_dir is not None:
+        folders = [d.control_dir] if isinstance(d.control_dir, str) else d.control_dir
+        if not isinstance(folders, list) or not folders or not all(isinstance(f, str) and f for f in folders):
+            raise ConfigError(f"config key '{key}.control_dir' must be a folder or a list of folders")
+        d.control_dir = folders[0] if len(folders) == 1 else list(folders)
+        for f in folders if check_paths else []:
+            if not Path(f).is_dir():
+                raise ConfigError(f"config key '{key}.control_dir': folder '{f}' does not exist")
+    if check_paths and not (d.metadata_file or d.webdataset or d.hf_dataset):
+        if not d.img_dir:
+            raise ConfigError(f"config key '{key}.img_dir' is not set: point it to your folder of images + captions")
+        if not Path(d.img_dir).is_dir():
+            raise ConfigError(f"config key '{key}.img_dir': folder '{d.img_dir}' does not exist")
 
 
 ADAPTER_KEYS = {"lora_type": "lora", "use_dora": False, "use_rslora": False, "loraplus_lr_ratio": None, "rank_pattern": {},
@@ -476,12 +565,15 @@ def inside(path, folder) -> bool:
 def check_output_dir_place(cfg: TrainConfig) -> None:
     """output_dir is never the dataset (its files would become training data, and rotation could reach them) nor
     the base model's folder (a full fine-tune would replace its transformer/)."""
-    d = cfg.data_config
     out = cfg.output_dir
-    # the folders the scan lists (a metadata file or a dataset table names its files itself)
-    folders = {"data_config.img_dir": d.img_dir if not (d.metadata_file or d.webdataset or d.hf_dataset) else None}
-    controls = [d.control_dir] if isinstance(d.control_dir, str) else list(d.control_dir or [])
-    folders.update({f"data_config.control_dir[{i}]": c for i, c in enumerate(controls)})
+    folders = {}
+    for i, d in enumerate(cfg.data_config.parts()):
+        key = f"data_config.datasets[{i}]" if cfg.data_config.datasets else "data_config"
+        # the folders the scan lists (a metadata file or a dataset table names its files itself)
+        folders[f"{key}.img_dir"] = d.img_dir if not (d.metadata_file or d.webdataset or d.hf_dataset) else None
+        controls = [d.control_dir] if isinstance(d.control_dir, str) else list(d.control_dir or [])
+        folders.update({f"{key}.control_dir[{j}]": c for j, c in enumerate(controls)})
+        folders[f"{key}.mask_dir"] = d.mask_dir
     for key, folder in folders.items():
         if folder and inside(out, folder):
             raise ConfigError(f"config key 'output_dir': '{out}' is inside the dataset folder {key} ('{folder}'); the trainer's files "
@@ -610,8 +702,9 @@ def _require_model_and_data(path, overrides, loaded) -> None:
 
     if not named("pretrained_model_name_or_path"):
         raise ConfigError(f"config file '{path}' does not set pretrained_model_name_or_path; a config must name the base model")
-    if not any(named(f"data_config.{k}") for k in ("img_dir", "metadata_file", "webdataset", "hf_dataset")):
-        raise ConfigError(f"config file '{path}' sets none of data_config.img_dir, metadata_file, webdataset, hf_dataset; a config must name the data")
+    if not any(named(f"data_config.{k}") for k in ("img_dir", "metadata_file", "webdataset", "hf_dataset", "datasets")):
+        raise ConfigError(f"config file '{path}' sets none of data_config.img_dir, metadata_file, webdataset, hf_dataset, datasets; "
+                          "a config must name the data")
 
 
 def to_dict(cfg: TrainConfig) -> dict:
@@ -625,11 +718,7 @@ def describe_keys(schema: type = TrainConfig, prefix: str = "", preset: dict | N
     """`key (type, default): doc` lines for --help and the README; `preset`: an entry's own defaults, shown instead
     of the schema's (what that entry really starts from)."""
     lines = []
-    for f in dataclasses.fields(schema):
-        if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None) or f.name == "data_config":
-            lines.extend(describe_keys(DataConfig, prefix=f"{prefix}{f.name}.", preset=preset))
-            continue
-        key = f"{prefix}{f.name}"
+    for key, f in walk_fields(schema, prefix):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         if key in REQUIRED_IN_YAML:

@@ -427,7 +427,8 @@ def _checked_samples(cfg: TrainConfig, adapter: ModelAdapter) -> list:
         listing = "\n  ".join(scan.problems)
         if not d.skip_bad_files or not scan.samples:
             raise ConfigError(
-                f"data_config: {len(scan.problems)} unusable file(s) or row(s) in '{d.metadata_file or d.img_dir}' "
+                f"data_config: {len(scan.problems)} unusable file(s) or row(s) in "
+                f"{', '.join(repr(p.metadata_file or p.img_dir or p.webdataset or p.hf_dataset) for p in d.parts())} "
                 f"(fix them, or set data_config.skip_bad_files=true to skip those samples):\n  {listing}"
             )
         logger.warning("skipping %d unusable file(s) or row(s):\n  %s", len(scan.problems), listing)
@@ -525,7 +526,8 @@ def check_resume_compatible(cfg: TrainConfig, ckpt: Path, keys: tuple[str, ...],
 def make_sampler(cfg: TrainConfig, samples: list, accelerator: Accelerator) -> SizeGroupedBatchSampler:
     # Batches are known as soon as the process count is: a dataset too small for them fails before any model loads.
     sampler = SizeGroupedBatchSampler(
-        [s.group for s in samples], cfg.data_config.train_batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes
+        [s.group for s in samples], cfg.data_config.train_batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes,
+        shares=cfg.data_config.sampling_weights(), datasets=[s.dataset for s in samples],
     )
     if cfg.num_train_epochs is not None and len(sampler) < cfg.gradient_accumulation_steps:
         raise ConfigError(
@@ -561,7 +563,8 @@ def prepare_conditioning(cfg: TrainConfig, adapter: ModelAdapter, samples: list,
     cache = EmbeddingCache(adapter, samples, cfg, directory, batch_size=cfg.cache_batch_size)
     # A disk cache is built by all processes together (each its share), then read by all; a RAM cache by each.
     rank, world = build_split(accelerator, directory) if directory is not None else (0, 1)
-    cache.build(cfg.precompute_text_embeddings, cfg.precompute_image_embeddings, cfg.data_config.caption_dropout_rate > 0, rank, world)
+    dropout = any(p.caption_dropout_rate > 0 for p in cfg.data_config.parts())
+    cache.build(cfg.precompute_text_embeddings, cfg.precompute_image_embeddings, dropout, rank, world)
     accelerator.wait_for_everyone()
     # Freed before the transformer loads: on a 24 GB card the encoders and the transformer never coexist.
     if cfg.precompute_text_embeddings:
@@ -595,10 +598,11 @@ def load_trainable(cfg: TrainConfig, adapter: ModelAdapter, method: TrainingMeth
 def make_loader(cfg: TrainConfig, adapter: ModelAdapter, samples: list, sampler, device: torch.device, cached=None) -> torch.utils.data.DataLoader:
     d = cfg.data_config
     need_pixels = not cfg.precompute_image_embeddings or (not cfg.precompute_text_embeddings and adapter.text_needs_pixels)
-    dataset = CaptionDataset(samples, d.caption_dropout_rate, d.random_ratio, cfg.seed, load_pixels=need_pixels,
+    parts = d.parts()
+    dataset = CaptionDataset(samples, [p.caption_dropout_rate for p in parts], d.random_ratio, cfg.seed, load_pixels=need_pixels,
                              empty_caption=adapter.empty_prompt, reference_transform=adapter.reference_transform(),
                              keep_alpha=adapter.pixel_channels == 4, cached=cached,
-                             captions=CaptionRule.of(d) if d.shuffle_tags else None)
+                             captions=[CaptionRule.of(p) if p.shuffle_tags else None for p in parts])
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=d.num_workers,
                                        pin_memory=device.type == "cuda")
 

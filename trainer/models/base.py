@@ -168,13 +168,15 @@ class ModelAdapter(ABC):
         for key, most in cls.text_limits.items():
             if getattr(cfg, key) > most:
                 raise ConfigError(f"config key '{key}' is {getattr(cfg, key)}; the {name} pipeline takes at most {most}")
-        d = cfg.data_config
-        has_refs = d.control_dir is not None or d.metadata_file is not None
+        parts = cfg.data_config.parts()
         low, high = variant.references
-        if low and not has_refs:
-            raise ConfigError(f"{cls.entry} needs control images for a {name} model: set data_config.control_dir or data_config.metadata_file")
-        if not high and d.control_dir is not None:  # a metadata file's rows are counted by the scan, row by row
-            raise ConfigError(f"a {name} model takes no control images: remove data_config.control_dir")
+        for i, d in enumerate(parts):
+            key = f"data_config.datasets[{i}]" if cfg.data_config.datasets else "data_config"
+            has_refs = d.control_dir is not None or d.metadata_file is not None
+            if low and not has_refs:
+                raise ConfigError(f"{cls.entry} needs control images for a {name} model: set {key}.control_dir or {key}.metadata_file")
+            if not high and d.control_dir is not None:  # a metadata file's rows are counted by the scan, row by row
+                raise ConfigError(f"a {name} model takes no control images: remove {key}.control_dir")
 
     def reference_rule(self):
         """How many reference images each sample must have (checked by the dataset scan, file by file)."""

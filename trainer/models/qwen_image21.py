@@ -104,7 +104,8 @@ class QwenImage21Adapter(ModelAdapter):
         side = d.control_size
         from trainer.validation import validation_entries
 
-        refs = d.control_dir is not None or d.metadata_file is not None or any(paths for _p, paths in validation_entries(cfg))
+        refs = (any(p.control_dir is not None or p.metadata_file is not None for p in d.parts())
+                or any(paths for _p, paths in validation_entries(cfg)))
         if side and side < MIN_CONDITION_SIDE and refs:
             raise ConfigError(f"config key 'data_config.control_size' is {side}; Qwen-Image 2.1 needs at least {MIN_CONDITION_SIDE} "
                               "(its vision encoder enlarges smaller images, and then they no longer line up with their latents)")
