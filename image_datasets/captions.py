@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import random
+import re
 import string
 from dataclasses import dataclass
 
@@ -31,7 +32,7 @@ class CaptionRule:
         caption = caption.replace(TRIGGER, self.trigger_word)
         template = self.template
         if template is None:
-            template = "{trigger}, {caption}" if self.trigger_word and self.trigger_word not in caption else "{caption}"
+            template = "{trigger}, {caption}" if self.trigger_word and not names(caption, self.trigger_word) else "{caption}"
         text = template.format(trigger=self.trigger_word, caption=caption)
         return " ".join(text.split()).strip(" ,")
 
@@ -43,6 +44,20 @@ class CaptionRule:
         head, tail = tags[: self.keep_tags], tags[self.keep_tags :]
         rng.shuffle(tail)
         return ", ".join(head + tail)
+
+
+def _word(word: str) -> str:
+    return rf"(?<!\w){re.escape(word)}(?!\w)"
+
+
+def names(caption: str, word: str) -> bool:
+    """Whether `caption` holds `word` as a word of its own (not inside another: sks is not in sksx)."""
+    return bool(word) and re.search(_word(word), caption) is not None
+
+
+def replace_word(caption: str, word: str, by: str) -> str:
+    """`caption` with every occurrence of the word `word` (as in `names`) replaced by `by`."""
+    return re.sub(_word(word), lambda _m: by, caption)
 
 
 def template_problem(template: str) -> str | None:

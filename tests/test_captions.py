@@ -16,6 +16,7 @@ def test_trigger_word_and_template():
     assert CaptionRule("sks").finish("a dog on grass") == "sks, a dog on grass"
     assert CaptionRule("sks").finish("photo of sks dog") == "photo of sks dog"  # already named: left as it is
     assert CaptionRule("sks").finish("a [trigger] dog") == "a sks dog"
+    assert CaptionRule("sks").finish("sksx dog") == "sks, sksx dog"  # sksx is another word
     assert CaptionRule("sks").finish("") == "sks"
     assert CaptionRule("sks", "a photo of {trigger}, {caption}").finish("red  hat") == "a photo of sks, red hat"
     assert CaptionRule("", "{trigger} {caption}").finish("red hat") == "red hat"

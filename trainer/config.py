@@ -193,6 +193,8 @@ class TrainConfig:
     loraplus_lr_ratio: Optional[float] = doc(None, "lora: LoRA+: the output side (lora_B) learns this many times faster than learning_rate (e.g. 16); null = off")
     rank_pattern: dict[str, int] = doc({}, "per-module ranks: {regex: rank}, the regex matched against the end of the module path (e.g. {'transformer_blocks\\.0\\..*': 4}); other modules use rank")
     alpha_pattern: dict[str, float] = doc({}, "per-module alphas, like rank_pattern; other modules use lora_alpha")
+    dop_class_word: Optional[str] = doc(None, "differential output preservation (ai-toolkit's DOP): each step also predicts the batch's captions with the trigger word replaced by this class word (e.g. person), with the LoRA on and (no gradient) off, and pulls the first toward the second: the LoRA learns the trigger, not the class. Needs data_config.trigger_word; ~2x the step cost; prompts are then encoded every step")
+    dop_weight: float = doc(1.0, "DOP: the preservation term's multiplier in the loss")
     lokr_factor: int = doc(-1, "lokr: the Kronecker factor size of each layer's first matrix (-1 = as square as the layer allows; e.g. 16 makes the first factor 16x16)")
     assistant_lora: Optional[str] = doc(None, "a LoRA (file or folder) active while training but off for validation previews and left out of the saved LoRA, e.g. a de-distillation adapter that keeps a step-distilled model (Z-Image-Turbo) from losing its distillation")
 
@@ -344,8 +346,18 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
     if shuffled and cfg.precompute_text_embeddings:
         raise ConfigError("config key 'precompute_text_embeddings: true' caches one embedding per caption, but data_config.shuffle_tags "
                           "makes a new caption every epoch; remove precompute_text_embeddings (shuffled captions are encoded every step)")
+    if cfg.dop_class_word is not None:
+        if not cfg.dop_class_word.strip():
+            raise ConfigError("config key 'dop_class_word' is empty; name the class the trigger word belongs to (e.g. person), or remove it")
+        if not any(part.trigger_word for part in d.parts()):
+            raise ConfigError("config key 'dop_class_word' replaces the trigger word in each caption; set data_config.trigger_word")
+        if cfg.precompute_text_embeddings:
+            raise ConfigError("config key 'precompute_text_embeddings: true' caches the training captions only; dop_class_word also "
+                              "encodes each caption with the class word every step: remove precompute_text_embeddings")
+        if cfg.dop_weight <= 0:
+            raise ConfigError(f"config key 'dop_weight' must be > 0, got {cfg.dop_weight}")
     if cfg.precompute_text_embeddings is None:
-        cfg.precompute_text_embeddings = not shuffled
+        cfg.precompute_text_embeddings = not shuffled and cfg.dop_class_word is None
     if cfg.precompute_image_embeddings is None:
         cfg.precompute_image_embeddings = not d.random_ratio
     if cfg.save_cache_on_disk is None:
@@ -522,7 +534,7 @@ def check_part(d: DataConfig, key: str, check_paths: bool) -> None:
 
 
 ADAPTER_KEYS = {"lora_type": "lora", "use_dora": False, "use_rslora": False, "loraplus_lr_ratio": None, "rank_pattern": {},
-                "alpha_pattern": {}, "lokr_factor": -1}
+                "alpha_pattern": {}, "lokr_factor": -1, "dop_class_word": None}
 
 
 def check_adapter_keys(cfg: TrainConfig) -> None:

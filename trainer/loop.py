@@ -27,7 +27,7 @@ from diffusers.optimization import get_scheduler
 from omegaconf import OmegaConf
 
 from image_datasets import CaptionDataset, SizeGroupedBatchSampler, collate
-from image_datasets.captions import CaptionRule
+from image_datasets.captions import CaptionRule, names, replace_word
 from trainer import flow_matching as fm
 from trainer import output_dir
 from trainer.checkpoint import (
@@ -114,6 +114,7 @@ class Run:
     config_yaml: str
     run_id: str  # the run that owns output_dir (trainer/output_dir.py)
     step_losses: list[torch.Tensor] = field(default_factory=list)  # micro-batch losses of the update in progress
+    step_extras: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # further terms to log (e.g. dop_loss), per micro-batch
     step_paths: list[str] = field(default_factory=list)
     checked: bool = False  # the training method's no-op guard ran
     lr_applied: float = 0.0  # the largest learning rate an update has used so far (a warm-up starts at 0)
@@ -127,6 +128,7 @@ class Update:
     loss: torch.Tensor
     grad_norm: torch.Tensor
     finite: bool
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # further loss terms, logged beside the loss
 
 
 def train(cfg: TrainConfig, adapter_cls: type[ModelAdapter]) -> Path:
@@ -672,7 +674,7 @@ def train_step(run: Run, batch: dict) -> Update | None:
             run.method.after_update(run.params)
         run.lr_scheduler.step()  # a skipped update still uses up its step of the schedule
         run.optimizer.zero_grad(set_to_none=True)
-    return Update(torch.stack(run.step_losses).mean(), norm, finite)
+    return Update(torch.stack(run.step_losses).mean(), norm, finite, {k: torch.stack(v).mean() for k, v in run.step_extras.items()})
 
 
 def flow_matching_loss(run: Run, x0: torch.Tensor, cond: dict, batch: dict) -> torch.Tensor:
@@ -690,12 +692,47 @@ def flow_matching_loss(run: Run, x0: torch.Tensor, cond: dict, batch: dict) -> t
                          mu, path)
         for g in gens
     ])
-    pred = run.adapter.predict(run.transformer, fm.add_noise(x0, noise, sigmas), sigmas, cond)
+    noisy = fm.add_noise(x0, noise, sigmas)
+    pred = run.adapter.predict(run.transformer, noisy, sigmas, cond)
     mask = batch.get("masks")
     mask = fm.latent_mask(mask, x0, run.cfg.data_config.mask_floor) if mask is not None else None
     weights = batch.get("loss_weights")
     weights = weights.to(device) if weights is not None and bool((weights != 1).any()) else None
-    return fm.flow_matching_loss(pred, fm.velocity_target(x0, noise), sigmas, run.cfg.loss_weighting, mask, weights)
+    loss = fm.flow_matching_loss(pred, fm.velocity_target(x0, noise), sigmas, run.cfg.loss_weighting, mask, weights)
+    if run.cfg.dop_class_word is not None:
+        term = preservation_loss(run, noisy, sigmas, cond, batch)
+        run.step_extras.setdefault("dop_loss", []).append(term.detach())
+        loss = loss + run.cfg.dop_weight * term
+    return loss
+
+
+def class_captions(run: Run, batch: dict) -> tuple[list[str], torch.Tensor]:
+    """DOP: each caption with its dataset's trigger word replaced by dop_class_word, and which samples have one
+    (a caption without the trigger, or dropped, has nothing to preserve)."""
+    parts = run.cfg.data_config.parts()
+    samples = run.loader.dataset.samples
+    out, has = [], []
+    for index, caption in zip(batch["indices"], batch["captions"]):
+        trigger = parts[samples[index].dataset].trigger_word
+        found = names(caption, trigger)
+        out.append(replace_word(caption, trigger, run.cfg.dop_class_word) if found else caption)
+        has.append(found)
+    return out, torch.tensor(has, dtype=torch.float32)
+
+
+def preservation_loss(run: Run, noisy: torch.Tensor, sigmas: torch.Tensor, cond: dict, batch: dict) -> torch.Tensor:
+    """Differential output preservation: on the class-word captions the trained model's prediction is pulled toward
+    the base model's (trained part off, no gradient), on the same noisy latents and sigmas. Zero while the LoRA does
+    nothing; mean over the samples whose caption names the trigger."""
+    captions, has = class_captions(run, batch)
+    if not bool(has.any()):
+        return noisy.new_zeros((), dtype=torch.float32)
+    cond = {**cond, **run.adapter.encode_text({**batch, "captions": captions})}
+    pred = run.adapter.predict(run.transformer, noisy, sigmas, cond)
+    with torch.no_grad(), run.method.without_training(run.accelerator.unwrap_model(run.transformer)):
+        base = run.adapter.predict(run.transformer, noisy, sigmas, cond)
+    per_sample = (pred.float() - base.float()).pow(2).flatten(1).mean(1)
+    return (per_sample * has.to(per_sample.device)).sum() / has.sum().to(per_sample.device)
 
 
 def after_update(run: Run, update: Update, stop: "StopRequest") -> bool:
@@ -704,7 +741,7 @@ def after_update(run: Run, update: Update, stop: "StopRequest") -> bool:
     state.global_step += 1
     if update.finite:
         state.nonfinite_steps = 0
-        run.log.add(state.global_step, update.loss, run.lr_scheduler.get_last_lr()[0], update.grad_norm)
+        run.log.add(state.global_step, update.loss, run.lr_scheduler.get_last_lr()[0], update.grad_norm, update.extras)
     else:
         state.nonfinite_steps += 1
         run.log.skip()
@@ -719,6 +756,7 @@ def after_update(run: Run, update: Update, stop: "StopRequest") -> bool:
             )
     run.step_losses.clear()
     run.step_paths.clear()
+    run.step_extras.clear()
     last_epoch = cfg.num_train_epochs is not None and state.epoch == cfg.num_train_epochs - 1
     at_end = state.global_step >= cfg.max_train_steps or (
         last_epoch and len(run.sampler) - state.batch_in_epoch < cfg.gradient_accumulation_steps)  # no update left in it

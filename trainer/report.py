@@ -32,7 +32,7 @@ class TrainLog:
         from tqdm.auto import tqdm
 
         self.path, self.accelerator = path, accelerator
-        self.pending: list[tuple[int, torch.Tensor, float, torch.Tensor]] = []  # step, loss, lr, grad norm
+        self.pending: list[tuple] = []  # step, loss, lr, grad norm, extra terms
         self.last_loss = float("nan")
         self.started = time.time() - elapsed_before
         self.clock = time.time()
@@ -41,8 +41,9 @@ class TrainLog:
         self.progress = tqdm(total=total_steps, initial=start_step, desc="steps", disable=not accelerator.is_main_process,
                              dynamic_ncols=True)
 
-    def add(self, step: int, loss: torch.Tensor, lr: float, grad_norm: torch.Tensor) -> None:
-        self.pending.append((step, loss, lr, grad_norm))
+    def add(self, step: int, loss: torch.Tensor, lr: float, grad_norm: torch.Tensor, extras: dict | None = None) -> None:
+        """`extras`: further terms of the step (e.g. dop_loss), logged under their names."""
+        self.pending.append((step, loss, lr, grad_norm, extras or {}))
         self.progress.update(1)
 
     def skip(self) -> None:
@@ -56,7 +57,9 @@ class TrainLog:
         if not self.pending:
             return
         acc = self.accelerator
-        values = torch.stack([torch.stack([loss, norm.float()]) for _, loss, _, norm in self.pending]).float()
+        names = sorted(self.pending[-1][4])
+        values = torch.stack([torch.stack([loss.float(), norm.float(), *[extras[n].float() for n in names]])
+                              for _, loss, _, norm, extras in self.pending]).float()
         if acc.num_processes > 1:
             values = acc.reduce(values, reduction="mean")
         values = values.cpu().tolist()
@@ -65,9 +68,10 @@ class TrainLog:
         self.clock = now
         if acc.is_main_process:
             with open(self.path, "a") as f:
-                for (step, _, lr, _), (loss, norm) in zip(self.pending, values):
-                    f.write(json.dumps({"step": step, "loss": loss, "lr": lr, "grad_norm": norm}) + "\n")
-                    acc.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": norm}, step=step)
+                for (step, _, lr, _, _), (loss, norm, *more) in zip(self.pending, values):
+                    f.write(json.dumps({"step": step, "loss": loss, "lr": lr, "grad_norm": norm, **dict(zip(names, more))}) + "\n")
+                    acc.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": norm, **{f"train/{n}": v for n, v in zip(names, more)}},
+                            step=step)
                 f.flush()
             acc.log({"train/steps_per_second": rate}, step=self.pending[-1][0])
             self.progress.set_postfix(loss=f"{values[-1][0]:.4f}", lr=f"{self.pending[-1][2]:.2e}")

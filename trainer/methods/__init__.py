@@ -82,6 +82,11 @@ class TrainingMethod(ABC):
         """At the first checkpoint: warnings to log; raises ValueError when training demonstrably does nothing."""
         return []
 
+    def without_training(self, transformer: torch.nn.Module):
+        """Context in which the transformer predicts as the base model (what is trained switched off), for
+        preservation terms such as DOP. Methods that cannot switch it off raise NotImplementedError."""
+        raise NotImplementedError(f"{self.name} training cannot switch its changes off")
+
     def sampling(self, transformer: torch.nn.Module):
         """Context in which validation previews are rendered (the model as users will run it)."""
         return contextlib.nullcontext()

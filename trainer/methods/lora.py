@@ -142,6 +142,16 @@ class LoRAMethod(TrainingMethod):
         finally:
             activate(transformer, [ASSISTANT, TRAINED])
 
+    @contextlib.contextmanager
+    def without_training(self, transformer: torch.nn.Module):
+        """The trained adapter off (an assistant LoRA stays on: it is part of the model being trained against)."""
+        on = [ASSISTANT, TRAINED] if self.cfg.assistant_lora else [TRAINED]
+        activate(transformer, [ASSISTANT] if self.cfg.assistant_lora else [])
+        try:
+            yield
+        finally:
+            activate(transformer, on)
+
     def state_dict(self, transformer: torch.nn.Module, whole: dict | None = None) -> dict[str, torch.Tensor]:
         """The trained LoRA tensors, whole (gathered from every rank when sharded: all ranks must call this);
         `whole`: the model's consolidated state dict, when the engine made one."""
