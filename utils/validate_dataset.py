@@ -115,12 +115,13 @@ def show_captions(samples, d, n: int = 3) -> None:
 
     from image_datasets.captions import CaptionRule
 
-    rule = CaptionRule.of(d)
+    rules = [CaptionRule.of(part) for part in d.parts()]
     seen = set()
     for s in samples:
         if str(s.image) in seen:
             continue
         seen.add(str(s.image))
+        rule = rules[s.dataset]
         caption = rule.shuffled(s.caption, random.Random(len(seen)))
         print(f"caption of {Path(str(s.image)).name}: {caption!r}" + (" (tags shuffle every epoch)" if rule.shuffle else ""))
         if len(seen) == n:
