@@ -33,8 +33,10 @@ class CaptionRule:
         template = self.template
         if template is None:
             template = "{trigger}, {caption}" if self.trigger_word and not names(caption, self.trigger_word) else "{caption}"
-        text = template.format(trigger=self.trigger_word, caption=caption)
-        return " ".join(text.split()).strip(" ,")
+        text = " ".join(template.format(trigger=self.trigger_word, caption=caption).split())
+        if template != "{caption}" and not (caption.strip() and self.trigger_word):  # an empty part leaves its separator
+            text = text.strip(" ,")
+        return text
 
     def shuffled(self, caption: str, rng: random.Random) -> str:
         if not self.shuffle:

@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: {w}")
     for prob in scan.problems:
         print(f"error: {prob}")
+    if scan.masks:
+        print(f"loss masks: {scan.masks[0]} sample(s), {scan.masks[1]:.0%} of their pixels trained on average")
+    show_captions(scan.samples, data)
     sizes = Counter(s.size for s in scan.samples)
     refs = Counter(len(s.controls) for s in scan.samples)
     print(
@@ -103,9 +106,6 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{w}x{h} ({n})" for (w, h), n in sizes.most_common())
         + ("; control images per sample: " + ", ".join(f"{k} ({n})" for k, n in sorted(refs.items())) if any(refs) else "")
     )
-    if scan.masks:
-        print(f"loss masks: {scan.masks[0]} sample(s), {scan.masks[1]:.0%} of their pixels trained on average")
-    show_captions(scan.samples, data)
     return 1 if scan.problems or not scan.samples else 0
 
 

@@ -99,7 +99,8 @@ class LoRAMethod(TrainingMethod):
         silent = self.no_gradient or set()
         up = [i for i in range(len(params)) if any(part in names.get(id(params[i]), "") + "." for part in OUTPUT_SIDE)]
         if len(unchanged) == len(params) or (up and set(up) <= set(unchanged)):
-            what = "no LoRA weight has changed" if len(unchanged) == len(params) else "every zero-initialised output-side tensor (lora_B, lokr_w1, hada_w2_b) is unchanged"
+            side = {"lokr": "lokr_w1", "loha": "hada_w2_b"}.get(self.cfg.lora_type, "lora_B")
+            what = "no LoRA weight has changed" if len(unchanged) == len(params) else f"every {side} (the adapter's output side) is unchanged"
             raise ValueError(
                 f"after {steps} step(s) {what}: the LoRA would do nothing. Check that the loss is finite and learning_rate > 0, "
                 "and that lora_target_modules names layers whose output reaches the prediction"
