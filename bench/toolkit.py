@@ -42,7 +42,7 @@ def rows(root: Path, data: Path) -> list[tuple[str, list[str]]]:
         ("LoHa", ["lora_type=loha"]),
         ("masked loss (mask_dir)", [f"data_config.mask_dir={masks}"]),
         ("prior preservation (2 datasets, loss_weight 0.5)",
-         [f"data_config.datasets=[{{img_dir: {data}, weight: 1}}, {{img_dir: {reg}, weight: 1, loss_weight: 0.5}}]", "data_config.img_dir=null"]),
+         [f"data_config.datasets=[{{img_dir: {data}, weight: 1}}, {{img_dir: {reg}, weight: 1, loss_weight: 0.5}}]", "data_config.img_dir=''"]),
         ("trigger word + shuffle_tags (prompts encoded every step)", ["data_config.trigger_word=sks", "data_config.shuffle_tags=true"]),
         ("DOP (dop_class_word; prompts encoded every step)", ["data_config.trigger_word=sks", "dop_class_word=person"]),
     ]
