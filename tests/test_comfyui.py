@@ -12,16 +12,15 @@ from trainer.loop import train
 from trainer.models import resolve
 
 
-# Each family trains one adapter type here, so that every type runs through several families' key naming; Qwen-Image
-# 2.1 keeps plain LoRA (ComfyUI maps its fused MLP projections onto halves, tested with LoRA).
-TYPE_OF = {"qwen-image": "lokr", "qwen-image-edit": "loha", "qwen-image-edit-plus": "dora", "flux": "lokr", "flux-kontext": "loha",
-           "z-image": "lokr", "chroma": "dora", "kandinsky5": "loha", "flux2": "lokr", "flux2-klein": "dora", "qwen-image-2.1": "lora"}
+VARIANTS = ["qwen-image", "qwen-image-edit", "qwen-image-edit-plus", "flux", "flux-kontext", "z-image", "chroma", "kandinsky5", "flux2",
+            "flux2-klein", "qwen-image-2.1"]
 TYPE_KEYS = {"lokr": {"lora_type": "lokr"}, "loha": {"lora_type": "loha"}, "dora": {"use_dora": "true"}, "lora": {}}
-DIFFUSERS_READS = {("z-image", "lokr"), ("flux2", "lokr"), ("flux2-klein", "lokr")} | {(v, "dora") for v in TYPE_OF} | {(v, "lora") for v in TYPE_OF}
+DIFFUSERS_READS = {("z-image", "lokr"), ("flux2", "lokr"), ("flux2-klein", "lokr")} | {(v, "dora") for v in VARIANTS} | {(v, "lora") for v in VARIANTS}
 
 
-@pytest.mark.parametrize("variant", list(TYPE_OF))
-def test_comfyui_file_maps_completely(variant, tiny_models, tmp_path):
+@pytest.mark.parametrize("kind", list(TYPE_KEYS))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_comfyui_file_maps_completely(variant, kind, tiny_models, tmp_path):
     """The ComfyUI file of each family (and adapter type) maps completely under ComfyUI's key rules, ComfyUI's
     arithmetic on it gives peft's merged weights, and the diffusers file loads in the family's pipeline (its own
     load_lora_weights where diffusers reads the type) with exactly the trained weights."""
@@ -30,7 +29,6 @@ def test_comfyui_file_maps_completely(variant, tiny_models, tmp_path):
 
     from trainer.pipelines import adapter_for, load_lora
 
-    kind = TYPE_OF[variant]
     model = tiny_models(variant)
     cls, v = resolve(str(model))
     data = write_dataset(tmp_path / "t", n=1)
