@@ -107,3 +107,19 @@ def test_adapter_types_train_on_a_quantized_base(extra, tiny_qwen, tmp_path):
     out = run(tiny_qwen, write_dataset(tmp_path / "d", n=2), tmp_path / "o", 2, **extra)
     sd = load_file(out / "pytorch_lora_weights.safetensors")
     assert sd and all(v.isfinite().all() for v in sd.values())
+
+
+def test_a_checkpoint_of_an_earlier_version_resumes(tiny_qwen, tmp_path):
+    """A checkpoint whose config.yaml predates the adapter-type keys resumes: an absent key held its default."""
+    import yaml
+
+    data = write_dataset(tmp_path / "d", n=2)
+    out = run(tiny_qwen, data, tmp_path / "o", 1)
+    saved = out / "checkpoint-1" / "config.yaml"
+    config = yaml.safe_load(saved.read_text())
+    for key in ("lora_type", "use_dora", "use_rslora", "rank_pattern", "alpha_pattern", "lokr_factor", "loraplus_lr_ratio", "dop_class_word"):
+        config.pop(key)
+    config["data_config"].pop("datasets")
+    saved.write_text(yaml.safe_dump(config))
+    run(tiny_qwen, data, out, 2, resume_from_checkpoint="latest")
+    assert (out / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()

@@ -70,6 +70,7 @@ RESUME_KEYS = (
     "pretrained_model_name_or_path",
     "data_config.img_size",
     "data_config.train_batch_size",
+    "data_config.datasets",  # their weights decide which samples each epoch draws
     "gradient_accumulation_steps",
     "seed",
 )
@@ -509,11 +510,9 @@ def check_checkpoint(ckpt: Path, cfg: TrainConfig, method: TrainingMethod) -> No
 def check_resume_compatible(cfg: TrainConfig, ckpt: Path, keys: tuple[str, ...], fingerprint: str, saved_fingerprint: str | None) -> None:
     saved = OmegaConf.load(ckpt / CONFIG_FILE)
     now = OmegaConf.structured(cfg)
-    changed = [
-        f"{k}: {OmegaConf.select(saved, k)!r} -> {OmegaConf.select(now, k)!r}"
-        for k in keys
-        if OmegaConf.select(saved, k) != OmegaConf.select(now, k)
-    ]
+    defaults = OmegaConf.structured(TrainConfig)  # a key the saving version did not have yet held its default
+    before = {k: OmegaConf.select(saved, k, default=OmegaConf.select(defaults, k)) for k in keys}
+    changed = [f"{k}: {before[k]!r} -> {OmegaConf.select(now, k)!r}" for k in keys if before[k] != OmegaConf.select(now, k)]
     if saved_fingerprint is not None and saved_fingerprint != fingerprint:
         changed.append("dataset content (images or captions) changed")
     if changed and cfg.resume_allow_config_change:
