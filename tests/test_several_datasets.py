@@ -90,3 +90,22 @@ def test_dataset_entries_that_cannot_work_are_one_line(overrides, message):
     with pytest.raises(ConfigError) as e:
         load_config(None, overrides, check_paths=False)
     assert str(e.value).startswith(message)
+
+
+def test_shipped_character_yaml_and_its_dataset_check(tiny_qwen, tmp_path):
+    """train_lora_character.yaml loads as written, and validate_dataset --config checks both of its datasets."""
+    import subprocess
+
+    from helpers import PY, ROOT
+
+    yaml = ROOT / "train_configs" / "train_lora_character.yaml"
+    cfg = load_config(yaml, check_paths=False)
+    assert [p.trigger_word for p in cfg.data_config.parts()] == ["sks", ""] and cfg.data_config.loss_weights() == [1.0, 0.5]
+    assert cfg.dop_class_word == "person" and cfg.precompute_text_embeddings is False and cfg.rank_pattern
+    a, b = two_datasets(tmp_path)
+    r = subprocess.run([PY, str(ROOT / "utils/validate_dataset.py"), "--config", str(yaml), f"pretrained_model_name_or_path={tiny_qwen}",
+                        f"output_dir={tmp_path / 'o'}", "data_config.img_size=64",
+                        f"data_config.datasets=[{{img_dir: {a}, trigger_word: sks, weight: 3}}, {{img_dir: {b}, weight: 1, loss_weight: 0.5}}]"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "6 usable sample(s)" in r.stdout and "caption of img0.png: 'sks, red thing 0'" in r.stdout
