@@ -16,7 +16,7 @@ from torch.utils.data import Dataset, Sampler
 from . import scan_index
 from .captions import CaptionRule
 from .masks import attach_masks, load_mask
-from .images import BadImageError, is_image_file, load_image, resize_and_crop, resize_views, target_size, to_tensor
+from .images import BadImageError, images_by_stem, is_image_file, load_image, resize_and_crop, resize_views, target_size, to_tensor
 from .samples import ReferenceRule, ReferenceSizer, Sample, ScanResult, _shared, add_sample, column_gap, control_columns
 from .sources import scan_hf_dataset, scan_webdataset
 
@@ -83,21 +83,9 @@ def expand_samples(samples: list[Sample], resolutions: Sequence[int], bucketing:
 
 
 def _find_control(control_dir: Path, stem: str, listings: dict) -> Path | None:
-    """The image named `stem`.* in control_dir (the first in name order). `listings` memoizes each folder's
-    stem -> image index for one scan, so a dataset of N pairs lists each control folder once, not N times."""
-    by_stem = listings.get(control_dir)
-    if by_stem is None:
-        by_stem = {}
-        try:
-            names = sorted(e.name for e in os.scandir(control_dir) if e.is_file())
-        except OSError:
-            names = []
-        for name in names:
-            p = control_dir / name
-            if is_image_file(p):
-                by_stem.setdefault(p.stem, p)
-        listings[control_dir] = by_stem
-    return by_stem.get(stem)
+    """The image named `stem`.* in control_dir (the first in name order); `listings` memoizes each folder's listing
+    for one scan, so a dataset of N pairs lists each control folder once, not N times."""
+    return images_by_stem(control_dir, listings).get(stem)
 
 
 def _list_files(root: Path, recursive: bool, warnings: list[str] | None = None) -> tuple[list[Path], int]:

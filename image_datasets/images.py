@@ -24,6 +24,25 @@ class BadImageError(ValueError):
     """An image that cannot be used; the message says why, without a traceback."""
 
 
+def images_by_stem(folder: Path, listings: dict) -> dict[str, Path]:
+    """stem -> the first image file of that stem in `folder` (name order); `listings` memoizes folders already
+    listed (one scan lists each folder once). A folder that cannot be listed has no images."""
+    import os
+
+    found = listings.get(folder)
+    if found is None:
+        found = {}
+        try:
+            names = sorted(e.name for e in os.scandir(folder) if e.is_file())
+        except OSError:
+            names = []
+        for name in names:
+            if is_image_file(Path(name)):
+                found.setdefault(Path(name).stem, folder / name)
+        listings[folder] = found
+    return found
+
+
 def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 

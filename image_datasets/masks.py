@@ -9,13 +9,12 @@ average over each latent pixel's patch, as the VAE downsamples).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .images import BadImageError, is_image_file, load_image, oriented_size
+from .images import BadImageError, images_by_stem, load_image, oriented_size
 from .samples import ScanResult
 
 ASPECT_TOLERANCE = 0.01
@@ -36,21 +35,6 @@ def mask_problem(where: str, image_size: tuple[int, int], mask: Image.Image) -> 
     return None
 
 
-def _by_stem(folder: Path, listings: dict) -> dict[str, Path]:
-    found = listings.get(folder)
-    if found is None:
-        found = {}
-        try:
-            names = sorted(e.name for e in os.scandir(folder) if e.is_file())
-        except OSError:
-            names = []
-        for name in names:
-            if is_image_file(Path(name)):
-                found.setdefault(Path(name).stem, folder / name)
-        listings[folder] = found
-    return found
-
-
 def attach_masks(result: ScanResult, d, decode: bool = True) -> None:
     """Give each sample its mask (data_config.mask_dir, alpha_mask, or a metadata `mask` already set), checked;
     a sample whose mask is missing or unusable becomes a problem line and leaves the dataset."""
@@ -63,7 +47,7 @@ def attach_masks(result: ScanResult, d, decode: bool = True) -> None:
         where = str(s.image)
         if d.mask_dir:
             rel = Path(str(s.image)).parent.relative_to(root) if root is not None and Path(str(s.image)).is_relative_to(root) else Path()
-            s.mask = _by_stem(Path(d.mask_dir) / rel, listings).get(Path(str(s.image)).stem)
+            s.mask = images_by_stem(Path(d.mask_dir) / rel, listings).get(Path(str(s.image)).stem)
             if s.mask is None:
                 result.problems.append(f"{where}: no mask named {Path(str(s.image)).stem}.* in {Path(d.mask_dir) / rel}")
                 continue
