@@ -13,7 +13,6 @@ import errno
 import logging
 import os
 import random
-import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,10 +23,9 @@ import numpy as np
 import torch
 
 from trainer.constants import CONFIG_FILE, STATE_FILE
-from trainer.output_dir import owner_id, remove_checkpoint, write_owner
+from trainer.output_dir import checkpoints, owner_id, remove_checkpoint, write_owner
 
 logger = logging.getLogger("trainer")
-_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 @dataclass
@@ -66,16 +64,8 @@ def _fsync_dir(path: Path) -> None:
 def complete_checkpoints(output_dir: str | Path, required: tuple[str, ...] = (), run_id: str | None = None) -> list[tuple[int, Path]]:
     """(step, path) of every finished checkpoint (holding the state file and `required`), oldest first; with
     `run_id`, only those that run wrote (trainer/output_dir.py). Half-written temporary folders are ignored."""
-    out = Path(output_dir)
-    if not out.is_dir():
-        return []
-    found = []
-    for p in out.iterdir():
-        m = _CKPT_RE.match(p.name)
-        if m and p.is_dir() and all((p / f).is_file() for f in (STATE_FILE, *required)):
-            if run_id is None or owner_id(p) == run_id:
-                found.append((int(m.group(1)), p))
-    return sorted(found)
+    return [(step, p) for step, p in checkpoints(Path(output_dir))
+            if all((p / f).is_file() for f in (STATE_FILE, *required)) and (run_id is None or owner_id(p) == run_id)]
 
 
 def latest_checkpoint(output_dir: str | Path, required: tuple[str, ...] = (), run_id: str | None = None) -> Path | None:

@@ -274,6 +274,8 @@ def clear_earlier_run(out: Path) -> None:
 
 
 def checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every checkpoint-N folder in `out`, oldest first, whatever it holds (temporary folders of a
+    checkpoint being written are not named checkpoint-N)."""
     found = []
     if out.is_dir():
         for p in out.iterdir():
