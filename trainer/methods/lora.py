@@ -25,7 +25,7 @@ OUTPUT_SIDE = (".lora_B.", ".lokr_w1.", ".lokr_w1_a.", ".hada_w2_b.")
 class LoRAMethod(TrainingMethod):
     name = "lora"
     resume_keys = ("rank", "lora_alpha", "lora_target_modules", "assistant_lora", "lora_type", "use_dora", "use_rslora",
-                   "rank_pattern", "alpha_pattern", "lokr_factor")
+                   "rank_pattern", "alpha_pattern", "lokr_factor", "loraplus_lr_ratio")  # LoRA+ changes the optimizer's groups
 
     def lora_config(self) -> PeftConfig:
         cfg = self.cfg
