@@ -123,3 +123,24 @@ def test_a_checkpoint_of_an_earlier_version_resumes(tiny_qwen, tmp_path):
     saved.write_text(yaml.safe_dump(config))
     run(tiny_qwen, data, out, 2, resume_from_checkpoint="latest")
     assert (out / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_planner_counts_each_adapter_type():
+    """estimate_memory counts the adapter peft builds, per type, on the released Qwen-Image (meta device)."""
+    from helpers import ROOT
+
+    from trainer.lora_format import meta_transformer
+    from trainer.models.qwen_image import QwenImageAdapter
+    from utils.estimate_memory import lora_params
+
+    cfg = load_config(ROOT / "train_configs/train_lora.yaml", check_paths=False)
+    adapter = QwenImageAdapter(cfg, QwenImageAdapter.variants[0])
+    model = meta_transformer(adapter)
+
+    def count(*overrides):
+        return lora_params(model, load_config(ROOT / "train_configs/train_lora.yaml", list(overrides), check_paths=False), adapter)
+
+    lora = count()
+    assert count("lora_type=loha") == 2 * lora  # two rank-r pairs per layer
+    assert count("lora_type=lokr", "lokr_factor=16") < lora / 10
+    assert lora < count("use_dora=true") < lora * 1.05  # + one magnitude per output channel

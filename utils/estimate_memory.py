@@ -87,16 +87,18 @@ def build_transformer_on_meta(adapter):
     return model, source
 
 
-def lora_params(model, rank: int, targets: list[str]) -> int:
-    import torch
+def lora_params(model, cfg, adapter) -> int:
+    """Trainable parameters of the run's adapter, of any type (LoRA, DoRA, LoKr, LoHa; rank_pattern included): peft
+    builds it on a copy of the meta-device transformer, which costs no memory."""
+    import copy
 
-    from trainer.methods.lora import targets as matches
+    from peft import inject_adapter_in_model
 
-    total = 0
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and matches(targets, name):
-            total += rank * (module.in_features + module.out_features)
-    return total
+    from trainer.methods.lora import LoRAMethod
+
+    meta = copy.deepcopy(model)
+    inject_adapter_in_model(LoRAMethod(cfg, adapter).lora_config(), meta, adapter_name="planned")
+    return sum(p.numel() for n, p in meta.named_parameters() if ".planned" in n)
 
 
 def activation_bytes(model, resolution: int, batch: int, checkpointing: bool, text_tokens: int, width: int = 0) -> float:
@@ -160,11 +162,10 @@ def plan(cfg, resolution: int) -> tuple[list[Row], dict]:
         enc_rows.append(Row(f"{label} ({q})", n, n * QUANT_BYTES[q] * 0.97 + n * 2 * 0.03))
     enc_rows.append(Row("VAE (bf16)", spec.vae_params, spec.vae_params * 2))
 
-    targets = cfg.lora_target_modules or list(adapter.default_target_modules)
-    n_lora = lora_params(model, cfg.rank, targets)
+    n_lora = lora_params(model, cfg, adapter)
     batch = cfg.data_config.train_batch_size
     train_rows = [
-        Row(f"LoRA weights (rank {cfg.rank}, fp32)", n_lora, n_lora * 4),
+        Row(f"{'DoRA' if cfg.use_dora else {'lokr': 'LoKr', 'loha': 'LoHa'}.get(cfg.lora_type, 'LoRA')} weights (rank {cfg.rank}, fp32)", n_lora, n_lora * 4),
         Row("LoRA gradients (fp32)", n_lora, n_lora * 4),
         Row(f"optimizer state ({cfg.optimizer})", n_lora, n_lora * OPTIMIZER_BYTES[cfg.optimizer]),
         Row(f"activations ({resolution}px, batch {batch}, checkpointing {'on' if cfg.gradient_checkpointing else 'off'})", 0,
