@@ -8,13 +8,14 @@ table order), so the size-grouped sampler's batches, and with them an exact resu
 WebDataset layout (https://github.com/webdataset/webdataset): a sample is the group of members sharing a key (the
 member's path up to the first dot of its file name): `key.jpg` (or png, webp, jpeg, bmp), `key.txt` (the
 caption; or data_config.caption_type, or `key.json` with a "prompt" / "caption" / "text" field) and, for edit
-models, `key.control_image.png`, `key.control_image_2.png`, ... Shards must be plain (uncompressed) tar files:
+models, `key.control_image.png`, `key.control_image_2.png`, ...; `key.mask.png` is a loss mask. Shards must be plain (uncompressed) tar files:
 members are read by offset without extracting anything.
 
 Hugging Face datasets: a `save_to_disk` folder, parquet / arrow file(s) or a folder of them, an `imagefolder`
 folder (images + metadata.jsonl), or a hub id (needs the network or the local Hugging Face cache). Columns: the
 image column (data_config.image_column), a caption column (data_config.caption_column, or the first of prompt /
-text / caption) and control_image[, control_image_2, ...] for edit models. Image cells are read undecoded from the
+text / caption), control_image[, control_image_2, ...] for edit models, and a `mask` image column for the loss
+mask. Image cells are read undecoded from the
 memory-mapped Arrow table.
 """
 
@@ -192,8 +193,11 @@ def scan_webdataset(spec, img_size: int, caption_ext: str = "txt", decode: bool 
                 name, offset, size = members[ext]
                 return Member(source, (offset, size), name)
 
+            before = len(result.samples)
             add_sample(result, member(images[0]), " ".join(caption.split()), where,
                         [member(by_column[c]) for c in columns], img_size, decode, rule)
+            if "mask" in by_column and len(result.samples) > before:  # key.mask.png: the loss mask (image_datasets/masks.py)
+                result.samples[-1].mask = member(by_column["mask"])
     return result
 
 
@@ -248,6 +252,7 @@ def scan_hf_dataset(spec: str, split: str, img_size: int, image_column: str = "i
     table = ds.data
     captions = table.column(caption_column).to_pylist()
     present = {c: table.column(c).is_valid().to_pylist() for c in [image_column, *columns]}
+    masks = table.column("mask").is_valid().to_pylist() if "mask" in names else None
     for row, caption in enumerate(captions):
         where = f"{spec} row {row}"
         if not present[image_column][row]:
@@ -266,6 +271,9 @@ def scan_hf_dataset(spec: str, split: str, img_size: int, image_column: str = "i
         if problem:
             result.problems.append(problem)
             continue
+        before = len(result.samples)
         add_sample(result, Member(source, (row, image_column), f"row {row} {image_column}"), " ".join((caption or "").split()),
                     where, [Member(source, (row, c), f"row {row} {c}") for c in given], img_size, decode, rule)
+        if masks is not None and masks[row] and len(result.samples) > before:  # a 'mask' image column: the loss mask
+            result.samples[-1].mask = Member(source, (row, "mask"), f"row {row} mask")
     return result

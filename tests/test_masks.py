@@ -107,3 +107,39 @@ def test_masked_training_runs_and_changes_the_loss(tiny_qwen, tmp_path):
     result = subprocess.run([PY, str(ROOT / "utils/validate_dataset.py"), "--path", str(data), "--img_size", "64", "--mask_dir", str(masks)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "loss masks: 2 sample(s), 50% of their pixels trained" in result.stdout
+
+
+def test_masks_from_shards_and_dataset_columns(tmp_path, monkeypatch):
+    """A WebDataset `key.mask.png` member and a Hugging Face `mask` image column are the samples' loss masks."""
+    import io
+    import tarfile
+
+    import datasets
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    data = write_dataset(tmp_path / "d", n=2)
+    masks = half_masks(tmp_path / "m", data)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "s-0.tar", "w") as tf:
+        for i in range(2):
+            files = {f"k{i}.png": data / f"img{i}.png", f"k{i}.txt": data / f"img{i}.txt"}
+            if i == 0:
+                files[f"k{i}.mask.png"] = masks / f"img{i}.png"
+            for name, path in files.items():
+                raw = path.read_bytes()
+                info = tarfile.TarInfo(name)
+                info.size = len(raw)
+                tf.addfile(info, io.BytesIO(raw))
+    scan = scan_dataset(DataConfig(webdataset=str(shards / "s-0.tar"), img_size=64))
+    assert not scan.problems and scan.masks == (1, pytest.approx(0.5, abs=0.01))
+    item = CaptionDataset(scan.samples)[(0, 0)]
+    assert item["mask"][0, :, :28].min() > 0.9 and item["mask"][0, :, 36:].max() < 0.1  # (resampling rings at the edge)
+    image = {"bytes": (masks / "img0.png").read_bytes(), "path": "m.png"}
+    rows = {"image": [{"bytes": (data / f"img{i}.png").read_bytes(), "path": f"{i}.png"} for i in range(2)],
+            "prompt": ["a", "b"], "mask": [image, None]}
+    features = datasets.Features({"image": datasets.Image(), "prompt": datasets.Value("string"), "mask": datasets.Image()})
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "hf"))
+    scan = scan_dataset(DataConfig(hf_dataset=str(tmp_path / "hf"), img_size=64))
+    assert not scan.problems and scan.samples[0].mask is not None and scan.samples[1].mask is None
+    assert CaptionDataset(scan.samples)[(0, 0)]["mask"][0, :, 36:].max() < 0.1

@@ -473,7 +473,7 @@ def check_part(d: DataConfig, key: str, check_paths: bool) -> None:
         raise ConfigError(f"config key '{key}.mask_dir': folder '{d.mask_dir}' does not exist")
     if d.mask_dir and (d.webdataset or d.hf_dataset or d.metadata_file):
         raise ConfigError(f"config key '{key}.mask_dir' pairs a folder of masks with img_dir's images; a metadata file names masks "
-                          f"in a 'mask' column, shards and datasets use {key}.alpha_mask")
+                          "in a 'mask' column, a shard in key.mask.png members, a Hugging Face dataset in a 'mask' column")
     if d.caption_template is not None:
         from image_datasets.captions import template_problem
 
