@@ -59,10 +59,11 @@ def test_diffsynth_reference_lists_and_unread_columns(pictures, tmp_path):
     assert not r.problems and [len(s.controls) for s in r.samples] == [2, 2, 2, 2]
     assert r.samples[0].controls[1].name == "img1.png"
     csv = pictures / "kontext.csv"
-    csv.write_text('image,prompt,kontext_images,mask\n"images/img0.png",p,"[""edits/img0.png""]",edits/img3.png\n')
+    csv.write_text('image,prompt,kontext_images,depth,mask\n"images/img0.png",p,"[""edits/img0.png""]",edits/img3.png,edits/img2.png\n')
     r = scan_metadata(csv, 64)
     assert not r.problems and len(r.samples[0].controls) == 1
-    assert any("column 'mask' holds image paths but is not read" in w for w in r.warnings)
+    assert any("column 'depth' holds image paths but is not read" in w for w in r.warnings)
+    assert r.samples[0].mask.name == "img2.png" and not any("'mask'" in w for w in r.warnings)  # a mask column is the loss mask
     both = pictures / "both.csv"
     both.write_text("image,prompt,control_image,edit_image\nimages/img0.png,p,edits/img0.png,edits/img1.png\n")
     assert "use one layout" in scan_metadata(both, 64).problems[0]
