@@ -68,7 +68,8 @@ def test_patterns_rslora_and_loraplus_reach_the_file(tiny_qwen, tmp_path):
 
 
 def test_inference_renders_a_lycoris_file(tiny_qwen, tmp_path):
-    """inference.py renders with a LoHa file (which no diffusers loader reads), and the LoRA changes the image."""
+    """inference.py renders with a LoHa file (which no diffusers loader reads), and the LoRA changes the image;
+    merge_lora.py merges it exactly."""
     import numpy as np
     from PIL import Image
 
@@ -83,6 +84,18 @@ def test_inference_renders_a_lycoris_file(tiny_qwen, tmp_path):
         assert result.returncode == 0, result.stderr[-2000:]
         images.append(np.asarray(Image.open(image), dtype=np.float32))
     assert np.abs(images[0] - images[1]).max() > 0
+    # merge_lora.py folds it into the weights: each adapted layer becomes peft's own merge of the trained LoHa
+    from diffusers import QwenImageTransformer2DModel
+    from helpers import merged_weights, trained_model
+
+    merged = tmp_path / "merged"
+    result = subprocess.run([PY, str(ROOT / "utils/merge_lora.py"), "--model_name", str(tiny_qwen), "--lora_weights", str(out),
+                             "--out", str(merged), "--dtype", "fp32"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    weights = dict(QwenImageTransformer2DModel.from_pretrained(merged / "transformer").named_parameters())
+    _, transformer, _ = trained_model(tiny_qwen, tmp_path / "d", out, lora_type="loha")
+    expected = merged_weights(transformer)
+    assert max((weights[f"{name}.weight"] - w).abs().max().item() for name, w in expected.items()) < 1e-5
 
 
 @pytest.mark.parametrize("overrides, message", [
