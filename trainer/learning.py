@@ -263,14 +263,15 @@ def train_case(model: str | Path, folder: Path, case, method: str = "lora", **ex
 
 
 def run(model: str | Path, folder: Path, case, method: str = "lora", quantize: str = "none",
-        wrong_sign: bool = False) -> tuple[Report, float]:
+        wrong_sign: bool = False, **extra) -> tuple[Report, float]:
     """train_case, then measure_learning on what it saved (the LoRA, or the exported transformer for full
-    fine-tuning); `wrong_sign`: the negative control. Returns the report and the training's seconds."""
+    fine-tuning); `wrong_sign`: the negative control; `extra`: further config overrides (e.g. lora_type=lokr).
+    Returns the report and the training's seconds."""
     import time
 
     start = time.time()
     with wrong_target_sign() if wrong_sign else contextlib.nullcontext():
-        examples, out = train_case(model, folder, case, method, quantize=quantize)
+        examples, out = train_case(model, folder, case, method, quantize=quantize, **extra)
     seconds = time.time() - start
     trained = {"transformer": out} if method == "full" else {"lora": out}
     return measure_learning(model, examples, quantize=quantize, reference_size=case.reference_size, **trained), seconds
