@@ -7,10 +7,12 @@
     python utils/validate_dataset.py --metadata ./edits/metadata.csv                 # metadata rows (ours or DiffSynth's)
     python utils/validate_dataset.py --webdataset 'shards/*.tar'                     # WebDataset tar shards
     python utils/validate_dataset.py --hf_dataset ./my_saved_dataset [--hf_split train]  # a Hugging Face dataset
+    python utils/validate_dataset.py --path ./photos --mask_dir ./masks --trigger_word sks   # loss masks, final captions
 
 Every image is fully decoded and paired with its caption; every metadata row is checked (file:line). With --config,
 references are sized and counted as the config's model takes them, by the same code that runs before training loads
-any model. Exit 0 when the dataset is usable; otherwise exit 1 and print one line per problem (all at once).
+any model (with data_config.datasets: every dataset). It prints the loss masks' coverage and the trained captions of
+the first samples. Exit 0 when the dataset is usable; otherwise exit 1 and print one line per problem (all at once).
 """
 
 from __future__ import annotations
