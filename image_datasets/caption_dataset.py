@@ -352,10 +352,7 @@ def scan_metadata(metadata_file: str | Path, img_size: int, decode: bool = True,
             result.problems.append(f"{where}: file(s) not found: {', '.join(absent)}")
             continue
         caption = " ".join(str(prompt or "").split())
-        before = len(result.samples)
-        add_sample(result, resolved[0], caption, where, resolved[1:], img_size, decode, rule)
-        if mask and len(result.samples) > before:
-            result.samples[-1].mask = mask
+        add_sample(result, resolved[0], caption, where, resolved[1:], img_size, decode, rule, mask)
     return result
 
 

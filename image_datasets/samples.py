@@ -94,7 +94,9 @@ def check_image(path: Path, img_size: int, decode: bool, result: ScanResult) -> 
 
 
 def add_sample(result: ScanResult, image: Path, caption: str, caption_name: str, controls: list[Path], img_size: int, decode: bool,
-                rule: ReferenceRule | None = None) -> None:
+                rule: ReferenceRule | None = None, mask: Path | None = None) -> None:
+    """Check one sample (its image and references decodable, references the sizes the model takes) and add it, or
+    add its problem lines. `mask`: the loss mask its source names (checked later, by masks.attach_masks)."""
     source = check_image(image, img_size, decode, result)
     control_sources = [check_image(c, img_size, decode, result) for c in controls]
     if source is None or any(cs is None for cs in control_sources):
@@ -108,7 +110,7 @@ def add_sample(result: ScanResult, image: Path, caption: str, caption_name: str,
     result.samples.append(Sample(
         image, caption, _shared(target_size(*source, img_size)), controls=tuple(controls),
         control_sizes=tuple(target_size(*c, img_size) for c in control_sources), source_size=_shared(source),
-        control_source_sizes=tuple(control_sources),
+        control_source_sizes=tuple(control_sources), mask=mask,
     ))
 
 

@@ -193,11 +193,8 @@ def scan_webdataset(spec, img_size: int, caption_ext: str = "txt", decode: bool 
                 name, offset, size = members[ext]
                 return Member(source, (offset, size), name)
 
-            before = len(result.samples)
-            add_sample(result, member(images[0]), " ".join(caption.split()), where,
-                        [member(by_column[c]) for c in columns], img_size, decode, rule)
-            if "mask" in by_column and len(result.samples) > before:  # key.mask.png: the loss mask (image_datasets/masks.py)
-                result.samples[-1].mask = member(by_column["mask"])
+            add_sample(result, member(images[0]), " ".join(caption.split()), where, [member(by_column[c]) for c in columns],
+                       img_size, decode, rule, member(by_column["mask"]) if "mask" in by_column else None)  # key.mask.png
     return result
 
 
@@ -271,9 +268,7 @@ def scan_hf_dataset(spec: str, split: str, img_size: int, image_column: str = "i
         if problem:
             result.problems.append(problem)
             continue
-        before = len(result.samples)
+        mask = Member(source, (row, "mask"), f"row {row} mask") if masks is not None and masks[row] else None  # a 'mask' column
         add_sample(result, Member(source, (row, image_column), f"row {row} {image_column}"), " ".join((caption or "").split()),
-                    where, [Member(source, (row, c), f"row {row} {c}") for c in given], img_size, decode, rule)
-        if masks is not None and masks[row] and len(result.samples) > before:  # a 'mask' image column: the loss mask
-            result.samples[-1].mask = Member(source, (row, "mask"), f"row {row} mask")
+                    where, [Member(source, (row, c), f"row {row} {c}") for c in given], img_size, decode, rule, mask)
     return result
