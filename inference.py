@@ -5,7 +5,8 @@
     python inference.py --model_name Qwen/Qwen-Image --transformer output_full --prompt "..."   # training_method: full
 
 The model family is read from the model's model_index.json; --lora_weights takes the .safetensors file or a
-checkpoint folder holding one. Edit / Kontext models take --image (repeat it for several references).
+checkpoint folder holding one. Edit / Kontext models take --image (repeat it for several references); FLUX Control
+models and LoRAs take --control_image (the output keeps its aspect ratio).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--transformer", default=None,
                    help="a fully fine-tuned transformer (training_method: full): its folder, or the run's output_dir / checkpoint")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--image", action="append", default=[], help="reference image for edit / Kontext models (repeat for several)")
+    p.add_argument("--image", "--control_image", dest="image", action="append", default=[],
+                   help="reference image for edit / Kontext models (repeat for several); the control image (e.g. a Canny / depth map) "
+                        "for FLUX Control models and LoRAs")
     p.add_argument("--kontext_auto_resize", choices=["true", "false"], default="true",
                    help="Kontext: resize the input image to the nearest resolution Kontext was trained on (pipeline default)")
     p.add_argument("--negative_prompt", default=None, help="negative prompt (Qwen: used when --true_cfg_scale > 1; default ' ')")
@@ -107,7 +110,7 @@ def main(argv=None) -> int:
     from trainer.pipelines import ToolError, adapter_for, check_lora, load_pipeline, output_images, resolve_transformer
 
     try:
-        adapter = adapter_for(args.model_name)
+        adapter = adapter_for(args.model_name, args.lora_weights)
     except ToolError as e:
         fail(f"--model_name: {e}")
     try:
@@ -137,7 +140,8 @@ def main(argv=None) -> int:
     low, high = adapter.variant.references
     name = adapter.variant.name
     if low and not args.image:
-        fail(f"--image: {name} models edit an input image; pass --image PATH")
+        fail(f"--control_image: {name} models follow a control image; pass --control_image PATH" if adapter.aligned_controls
+             else f"--image: {name} models edit an input image; pass --image PATH")
     if len(args.image) > high:
         fail(f"--image: {name} takes at most {high} input image(s), got {len(args.image)}")
     for path in args.image:
@@ -175,10 +179,15 @@ def main(argv=None) -> int:
         true_cfg_scale=adapter.default_true_cfg_scale if args.true_cfg_scale is None else args.true_cfg_scale, negative_prompt=args.negative_prompt, max_sequence_length=args.max_sequence_length,
         auto_resize=args.kontext_auto_resize == "true",
     )
+    width, height = args.width or (None if high else 1024), args.height or (None if high else 1024)
+    if adapter.aligned_controls and not args.width and not args.height:  # the control image's aspect at ~1 MP
+        from image_datasets import target_size
+
+        width, height = target_size(*images[0].size, 1024, multiple)
     kwargs = dict(
         prompt=args.prompt,
-        width=args.width or (None if high else 1024),
-        height=args.height or (None if high else 1024),
+        width=width,
+        height=height,
         num_inference_steps=args.num_inference_steps,
         generator=torch.Generator(device="cpu").manual_seed(args.seed),
         **adapter.inference_kwargs(request),

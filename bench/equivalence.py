@@ -16,6 +16,7 @@ tests/test_equivalence.py runs the same cases and asserts the bound.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -41,7 +42,8 @@ class Case:
     references: int = 0
     guidance: bool = True  # FLUX: the transformer has a guidance embedding (dev / Kontext); False = schnell
     zero_cond_t: bool = False  # Qwen-Image-Edit-2511: reference tokens modulated at t = 0 (transformer config)
-    layout: str = "packed"  # how the pipeline passes latents: packed tokens (hidden_states=...) or "frames" (a list)
+    layout: str = "packed"  # how the pipeline passes latents: packed tokens (hidden_states=...), "concat" (packed, the control's
+    # channels after the target's), or "frames" (a list)
 
 
 CASES = [
@@ -54,6 +56,7 @@ CASES = [
     Case("FLUX.1-dev", "flux"),
     Case("FLUX.1-schnell", "flux", guidance=False),
     Case("FLUX.1-Kontext-dev, 1 ref", "flux-kontext", 1),
+    Case("FLUX.1 Control (Canny / Depth dev)", "flux-control", 1, layout="concat"),
     Case("Z-Image", "z-image", layout="frames"),
     Case("Chroma", "chroma"),
     Case("Kandinsky 5.0 Image", "kandinsky5", layout="frames-last"),
@@ -110,7 +113,10 @@ def latents_and_sigma(case: Case, inputs: dict) -> tuple[torch.Tensor, torch.Ten
         tokens = inputs["hidden_states"][:, : h * w]
         return tokens.permute(0, 2, 1).reshape(tokens.shape[0], -1, h, w).float(), inputs["timestep"].float(), h * w
     n_target = (TARGET[0] // 16) * (TARGET[1] // 16)
-    return unpack(inputs["hidden_states"][:, :n_target], TARGET), inputs["timestep"].float(), n_target
+    hidden = inputs["hidden_states"]
+    if case.layout == "concat":  # FLUX Control: the target's channels, then the control's
+        hidden = hidden[..., : hidden.shape[-1] // 2]
+    return unpack(hidden[:, :n_target], TARGET), inputs["timestep"].float(), n_target
 
 
 def pipeline_prediction(case: Case, output, n_target: int) -> torch.Tensor:
@@ -126,6 +132,24 @@ def pipeline_prediction(case: Case, output, n_target: int) -> torch.Tensor:
         tokens = output[:, :n_target]
         return tokens.permute(0, 2, 1).reshape(tokens.shape[0], -1, TARGET[1] // 16, TARGET[0] // 16).float()
     return unpack(output[:, :n_target], TARGET)
+
+
+@contextlib.contextmanager
+def latent_means(on: bool):
+    """FluxControlPipeline encodes its control image with the VAE's sample (mean + std * noise); training uses the
+    mean, as for every latent. For the comparison the pipeline's draw is its mean: every other input is compared
+    exactly, and the noise the pipeline would add is the VAE's std (~1e-3 of the latents' spread on the FLUX VAE)."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    if not on:
+        yield
+        return
+    sample = DiagonalGaussianDistribution.sample
+    DiagonalGaussianDistribution.sample = lambda self, generator=None: self.mode()
+    try:
+        yield
+    finally:
+        DiagonalGaussianDistribution.sample = sample
 
 
 def max_diff(a, b) -> float:
@@ -201,7 +225,8 @@ def trainer_batch(adapter, target: Path, refs: list[Path], captions: list[str], 
     cols = ["control_image"] + [f"control_image_{k + 1}" for k in range(1, len(refs))]
     meta.write_text("\n".join(json.dumps({"image": str(target), "prompt": c, **{col: str(r) for col, r in zip(cols, refs)}})
                               for c in captions))
-    d = DataConfig(metadata_file=str(meta), img_size=max(TARGET)) if refs else None
+    # FLUX Control's control image takes the training size: the one whose area gives exactly TARGET (512x384)
+    d = DataConfig(metadata_file=str(meta), img_size=444 if adapter.aligned_controls else max(TARGET)) if refs else None
     if d is None:
         folder = work / "t2i"
         folder.mkdir(exist_ok=True)
@@ -209,10 +234,11 @@ def trainer_batch(adapter, target: Path, refs: list[Path], captions: list[str], 
             (folder / f"s{i}.png").write_bytes(target.read_bytes())
             (folder / f"s{i}.txt").write_text(c)
         d = DataConfig(img_dir=str(folder), img_size=max(TARGET))
-    scan = scan_dataset(d, reference_sizes=adapter.reference_sizes, multiple=adapter.size_multiple)
+    scan = scan_dataset(d, reference_sizes=adapter.reference_sizes, rule=adapter.reference_rule(), multiple=adapter.size_multiple)
     assert not scan.problems, scan.problems
     samples = sorted(scan.samples, key=lambda s: (s.image.name, captions.index(s.caption)))
-    ds = CaptionDataset(samples, reference_transform=adapter.reference_transform(), keep_alpha=adapter.pixel_channels == 4)
+    ds = CaptionDataset(samples, reference_transform=adapter.reference_transform(), keep_alpha=adapter.pixel_channels == 4,
+                        aligned_controls=adapter.aligned_controls)
     return collate([ds[(i, 0)] for i in range(len(samples))])
 
 
@@ -235,6 +261,8 @@ def pipeline_call_kwargs(case: Case, refs: list[Path]) -> dict:
         kwargs["image"] = images
     elif case.variant == "flux-kontext":
         kwargs.update(image=images[0], max_area=w * h)  # _auto_resize on: the pipeline's default reference sizing
+    elif case.variant == "flux-control":
+        kwargs["control_image"] = images[0]  # 800x600: the target's aspect, resized by the pipeline to 512x384
     elif case.variant.startswith("flux2") and images:
         kwargs["image"] = images
     return kwargs
@@ -253,7 +281,7 @@ def compare(case: Case, model: Path, work: Path) -> dict:
     adapter.load()
     pipe = DiffusionPipeline.from_pretrained(model, **adapter.pipeline_components(str(model)))
     target, refs = write_inputs(work, case.references)
-    with torch.no_grad():
+    with torch.no_grad(), latent_means(case.variant == "flux-control"):
         ref_inputs, ref_out = capture_first_call(pipe.transformer, lambda: pipe(**pipeline_call_kwargs(case, refs)))
         batch = trainer_batch(adapter, target, refs, [PROMPT], work)
         _, cond = adapter.encode_batch(batch)

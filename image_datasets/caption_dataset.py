@@ -11,6 +11,7 @@ from typing import Hashable, Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from . import scan_index
@@ -51,12 +52,12 @@ def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> t
 
 
 def expand_samples(samples: list[Sample], resolutions: Sequence[int], bucketing: bool, repeats: int,
-                   reference_sizes: ReferenceSizer | None = None, multiple: int = 16) -> list[Sample]:
+                   reference_sizes: ReferenceSizer | None = None, multiple: int = 16, aligned: bool = False) -> list[Sample]:
     """Training entries: every sample once per resolution (sizes snapped to buckets when bucketing), times repeats;
     sides are multiples of `multiple` (the family's).
 
     References get the family's sizes (`reference_sizes`); with bucketing their VAE view snaps to a bucket of the
-    same area, so that batches form."""
+    same area, so that batches form. `aligned` (FLUX Control): every control image takes its image's size."""
     from dataclasses import replace
 
     bucket_cache: dict[int, list[tuple[int, int]]] = {}
@@ -72,6 +73,10 @@ def expand_samples(samples: list[Sample], resolutions: Sequence[int], bucketing:
         for s in samples:
             if not s.control_source_sizes and size(s.source_size) == s.size:  # nothing changes: the same object
                 out.append(s)
+                continue
+            if aligned:
+                target = _shared(size(s.source_size))
+                out.append(replace(s, size=target, control_sizes=_shared((target,) * len(s.controls))))
                 continue
             views = [reference_sizes(*c) if reference_sizes else (size(c),) for c in s.control_source_sizes]
             vae = []
@@ -210,7 +215,8 @@ def scan_dataset(d, decode: bool = True, reference_sizes: ReferenceSizer | None 
     for s in result.samples:
         s.caption = captions.finish(s.caption)
     attach_masks(result, d, decode)
-    result.samples = expand_samples(result.samples, d.resolutions or [d.img_size], d.bucketing, d.repeats, reference_sizes, multiple)
+    result.samples = expand_samples(result.samples, d.resolutions or [d.img_size], d.bucketing, d.repeats, reference_sizes, multiple,
+                                    bool(rule and rule.aligned))
     return result
 
 
@@ -376,6 +382,7 @@ class CaptionDataset(Dataset):
         keep_alpha: bool = False,
         cached=None,
         captions: CaptionRule | Sequence[CaptionRule | None] | None = None,
+        aligned_controls: bool = False,
     ):
         self.samples = list(samples)
         # per dataset (Sample.dataset): caption dropout and per-epoch caption changes (tag shuffling) or None
@@ -389,6 +396,7 @@ class CaptionDataset(Dataset):
         self.reference_transform = reference_transform
         self.keep_alpha = keep_alpha  # RGBA pixels for families whose VAE reads alpha
         self.cached = cached  # (index, dropped) -> the sample's disk-cache entries (trainer.cache.CacheReader), or None
+        self.aligned_controls = aligned_controls  # control images cropped with their image (FLUX Control)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -416,6 +424,12 @@ class CaptionDataset(Dataset):
         controls, views = [], []
         for k, (path, size) in enumerate(zip(s.controls, s.control_sizes)):
             ref = self._load(path, size, draft=False)
+            if self.aligned_controls:  # where its image is cropped; Lanczos, as the pipeline resizes a control image
+                crop = random.Random() if self.random_crop else None
+                if crop is not None:
+                    crop.setstate(crop_state)
+                controls.append(to_tensor(resize_and_crop(ref, s.size, crop, Image.Resampling.LANCZOS)))
+                continue
             made = self.reference_transform(ref, (size, s.condition_sizes[k]) if s.condition_sizes else (size,))
             controls.append(to_tensor(made[0]))
             views += [to_tensor(v) for v in made[1:]]

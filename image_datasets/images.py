@@ -127,14 +127,15 @@ def target_size(width: int, height: int, img_size: int, multiple: int = 16) -> t
     return w, h
 
 
-def resize_and_crop(img: Image.Image, size: tuple[int, int], rng: random.Random | None = None) -> Image.Image:
-    """Resize to cover `size` keeping aspect, then crop (centre, or random when rng is given)."""
+def resize_and_crop(img: Image.Image, size: tuple[int, int], rng: random.Random | None = None, resample=None) -> Image.Image:
+    """Resize to cover `size` keeping aspect (`resample`, default bicubic up / Lanczos down), then crop (centre, or
+    random when rng is given)."""
     tw, th = size
     w, h = img.size
     scale = max(tw / w, th / h)
     rw, rh = max(tw, round(w * scale)), max(th, round(h * scale))
     if (rw, rh) != (w, h):
-        img = img.resize((rw, rh), Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.LANCZOS)
+        img = img.resize((rw, rh), resample or (Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.LANCZOS))
     if rng is None:
         left, top = (rw - tw) // 2, (rh - th) // 2
     else:

@@ -56,6 +56,7 @@ class ReferenceRule:
     hint: str = ""  # appended when a sample has more than `high`
     min_side: int = 0  # the pipeline refuses reference images with a shorter side
     max_aspect: float = 0.0  # ... or a more extreme aspect ratio (0 = no limit)
+    aligned: bool = False  # control images are pixel-aligned with their image (FLUX Control): same aspect, cropped with it
 
     def size_problem(self, where: str, width: int, height: int) -> str | None:
         if self.min_side and min(width, height) < self.min_side:
@@ -102,14 +103,19 @@ def add_sample(result: ScanResult, image: Path, caption: str, caption_name: str,
     if source is None or any(cs is None for cs in control_sources):
         return
     sized = [rule.size_problem(str(c), *cs) for c, cs in zip(controls, control_sources)] if rule else []
+    if rule and rule.aligned:
+        sized += [f"{c}: control image is {cs[0]}x{cs[1]}, but its image {image} is {source[0]}x{source[1]}; a {rule.model} model "
+                  "needs each control image at its image's aspect ratio (it is sized and cropped with the image)"
+                  for c, cs in zip(controls, control_sources) if abs(cs[0] * source[1] - cs[1] * source[0]) > 0.01 * cs[1] * source[0]]
     if any(sized):
         result.problems.extend(p for p in sized if p)
         return
     if not caption:
         result.warnings.append(f"{caption_name}: caption is empty (the image trains unconditionally)")
+    size = _shared(target_size(*source, img_size))
     result.samples.append(Sample(
-        image, caption, _shared(target_size(*source, img_size)), controls=tuple(controls),
-        control_sizes=tuple(target_size(*c, img_size) for c in control_sources), source_size=_shared(source),
+        image, caption, size, controls=tuple(controls), source_size=_shared(source),
+        control_sizes=tuple(size if rule and rule.aligned else target_size(*c, img_size) for c in control_sources),
         control_source_sizes=tuple(control_sources), mask=mask,
     ))
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 PARTS = ("lora_up.weight", "lora_down.weight", "lora_A.weight", "lora_B.weight", "alpha", "lora_mid.weight", "dora_scale",
          "lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2",  # comfy/weight_adapter/lokr.py
-         "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")  # comfy/weight_adapter/loha.py
+         "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",  # comfy/weight_adapter/loha.py
+         "reshape_weight")  # comfy/lora.py load_lora: the shape a LoRA's layer is padded to first (FLUX Control's img_in)
 
 
 def _direct(transformer) -> set[str]:
@@ -100,7 +101,7 @@ def _qwen_image21(transformer) -> set[str]:
 
 
 RULES = {"qwen-image": _direct, "qwen-image-edit": _direct, "qwen-image-edit-plus": _direct, "flux": _flux,
-         "flux-kontext": _flux, "z-image": _z_image, "chroma": _flux,
+         "flux-kontext": _flux, "flux-control": _flux, "z-image": _z_image, "chroma": _flux,
          "kandinsky5": _direct, "flux2": _flux2, "flux2-klein": _flux2,  # ComfyUI's Chroma is a Flux model
          "qwen-image-2.1": _qwen_image21}
 
@@ -122,6 +123,11 @@ def comfyui_weight(parts: dict, weight):
     import torch
 
     alpha = parts.get("alpha")
+    if "reshape_weight" in parts:  # comfy/weight_adapter/lora.py: pad_tensor_to_shape (zeros, the weight top-left)
+        shape = [int(n) for n in parts["reshape_weight"].tolist()]
+        padded = torch.zeros(shape, dtype=weight.dtype)
+        padded[: weight.shape[0], : weight.shape[1]] = weight
+        weight = padded
     if "lora_A.weight" in parts or "lora_down.weight" in parts:
         down, up = parts.get("lora_A.weight", parts.get("lora_down.weight")), parts.get("lora_B.weight", parts.get("lora_up.weight"))
         diff, dim = up.float() @ down.float(), down.shape[0]

@@ -284,7 +284,8 @@ class EmbeddingCache:
 
     # --- keys ----------------------------------------------------------------------------------------------
     def _controls(self, s: Sample) -> list:
-        return [(file_digest(c), size) for c, size in zip(s.controls, s.control_sizes)] + list(s.condition_sizes)
+        aligned = ["cropped with the image"] if self.adapter.aligned_controls and s.controls else []
+        return [(file_digest(c), size) for c, size in zip(s.controls, s.control_sizes)] + list(s.condition_sizes) + aligned
 
     def _text_key(self, s: Sample, caption: str) -> str:
         if not self.adapter.text_needs_pixels:
@@ -371,7 +372,7 @@ class EmbeddingCache:
 
         if self.dir is None:
             rank, world = 0, 1
-        ds = CaptionDataset(self.samples, reference_transform=self.adapter.reference_transform())
+        ds = CaptionDataset(self.samples, reference_transform=self.adapter.reference_transform(), aligned_controls=self.adapter.aligned_controls)
         # the empty caption's key depends on the sample only when the prompt encoder sees its references
         shared_empty = self._text_key(self.samples[0], self.adapter.empty_prompt) if self.samples and not self.adapter.text_needs_pixels else None
         self.text_keys, self.latent_keys = TextKeys(shared_empty), KeyArray()

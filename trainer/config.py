@@ -46,6 +46,7 @@ TRACKERS = ("none", "tensorboard", "wandb", "all")
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy")
 TRAINING_METHODS = ("lora", "full")
 LORA_TYPES = ("lora", "lokr", "loha")
+CONTROL_TYPES = ("concat",)
 FULL_WEIGHTS = ("fp32", "bf16")
 QUANTIZE_CHOICES = ("none", "qfloat8", "qint8", "qint4", "nf4", "int8", "int8_w8a8", "fp8_w8a8")
 
@@ -176,6 +177,7 @@ class TrainConfig:
     cache_dir: Optional[str] = doc(None, "where the embedding cache and the dataset scan index live; default <output_dir>/cache")
     cache_batch_size: int = doc(4, "images per VAE call while building the embedding cache (samples of equal sizes are batched)")
 
+    control_type: Optional[str] = doc(None, f"train a control model: {', '.join(CONTROL_TYPES)}; concat = FLUX Control (FluxControlPipeline: the control image's latents beside the noisy latents on the channel axis; from FLUX.1-dev the input layer is widened and trained, as BFL's Canny / Depth LoRAs). Control images: data_config.control_dir, same stems and aspect as the images. null = as the model folder's pipeline (FLUX.1-Canny-dev trains concat)")
     training_method: str = doc("lora", f"what is trained: {', '.join(TRAINING_METHODS)}; lora = adapters on the frozen transformer (a LoRA file), full = the transformer's own weights (a diffusers transformer folder)")
     trainable_modules: Optional[list[str]] = doc(None, "full: train only the parameters whose names contain one of these (e.g. [transformer_blocks.0., proj_out]); null = every transformer weight")
     full_weights: str = doc("fp32", "full: dtype the trained weights are kept in: fp32 (master weights; the forward runs in mixed_precision) or bf16 (half the memory; optimizer=adamw rounds each update stochastically so small updates are not lost)")
@@ -306,6 +308,8 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
             cfg.optimizer = "adamw8bit"
     _check_choice("optimizer", cfg.optimizer, OPTIMIZERS)
     _check_choice("training_method", cfg.training_method, TRAINING_METHODS)
+    if cfg.control_type is not None:
+        _check_choice("control_type", cfg.control_type, CONTROL_TYPES)
     _check_choice("full_weights", cfg.full_weights, FULL_WEIGHTS)
     if not cfg.freeze_text_encoder:
         raise ConfigError("config key 'freeze_text_encoder' is false, but this trainer never trains the text encoder; remove the key or set it to true")
@@ -555,6 +559,9 @@ def check_adapter_keys(cfg: TrainConfig) -> None:
     if cfg.use_dora and cfg.quantize not in ("none", "nf4"):
         raise ConfigError(f"config key 'use_dora' normalises by the frozen weights every step; peft's DoRA reads them dequantized from "
                           f"plain and nf4 layers (QDoRA), not from quantize: {cfg.quantize}")
+    if cfg.control_type is not None and (cfg.lora_type != "lora" or cfg.use_dora):
+        raise ConfigError(f"config key 'control_type: {cfg.control_type}' trains a widened input layer, which diffusers' and ComfyUI's "
+                          "loaders widen for plain LoRA only; use lora_type: lora without use_dora")
     if cfg.lora_type != "lora" and cfg.quantize in ("nf4", "int8"):
         raise ConfigError(f"config key 'lora_type: {cfg.lora_type}': peft's LyCORIS layers do not run on bitsandbytes layers "
                           f"(quantize: {cfg.quantize}); use quantize: qfloat8 / qint8 / int8_w8a8, or lora_type: lora")

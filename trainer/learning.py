@@ -228,7 +228,7 @@ def measure_learning(model: str | Path, examples: list[Example], lora: str | Pat
     `max_sequence_length`: the prompt length the training used, when it was not the pipeline's default."""
     from trainer.pipelines import adapter_for, load_pipeline
 
-    adapter = adapter_for(str(model))
+    adapter = adapter_for(str(model), str(lora) if lora else None)
     base = load_pipeline(adapter, torch.float32, "cpu", quantize=quantize)
     before = score(base, adapter, examples, steps, seed, max_sequence_length, reference_size)
     del base

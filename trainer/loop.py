@@ -71,6 +71,7 @@ RESUME_KEYS = (
     "data_config.img_size",
     "data_config.train_batch_size",
     "data_config.datasets",  # their weights decide which samples each epoch draws
+    "control_type",
     "gradient_accumulation_steps",
     "seed",
 )
@@ -603,7 +604,7 @@ def make_loader(cfg: TrainConfig, adapter: ModelAdapter, samples: list, sampler,
     dataset = CaptionDataset(samples, [p.caption_dropout_rate for p in parts], d.random_ratio, cfg.seed, load_pixels=need_pixels,
                              empty_caption=adapter.empty_prompt, reference_transform=adapter.reference_transform(),
                              keep_alpha=adapter.pixel_channels == 4, cached=cached,
-                             captions=[CaptionRule.of(p) if p.shuffle_tags else None for p in parts])
+                             captions=[CaptionRule.of(p) if p.shuffle_tags else None for p in parts], aligned_controls=adapter.aligned_controls)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=d.num_workers,
                                        pin_memory=device.type == "cuda")
 

@@ -88,6 +88,8 @@ def diffusers_to_comfyui(sd: dict[str, torch.Tensor], adapter, config, dora: dic
             rank = parts["lora_A"].shape[0]
             out[down], out[up] = parts["lora_A"], parts["lora_B"]
             out[alpha_key] = torch.tensor(module_scale(config, module, rank) * rank)
+            if module in adapter.widened_modules:  # ComfyUI pads the model's weight with zeros to this shape first
+                out[f"{name}.reshape_weight"] = torch.tensor([parts["lora_B"].shape[0], parts["lora_A"].shape[1]])
             if "lora_magnitude_vector" in parts:
                 if dora is None or module not in dora:
                     raise ValueError(f"{module}: a DoRA layer's ComfyUI form needs the base model's weights; write it while training "
@@ -260,7 +262,7 @@ def meta_transformer(adapter, model_name: str | None = None) -> torch.nn.Module:
     cls = getattr(diffusers, adapter.transformer_class)
     config = cls.load_config(model_name, subfolder="transformer") if model_name else adapter.released_transformer_config()
     with torch.device("meta"):
-        return cls.from_config(config)
+        return adapter.prepare_transformer(cls.from_config(config))
 
 
 def check_lora_fits(path: str | Path, adapter, model_name: str | None = None) -> None:

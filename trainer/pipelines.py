@@ -12,8 +12,10 @@ class ToolError(ValueError):
     """A user mistake in a tool's arguments; printed as one line."""
 
 
-def adapter_for(model_name: str):
-    """The family adapter (no weights) of a model folder or hub id, from its model_index.json."""
+def adapter_for(model_name: str, lora: str | None = None):
+    """The family adapter (no weights) of a model folder or hub id, from its model_index.json; with the `lora` it
+    will run, the variant that LoRA was trained for where it widens this model (a FLUX Control LoRA on FLUX.1-dev
+    runs in a FluxControlPipeline)."""
     from trainer.models import read_model_index, resolve
 
     p = Path(model_name)
@@ -28,7 +30,24 @@ def adapter_for(model_name: str):
         cls, variant = resolve(model_name)
     except ValueError as e:
         raise ToolError(str(e)) from None
+    trained = cls.variant_named(lora_variant(lora) or "") if lora else None
+    if trained is not None and variant.pipeline in trained.widens:
+        variant = trained
     return cls(TrainConfig(pretrained_model_name_or_path=model_name), variant)
+
+
+def lora_variant(path: str) -> str | None:
+    """The variant our metadata says a LoRA file (or a folder holding one) was trained for; None when unknown."""
+    from safetensors import safe_open
+
+    from trainer.lora_format import VARIANT_KEY
+
+    try:
+        directory, weight_name = resolve_lora(path)
+        with safe_open(str(Path(directory) / weight_name), framework="pt") as f:
+            return (f.metadata() or {}).get(VARIANT_KEY)
+    except Exception:  # missing / not a safetensors file: check_lora says so in its own words
+        return None
 
 
 def resolve_lora(path: str) -> tuple[str, str]:
@@ -125,13 +144,13 @@ def load_pipeline(adapter, dtype, device: str, lora: str | None = None, lora_sca
     """The family's pipeline from its folder, optionally with a fully fine-tuned transformer, quantized block-wise
     (as in training) and with a LoRA."""
     import torch
-    from diffusers import DiffusionPipeline
 
     name = adapter.cfg.pretrained_model_name_or_path
     if lora:
         check_lora(lora, adapter)  # before the model loads
     extra = {"transformer": load_transformer(adapter, transformer, dtype)} if transformer else {}
-    pipe = DiffusionPipeline.from_pretrained(name, dtype=dtype, **adapter.pipeline_components(name), **extra)
+    # the variant's pipeline class: the model folder's own, or the one its LoRA widens it into (FluxControlPipeline)
+    pipe = adapter.pipeline_class.from_pretrained(name, dtype=dtype, **adapter.pipeline_components(name), **extra)
     if quantize != "none":
         from trainer.quantize import place_model
 
@@ -139,7 +158,9 @@ def load_pipeline(adapter, dtype, device: str, lora: str | None = None, lora_sca
         # quantized transformer then goes back to the CPU until it runs.
         place_model(pipe.transformer.requires_grad_(False), quantize, torch.device(device), dtype)
     if lora:
-        load_lora(pipe, lora, "lora", lora_scale)
+        load_lora(pipe, lora, "lora", lora_scale)  # the pipeline's loader widens what the LoRA widened
+    else:
+        adapter.prepare_transformer(pipe.transformer)  # the base as training starts from it (FLUX Control: zero control weights)
     if offload == "model":
         pipe.enable_model_cpu_offload(device=device)
     elif offload == "sequential":

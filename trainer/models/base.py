@@ -51,6 +51,13 @@ class Variant:
     references: tuple[int, int] = (0, 0)  # (min, max) reference / control images per sample
     hub_hints: tuple[str, ...] = ()  # lower-case substrings of hub ids of this variant (planner without a model folder)
     learning: LearningCase | None = None  # its learning test (a family is not done without one)
+    # config `control_type` this variant trains ("concat": the control image's latents concatenated to the noisy
+    # latents on the channel axis, FLUX Control); "" = none. Its control images are pixel-aligned with the target:
+    # cropped and sized with it.
+    control: str = ""
+    # pipelines whose models this variant trains from by widening the transformer's input layer (FLUX.1-dev ->
+    # FluxControlPipeline, as BFL's Canny / Depth LoRAs were trained); the pipeline's LoRA loader widens it again
+    widens: tuple[str, ...] = ()
 
 
 @dataclass
@@ -120,18 +127,35 @@ class ModelAdapter(ABC):
 
     @classmethod
     def from_model(cls, cfg: TrainConfig, device: torch.device | str = "cpu", weight_dtype: torch.dtype = torch.float32):
-        """The adapter for cfg.pretrained_model_name_or_path (its variant read from model_index.json)."""
-        return cls(cfg, cls.variant_of(cfg.pretrained_model_name_or_path), device, weight_dtype)
+        """The adapter for cfg.pretrained_model_name_or_path (its variant read from model_index.json, then
+        cfg.control_type)."""
+        return cls(cfg, cls.variant_of(cfg.pretrained_model_name_or_path, cfg.control_type), device, weight_dtype)
 
     @classmethod
-    def variant_of(cls, name_or_path: str) -> Variant:
+    def variant_of(cls, name_or_path: str, control_type: str | None = None) -> Variant:
         from trainer.models import read_model_index
 
         name = read_model_index(name_or_path).get("_class_name", "?")
         for v in cls.variants:
             if v.pipeline == name:
-                return v
+                return cls.controlled(v, control_type)
         raise ConfigError(f"config key 'pretrained_model_name_or_path' is a {name} model, which {cls.entry} does not train")
+
+    @classmethod
+    def controlled(cls, variant: Variant, control_type: str | None) -> Variant:
+        """The variant that trains `control_type` on a model of `variant` (None: the model's own)."""
+        if control_type is None or control_type == variant.control:
+            return variant
+        for v in cls.variants:
+            if v.control == control_type and variant.pipeline in v.widens:
+                return v
+        able = [f"{v.control} on {' / '.join(v.widens + (v.pipeline,))} models" for v in cls.variants if v.control]
+        raise ConfigError(f"config key 'control_type' is '{control_type}', but a {variant.pipeline} model cannot train it"
+                          + (f" ({cls.entry} trains {'; '.join(able)})" if able else ""))
+
+    @classmethod
+    def variant_named(cls, name: str) -> Variant | None:
+        return next((v for v in cls.variants if v.name == name), None)
 
     @classmethod
     def variant_from_hub_id(cls, name: str) -> Variant | None:
@@ -157,6 +181,8 @@ class ModelAdapter(ABC):
                 f"config key 'pretrained_model_name_or_path' is a {name} model, which {cls.entry} does not train"
                 + (f"; use {found[0].entry}" if found else "")
             )
+        variant = cls.controlled(variant, cfg.control_type)
+        name = variant.pipeline
         if cfg.blocks_to_swap:
             try:
                 tcfg = read_model_index(cfg.pretrained_model_name_or_path, "transformer/config.json")
@@ -185,7 +211,12 @@ class ModelAdapter(ABC):
         low, high = self.variant.references
         more = [v for v in type(self).variants if v.references[1] > high]
         hint = f" (a {more[0].pipeline} model takes up to {more[0].references[1]})" if more else ""
-        return ReferenceRule(low, high, self.variant.pipeline, hint, *self.reference_limits)
+        return ReferenceRule(low, high, self.variant.pipeline, hint, *self.reference_limits, aligned=self.aligned_controls)
+
+    @property
+    def aligned_controls(self) -> bool:
+        """Control images are pixel-aligned with the target (sized and cropped with it), as the control variants' pipelines take them."""
+        return bool(self.variant.control)
 
     # --- references: sizes the pipeline gives reference images ---------------------------------------------
     def reference_sizes(self, width: int, height: int) -> tuple[tuple[int, int], ...]:
@@ -433,6 +464,16 @@ class ModelAdapter(ABC):
         return f"{name}.lora_A.weight", f"{name}.lora_B.weight", f"{name}.alpha"
 
     # --- planner, benches, tiny models ------------------------------------------------------------------------
+    @property
+    def widened_modules(self) -> tuple[str, ...]:
+        """Layers `prepare_transformer` may widen (their LoRA's ComfyUI form says the shape to pad the model's to)."""
+        return ()
+
+    def prepare_transformer(self, transformer: torch.nn.Module) -> torch.nn.Module:
+        """Architecture changes the variant makes to the model's transformer before training (FLUX Control widens
+        the input layer of a FLUX.1-dev transformer); the pipeline's LoRA loader makes the same change. Default: none."""
+        return transformer
+
     def released_transformer_config(self) -> dict:
         """Constructor arguments of the released transformer of this variant ({} = the class defaults)."""
         return {}

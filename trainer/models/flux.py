@@ -10,6 +10,14 @@ What the trainer feeds the transformer, and where it follows the diffusers pipel
   nearest its aspect ratio, Lanczos, no crop), appended after the target tokens with position ids whose first axis
   is 1; the prediction is sliced back to the target tokens. timestep = sigma (the pipelines pass t / 1000).
 - dropped captions are "" (no negative prompt is used by these guidance-distilled models).
+- FLUX Control (`control_type: concat`, FluxControlPipeline; BFL's FLUX.1-Canny / Depth dev): the control image,
+  sized and cropped with the target (the pipeline resizes it to the output size), is VAE-encoded and its packed
+  latents are concatenated to the noisy latents on the channel axis (64 + 64 inputs). From FLUX.1-dev the input
+  layer `x_embedder` is widened with zero weights for the control channels and trained (LoRA: it is among the
+  targets), which is what diffusers' `load_lora_weights` rebuilds when it loads the LoRA into a FluxControlPipeline
+  on FLUX.1-dev (it widens x_embedder with zeros and sets in_channels). The pipeline encodes the control with the
+  VAE's sample (mean + std * noise); training uses its mean, as for every latent here (the FLUX VAE's std is ~1e-3
+  of its latents' spread).
 """
 
 from __future__ import annotations
@@ -43,11 +51,13 @@ def latent_ids(h: int, w: int, index: int, device, dtype) -> torch.Tensor:
     return ids
 
 
-def flux_vae_latents(vae, pixels: torch.Tensor, device: torch.device, shift: bool = True) -> torch.Tensor:
+def flux_vae_latents(vae, pixels: torch.Tensor, device: torch.device, shift: bool = True,
+                     layout: torch.memory_format = torch.channels_last) -> torch.Tensor:
     """The FLUX VAE's mode, shifted (shift=False: Kandinsky 5 does not shift) and scaled as the pipelines do. The
     pixels go in channels-last, as the pipelines' image processor hands them over (HWC numpy transposed): the
-    convolutions then take the same kernels and give the same latents to the last bit."""
-    x = pixels.to(device, vae.dtype).contiguous(memory_format=torch.channels_last)
+    convolutions then take the same kernels and give the same latents to the last bit. `layout`: where a pipeline
+    copies them first (FluxControlPipeline's control image: contiguous)."""
+    x = pixels.to(device, vae.dtype).contiguous(memory_format=layout)
     z = vae.encode(x).latent_dist.mode().float()
     return ((z - vae.config.shift_factor) if shift else z) * vae.config.scaling_factor
 
@@ -61,6 +71,9 @@ class FluxAdapter(ModelAdapter):
         # the reference at its own size: training's control_size 64, the pipeline's _auto_resize off
         Variant("flux-kontext", "FluxKontextPipeline", (0, 1), hub_hints=("kontext",),
                 learning=LearningCase(1, 500, 1e-2, reference_size=64)),
+        # FLUX.1-Canny-dev / Depth-dev (in_channels 128), or FLUX.1-dev widened (the Canny / Depth LoRAs)
+        Variant("flux-control", "FluxControlPipeline", (1, 1), hub_hints=("canny", "depth"),
+                learning=LearningCase(1, 300, 1e-2), control="concat", widens=("FluxPipeline",)),
     )
     default_guidance = DEFAULT_GUIDANCE
     transformer_class = "FluxTransformer2DModel"
@@ -72,6 +85,8 @@ class FluxAdapter(ModelAdapter):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.guidance = False  # the transformer has a guidance embedding (dev, Kontext); set when it loads
+        if self.variant.control:  # the widened input layer learns to read the control channels
+            self.default_target_modules = (*type(self).default_target_modules, "x_embedder")
 
     def reference_sizes(self, width: int, height: int) -> tuple[tuple[int, int], ...]:
         """Kontext's preferred resolution nearest the aspect ratio (the pipeline's _auto_resize), or an area of
@@ -80,6 +95,8 @@ class FluxAdapter(ModelAdapter):
 
         from image_datasets import target_size
 
+        if self.variant.control:  # FLUX Control: the control image at the output's size
+            return (target_size(width, height, self.cfg.data_config.img_size),)
         if self.cfg.data_config.control_size:
             return (target_size(width, height, self.cfg.data_config.control_size),)
         _, w, h = min((abs(width / height - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
@@ -104,8 +121,28 @@ class FluxAdapter(ModelAdapter):
         from diffusers import FluxTransformer2DModel
 
         t = FluxTransformer2DModel.from_pretrained(self.cfg.pretrained_model_name_or_path, subfolder="transformer", dtype=self.weight_dtype)
-        self.transformer, self.placement = self.place(t, self.cfg.quantize, self.cfg.blocks_to_swap)
+        self.transformer, self.placement = self.place(self.prepare_transformer(t), self.cfg.quantize, self.cfg.blocks_to_swap)
         self.guidance = bool(self.transformer.config.guidance_embeds)
+
+    @property
+    def widened_modules(self) -> tuple[str, ...]:
+        return ("x_embedder",) if self.variant.control else ()
+
+    def prepare_transformer(self, transformer: torch.nn.Module) -> torch.nn.Module:
+        """FLUX Control on a FLUX.1-dev transformer: x_embedder widened to twice its inputs, the new (control)
+        inputs' weights zero, in_channels / out_channels set, exactly as diffusers' LoRA loader widens it."""
+        x = transformer.x_embedder
+        if not self.variant.control or transformer.config.in_channels != transformer.out_channels:
+            return transformer  # no control, or already a control model (FLUX.1-Canny-dev: 128 in, 64 out)
+        wide = torch.nn.Linear(2 * x.in_features, x.out_features, bias=x.bias is not None, device=x.weight.device, dtype=x.weight.dtype)
+        with torch.no_grad():
+            wide.weight.zero_()
+            wide.weight[:, : x.in_features].copy_(x.weight)
+            if x.bias is not None:
+                wide.bias.copy_(x.bias)
+        transformer.x_embedder = wide.requires_grad_(x.weight.requires_grad)
+        transformer.register_to_config(in_channels=2 * x.in_features, out_channels=x.in_features)
+        return transformer
 
     def no_text_components(self) -> dict:
         return {"text_encoder": None, "tokenizer": None, "text_encoder_2": None, "tokenizer_2": None}
@@ -135,13 +172,25 @@ class FluxAdapter(ModelAdapter):
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return flux_vae_latents(self.vae, pixels, self.device)
 
+    @torch.no_grad()
+    def encode_latents(self, batch: dict) -> tuple[torch.Tensor, Cond]:
+        if not self.variant.control:
+            return super().encode_latents(batch)
+        # FluxControlPipeline's prepare_image copies the control with repeat_interleave: the VAE sees it contiguous
+        controls = [flux_vae_latents(self.vae, c, self.device, layout=torch.contiguous_format) for c in batch["controls"]]
+        return self.encode_images(batch["pixel_values"]), {"control_latents": controls}
+
     def predict(self, transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """Kontext: reference latents appended on the sequence axis with ids[:, 0] = 1; loss on target tokens only."""
+        """Kontext: reference latents appended on the sequence axis with ids[:, 0] = 1; loss on target tokens only.
+        FLUX Control: the control latents beside the target's on the channel axis."""
         b, _c, h, w = noisy.shape
         dev, dt = noisy.device, self.weight_dtype
         target = pack_latents(noisy.to(dt))
         controls = cond.get("control_latents", [])
-        hidden = torch.cat([target, *(pack_latents(c.to(dt)) for c in controls)], dim=1)
+        if self.variant.control:
+            hidden, controls = torch.cat([target, pack_latents(controls[0].to(dt))], dim=2), []
+        else:
+            hidden = torch.cat([target, *(pack_latents(c.to(dt)) for c in controls)], dim=1)
         ids = torch.cat([latent_ids(h, w, 0, dev, dt), *(latent_ids(c.shape[-2], c.shape[-1], 1, dev, dt) for c in controls)])
         guidance = torch.full((b,), self.training_guidance, device=dev, dtype=torch.float32) if self.guidance else None
         out = transformer(
@@ -165,6 +214,8 @@ class FluxAdapter(ModelAdapter):
             kwargs.update(_auto_resize=False, max_area=size[0] * size[1])
             if images:
                 kwargs["image"] = self.reference_views(images[0])[0]
+        elif self.variant.control and images:
+            kwargs["control_image"] = self.reference_views(images[0])[0]
         return kwargs
 
     def inference_kwargs(self, request: InferenceRequest) -> dict:
@@ -172,7 +223,7 @@ class FluxAdapter(ModelAdapter):
         if request.max_sequence_length is not None:
             kwargs["max_sequence_length"] = request.max_sequence_length
         if request.images:
-            kwargs["image"] = request.images[0]
+            kwargs["control_image" if self.variant.control else "image"] = request.images[0]
         if self.variant.pipeline == "FluxKontextPipeline":
             kwargs["_auto_resize"] = request.auto_resize
             if request.width and request.height:
@@ -217,7 +268,7 @@ class FluxAdapter(ModelAdapter):
                 base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15, shift=3.0, use_dynamic_shifting=True,
             ),
             vae=build_flux_vae(), text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5, tokenizer_2=t5_tok,
-            transformer=build_flux_transformer(guidance_embeds=True),
+            transformer=build_flux_transformer(guidance_embeds=True, control=bool(self.variant.control)),
         ).save_pretrained(out)
 
 
@@ -260,11 +311,12 @@ def build_t5(hidden: int = 32):
     return T5EncoderModel(config), tokenizer
 
 
-def build_flux_transformer(guidance_embeds: bool, joint_attention_dim: int = 32, pooled_dim: int = 32):
+def build_flux_transformer(guidance_embeds: bool, joint_attention_dim: int = 32, pooled_dim: int = 32, control: bool = False):
+    """control=True: a FLUX.1-Canny-dev layout (the control latents' channels beside the target's: 2 x 16 in, 16 out)."""
     from diffusers import FluxTransformer2DModel
 
     return FluxTransformer2DModel(
-        patch_size=1, in_channels=16, out_channels=None, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        patch_size=1, in_channels=32 if control else 16, out_channels=16 if control else None, num_layers=1, num_single_layers=2, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=joint_attention_dim, pooled_projection_dim=pooled_dim,
         guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8),
     )
