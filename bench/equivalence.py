@@ -137,8 +137,8 @@ def pipeline_prediction(case: Case, output, n_target: int) -> torch.Tensor:
 @contextlib.contextmanager
 def latent_means(on: bool):
     """FluxControlPipeline encodes its control image with the VAE's sample (mean + std * noise); training uses the
-    mean, as for every latent. For the comparison the pipeline's draw is its mean: every other input is compared
-    exactly, and the noise the pipeline would add is the VAE's std (~1e-3 of the latents' spread on the FLUX VAE)."""
+    mean, as for every latent. For the comparison the pipeline's draw is its mean, so that every input compares
+    exactly; the noise the pipeline would add is the VAE's std, very small on the released (and the tiny) VAEs."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     if not on:

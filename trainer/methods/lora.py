@@ -54,6 +54,11 @@ class LoRAMethod(TrainingMethod):
         from trainer.config import ConfigError
 
         transformer.requires_grad_(False)
+        names = self.cfg.lora_target_modules or self.adapter.default_target_modules
+        missing = [m for m in self.adapter.widened_modules if not targets(names, m)]
+        if missing:
+            raise ConfigError(f"config key 'lora_target_modules' leaves out {missing[0]}, the input layer control_type: "
+                              f"{self.cfg.control_type or self.adapter.variant.control} widened: only a LoRA on it reads the control; add {missing[0]}")
         # blocks_to_swap: peft must see the swapped blocks' real weights while it wraps their layers
         with placement.host_weights() if placement is not None else contextlib.nullcontext():
             if self.cfg.assistant_lora:

@@ -466,7 +466,8 @@ class ModelAdapter(ABC):
     # --- planner, benches, tiny models ------------------------------------------------------------------------
     @property
     def widened_modules(self) -> tuple[str, ...]:
-        """Layers `prepare_transformer` may widen (their LoRA's ComfyUI form says the shape to pad the model's to)."""
+        """Layers `prepare_transformer` widened: a LoRA must adapt them (only it reads the new inputs), and its
+        ComfyUI form says the shape ComfyUI pads the model's layer to."""
         return ()
 
     def prepare_transformer(self, transformer: torch.nn.Module) -> torch.nn.Module:

@@ -16,8 +16,8 @@ What the trainer feeds the transformer, and where it follows the diffusers pipel
   layer `x_embedder` is widened with zero weights for the control channels and trained (LoRA: it is among the
   targets), which is what diffusers' `load_lora_weights` rebuilds when it loads the LoRA into a FluxControlPipeline
   on FLUX.1-dev (it widens x_embedder with zeros and sets in_channels). The pipeline encodes the control with the
-  VAE's sample (mean + std * noise); training uses its mean, as for every latent here (the FLUX VAE's std is ~1e-3
-  of its latents' spread).
+  VAE's sample (mean + std * noise); training uses its mean, as for every latent here: the released VAEs are
+  near-deterministic (very small predicted log-variances), so the two agree to within noise.
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ class FluxAdapter(ModelAdapter):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.guidance = False  # the transformer has a guidance embedding (dev, Kontext); set when it loads
-        if self.variant.control:  # the widened input layer learns to read the control channels
+        self.widened = False  # prepare_transformer widened x_embedder (FLUX Control from FLUX.1-dev)
+        if self.variant.control:  # the input layer learns to read the control channels
             self.default_target_modules = (*type(self).default_target_modules, "x_embedder")
 
     def reference_sizes(self, width: int, height: int) -> tuple[tuple[int, int], ...]:
@@ -126,7 +127,7 @@ class FluxAdapter(ModelAdapter):
 
     @property
     def widened_modules(self) -> tuple[str, ...]:
-        return ("x_embedder",) if self.variant.control else ()
+        return ("x_embedder",) if self.widened else ()
 
     def prepare_transformer(self, transformer: torch.nn.Module) -> torch.nn.Module:
         """FLUX Control on a FLUX.1-dev transformer: x_embedder widened to twice its inputs, the new (control)
@@ -142,6 +143,7 @@ class FluxAdapter(ModelAdapter):
                 wide.bias.copy_(x.bias)
         transformer.x_embedder = wide.requires_grad_(x.weight.requires_grad)
         transformer.register_to_config(in_channels=2 * x.in_features, out_channels=x.in_features)
+        self.widened = True
         return transformer
 
     def no_text_components(self) -> dict:
@@ -324,7 +326,9 @@ def build_flux_transformer(guidance_embeds: bool, joint_attention_dim: int = 32,
 
 def build_flux_vae(latent_channels: int = 4):
     """The FLUX.1 VAE layout at tiny width; shift and scaling factors are its own latents' mean and 1 / std (as the
-    released factors are the released VAE's), so normalized latents have about unit variance."""
+    released factors are the released VAE's), so normalized latents have about unit variance. Near-deterministic as
+    the released VAEs are (their predicted log-variances are very small): a pipeline that encodes with the
+    posterior's sample (FluxControlPipeline's control image) gets its mean to within ~1e-4, not a random draw."""
     from diffusers import AutoencoderKL
 
     from .tiny import latent_statistics
@@ -334,6 +338,8 @@ def build_flux_vae(latent_channels: int = 4):
         block_out_channels=(4, 8, 8, 8), layers_per_block=1, latent_channels=latent_channels, norm_num_groups=4, sample_size=32,
         use_quant_conv=False, use_post_quant_conv=False,
     )
+    with torch.no_grad():  # the encoder's log-variance outputs: about -20 (std ~5e-5)
+        vae.encoder.conv_out.bias[latent_channels:] -= 20.0
     mean, std = latent_statistics(vae)
     z_std = float(((std**2 + (mean - mean.mean()) ** 2).mean()) ** 0.5)  # over all channels together
     vae.register_to_config(shift_factor=round(float(mean.mean()), 4), scaling_factor=round(1.0 / z_std, 4))

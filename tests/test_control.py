@@ -1,0 +1,160 @@
+"""FLUX Control (`control_type: concat`): a control LoRA trained from FLUX.1-dev (its input layer widened) loads in
+diffusers' FluxControlPipeline and in ComfyUI with exactly the trained weights, control images are cut where their
+image is cut, wrong setups are one line before any model loads, inference.py renders with it, and it learns to
+follow its control image through the pipeline (the equivalence case is in tests/test_equivalence.py)."""
+
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from helpers import PY, ROOT, base_overrides, write_dataset
+from PIL import Image
+from safetensors.torch import load_file
+
+from trainer.config import ConfigError, DataConfig, load_config
+from trainer.loop import train
+from trainer.models.flux import FluxAdapter
+
+
+@pytest.fixture(scope="module")
+def control_run(tiny_models, tmp_path_factory):
+    """(model, data, out, extra): a control LoRA trained 2 steps from the tiny FLUX.1-dev, its ComfyUI file too."""
+    root = tmp_path_factory.mktemp("control")
+    model = tiny_models("flux")
+    data = write_dataset(root / "t", n=2)
+    extra = {"control_type": "concat", "data_config.control_dir": str(write_dataset(root / "c", n=2, seed=2)), "lora_format": "comfyui"}
+    out = root / "out"
+    train(load_config(None, base_overrides(model, data, out, max_train_steps=2, validation_samples=1, validation_steps=2,
+                                           **extra)), FluxAdapter)
+    return model, data, out, extra
+
+
+def test_widened_lora_loads_in_flux_control_pipeline_and_comfyui(control_run):
+    from comfyui_rules import comfyui_weight, not_loaded
+    from diffusers import FluxControlPipeline
+    from helpers import comfyui_error, merged_weights, trained_model
+
+    from trainer.pipelines import adapter_for, load_pipeline
+
+    model, data, out, extra = control_run
+    assert {p.name for p in (out / "samples").glob("step-*.png")} == {"step-0.png", "step-2.png"}  # previews with the control image
+    sd = load_file(out / "pytorch_lora_weights.safetensors")
+    assert sd["transformer.x_embedder.lora_A.weight"].shape[1] == 32  # 16 latent + 16 control channels (packed)
+    adapter = adapter_for(str(model), str(out))
+    assert adapter.variant.name == "flux-control" and adapter_for(str(model)).variant.name == "flux"
+    pipe = load_pipeline(adapter, torch.float32, "cpu", str(out))  # diffusers' load_lora_weights widens x_embedder itself
+    assert isinstance(pipe, FluxControlPipeline) and pipe.transformer.config.in_channels == 32
+    _, transformer, _ = trained_model(model, data, out, **extra)
+    loaded, trained = merged_weights(pipe.transformer, "lora"), merged_weights(transformer)
+    assert loaded.keys() == trained.keys() and "x_embedder" in loaded
+    assert max((loaded[k] - trained[k]).abs().max().item() for k in loaded) < 1e-5
+    base_x = transformer.x_embedder.get_base_layer().weight.detach()
+    assert (base_x[:, 16:] == 0).all() and trained["x_embedder"][:, 16:].abs().max() > 0  # the control inputs are learnt
+
+    comfy = load_file(out / "pytorch_lora_weights_comfyui.safetensors")
+    assert comfy["lora_transformer_x_embedder.reshape_weight"].tolist() == [32, 32]
+    assert not_loaded(comfy, "flux-control", adapter_for(str(model)).pipeline_class.from_pretrained(model).transformer) == []
+    assert comfyui_error(comfy, adapter, transformer) < 1e-4
+    # ComfyUI patches the released (narrow) img_in: padded with zeros to reshape_weight, then the LoRA
+    parts = {k.split(".", 1)[1]: v for k, v in comfy.items() if k.startswith("lora_transformer_x_embedder.")}
+    assert (comfyui_weight(parts, base_x[:, :16]) - trained["x_embedder"]).abs().max() < 1e-5
+
+
+def test_scale_zero_renders_the_base_model_and_scale_one_does_not(control_run):
+    """(FluxControlPipeline draws the control's VAE sample from the generator first, so its base is the widened
+    FLUX.1-dev in the same pipeline, not FluxPipeline.)"""
+    from trainer.pipelines import adapter_for, load_pipeline, output_images
+
+    model, _, out, _ = control_run
+    control = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8"))
+    kwargs = dict(prompt="a red square", width=64, height=64, num_inference_steps=2, max_sequence_length=64)
+
+    def render(pipe, **more):
+        return np.asarray(output_images(pipe(**kwargs, **more, generator=torch.Generator().manual_seed(0)))[0], dtype=np.float32)
+
+    adapter = adapter_for(str(model), str(out))
+    # FLUX.1-dev in a FluxControlPipeline, x_embedder widened with zeros (the control is read by nothing): the base
+    base = render(load_pipeline(adapter, torch.float32, "cpu"), control_image=control)
+    off = render(load_pipeline(adapter, torch.float32, "cpu", str(out), lora_scale=0.0), control_image=control)
+    on = render(load_pipeline(adapter, torch.float32, "cpu", str(out)), control_image=control)
+    assert np.abs(off - base).max() <= 1  # uint8 rounding of the same float image
+    assert np.abs(on - base).max() > 1
+
+
+def test_control_images_are_cut_where_their_image_is_cut(tmp_path):
+    """A control image identical to its image stays identical through random crops (the crop moves between epochs)."""
+    from image_datasets import CaptionDataset, scan_dataset
+
+    cfg = load_config(None, ["pretrained_model_name_or_path=unused", "control_type=concat"], check_paths=False)
+    adapter = FluxAdapter(cfg, FluxAdapter.variant_named("flux-control"))
+    imgs, controls = tmp_path / "i", tmp_path / "c"
+    for d in (imgs, controls):
+        d.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        pixels = Image.fromarray((rng.random((80, 120, 3)) * 255).astype("uint8"))  # 3:2, trained at 64x48 (4:3): cropped
+        pixels.save(imgs / f"s{i}.png")
+        pixels.save(controls / f"s{i}.png")
+        (imgs / f"s{i}.txt").write_text("x")
+    scan = scan_dataset(DataConfig(img_dir=str(imgs), control_dir=str(controls), img_size=64, random_ratio=True),
+                        reference_sizes=adapter.reference_sizes, rule=adapter.reference_rule())
+    assert not scan.problems and {s.control_sizes for s in scan.samples} == {((64, 48),)}
+    ds = CaptionDataset(scan.samples, random_crop=True, reference_transform=adapter.reference_transform(), aligned_controls=True)
+    crops = set()
+    for epoch in range(6):
+        item = ds[(0, epoch)]
+        assert torch.equal(item["controls"][0], item["pixel_values"])
+        crops.add(item["pixel_values"].sum().item())
+    assert len(crops) > 1, "the random crop never moved"
+
+
+def test_wrong_control_setups_are_one_line_before_the_model_loads(tiny_models, tmp_path):
+    from image_datasets import scan_dataset
+
+    from trainer.models.qwen_image import QwenImageAdapter
+
+    flux, qwen = tiny_models("flux"), tiny_models("qwen-image")
+    data = write_dataset(tmp_path / "t", n=1, size=(64, 64))
+    with pytest.raises(ConfigError, match="control_type.*QwenImagePipeline model cannot train it"):
+        QwenImageAdapter.check_setup(load_config(None, base_overrides(qwen, data, tmp_path / "o", control_type="concat")))
+    with pytest.raises(ConfigError, match="needs control images"):
+        FluxAdapter.check_setup(load_config(None, base_overrides(flux, data, tmp_path / "o", control_type="concat")))
+    with pytest.raises(ConfigError, match="'control_type' is 'canny', expected one of: concat"):
+        load_config(None, base_overrides(flux, data, tmp_path / "o", control_type="canny"))
+    with pytest.raises(ConfigError, match="lora_type: lora without use_dora"):
+        load_config(None, base_overrides(flux, data, tmp_path / "o", control_type="concat", lora_type="lokr"))
+    wide = write_dataset(tmp_path / "c", n=1, size=(96, 64))
+    cfg = load_config(None, base_overrides(flux, data, tmp_path / "o", control_type="concat", **{"data_config.control_dir": str(wide)}))
+    scan = scan_dataset(cfg.data_config, rule=FluxAdapter.from_model(cfg).reference_rule())
+    assert len(scan.problems) == 1 and "control image is 96x64, but its image" in scan.problems[0] and "aspect ratio" in scan.problems[0]
+    out = tmp_path / "o2"
+    r = subprocess.run([PY, "train_flux_lora.py", "--config", str(ROOT / "train_configs/train_flux_control.yaml"),
+                        *base_overrides(flux, data, out, **{"data_config.control_dir": str(data), "lora_target_modules": "[to_q]"})],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "leaves out x_embedder" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+
+
+def test_inference_renders_with_a_control_image(control_run, tmp_path):
+    model, _, out, _ = control_run
+    control = tmp_path / "edges.png"
+    Image.new("RGB", (64, 48), "white").save(control)
+    args = [PY, "inference.py", "--model_name", str(model), "--lora_weights", str(out), "--prompt", "x", "--num_inference_steps", "1"]
+    r = subprocess.run(args + ["--output_image", str(tmp_path / "no.png")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "--control_image: flux-control models follow a control image" in r.stderr
+    r = subprocess.run(args + ["--control_image", str(control), "--width", "64", "--height", "48", "--output_image", str(tmp_path / "o.png")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert Image.open(tmp_path / "o.png").size == (64, 48)
+
+
+@pytest.mark.parametrize("sign", ["right", "wrong"])
+def test_control_lora_from_flux_dev_learns_through_flux_control_pipeline(sign, tiny_models, tmp_path):
+    """The mirror case (the control image decides: a bar on the left in, a disc on the right out, and back),
+    trained from FLUX.1-dev with control_type: concat, sampled by FluxControlPipeline with the LoRA."""
+    from trainer import learning
+    from trainer.models import variants
+
+    case = variants()["flux-control"][1].learning
+    report, _ = learning.run(tiny_models("flux"), tmp_path, case, wrong_sign=sign == "wrong", control_type="concat")
+    assert bool(report.failures()) == (sign == "wrong"), report.summary()
