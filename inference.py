@@ -6,7 +6,8 @@
 
 The model family is read from the model's model_index.json; --lora_weights takes the .safetensors file or a
 checkpoint folder holding one. Edit / Kontext models take --image (repeat it for several references); FLUX Control
-models and LoRAs take --control_image (the output keeps its aspect ratio).
+models and LoRAs take --control_image (the output keeps its aspect ratio); FLUX Fill models and LoRAs inpaint --image
+where --mask is white.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image", "--control_image", dest="image", action="append", default=[],
                    help="reference image for edit / Kontext models (repeat for several); the control image (e.g. a Canny / depth map) "
                         "for FLUX Control models and LoRAs")
+    p.add_argument("--mask", default=None, help="FLUX Fill: the inpainting mask for --image (white = repainted, black = kept)")
     p.add_argument("--kontext_auto_resize", choices=["true", "false"], default="true",
                    help="Kontext: resize the input image to the nearest resolution Kontext was trained on (pipeline default)")
     p.add_argument("--negative_prompt", default=None, help="negative prompt (Qwen: used when --true_cfg_scale > 1; default ' ')")
@@ -139,6 +141,25 @@ def main(argv=None) -> int:
                   f"{max(multiple, value // multiple * multiple)}", file=sys.stderr)
     low, high = adapter.variant.references
     name = adapter.variant.name
+    if adapter.masks_are_inputs:  # FLUX Fill: one image to inpaint and its mask
+        low = high = 1
+        if not args.mask:
+            fail(f"--mask: {name} models inpaint --image where the mask is white; pass --mask PATH")
+        if not Path(args.mask).is_file():
+            fail(f"--mask: '{args.mask}' does not exist")
+        problem = image_problem(args.mask)
+        if problem:
+            fail(f"--mask: '{args.mask}' {problem}")
+    elif args.mask:
+        fail(f"--mask: {name} models take no inpainting mask (FLUX Fill models and LoRAs do)")
+    if low and not args.image and adapter.masks_are_inputs:
+        fail(f"--image: {name} models inpaint an image; pass --image PATH --mask PATH")
+    if args.mask and args.image and Path(args.image[0]).is_file() and not image_problem(args.image[0]):
+        from PIL import Image as PILImage, ImageOps as PILOps
+
+        (w, h), (mw, mh) = (PILOps.exif_transpose(PILImage.open(p)).size for p in (args.image[0], args.mask))
+        if abs(mw * h - mh * w) > 0.01 * mh * w:
+            fail(f"--mask: '{args.mask}' is {mw}x{mh} but --image is {w}x{h}; the mask needs the image's aspect ratio")
     if low and not args.image:
         fail(f"--control_image: {name} models follow a control image; pass --control_image PATH" if adapter.aligned_controls
              else f"--image: {name} models edit an input image; pass --image PATH")
@@ -178,9 +199,10 @@ def main(argv=None) -> int:
         prompt=args.prompt, images=images, width=args.width, height=args.height, guidance_scale=args.guidance_scale,
         true_cfg_scale=adapter.default_true_cfg_scale if args.true_cfg_scale is None else args.true_cfg_scale, negative_prompt=args.negative_prompt, max_sequence_length=args.max_sequence_length,
         auto_resize=args.kontext_auto_resize == "true",
+        mask=ImageOps.exif_transpose(Image.open(args.mask)).convert("L") if args.mask else None,
     )
     width, height = args.width or (None if high else 1024), args.height or (None if high else 1024)
-    if adapter.aligned_controls and not args.width and not args.height:  # the control image's aspect at ~1 MP
+    if adapter.aligned_controls and not args.width and not args.height:  # the control image's (Fill: the image's) aspect at ~1 MP
         from image_datasets import target_size
 
         width, height = target_size(*images[0].size, 1024, multiple)

@@ -43,7 +43,7 @@ class Case:
     guidance: bool = True  # FLUX: the transformer has a guidance embedding (dev / Kontext); False = schnell
     zero_cond_t: bool = False  # Qwen-Image-Edit-2511: reference tokens modulated at t = 0 (transformer config)
     layout: str = "packed"  # how the pipeline passes latents: packed tokens (hidden_states=...), "concat" (packed, the control's
-    # channels after the target's), or "frames" (a list)
+    # channels after the target's), "fill" (packed, then the masked image's and the mask's), or "frames" (a list)
 
 
 CASES = [
@@ -57,6 +57,7 @@ CASES = [
     Case("FLUX.1-schnell", "flux", guidance=False),
     Case("FLUX.1-Kontext-dev, 1 ref", "flux-kontext", 1),
     Case("FLUX.1 Control (Canny / Depth dev)", "flux-control", 1, layout="concat"),
+    Case("FLUX.1 Fill (inpainting)", "flux-fill", layout="fill"),
     Case("Z-Image", "z-image", layout="frames"),
     Case("Chroma", "chroma"),
     Case("Kandinsky 5.0 Image", "kandinsky5", layout="frames-last"),
@@ -116,6 +117,8 @@ def latents_and_sigma(case: Case, inputs: dict) -> tuple[torch.Tensor, torch.Ten
     hidden = inputs["hidden_states"]
     if case.layout == "concat":  # FLUX Control: the target's channels, then the control's
         hidden = hidden[..., : hidden.shape[-1] // 2]
+    if case.layout == "fill":  # FLUX Fill: the target's, the masked image's, then the packed mask's 256
+        hidden = hidden[..., : (hidden.shape[-1] - 256) // 2]
     return unpack(hidden[:, :n_target], TARGET), inputs["timestep"].float(), n_target
 
 
@@ -136,7 +139,7 @@ def pipeline_prediction(case: Case, output, n_target: int) -> torch.Tensor:
 
 @contextlib.contextmanager
 def latent_means(on: bool):
-    """FluxControlPipeline encodes its control image with the VAE's sample (mean + std * noise); training uses the
+    """FluxControlPipeline / FluxFillPipeline encode the control / masked image with the VAE's sample (mean + std * noise); training uses the
     mean, as for every latent. For the comparison the pipeline's draw is its mean, so that every input compares
     exactly; the noise the pipeline would add is the VAE's std, very small on the released (and the tiny) VAEs."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -183,6 +186,11 @@ def write_inputs(folder: Path, n_refs: int) -> tuple[Path, list[Path]]:
     for k, (w, h) in enumerate(REFERENCES[:n_refs]):
         refs.append(folder / f"ref{k}.png")
         Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).save(refs[-1])
+    # an inpainting mask (FLUX Fill) at twice the target's size: white blocks, edges not on the 16-pixel grid
+    mask = np.zeros((2 * TARGET[1], 2 * TARGET[0]), dtype="uint8")
+    mask[100:500, 300:900] = 255
+    mask[37:90, 11:250] = 255
+    Image.fromarray(mask).save(folder / "mask.png")
     return target, refs
 
 
@@ -223,10 +231,11 @@ def trainer_batch(adapter, target: Path, refs: list[Path], captions: list[str], 
     captions = [" ".join(c.split()) for c in captions]  # as the dataset reads them
     meta = work / "metadata.jsonl"
     cols = ["control_image"] + [f"control_image_{k + 1}" for k in range(1, len(refs))]
-    meta.write_text("\n".join(json.dumps({"image": str(target), "prompt": c, **{col: str(r) for col, r in zip(cols, refs)}})
+    mask = {"mask": str(work / "mask.png")} if adapter.masks_are_inputs else {}  # FLUX Fill: write_inputs' mask
+    meta.write_text("\n".join(json.dumps({"image": str(target), "prompt": c, **{col: str(r) for col, r in zip(cols, refs)}, **mask})
                               for c in captions))
-    # FLUX Control's control image takes the training size: the one whose area gives exactly TARGET (512x384)
-    d = DataConfig(metadata_file=str(meta), img_size=444 if adapter.aligned_controls else max(TARGET)) if refs else None
+    # FLUX Control / Fill: the control image / mask takes the training size: the one whose area gives exactly TARGET (512x384)
+    d = DataConfig(metadata_file=str(meta), img_size=444 if adapter.aligned_controls else max(TARGET)) if refs or mask else None
     if d is None:
         folder = work / "t2i"
         folder.mkdir(exist_ok=True)
@@ -242,7 +251,8 @@ def trainer_batch(adapter, target: Path, refs: list[Path], captions: list[str], 
     return collate([ds[(i, 0)] for i in range(len(samples))])
 
 
-def pipeline_call_kwargs(case: Case, refs: list[Path]) -> dict:
+def pipeline_call_kwargs(case: Case, refs: list[Path], work: Path) -> dict:
+    """`work`: the folder write_inputs wrote the target (and the inpainting mask) to."""
     w, h = TARGET
     kwargs = dict(prompt=PROMPT, width=w, height=h, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     images = [Image.open(r).convert("RGB") for r in refs]
@@ -263,6 +273,8 @@ def pipeline_call_kwargs(case: Case, refs: list[Path]) -> dict:
         kwargs.update(image=images[0], max_area=w * h)  # _auto_resize on: the pipeline's default reference sizing
     elif case.variant == "flux-control":
         kwargs["control_image"] = images[0]  # 800x600: the target's aspect, resized by the pipeline to 512x384
+    elif case.variant == "flux-fill":
+        kwargs.update(image=Image.open(work / "target.png").convert("RGB"), mask_image=Image.open(work / "mask.png"))
     elif case.variant.startswith("flux2") and images:
         kwargs["image"] = images
     return kwargs
@@ -281,8 +293,8 @@ def compare(case: Case, model: Path, work: Path) -> dict:
     adapter.load()
     pipe = DiffusionPipeline.from_pretrained(model, **adapter.pipeline_components(str(model)))
     target, refs = write_inputs(work, case.references)
-    with torch.no_grad(), latent_means(case.variant == "flux-control"):
-        ref_inputs, ref_out = capture_first_call(pipe.transformer, lambda: pipe(**pipeline_call_kwargs(case, refs)))
+    with torch.no_grad(), latent_means(case.variant in ("flux-control", "flux-fill")):
+        ref_inputs, ref_out = capture_first_call(pipe.transformer, lambda: pipe(**pipeline_call_kwargs(case, refs, work)))
         batch = trainer_batch(adapter, target, refs, [PROMPT], work)
         _, cond = adapter.encode_batch(batch)
         noisy, sigma, n_target = latents_and_sigma(case, ref_inputs)

@@ -383,6 +383,7 @@ class CaptionDataset(Dataset):
         cached=None,
         captions: CaptionRule | Sequence[CaptionRule | None] | None = None,
         aligned_controls: bool = False,
+        random_masks: bool = False,
     ):
         self.samples = list(samples)
         # per dataset (Sample.dataset): caption dropout and per-epoch caption changes (tag shuffling) or None
@@ -397,6 +398,7 @@ class CaptionDataset(Dataset):
         self.keep_alpha = keep_alpha  # RGBA pixels for families whose VAE reads alpha
         self.cached = cached  # (index, dropped) -> the sample's disk-cache entries (trainer.cache.CacheReader), or None
         self.aligned_controls = aligned_controls  # control images cropped with their image (FLUX Control)
+        self.random_masks = random_masks  # samples without a mask get random_mask(...) (FLUX Fill's inpainting masks)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -416,6 +418,8 @@ class CaptionDataset(Dataset):
         if s.mask is not None:
             mask = self._mask(s, random.Random() if self.random_crop else None, crop_state)
             item["mask"] = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
+        elif self.random_masks:
+            item["mask"] = random_mask(s.size, random.Random(f"{self.seed}-{epoch}-{index}-mask"))
         if not self.load_pixels:
             return {**item, "pixel_values": None, "controls": [], "condition_images": []}
         img = resize_and_crop(self._load(s.image, s.size), s.size, rng if self.random_crop else None)
@@ -456,6 +460,18 @@ class CaptionDataset(Dataset):
             from PIL import Image
 
             return Image.new("RGBA" if self.keep_alpha else "RGB", size, (127, 127, 127, 255) if self.keep_alpha else (127, 127, 127))
+
+
+def random_mask(size: tuple[int, int], rng: random.Random) -> torch.Tensor:
+    """An inpainting mask (1 x H x W, 1 = repainted) for a sample without one: the union of 1 to 3 rectangles, each
+    side 1/8 to 1/2 of the image's, at random places; drawn per (seed, epoch, sample), so a resumed run draws the same."""
+    w, h = size
+    mask = torch.zeros(1, h, w)
+    for _ in range(rng.randint(1, 3)):
+        mw, mh = rng.randint(max(1, w // 8), max(1, w // 2)), rng.randint(max(1, h // 8), max(1, h // 2))
+        x, y = rng.randint(0, w - mw), rng.randint(0, h - mh)
+        mask[:, y : y + mh, x : x + mw] = 1.0
+    return mask
 
 
 def collate(items: list[dict]) -> dict:

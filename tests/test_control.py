@@ -1,7 +1,8 @@
-"""FLUX Control (`control_type: concat`): a control LoRA trained from FLUX.1-dev (its input layer widened) loads in
-diffusers' FluxControlPipeline and in ComfyUI with exactly the trained weights, control images are cut where their
-image is cut, wrong setups are one line before any model loads, inference.py renders with it, and it learns to
-follow its control image through the pipeline (the equivalence case is in tests/test_equivalence.py)."""
+"""FLUX Control (`control_type: concat`) and FLUX Fill (`control_type: fill`): LoRAs trained from FLUX.1-dev (its
+input layer widened) load in diffusers' FluxControlPipeline / FluxFillPipeline and in ComfyUI with exactly the
+trained weights, control images are cut where their image is cut, random inpainting masks are drawn per epoch, wrong
+setups are one line before any model loads, inference.py renders with them, and they learn to follow the control
+image / the visible part of the image through the pipeline (the equivalence cases are in tests/test_equivalence.py)."""
 
 import subprocess
 
@@ -28,6 +29,49 @@ def control_run(tiny_models, tmp_path_factory):
     train(load_config(None, base_overrides(model, data, out, max_train_steps=2, validation_samples=1, validation_steps=2,
                                            **extra)), FluxAdapter)
     return model, data, out, extra
+
+
+@pytest.fixture(scope="module")
+def fill_run(tiny_models, tmp_path_factory):
+    """(model, data, out, extra): a Fill LoRA trained 2 steps from the tiny FLUX.1-dev on random masks."""
+    root = tmp_path_factory.mktemp("fill")
+    model = tiny_models("flux")
+    data = write_dataset(root / "t", n=2)
+    extra = {"control_type": "fill", "lora_format": "comfyui"}
+    out = root / "out"
+    train(load_config(None, base_overrides(model, data, out, max_train_steps=2, validation_samples=1, validation_steps=2,
+                                           **extra)), FluxAdapter)
+    return model, data, out, extra
+
+
+def test_widened_fill_lora_loads_in_flux_fill_pipeline_and_comfyui(fill_run):
+    from diffusers import FluxFillPipeline
+    from helpers import merged_weights, trained_model
+
+    from trainer.pipelines import adapter_for, load_pipeline
+
+    model, data, out, extra = fill_run
+    assert {p.name for p in (out / "samples").glob("step-*.png")} == {"step-0.png", "step-2.png"}  # previews inpaint a random mask
+    assert load_file(out / "pytorch_lora_weights.safetensors")["transformer.x_embedder.lora_A.weight"].shape[1] == 16 + 16 + 256
+    pipe = load_pipeline(adapter_for(str(model), str(out)), torch.float32, "cpu", str(out))
+    assert isinstance(pipe, FluxFillPipeline) and pipe.transformer.config.in_channels == 288
+    _, transformer, _ = trained_model(model, data, out, **extra)
+    loaded, trained = merged_weights(pipe.transformer, "lora"), merged_weights(transformer)
+    assert loaded.keys() == trained.keys() and max((loaded[k] - trained[k]).abs().max().item() for k in loaded) < 1e-5
+    assert load_file(out / "pytorch_lora_weights_comfyui.safetensors")["lora_transformer_x_embedder.reshape_weight"].tolist() == [32, 288]
+
+
+def test_random_inpainting_masks_change_each_epoch_and_repeat_on_resume():
+    import random
+
+    from image_datasets.caption_dataset import random_mask
+
+    masks = [random_mask((64, 48), random.Random(f"0-{epoch}-3-mask")) for epoch in range(8)]
+    assert torch.equal(masks[0], random_mask((64, 48), random.Random("0-0-3-mask")))
+    assert len({m.sum().item() for m in masks}) > 4
+    for m in masks:
+        assert m.shape == (1, 48, 64) and set(m.unique().tolist()) == {0.0, 1.0}
+        assert (64 // 8) * (48 // 8) <= m.sum() <= 3 * 32 * 24  # 1 to 3 rectangles, sides 1/8 to 1/2
 
 
 def test_widened_lora_loads_in_flux_control_pipeline_and_comfyui(control_run):
@@ -135,6 +179,20 @@ def test_wrong_control_setups_are_one_line_before_the_model_loads(tiny_models, t
     assert r.returncode != 0 and "leaves out x_embedder" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
 
 
+def test_inference_inpaints_with_a_mask(fill_run, tmp_path):
+    model, _, out, _ = fill_run
+    image, mask = tmp_path / "photo.png", tmp_path / "mask.png"
+    Image.new("RGB", (64, 48), "blue").save(image)
+    Image.new("L", (128, 96), 255).save(mask)
+    args = [PY, "inference.py", "--model_name", str(model), "--lora_weights", str(out), "--prompt", "x", "--num_inference_steps", "1",
+            "--image", str(image), "--width", "64", "--height", "48"]
+    r = subprocess.run(args + ["--output_image", str(tmp_path / "no.png")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "--mask: flux-fill models inpaint --image where the mask is white" in r.stderr
+    r = subprocess.run(args + ["--mask", str(mask), "--output_image", str(tmp_path / "o.png")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert Image.open(tmp_path / "o.png").size == (64, 48)
+
+
 def test_inference_renders_with_a_control_image(control_run, tmp_path):
     model, _, out, _ = control_run
     control = tmp_path / "edges.png"
@@ -149,12 +207,14 @@ def test_inference_renders_with_a_control_image(control_run, tmp_path):
 
 
 @pytest.mark.parametrize("sign", ["right", "wrong"])
-def test_control_lora_from_flux_dev_learns_through_flux_control_pipeline(sign, tiny_models, tmp_path):
-    """The mirror case (the control image decides: a bar on the left in, a disc on the right out, and back),
-    trained from FLUX.1-dev with control_type: concat, sampled by FluxControlPipeline with the LoRA."""
+@pytest.mark.parametrize("control, variant", [("concat", "flux-control"), ("fill", "flux-fill")])
+def test_lora_from_flux_dev_learns_through_the_control_pipelines(control, variant, sign, tiny_models, tmp_path):
+    """Trained from FLUX.1-dev with control_type: concat / fill, sampled by FluxControlPipeline / FluxFillPipeline with
+    the LoRA. Control: the mirror case (the control image decides: a bar on the left in, a disc on the right out, and
+    back); Fill: one caption, the right half masked (the visible left half decides whether a disc is filled in)."""
     from trainer import learning
     from trainer.models import variants
 
-    case = variants()["flux-control"][1].learning
-    report, _ = learning.run(tiny_models("flux"), tmp_path, case, wrong_sign=sign == "wrong", control_type="concat")
+    case = variants()[variant][1].learning
+    report, _ = learning.run(tiny_models("flux"), tmp_path, case, wrong_sign=sign == "wrong", control_type=control)
     assert bool(report.failures()) == (sign == "wrong"), report.summary()

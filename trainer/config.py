@@ -46,7 +46,7 @@ TRACKERS = ("none", "tensorboard", "wandb", "all")
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy")
 TRAINING_METHODS = ("lora", "full")
 LORA_TYPES = ("lora", "lokr", "loha")
-CONTROL_TYPES = ("concat",)
+CONTROL_TYPES = ("concat", "fill")
 FULL_WEIGHTS = ("fp32", "bf16")
 QUANTIZE_CHOICES = ("none", "qfloat8", "qint8", "qint4", "nf4", "int8", "int8_w8a8", "fp8_w8a8")
 
@@ -109,8 +109,8 @@ class DataConfig:
     hf_split: str = doc("train", "hf_dataset: the split to train on")
     image_column: str = doc("image", "hf_dataset: the column holding the target images")
     caption_column: Optional[str] = doc(None, "hf_dataset / metadata_file: the caption column; null = the first of prompt, text, caption (metadata_file: prompt)")
-    mask_dir: Optional[str] = doc(None, "masked loss: folder of masks with the images' stems (same relative paths); white = trained, black = ignored, grey between; any size of the image's aspect ratio")
-    alpha_mask: bool = doc(False, "masked loss: use each image's alpha channel as its mask (transparent = ignored)")
+    mask_dir: Optional[str] = doc(None, "masked loss: folder of masks with the images' stems (same relative paths); white = trained, black = ignored, grey between; any size of the image's aspect ratio. With control_type: fill they are the inpainting masks instead (white = repainted)")
+    alpha_mask: bool = doc(False, "masked loss: use each image's alpha channel as its mask (transparent = ignored); control_type: fill: as the inpainting mask")
     mask_floor: float = doc(0.0, "masked loss: the least loss weight a pixel keeps (0 = masked-out pixels do not train at all)")
     trigger_word: str = doc("", "a word every caption trains with: put in front of captions that lack it ('<trigger>, <caption>'), and written for [trigger] in captions")
     caption_template: Optional[str] = doc(None, "the trained caption made from each caption, e.g. 'a photo of {trigger}, {caption}' ({caption}, {trigger}); null = the trigger_word rule above")
@@ -172,12 +172,12 @@ class TrainConfig:
     quantize: str = doc("none", "quantize the frozen transformer: none, qfloat8, qint8, qint4 (optimum-quanto), nf4, int8 (bitsandbytes), int8_w8a8 / fp8_w8a8 (8-bit matmuls); true = qfloat8")
     quantize_text_encoder: str = doc("none", "quantize the text encoder the same way (useful when embeddings are not precomputed)")
     precompute_text_embeddings: Optional[bool] = doc(None, "encode every caption once before training, then free the text encoder; null (default) = yes unless data_config.shuffle_tags (exact: a dropped caption uses the cached empty prompt); false = encode every step")
-    precompute_image_embeddings: Optional[bool] = doc(None, "encode every image once to VAE latents before training, then free the VAE; null (default) = yes unless data_config.random_ratio (random crops differ each epoch); false = encode every step")
+    precompute_image_embeddings: Optional[bool] = doc(None, "encode every image once to VAE latents before training, then free the VAE; null (default) = yes unless data_config.random_ratio (random crops differ each epoch) or FLUX Fill (the masked image changes with each epoch's mask); false = encode every step")
     save_cache_on_disk: Optional[bool] = doc(None, "keep the precomputed embeddings as files in cache_dir, read per batch (RAM does not grow with the dataset) and reused by later runs and resumes (keyed by file content, caption, model, size); null (default) = yes whenever embeddings are precomputed; false = in RAM")
     cache_dir: Optional[str] = doc(None, "where the embedding cache and the dataset scan index live; default <output_dir>/cache")
     cache_batch_size: int = doc(4, "images per VAE call while building the embedding cache (samples of equal sizes are batched)")
 
-    control_type: Optional[str] = doc(None, f"train a control model: {', '.join(CONTROL_TYPES)}; concat = FLUX Control (FluxControlPipeline: the control image's latents beside the noisy latents on the channel axis; from FLUX.1-dev the input layer is widened and trained, as BFL's Canny / Depth LoRAs). Control images: data_config.control_dir, same stems and aspect as the images. null = as the model folder's pipeline (FLUX.1-Canny-dev trains concat)")
+    control_type: Optional[str] = doc(None, f"train a control / inpainting model: {', '.join(CONTROL_TYPES)}; concat = FLUX Control (FluxControlPipeline: the control image's latents beside the noisy latents on the channel axis; control images in data_config.control_dir, same stems and aspect as the images); fill = FLUX Fill inpainting (FluxFillPipeline: the masked image's latents and the mask beside them; masks from data_config.mask_dir / alpha_mask / a mask column, else random rectangles). From FLUX.1-dev the input layer is widened and trained, as BFL's Canny / Depth LoRAs. null = as the model folder's pipeline (FLUX.1-Canny-dev: concat, FLUX.1-Fill-dev: fill)")
     training_method: str = doc("lora", f"what is trained: {', '.join(TRAINING_METHODS)}; lora = adapters on the frozen transformer (a LoRA file), full = the transformer's own weights (a diffusers transformer folder)")
     trainable_modules: Optional[list[str]] = doc(None, "full: train only the parameters whose names contain one of these (e.g. [transformer_blocks.0., proj_out]); null = every transformer weight")
     full_weights: str = doc("fp32", "full: dtype the trained weights are kept in: fp32 (master weights; the forward runs in mixed_precision) or bf16 (half the memory; optimizer=adamw rounds each update stochastically so small updates are not lost)")
@@ -363,7 +363,10 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
     if cfg.precompute_text_embeddings is None:
         cfg.precompute_text_embeddings = not shuffled and cfg.dop_class_word is None
     if cfg.precompute_image_embeddings is None:
-        cfg.precompute_image_embeddings = not d.random_ratio
+        cfg.precompute_image_embeddings = not d.random_ratio and cfg.control_type != "fill"
+    if cfg.precompute_image_embeddings and cfg.control_type == "fill":
+        raise ConfigError("config key 'precompute_image_embeddings' cannot be used with control_type: fill (the masked image is "
+                          "encoded each step: random masks change every epoch); remove it")
     if cfg.save_cache_on_disk is None:
         cfg.save_cache_on_disk = cfg.precompute_text_embeddings or cfg.precompute_image_embeddings
     if cfg.precompute_image_embeddings and d.random_ratio:

@@ -40,6 +40,7 @@ SHAPES = {
     "right": ("a red disc on the right", (230, 40, 40), "disc", (34, 14, 60, 50)),
 }
 EDIT_CAPTION = "mirror the picture"
+FILL_CAPTION = "fill in the picture"
 PICK_CAPTION = "show the first picture"
 
 
@@ -50,6 +51,7 @@ class Example:
     caption: str
     target: str  # "left" / "right"
     references: tuple[str, ...] = ()
+    masked: bool = False  # inpainting: the target given with its right half masked (fill_mask), to be filled in
 
     @property
     def other(self) -> str:
@@ -65,14 +67,25 @@ def draw(name: str, size: int = SIZE) -> Image.Image:
     return img
 
 
-def case_examples(references: int) -> list[Example]:
+def fill_mask(size: int = SIZE) -> Image.Image:
+    """The inpainting case's mask: the right half (white = repainted). The bar lies in the left half, the disc in the
+    right: what is visible of a picture (a bar, or nothing) decides whether a disc is to be filled in."""
+    img = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(img).rectangle((size // 2, 0, size - 1, size - 1), fill=255)
+    return img
+
+
+def case_examples(references: int, inpaint: bool = False) -> list[Example]:
     """The samples of a learning case with this many references per sample.
 
     0: text-to-image: each picture has its own caption (the caption decides).
     1: edit: the instruction mirrors the reference (the reference decides: left in, right out, and back).
     2: several ordered references: the instruction picks the first of (left, right) or (right, left) (the order of
        the references decides).
+    inpaint: one caption, each picture with its right half masked (the visible left half decides).
     """
+    if inpaint:
+        return [Example(FILL_CAPTION, n, masked=True) for n in SHAPES]
     if references == 0:
         return [Example(SHAPES[n][0], n) for n in SHAPES]
     if references == 1:
@@ -82,10 +95,10 @@ def case_examples(references: int) -> list[Example]:
     raise ValueError(f"no learning case with {references} references")
 
 
-def write_case(folder: Path, references: int) -> tuple[list[Example], dict]:
-    """Write a case's dataset (targets + captions in folder/targets, reference k in folder/ref<k>) and return its
-    examples and the data_config overrides that train on it."""
-    examples = case_examples(references)
+def write_case(folder: Path, references: int, inpaint: bool = False) -> tuple[list[Example], dict]:
+    """Write a case's dataset (targets + captions in folder/targets, reference k in folder/ref<k>, inpainting masks in
+    folder/masks) and return its examples and the data_config overrides that train on it."""
+    examples = case_examples(references, inpaint)
     targets = folder / "targets"
     refs = [folder / f"ref{k + 1}" for k in range(references)]
     for d in (targets, *refs):
@@ -96,6 +109,11 @@ def write_case(folder: Path, references: int) -> tuple[list[Example], dict]:
         for k, name in enumerate(ex.references):
             draw(name).save(refs[k] / f"sample{i}.png")
     overrides = {"data_config.img_dir": str(targets)}
+    if inpaint:
+        (folder / "masks").mkdir(exist_ok=True)
+        for i in range(len(examples)):
+            fill_mask().save(folder / "masks" / f"sample{i}.png")
+        overrides["data_config.mask_dir"] = str(folder / "masks")
     if refs:
         overrides["data_config.control_dir"] = str(refs[0]) if len(refs) == 1 else "[" + ",".join(map(str, refs)) + "]"
     return examples, overrides
@@ -194,9 +212,10 @@ def sample_latents(pipe, adapter, example: Example, steps: int, seed: int, size:
         # Kandinsky 5 renders a fixed list of sizes (1024x1024 and up) and snaps any other request to them; the
         # tiny model learns at SIZE, so that size joins the list (the pipeline's own attribute, nothing else changes).
         pipe.resolutions = [*pipe.resolutions, (size, size)]
-    request = InferenceRequest(prompt=example.caption, images=[draw(n) for n in example.references], width=size, height=size,
+    images = [draw(example.target)] if example.masked else [draw(n) for n in example.references]
+    request = InferenceRequest(prompt=example.caption, images=images, width=size, height=size,
                                true_cfg_scale=1.0, auto_resize=False, max_sequence_length=max_sequence_length,
-                               reference_size=reference_size)
+                               reference_size=reference_size, mask=fill_mask(size) if example.masked else None)
     kwargs = adapter.inference_kwargs(request)
     sizing = adapter.reference_area(pipe, reference_size) if reference_size else contextlib.nullcontext()
     with sizing, decoded_latents(pipe.vae) as seen:
@@ -246,7 +265,7 @@ def train_case(model: str | Path, folder: Path, case, method: str = "lora", **ex
     from trainer.loop import train
     from trainer.models import resolve
 
-    examples, data = write_case(folder / "data", case.references)
+    examples, data = write_case(folder / "data", case.references, case.inpaint)
     out = folder / "out"
     overrides = {
         "pretrained_model_name_or_path": str(model), **data, "data_config.img_size": SIZE, "data_config.train_batch_size": 2,

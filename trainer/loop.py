@@ -604,7 +604,8 @@ def make_loader(cfg: TrainConfig, adapter: ModelAdapter, samples: list, sampler,
     dataset = CaptionDataset(samples, [p.caption_dropout_rate for p in parts], d.random_ratio, cfg.seed, load_pixels=need_pixels,
                              empty_caption=adapter.empty_prompt, reference_transform=adapter.reference_transform(),
                              keep_alpha=adapter.pixel_channels == 4, cached=cached,
-                             captions=[CaptionRule.of(p) if p.shuffle_tags else None for p in parts], aligned_controls=adapter.aligned_controls)
+                             captions=[CaptionRule.of(p) if p.shuffle_tags else None for p in parts], aligned_controls=adapter.aligned_controls,
+                             random_masks=adapter.masks_are_inputs)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=d.num_workers,
                                        pin_memory=device.type == "cuda")
 
@@ -694,7 +695,7 @@ def flow_matching_loss(run: Run, x0: torch.Tensor, cond: dict, batch: dict) -> t
     ])
     noisy = fm.add_noise(x0, noise, sigmas)
     pred = run.adapter.predict(run.transformer, noisy, sigmas, cond)
-    mask = batch.get("masks")
+    mask = None if run.adapter.masks_are_inputs else batch.get("masks")  # FLUX Fill: the masks are its inputs
     mask = fm.latent_mask(mask, x0, run.cfg.data_config.mask_floor) if mask is not None else None
     weights = batch.get("loss_weights")
     weights = weights.to(device) if weights is not None and bool((weights != 1).any()) else None

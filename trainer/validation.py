@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,10 @@ class Validator:
         for s in self.samples:
             if s.image not in seen and len(out) < self.cfg.validation_samples:
                 seen.add(s.image)
-                out.append((s.caption, list(s.controls)))
+                if self.adapter.masks_are_inputs:  # FLUX Fill: the image and its inpainting mask (else a random one)
+                    out.append((s.caption, [s.image] + ([("mask", s.mask, s.mask_alpha)] if s.mask is not None else [])))
+                else:
+                    out.append((s.caption, list(s.controls)))
         return out
 
     def prepare(self) -> None:
@@ -46,11 +50,18 @@ class Validator:
         loaded. Reference images are sized as the training references are (the family's reference_sizes)."""
         from image_datasets import target_size
 
+        from image_datasets.caption_dataset import random_mask
+        from image_datasets.masks import load_mask
+
         cfg = self.cfg
         for prompt, paths in self.entries():
-            images = [load_image(Path(p) if isinstance(p, str) else p, keep_alpha=self.adapter.pixel_channels == 4) for p in paths]
+            images = [load_mask(p[1], p[2]) if isinstance(p, tuple) else
+                      load_image(Path(p) if isinstance(p, str) else p, keep_alpha=self.adapter.pixel_channels == 4) for p in paths]
+            if self.adapter.masks_are_inputs and len(images) == 1:  # an image without its inpainting mask: a random one
+                drawn = random_mask(images[0].size, random.Random(cfg.validation_seed))
+                images.append(Image.fromarray((drawn[0].numpy() * 255).astype(np.uint8)))
             controls, views = [], [[]]
-            for img in images:
+            for img in [] if self.adapter.masks_are_inputs else images:  # FLUX Fill's image and mask: the pipeline's own inputs
                 sized = self.adapter.reference_views(img)
                 controls.append(to_tensor(sized[0]).unsqueeze(0))
                 views[0] += [to_tensor(v) for v in sized[1:]]
@@ -110,7 +121,8 @@ class Validator:
 
 
 def validation_entries(cfg: TrainConfig) -> list[tuple[str, list[str]]]:
-    """(prompt, reference image paths) per validation prompt: an entry's own images, else validation_images."""
+    """(prompt, reference image paths) per validation prompt: an entry's own images, else validation_images (FLUX Fill:
+    the image to inpaint, then its mask)."""
     out = []
     for i, entry in enumerate(cfg.validation_prompts):
         if isinstance(entry, dict):

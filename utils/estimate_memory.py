@@ -61,13 +61,13 @@ def model_adapter(cfg):
         if found is None:
             raise ValueError(f"{cfg.pretrained_model_name_or_path}: its pipeline is not one this trainer trains")
         cls, variant = found
-        return cls(cfg, variant)
+        return cls(cfg, cls.controlled(variant, cfg.control_type))
     hits = [(cls, cls.variant_from_hub_id(cfg.pretrained_model_name_or_path)) for cls in families()]
     hits = [(cls, v) for cls, v in hits if v is not None]
     if not hits:
         raise ValueError(f"cannot tell the family of '{cfg.pretrained_model_name_or_path}' without its model_index.json")
     cls, variant = max(hits, key=lambda h: max(len(x) for x in h[1].hub_hints if x in cfg.pretrained_model_name_or_path.lower()))
-    return cls(cfg, variant)
+    return cls(cfg, cls.controlled(variant, cfg.control_type))
 
 
 def build_transformer_on_meta(adapter):
@@ -83,7 +83,7 @@ def build_transformer_on_meta(adapter):
     else:
         config, source = adapter.released_transformer_config(), f"{cls.__name__} released architecture"
     with torch.device("meta"):
-        model = cls.from_config(config)
+        model = adapter.prepare_transformer(cls.from_config(config))  # FLUX Control / Fill from FLUX.1-dev: widened
     return model, source
 
 

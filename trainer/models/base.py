@@ -40,6 +40,7 @@ class LearningCase:
     learning_rate: float = 1e-2
     reference_size: int | None = None  # data_config.control_size (None: references sized as the pipeline sizes them)
     in_suite: bool = True  # False: too slow for the test suite on 2 CPUs; bench/learning.py runs it (and the suite a short one)
+    inpaint: bool = False  # inpainting (FLUX Fill): one caption, the right half masked; the visible left half decides
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class InferenceRequest:
     max_sequence_length: int | None = None
     auto_resize: bool = True  # let the pipeline snap reference images to the sizes the model was trained on
     reference_size: int | None = None  # references at about this side's area, as data_config.control_size had them (None: the pipeline's own)
+    mask: Any = None  # PIL inpainting mask (white = repainted) for inpainting models (FLUX Fill), with images[0] the image
 
 
 @dataclass
@@ -183,6 +185,9 @@ class ModelAdapter(ABC):
             )
         variant = cls.controlled(variant, cfg.control_type)
         name = variant.pipeline
+        if variant.control == "fill" and cfg.precompute_image_embeddings:  # a FLUX.1-Fill-dev folder (control_type: null)
+            logger.info("%s: images are encoded every step (the masked image changes with each epoch's random mask)", name)
+            cfg.precompute_image_embeddings = False
         if cfg.blocks_to_swap:
             try:
                 tcfg = read_model_index(cfg.pretrained_model_name_or_path, "transformer/config.json")
@@ -212,6 +217,12 @@ class ModelAdapter(ABC):
         more = [v for v in type(self).variants if v.references[1] > high]
         hint = f" (a {more[0].pipeline} model takes up to {more[0].references[1]})" if more else ""
         return ReferenceRule(low, high, self.variant.pipeline, hint, *self.reference_limits, aligned=self.aligned_controls)
+
+    @property
+    def masks_are_inputs(self) -> bool:
+        """The dataset's masks are the model's inpainting masks (FLUX Fill), not loss masks; samples without one get a
+        random mask each epoch."""
+        return self.variant.control == "fill"
 
     @property
     def aligned_controls(self) -> bool:

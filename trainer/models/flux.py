@@ -35,6 +35,8 @@ T5_XXL_PARAMS = 4_762_310_656
 CLIP_L_PARAMS = 123_060_480
 FLUX_VAE_PARAMS = 83_819_683
 DEFAULT_GUIDANCE = 3.5  # the dev / Kontext pipelines' default guidance_scale
+FILL_GUIDANCE = 30.0  # FluxFillPipeline's default guidance_scale (FLUX.1-Fill-dev's)
+VAE_FACTOR = 8  # pixels per latent side of the FLUX VAE (FluxFillPipeline packs the mask's 8x8 pixels per latent)
 
 
 class FluxCond(TypedDict, total=False):
@@ -49,6 +51,15 @@ def latent_ids(h: int, w: int, index: int, device, dtype) -> torch.Tensor:
     ids = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, device, dtype)
     ids[:, 0] = index
     return ids
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """B x 1 x H x W pixel mask -> B x (H/16 * W/16) x 256 tokens: each latent pixel's 8x8 mask values as channels, then
+    2x2-packed, as FluxFillPipeline.prepare_mask_latents lays them out."""
+    b, _, hp, wp = mask.shape
+    h, w = hp // VAE_FACTOR, wp // VAE_FACTOR
+    m = mask[:, 0].reshape(b, h, VAE_FACTOR, w, VAE_FACTOR).permute(0, 2, 4, 1, 3).reshape(b, VAE_FACTOR**2, h, w)
+    return pack_latents(m)
 
 
 def flux_vae_latents(vae, pixels: torch.Tensor, device: torch.device, shift: bool = True,
@@ -74,6 +85,9 @@ class FluxAdapter(ModelAdapter):
         # FLUX.1-Canny-dev / Depth-dev (in_channels 128), or FLUX.1-dev widened (the Canny / Depth LoRAs)
         Variant("flux-control", "FluxControlPipeline", (1, 1), hub_hints=("canny", "depth"),
                 learning=LearningCase(1, 300, 1e-2), control="concat", widens=("FluxPipeline",)),
+        # FLUX.1-Fill-dev (in_channels 384), or FLUX.1-dev widened: inpainting (masked image + mask channels)
+        Variant("flux-fill", "FluxFillPipeline", hub_hints=("fill",), learning=LearningCase(0, 300, 1e-2, inpaint=True),
+                control="fill", widens=("FluxPipeline",)),
     )
     default_guidance = DEFAULT_GUIDANCE
     transformer_class = "FluxTransformer2DModel"
@@ -86,6 +100,8 @@ class FluxAdapter(ModelAdapter):
         super().__init__(*args, **kwargs)
         self.guidance = False  # the transformer has a guidance embedding (dev, Kontext); set when it loads
         self.widened = False  # prepare_transformer widened x_embedder (FLUX Control from FLUX.1-dev)
+        if self.variant.control == "fill":
+            self.default_guidance = FILL_GUIDANCE
         if self.variant.control:  # the input layer learns to read the control channels
             self.default_target_modules = (*type(self).default_target_modules, "x_embedder")
 
@@ -130,19 +146,22 @@ class FluxAdapter(ModelAdapter):
         return ("x_embedder",) if self.widened else ()
 
     def prepare_transformer(self, transformer: torch.nn.Module) -> torch.nn.Module:
-        """FLUX Control on a FLUX.1-dev transformer: x_embedder widened to twice its inputs, the new (control)
-        inputs' weights zero, in_channels / out_channels set, exactly as diffusers' LoRA loader widens it."""
+        """FLUX Control / Fill on a FLUX.1-dev transformer: x_embedder widened for the control latents (Control: twice
+        its inputs) or the masked image's latents and the packed mask (Fill: twice its inputs + 2x2 x 8x8 mask
+        values), the new inputs' weights zero, in_channels / out_channels set, exactly as diffusers' LoRA loader
+        widens it."""
         x = transformer.x_embedder
         if not self.variant.control or transformer.config.in_channels != transformer.out_channels:
             return transformer  # no control, or already a control model (FLUX.1-Canny-dev: 128 in, 64 out)
-        wide = torch.nn.Linear(2 * x.in_features, x.out_features, bias=x.bias is not None, device=x.weight.device, dtype=x.weight.dtype)
+        extra = x.in_features + (4 * VAE_FACTOR**2 if self.variant.control == "fill" else 0)
+        wide = torch.nn.Linear(x.in_features + extra, x.out_features, bias=x.bias is not None, device=x.weight.device, dtype=x.weight.dtype)
         with torch.no_grad():
             wide.weight.zero_()
             wide.weight[:, : x.in_features].copy_(x.weight)
             if x.bias is not None:
                 wide.bias.copy_(x.bias)
         transformer.x_embedder = wide.requires_grad_(x.weight.requires_grad)
-        transformer.register_to_config(in_channels=2 * x.in_features, out_channels=x.in_features)
+        transformer.register_to_config(in_channels=x.in_features + extra, out_channels=x.in_features)
         self.widened = True
         return transformer
 
@@ -176,6 +195,13 @@ class FluxAdapter(ModelAdapter):
 
     @torch.no_grad()
     def encode_latents(self, batch: dict) -> tuple[torch.Tensor, Cond]:
+        if self.variant.control == "fill":
+            # FluxFillPipeline: masked_image = image * (1 - mask) with the mask binarized at 0.5; the product keeps
+            # the image's channels-last layout
+            pixels = batch["pixel_values"]
+            mask = (batch["masks"] >= 0.5).to(pixels.dtype)
+            masked = flux_vae_latents(self.vae, pixels.to(self.device) * (1 - mask.to(self.device)), self.device)
+            return self.encode_images(pixels), {"fill_latents": masked, "fill_mask": mask.to(self.device)}
         if not self.variant.control:
             return super().encode_latents(batch)
         # FluxControlPipeline's prepare_image copies the control with repeat_interleave: the VAE sees it contiguous
@@ -189,7 +215,9 @@ class FluxAdapter(ModelAdapter):
         dev, dt = noisy.device, self.weight_dtype
         target = pack_latents(noisy.to(dt))
         controls = cond.get("control_latents", [])
-        if self.variant.control:
+        if self.variant.control == "fill":
+            hidden = torch.cat([target, pack_latents(cond["fill_latents"].to(dt)), pack_mask(cond["fill_mask"].to(dt))], dim=2)
+        elif self.variant.control:
             hidden, controls = torch.cat([target, pack_latents(controls[0].to(dt))], dim=2), []
         else:
             hidden = torch.cat([target, *(pack_latents(c.to(dt)) for c in controls)], dim=1)
@@ -216,16 +244,20 @@ class FluxAdapter(ModelAdapter):
             kwargs.update(_auto_resize=False, max_area=size[0] * size[1])
             if images:
                 kwargs["image"] = self.reference_views(images[0])[0]
+        elif self.variant.control == "fill" and images:
+            kwargs.update(image=images[0], mask_image=images[1])  # the pipeline sizes both to the output's size
         elif self.variant.control and images:
             kwargs["control_image"] = self.reference_views(images[0])[0]
         return kwargs
 
     def inference_kwargs(self, request: InferenceRequest) -> dict:
-        kwargs = {"guidance_scale": DEFAULT_GUIDANCE if request.guidance_scale is None else request.guidance_scale}
+        kwargs = {"guidance_scale": self.default_guidance if request.guidance_scale is None else request.guidance_scale}
         if request.max_sequence_length is not None:
             kwargs["max_sequence_length"] = request.max_sequence_length
         if request.images:
-            kwargs["control_image" if self.variant.control else "image"] = request.images[0]
+            kwargs["control_image" if self.variant.control == "concat" else "image"] = request.images[0]
+        if self.variant.control == "fill":
+            kwargs["mask_image"] = request.mask
         if self.variant.pipeline == "FluxKontextPipeline":
             kwargs["_auto_resize"] = request.auto_resize
             if request.width and request.height:
@@ -270,7 +302,7 @@ class FluxAdapter(ModelAdapter):
                 base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15, shift=3.0, use_dynamic_shifting=True,
             ),
             vae=build_flux_vae(), text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5, tokenizer_2=t5_tok,
-            transformer=build_flux_transformer(guidance_embeds=True, control=bool(self.variant.control)),
+            transformer=build_flux_transformer(guidance_embeds=True, control=self.variant.control),
         ).save_pretrained(out)
 
 
@@ -313,12 +345,14 @@ def build_t5(hidden: int = 32):
     return T5EncoderModel(config), tokenizer
 
 
-def build_flux_transformer(guidance_embeds: bool, joint_attention_dim: int = 32, pooled_dim: int = 32, control: bool = False):
-    """control=True: a FLUX.1-Canny-dev layout (the control latents' channels beside the target's: 2 x 16 in, 16 out)."""
+def build_flux_transformer(guidance_embeds: bool, joint_attention_dim: int = 32, pooled_dim: int = 32, control: str = ""):
+    """control="concat": FLUX.1-Canny-dev's layout (the control latents' channels beside the target's: 2 x 16 in, 16 out);
+    "fill": FLUX.1-Fill-dev's (target, masked image, 2x2-packed 8x8 mask: 16 + 16 + 256 in, 16 out)."""
     from diffusers import FluxTransformer2DModel
 
+    extra = {"concat": 16, "fill": 16 + 4 * VAE_FACTOR**2}.get(control, 0)
     return FluxTransformer2DModel(
-        patch_size=1, in_channels=32 if control else 16, out_channels=16 if control else None, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        patch_size=1, in_channels=16 + extra, out_channels=16 if control else None, num_layers=1, num_single_layers=2, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=joint_attention_dim, pooled_projection_dim=pooled_dim,
         guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8),
     )
