@@ -64,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
             from trainer.data import scan_for_training
             from trainer.models import resolve
 
-            cls, variant = resolve(cfg.pretrained_model_name_or_path)
+            cls, _ = resolve(cfg.pretrained_model_name_or_path)
             cls.check_setup(cfg)  # the checks training runs before its dataset scan
-            scan = scan_for_training(cfg, cls(cfg, variant))
+            scan = scan_for_training(cfg, cls.from_model(cfg))  # the variant cfg.control_type trains, too
         except (ConfigError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
