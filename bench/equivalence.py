@@ -58,6 +58,7 @@ CASES = [
     Case("FLUX.1-Kontext-dev, 1 ref", "flux-kontext", 1),
     Case("FLUX.1 Control (Canny / Depth dev)", "flux-control", 1, layout="concat"),
     Case("FLUX.1 Fill (inpainting)", "flux-fill", layout="fill"),
+    Case("FLUX.1-dev + ControlNet", "flux-controlnet", 1),
     Case("Z-Image", "z-image", layout="frames"),
     Case("Chroma", "chroma"),
     Case("Kandinsky 5.0 Image", "kandinsky5", layout="frames-last"),
@@ -271,7 +272,7 @@ def pipeline_call_kwargs(case: Case, refs: list[Path], work: Path) -> dict:
         kwargs["image"] = images
     elif case.variant == "flux-kontext":
         kwargs.update(image=images[0], max_area=w * h)  # _auto_resize on: the pipeline's default reference sizing
-    elif case.variant == "flux-control":
+    elif case.variant in ("flux-control", "flux-controlnet"):
         kwargs["control_image"] = images[0]  # 800x600: the target's aspect, resized by the pipeline to 512x384
     elif case.variant == "flux-fill":
         kwargs.update(image=Image.open(work / "target.png").convert("RGB"), mask_image=Image.open(work / "mask.png"))
@@ -288,19 +289,32 @@ def compare(case: Case, model: Path, work: Path) -> dict:
     from trainer.models import resolve
 
     cls, variant = resolve(str(model))
-    cfg = load_config(None, [f"pretrained_model_name_or_path={model}", "mixed_precision=no"], check_paths=False)
-    adapter = cls(cfg, variant)
+    controlnet = case.variant == "flux-controlnet"
+    more = ["training_method=controlnet", "controlnet_layers=1", "controlnet_single_layers=1"] if controlnet else []
+    cfg = load_config(None, [f"pretrained_model_name_or_path={model}", "mixed_precision=no", *more], check_paths=False)
+    adapter = cls.from_model(cfg)
     adapter.load()
     pipe = DiffusionPipeline.from_pretrained(model, **adapter.pipeline_components(str(model)))
+    model_call = pipe.transformer
+    if controlnet:  # a ControlNet whose zero-initialised layers are random, so that its residuals count
+        from trainer.methods.controlnet import ControlNetPair
+
+        torch.manual_seed(1)
+        net = adapter.make_controlnet(pipe.transformer)
+        for layer in [*net.controlnet_blocks, *net.controlnet_single_blocks, net.controlnet_x_embedder]:
+            torch.nn.init.normal_(layer.weight, std=0.2)
+        pipe = adapter.pipeline_class(**pipe.components, controlnet=net)
+        model_call = ControlNetPair(pipe.transformer, net, adapter)
     target, refs = write_inputs(work, case.references)
-    with torch.no_grad(), latent_means(case.variant in ("flux-control", "flux-fill")):
+    with torch.no_grad(), latent_means(case.variant in ("flux-control", "flux-fill", "flux-controlnet")):
         ref_inputs, ref_out = capture_first_call(pipe.transformer, lambda: pipe(**pipeline_call_kwargs(case, refs, work)))
         batch = trainer_batch(adapter, target, refs, [PROMPT], work)
         _, cond = adapter.encode_batch(batch)
         noisy, sigma, n_target = latents_and_sigma(case, ref_inputs)
-        ours_inputs, ours_out = capture_first_call(pipe.transformer, lambda: adapter.predict(pipe.transformer, noisy, sigma, cond))
-        pred = adapter.predict(pipe.transformer, noisy, sigma, cond)
-    result = {k: max_diff(v, ours_inputs.get(k)) for k, v in ref_inputs.items() if k not in IGNORED_INPUTS}
+        ours_inputs, ours_out = capture_first_call(pipe.transformer, lambda: adapter.predict(model_call, noisy, sigma, cond))
+        pred = adapter.predict(model_call, noisy, sigma, cond)
+    ignored = [k for k in IGNORED_INPUTS if not (controlnet and k.startswith("controlnet_"))]  # its residuals are compared
+    result = {k: max_diff(v, ours_inputs.get(k)) for k, v in ref_inputs.items() if k not in ignored}
     result["prediction"] = max_diff(pipeline_prediction(case, ref_out, n_target), pred)
     result["transformer output"] = max_diff(ref_out, ours_out)
     if case.layout == "frames":

@@ -49,7 +49,7 @@ def runs(only: list[str] | None = None) -> dict[str, tuple]:
     """run name -> (variant, case, method, quantize): every variant's LoRA case, then EXTRA_RUNS."""
     from trainer.models import variants
 
-    table = {name: (name, v.learning, "lora", "none") for name, (_cls, v) in sorted(variants().items())}
+    table = {name: (name, v.learning, v.learning.method, "none") for name, (_cls, v) in sorted(variants().items())}
     for name, (variant, case, method, quantize) in EXTRA_RUNS.items():
         table[name] = (variant, case or variants()[variant][1].learning, method, quantize)
     return {k: v for k, v in table.items() if not only or v[0] in only}

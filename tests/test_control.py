@@ -160,7 +160,7 @@ def test_wrong_control_setups_are_one_line_before_the_model_loads(tiny_models, t
 
     flux, qwen = tiny_models("flux"), tiny_models("qwen-image")
     data = write_dataset(tmp_path / "t", n=1, size=(64, 64))
-    with pytest.raises(ConfigError, match="control_type.*QwenImagePipeline model cannot train it"):
+    with pytest.raises(ConfigError, match="'control_type: concat': a QwenImagePipeline model cannot train it"):
         QwenImageAdapter.check_setup(load_config(None, base_overrides(qwen, data, tmp_path / "o", control_type="concat")))
     with pytest.raises(ConfigError, match="needs control images"):
         FluxAdapter.check_setup(load_config(None, base_overrides(flux, data, tmp_path / "o", control_type="concat")))

@@ -15,9 +15,9 @@ IN_SUITE = [name for name, case in LEARNING.items() if case is not None and case
 EXTRA = {name: run for name, run in runs().items() if name in EXTRA_RUNS and run[1].in_suite}  # full fine-tuning, a quantized base
 
 
-def run_case(tiny_models, tmp_path, variant: str, case: LearningCase, method: str = "lora", quantize: str = "none",
+def run_case(tiny_models, tmp_path, variant: str, case: LearningCase, method: str | None = None, quantize: str = "none",
              wrong_sign: bool = False):
-    return learning.run(tiny_models(variant), tmp_path, case, method, quantize, wrong_sign)[0]
+    return learning.run(tiny_models(variant), tmp_path, case, method or case.method, quantize, wrong_sign)[0]
 
 
 def test_every_variant_has_a_learning_case():

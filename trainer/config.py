@@ -44,7 +44,7 @@ LR_SCHEDULERS = (
 )
 TRACKERS = ("none", "tensorboard", "wandb", "all")
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy")
-TRAINING_METHODS = ("lora", "full")
+TRAINING_METHODS = ("lora", "full", "controlnet")
 LORA_TYPES = ("lora", "lokr", "loha")
 CONTROL_TYPES = ("concat", "fill")
 FULL_WEIGHTS = ("fp32", "bf16")
@@ -178,7 +178,11 @@ class TrainConfig:
     cache_batch_size: int = doc(4, "images per VAE call while building the embedding cache (samples of equal sizes are batched)")
 
     control_type: Optional[str] = doc(None, f"train a control / inpainting model: {', '.join(CONTROL_TYPES)}; concat = FLUX Control (FluxControlPipeline: the control image's latents beside the noisy latents on the channel axis; control images in data_config.control_dir, same stems and aspect as the images); fill = FLUX Fill inpainting (FluxFillPipeline: the masked image's latents and the mask beside them; masks from data_config.mask_dir / alpha_mask / a mask column, else random rectangles). From FLUX.1-dev the input layer is widened and trained, as BFL's Canny / Depth LoRAs. null = as the model folder's pipeline (FLUX.1-Canny-dev: concat, FLUX.1-Fill-dev: fill)")
-    training_method: str = doc("lora", f"what is trained: {', '.join(TRAINING_METHODS)}; lora = adapters on the frozen transformer (a LoRA file), full = the transformer's own weights (a diffusers transformer folder)")
+    training_method: str = doc("lora", f"what is trained: {', '.join(TRAINING_METHODS)}; lora = adapters on the frozen transformer (a LoRA file), full = the transformer's own weights (a diffusers transformer folder), controlnet = a ControlNet beside the frozen transformer (a diffusers ControlNet folder; FLUX.1; control images in data_config.control_dir)")
+    controlnet_model_name_or_path: Optional[str] = doc(None, "controlnet: continue training this ControlNet (a diffusers folder or hub id of the family's ControlNet class); null = a new one started from the transformer's first blocks (their weights copied, the control input and outputs zero)")
+    controlnet_layers: int = doc(4, "controlnet (new): double-stream blocks of the ControlNet (each a copy of the transformer's block; FLUX.1 has 19)")
+    controlnet_single_layers: int = doc(0, "controlnet (new): single-stream blocks of the ControlNet (FLUX.1 has 38; InstantX's Union uses 10)")
+    controlnet_conditioning_scale: float = doc(1.0, "controlnet: the ControlNet's strength in validation previews (training runs at 1.0, as the released ControlNets)")
     trainable_modules: Optional[list[str]] = doc(None, "full: train only the parameters whose names contain one of these (e.g. [transformer_blocks.0., proj_out]); null = every transformer weight")
     full_weights: str = doc("fp32", "full: dtype the trained weights are kept in: fp32 (master weights; the forward runs in mixed_precision) or bf16 (half the memory; optimizer=adamw rounds each update stochastically so small updates are not lost)")
     ema_decay: float = doc(0.0, "full: keep an exponential moving average of the trained weights (e.g. 0.9999), saved as transformer_ema/ and used for validation previews; 0 = off")
@@ -313,6 +317,26 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
     _check_choice("full_weights", cfg.full_weights, FULL_WEIGHTS)
     if not cfg.freeze_text_encoder:
         raise ConfigError("config key 'freeze_text_encoder' is false, but this trainer never trains the text encoder; remove the key or set it to true")
+    controlnet_keys = {"controlnet_model_name_or_path": None, "controlnet_layers": 4, "controlnet_single_layers": 0}
+    if cfg.training_method == "controlnet":
+        if cfg.control_type is not None:
+            raise ConfigError(f"config keys 'control_type: {cfg.control_type}' and 'training_method: controlnet' are two ways of "
+                              "training control; use one")
+        for key, default in (*ADAPTER_KEYS.items(), ("assistant_lora", None), ("trainable_modules", None), ("ema_decay", 0.0),
+                             ("full_weights", "fp32")):
+            if getattr(cfg, key) != default:
+                raise ConfigError(f"config key '{key}' does not apply to training_method: controlnet (the ControlNet is trained whole, "
+                                  "in fp32); remove it")
+        if cfg.controlnet_layers < 0 or cfg.controlnet_single_layers < 0 or cfg.controlnet_layers + cfg.controlnet_single_layers < 1:
+            raise ConfigError(f"config keys 'controlnet_layers' / 'controlnet_single_layers' ({cfg.controlnet_layers} / "
+                              f"{cfg.controlnet_single_layers}) must be >= 0 with at least one block")
+        name = cfg.controlnet_model_name_or_path
+        if check_paths and name is not None and (Path(name).exists() or name.startswith((".", "/", "~"))) and not (Path(name).expanduser() / "config.json").is_file():
+            raise ConfigError(f"config key 'controlnet_model_name_or_path': '{name}' is not a ControlNet folder (no config.json in it)")
+    else:
+        for key, default in controlnet_keys.items():
+            if getattr(cfg, key) != default:
+                raise ConfigError(f"config key '{key}' applies to training_method: controlnet only")
     if cfg.training_method == "full":
         if cfg.quantize != "none":
             raise ConfigError(f"config key 'quantize' is {cfg.quantize}, but full training updates the transformer's own weights, which "
@@ -330,7 +354,7 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         if cfg.full_weights == "bf16" and cfg.optimizer != "adamw":
             raise ConfigError(f"config key 'full_weights: bf16' rounds updates stochastically inside optimizer=adamw only; got optimizer={cfg.optimizer} "
                               "(use full_weights: fp32, or optimizer: adamw)")
-    else:
+    elif cfg.training_method == "lora":
         check_adapter_keys(cfg)
         for key, default in (("trainable_modules", None), ("ema_decay", 0.0)):
             if getattr(cfg, key) != default:

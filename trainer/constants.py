@@ -3,6 +3,7 @@
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers-format LoRA (pipe.load_lora_weights reads it)
 COMFY_FILE = "pytorch_lora_weights_comfyui.safetensors"  # the same LoRA in ComfyUI naming (lora_format: comfyui)
 TRANSFORMER_DIR = "transformer"  # full training: the trained transformer (diffusers save_pretrained folder)
+CONTROLNET_DIR = "controlnet"  # training_method: controlnet: the trained ControlNet (diffusers save_pretrained folder)
 TRANSFORMER_EMA_DIR = "transformer_ema"  # full training with ema_decay: the averaged weights
 STATE_FILE = "training_state.pt"  # optimizer, LR schedule, step, data position, RNG states
 CONFIG_FILE = "config.yaml"  # the exact config of a run, in every checkpoint

@@ -240,19 +240,20 @@ def score(pipe, adapter, examples: list[Example], steps: int, seed: int, max_seq
 
 
 def measure_learning(model: str | Path, examples: list[Example], lora: str | Path | None = None,
-                     transformer: str | Path | None = None, steps: int = 10, seed: int = 0, quantize: str = "none",
+                     transformer: str | Path | None = None, controlnet: str | Path | None = None, steps: int = 10, seed: int = 0,
+                     quantize: str = "none",
                      max_sequence_length: int | None = TEXT_TOKENS, reference_size: int | None = None) -> Report:
     """Sample every example with the base pipeline and with the trained one (a LoRA, or a fully fine-tuned
     transformer folder), loaded as a user loads them, and compare both with the training targets.
     `max_sequence_length`: the prompt length the training used, when it was not the pipeline's default."""
     from trainer.pipelines import adapter_for, load_pipeline
 
-    adapter = adapter_for(str(model), str(lora) if lora else None)
+    adapter = adapter_for(str(model), str(lora) if lora else None, controlnet=controlnet is not None)
     base = load_pipeline(adapter, torch.float32, "cpu", quantize=quantize)
     before = score(base, adapter, examples, steps, seed, max_sequence_length, reference_size)
     del base
     trained = load_pipeline(adapter, torch.float32, "cpu", lora=str(lora) if lora else None, quantize=quantize,
-                            transformer=str(transformer) if transformer else None)
+                            transformer=str(transformer) if transformer else None, controlnet=str(controlnet) if controlnet else None)
     after = score(trained, adapter, examples, steps, seed, max_sequence_length, reference_size)
     return Report(before, after, examples)
 
@@ -276,23 +277,26 @@ def train_case(model: str | Path, folder: Path, case, method: str = "lora", **ex
     }
     if method == "lora":
         overrides.update(rank=16, lora_target_modules="[" + ",".join(linear_layers(model)) + "]")
+    if method == "controlnet":  # as many blocks as the tiny transformer has
+        overrides.update(controlnet_layers=1, controlnet_single_layers=1)
     overrides.update(extra)
     train(load_config(None, [f"{k}={v}" for k, v in overrides.items()]), resolve(str(model))[0])
     return examples, out
 
 
-def run(model: str | Path, folder: Path, case, method: str = "lora", quantize: str = "none",
+def run(model: str | Path, folder: Path, case, method: str | None = None, quantize: str = "none",
         wrong_sign: bool = False, **extra) -> tuple[Report, float]:
     """train_case, then measure_learning on what it saved (the LoRA, or the exported transformer for full
     fine-tuning); `wrong_sign`: the negative control; `extra`: further config overrides (e.g. lora_type=lokr).
     Returns the report and the training's seconds."""
     import time
 
+    method = method or case.method
     start = time.time()
     with wrong_target_sign() if wrong_sign else contextlib.nullcontext():
         examples, out = train_case(model, folder, case, method, quantize=quantize, **extra)
     seconds = time.time() - start
-    trained = {"transformer": out} if method == "full" else {"lora": out}
+    trained = {"full": {"transformer": out}, "controlnet": {"controlnet": out}}.get(method, {"lora": out})
     return measure_learning(model, examples, quantize=quantize, reference_size=case.reference_size, **trained), seconds
 
 

@@ -42,7 +42,7 @@ from trainer.checkpoint import (
 from trainer.cache import gc_paused
 from trainer.output_dir import release_lock
 from trainer.config import ConfigError, TrainConfig, caching_note, inside
-from trainer.constants import CONFIG_FILE, LOG_FILE, STATE_FILE, torch_dtype
+from trainer.constants import CONFIG_FILE, CONTROLNET_DIR, LOG_FILE, STATE_FILE, torch_dtype
 from trainer.data import scan_for_training
 from trainer.distributed import (
     ENGINE_FILES,
@@ -594,7 +594,7 @@ def load_trainable(cfg: TrainConfig, adapter: ModelAdapter, method: TrainingMeth
         transformer.enable_gradient_checkpointing()
     if cfg.torch_compile:
         transformer.compile_repeated_blocks()  # diffusers' regional compile: each block type compiled once
-    return transformer, params
+    return method.trained_model(transformer), params
 
 
 def make_loader(cfg: TrainConfig, adapter: ModelAdapter, samples: list, sampler, device: torch.device, cached=None) -> torch.utils.data.DataLoader:
@@ -861,11 +861,16 @@ def inference_command(run: Run, final: Path) -> str:
     entries = run.validator.entries() or [(s.caption, list(s.controls)) for s in run.validator.samples[:1]]
     prompt, refs = entries[0] if entries else ("...", [])
     size = run.validator.samples[0].size if run.validator.samples else (cfg.data_config.img_size,) * 2
-    weights = ["--transformer", str(run.out)] if cfg.training_method == "full" else ["--lora_weights", str(final)]
-    images = [a for r in refs for a in ("--image", str(r) if isinstance(r, (str, Path)) else "<reference image>")]
+    weights = {"full": ["--transformer", str(run.out)], "controlnet": ["--controlnet", str(run.out / CONTROLNET_DIR)]}.get(
+        cfg.training_method, ["--lora_weights", str(final)])
+    flag = "--control_image" if run.adapter.variant.control in ("concat", "controlnet") else "--image"
+    images = [a for r in refs for a in (("--mask", str(r[1])) if isinstance(r, tuple) else  # FLUX Fill: (mask, path, alpha)
+                                        (flag, str(r) if isinstance(r, (str, Path)) else "<reference image>"))]
+    if run.adapter.masks_are_inputs and "--mask" not in images:
+        images += ["--mask", "<your mask>"]
     cmd = ["python", "inference.py", "--model_name", cfg.pretrained_model_name_or_path, *weights, "--prompt", prompt, *images,
            "--width", str(size[0]), "--height", str(size[1]), "--output_image", str(run.out / "sample.png")]
-    return " ".join(shlex.quote(c) if c != "<reference image>" else c for c in cmd)
+    return " ".join(shlex.quote(c) if c not in ("<reference image>", "<your mask>") else c for c in cmd)
 
 
 class StopRequest:

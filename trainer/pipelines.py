@@ -12,10 +12,10 @@ class ToolError(ValueError):
     """A user mistake in a tool's arguments; printed as one line."""
 
 
-def adapter_for(model_name: str, lora: str | None = None):
+def adapter_for(model_name: str, lora: str | None = None, controlnet: bool = False):
     """The family adapter (no weights) of a model folder or hub id, from its model_index.json; with the `lora` it
     will run, the variant that LoRA was trained for where it widens this model (a FLUX Control LoRA on FLUX.1-dev
-    runs in a FluxControlPipeline)."""
+    runs in a FluxControlPipeline); `controlnet`: the variant that runs the model with a ControlNet."""
     from trainer.models import read_model_index, resolve
 
     p = Path(model_name)
@@ -31,8 +31,15 @@ def adapter_for(model_name: str, lora: str | None = None):
     except ValueError as e:
         raise ToolError(str(e)) from None
     trained = cls.variant_named(lora_variant(lora) or "") if lora else None
-    if trained is not None and variant.pipeline in trained.widens:
+    if trained is not None and variant.pipeline in trained.starts_from:
         variant = trained
+    if controlnet:
+        from trainer.config import ConfigError
+
+        try:
+            variant = cls.controlled(variant, "controlnet")
+        except ConfigError:
+            raise ToolError(f"{variant.pipeline} models have no ControlNet pipeline here (ControlNets: FLUX.1)") from None
     return cls(TrainConfig(pretrained_model_name_or_path=model_name), variant)
 
 
@@ -139,16 +146,44 @@ def load_lora(pipe, path: str, name: str = "lora", scale: float = 1.0) -> None:
     pipe.set_adapters([name], adapter_weights=[scale])
 
 
+def load_controlnet(adapter, path: str, dtype):
+    """A trained ControlNet folder (a run's output_dir / checkpoint holding controlnet/, or the folder itself) of the
+    family's ControlNet class."""
+    import json
+
+    import diffusers
+
+    from trainer.constants import CONTROLNET_DIR
+
+    p = Path(path)
+    folder = next((c for c in (p, p / CONTROLNET_DIR) if (c / "config.json").is_file()), None)
+    if folder is None:
+        raise ToolError(f"'{path}' is not a ControlNet folder (no config.json in it or in {CONTROLNET_DIR}/)")
+    found = json.loads((folder / "config.json").read_text()).get("_class_name")
+    if found != adapter.controlnet_class:
+        raise ToolError(f"'{folder}' holds a {found}, but {adapter.variant.name} uses a {adapter.controlnet_class}")
+    return getattr(diffusers, found).from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
+
+
 def load_pipeline(adapter, dtype, device: str, lora: str | None = None, lora_scale: float = 1.0,
-                  quantize: str = "none", offload: str = "none", transformer: str | None = None):
+                  quantize: str = "none", offload: str = "none", transformer: str | None = None, controlnet: str | None = None):
     """The family's pipeline from its folder, optionally with a fully fine-tuned transformer, quantized block-wise
-    (as in training) and with a LoRA."""
+    (as in training) and with a LoRA; a ControlNet variant with the `controlnet` folder (None: a new ControlNet as
+    training starts it, whose residuals are zero: the base model)."""
     import torch
 
     name = adapter.cfg.pretrained_model_name_or_path
     if lora:
         check_lora(lora, adapter)  # before the model loads
     extra = {"transformer": load_transformer(adapter, transformer, dtype)} if transformer else {}
+    if adapter.variant.control == "controlnet":
+        if controlnet:
+            extra["controlnet"] = load_controlnet(adapter, controlnet, dtype)
+        else:
+            import diffusers
+
+            base = getattr(diffusers, adapter.transformer_class).from_pretrained(name, subfolder="transformer", torch_dtype=dtype)
+            extra["controlnet"] = adapter.make_controlnet(base).to(dtype)
     # the variant's pipeline class: the model folder's own, or the one its LoRA widens it into (FluxControlPipeline)
     pipe = adapter.pipeline_class.from_pretrained(name, dtype=dtype, **adapter.pipeline_components(name), **extra)
     if quantize != "none":

@@ -54,6 +54,7 @@ def _local_file(name: str, rel: str) -> Path | None:
 def model_adapter(cfg):
     """The family adapter (no weights) from model_index.json, or from a well-known hub id when it is not here."""
     from trainer.models import families, lookup
+    from trainer.models.base import control_of
 
     index = _local_file(cfg.pretrained_model_name_or_path, "model_index.json")
     if index is not None:
@@ -61,13 +62,13 @@ def model_adapter(cfg):
         if found is None:
             raise ValueError(f"{cfg.pretrained_model_name_or_path}: its pipeline is not one this trainer trains")
         cls, variant = found
-        return cls(cfg, cls.controlled(variant, cfg.control_type))
+        return cls(cfg, cls.controlled(variant, control_of(cfg)))
     hits = [(cls, cls.variant_from_hub_id(cfg.pretrained_model_name_or_path)) for cls in families()]
     hits = [(cls, v) for cls, v in hits if v is not None]
     if not hits:
         raise ValueError(f"cannot tell the family of '{cfg.pretrained_model_name_or_path}' without its model_index.json")
     cls, variant = max(hits, key=lambda h: max(len(x) for x in h[1].hub_hints if x in cfg.pretrained_model_name_or_path.lower()))
-    return cls(cfg, cls.controlled(variant, cfg.control_type))
+    return cls(cfg, cls.controlled(variant, control_of(cfg)))
 
 
 def build_transformer_on_meta(adapter):

@@ -1,4 +1,5 @@
-"""Training methods: what is trained on top of a family's transformer: LoRA (lora.py) or its own weights (full.py).
+"""Training methods: what is trained on top of a family's transformer: LoRA (lora.py), its own weights (full.py) or
+a ControlNet beside it (controlnet.py).
 
 A method attaches its trainable parameters to the placed transformer, saves and loads them, and says which files
 make a checkpoint complete and which it publishes in output_dir at the end. It knows nothing about a family beyond
@@ -31,6 +32,11 @@ class TrainingMethod(ABC):
 
     def check_setup(self) -> None:
         """Refuse a configuration that cannot work, before any model loads (ConfigError)."""
+
+    def trained_model(self, transformer: torch.nn.Module) -> torch.nn.Module:
+        """The module the loop trains, prepares and hands to `predict` (default: the transformer itself; a ControlNet
+        method pairs it with the ControlNet)."""
+        return transformer
 
     def prepared(self, params: list[torch.nn.Parameter]) -> None:
         """The trainable parameters as accelerate prepared them (FSDP replaces them with sharded ones)."""
@@ -93,6 +99,10 @@ class TrainingMethod(ABC):
 
 
 def make_method(cfg: TrainConfig, adapter) -> TrainingMethod:
+    if cfg.training_method == "controlnet":
+        from trainer.methods.controlnet import ControlNetMethod
+
+        return ControlNetMethod(cfg, adapter)
     if cfg.training_method == "full":
         from trainer.methods.full import FullMethod
 

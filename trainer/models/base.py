@@ -41,6 +41,7 @@ class LearningCase:
     reference_size: int | None = None  # data_config.control_size (None: references sized as the pipeline sizes them)
     in_suite: bool = True  # False: too slow for the test suite on 2 CPUs; bench/learning.py runs it (and the suite a short one)
     inpaint: bool = False  # inpainting (FLUX Fill): one caption, the right half masked; the visible left half decides
+    method: str = "lora"  # the training_method it trains with (a ControlNet variant: controlnet)
 
 
 @dataclass(frozen=True)
@@ -52,13 +53,13 @@ class Variant:
     references: tuple[int, int] = (0, 0)  # (min, max) reference / control images per sample
     hub_hints: tuple[str, ...] = ()  # lower-case substrings of hub ids of this variant (planner without a model folder)
     learning: LearningCase | None = None  # its learning test (a family is not done without one)
-    # config `control_type` this variant trains ("concat": the control image's latents concatenated to the noisy
-    # latents on the channel axis, FLUX Control); "" = none. Its control images are pixel-aligned with the target:
-    # cropped and sized with it.
+    # the control this variant trains: config `control_type` ("concat": the control image's latents beside the noisy
+    # latents on the channel axis, FLUX Control; "fill": FLUX Fill inpainting) or "controlnet" (training_method:
+    # controlnet); "" = none. Its control images are pixel-aligned with the target: cropped and sized with it.
     control: str = ""
-    # pipelines whose models this variant trains from by widening the transformer's input layer (FLUX.1-dev ->
-    # FluxControlPipeline, as BFL's Canny / Depth LoRAs were trained); the pipeline's LoRA loader widens it again
-    widens: tuple[str, ...] = ()
+    # pipelines whose models this variant trains from: FLUX Control / Fill widen FLUX.1-dev's input layer (the
+    # pipeline's LoRA loader widens it again); a ControlNet is trained beside FLUX.1-dev's transformer
+    starts_from: tuple[str, ...] = ()
 
 
 @dataclass
@@ -75,6 +76,7 @@ class InferenceRequest:
     max_sequence_length: int | None = None
     auto_resize: bool = True  # let the pipeline snap reference images to the sizes the model was trained on
     reference_size: int | None = None  # references at about this side's area, as data_config.control_size had them (None: the pipeline's own)
+    conditioning_scale: float = 1.0  # the ControlNet's strength (controlnet_conditioning_scale)
     mask: Any = None  # PIL inpainting mask (white = repainted) for inpainting models (FLUX Fill), with images[0] the image
 
 
@@ -86,6 +88,11 @@ class PlannerSpec:
     vae_params: int
     text_tokens: int  # prompt tokens the transformer sees in a typical step
     token_width: int = 0  # width of the transformer's token stream (0: heads x head dim from its config)
+
+
+def control_of(cfg: TrainConfig) -> str | None:
+    """The control a config trains: "controlnet" for training_method: controlnet, else control_type (None: none)."""
+    return "controlnet" if cfg.training_method == "controlnet" else cfg.control_type
 
 
 def release_memory() -> None:
@@ -130,8 +137,8 @@ class ModelAdapter(ABC):
     @classmethod
     def from_model(cls, cfg: TrainConfig, device: torch.device | str = "cpu", weight_dtype: torch.dtype = torch.float32):
         """The adapter for cfg.pretrained_model_name_or_path (its variant read from model_index.json, then
-        cfg.control_type)."""
-        return cls(cfg, cls.variant_of(cfg.pretrained_model_name_or_path, cfg.control_type), device, weight_dtype)
+        cfg.control_type / training_method: controlnet)."""
+        return cls(cfg, cls.variant_of(cfg.pretrained_model_name_or_path, control_of(cfg)), device, weight_dtype)
 
     @classmethod
     def variant_of(cls, name_or_path: str, control_type: str | None = None) -> Variant:
@@ -144,16 +151,18 @@ class ModelAdapter(ABC):
         raise ConfigError(f"config key 'pretrained_model_name_or_path' is a {name} model, which {cls.entry} does not train")
 
     @classmethod
-    def controlled(cls, variant: Variant, control_type: str | None) -> Variant:
-        """The variant that trains `control_type` on a model of `variant` (None: the model's own)."""
-        if control_type is None or control_type == variant.control:
+    def controlled(cls, variant: Variant, control: str | None) -> Variant:
+        """The variant that trains `control` (see control_of) on a model of `variant` (None: the model's own)."""
+        if control is None or control == variant.control:
             return variant
         for v in cls.variants:
-            if v.control == control_type and variant.pipeline in v.widens:
+            if v.control == control and variant.pipeline in v.starts_from:
                 return v
-        able = [f"{v.control} on {' / '.join(v.widens + (v.pipeline,))} models" for v in cls.variants if v.control]
-        raise ConfigError(f"config key 'control_type' is '{control_type}', but a {variant.pipeline} model cannot train it"
-                          + (f" ({cls.entry} trains {'; '.join(able)})" if able else ""))
+        able = [f"{v.control} on {' / '.join(v.starts_from + ((v.pipeline,) if v.control != 'controlnet' else ()))} models"
+                for v in cls.variants if v.control]
+        key = "training_method: controlnet" if control == "controlnet" else f"control_type: {control}"
+        raise ConfigError(f"config key '{key}': a {variant.pipeline} model cannot train it"
+                          + (f" ({cls.entry} trains {'; '.join(able)})" if able else " (no ControlNet or control training for this family yet)"))
 
     @classmethod
     def variant_named(cls, name: str) -> Variant | None:
@@ -183,7 +192,7 @@ class ModelAdapter(ABC):
                 f"config key 'pretrained_model_name_or_path' is a {name} model, which {cls.entry} does not train"
                 + (f"; use {found[0].entry}" if found else "")
             )
-        variant = cls.controlled(variant, cfg.control_type)
+        variant = cls.controlled(variant, control_of(cfg))
         name = variant.pipeline
         if variant.control == "fill" and cfg.precompute_image_embeddings:  # a FLUX.1-Fill-dev folder (control_type: null)
             logger.info("%s: images are encoded every step (the masked image changes with each epoch's random mask)", name)
@@ -428,6 +437,9 @@ class ModelAdapter(ABC):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
+        if hasattr(transformer, "controlnet"):  # training_method: controlnet (trainer.methods.controlnet.ControlNetPair)
+            return self.pipeline_class(scheduler=scheduler, vae=self.vae, transformer=transformer.transformer,
+                                       controlnet=transformer.controlnet, **self.no_text_components())
         return self.pipeline_class(scheduler=scheduler, vae=self.vae, transformer=transformer, **self.no_text_components())
 
     def no_text_components(self) -> dict:
@@ -480,6 +492,19 @@ class ModelAdapter(ABC):
         """Layers `prepare_transformer` widened: a LoRA must adapt them (only it reads the new inputs), and its
         ComfyUI form says the shape ComfyUI pads the model's layer to."""
         return ()
+
+    # --- ControlNets (training_method: controlnet) ------------------------------------------------------------
+    controlnet_class: str = ""  # diffusers class of the family's ControlNet ("" = none trained here)
+
+    def make_controlnet(self, transformer: torch.nn.Module) -> torch.nn.Module:
+        """A new ControlNet started from `transformer` (unquantized): its first blocks copied, control input and
+        outputs zero, so it starts as no change."""
+        raise NotImplementedError(f"{self.family} has no ControlNet training")
+
+    def controlnet_forward(self, controlnet: torch.nn.Module, transformer: torch.nn.Module, kwargs: dict):
+        """The transformer call the family's ControlNet pipeline makes, with the ControlNet's residuals: `kwargs` are
+        the transformer's keyword arguments from `predict`, plus `controlnet_cond` (the packed control latents)."""
+        raise NotImplementedError(f"{self.family} has no ControlNet training")
 
     def prepare_transformer(self, transformer: torch.nn.Module) -> torch.nn.Module:
         """Architecture changes the variant makes to the model's transformer before training (FLUX Control widens

@@ -35,7 +35,6 @@ T5_XXL_PARAMS = 4_762_310_656
 CLIP_L_PARAMS = 123_060_480
 FLUX_VAE_PARAMS = 83_819_683
 DEFAULT_GUIDANCE = 3.5  # the dev / Kontext pipelines' default guidance_scale
-FILL_GUIDANCE = 30.0  # FluxFillPipeline's default guidance_scale (FLUX.1-Fill-dev's)
 VAE_FACTOR = 8  # pixels per latent side of the FLUX VAE (FluxFillPipeline packs the mask's 8x8 pixels per latent)
 
 
@@ -84,11 +83,15 @@ class FluxAdapter(ModelAdapter):
                 learning=LearningCase(1, 500, 1e-2, reference_size=64)),
         # FLUX.1-Canny-dev / Depth-dev (in_channels 128), or FLUX.1-dev widened (the Canny / Depth LoRAs)
         Variant("flux-control", "FluxControlPipeline", (1, 1), hub_hints=("canny", "depth"),
-                learning=LearningCase(1, 300, 1e-2), control="concat", widens=("FluxPipeline",)),
+                learning=LearningCase(1, 300, 1e-2), control="concat", starts_from=("FluxPipeline",)),
         # FLUX.1-Fill-dev (in_channels 384), or FLUX.1-dev widened: inpainting (masked image + mask channels)
         Variant("flux-fill", "FluxFillPipeline", hub_hints=("fill",), learning=LearningCase(0, 300, 1e-2, inpaint=True),
-                control="fill", widens=("FluxPipeline",)),
+                control="fill", starts_from=("FluxPipeline",)),
+        # training_method: controlnet: a FluxControlNetModel beside FLUX.1-dev (FluxControlNetPipeline)
+        Variant("flux-controlnet", "FluxControlNetPipeline", (1, 1), learning=LearningCase(1, 600, 5e-3, method="controlnet"),
+                control="controlnet", starts_from=("FluxPipeline",)),
     )
+    controlnet_class = "FluxControlNetModel"
     default_guidance = DEFAULT_GUIDANCE
     transformer_class = "FluxTransformer2DModel"
     default_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -100,8 +103,10 @@ class FluxAdapter(ModelAdapter):
         super().__init__(*args, **kwargs)
         self.guidance = False  # the transformer has a guidance embedding (dev, Kontext); set when it loads
         self.widened = False  # prepare_transformer widened x_embedder (FLUX Control from FLUX.1-dev)
-        if self.variant.control == "fill":
-            self.default_guidance = FILL_GUIDANCE
+        if self.variant.control:  # the variant's pipeline's default: Control 3.5, Fill 30, ControlNet 7
+            import inspect
+
+            self.default_guidance = float(inspect.signature(self.pipeline_class.__call__).parameters["guidance_scale"].default)
         if self.variant.control:  # the input layer learns to read the control channels
             self.default_target_modules = (*type(self).default_target_modules, "x_embedder")
 
@@ -151,7 +156,7 @@ class FluxAdapter(ModelAdapter):
         values), the new inputs' weights zero, in_channels / out_channels set, exactly as diffusers' LoRA loader
         widens it."""
         x = transformer.x_embedder
-        if not self.variant.control or transformer.config.in_channels != transformer.out_channels:
+        if self.variant.control not in ("concat", "fill") or transformer.config.in_channels != transformer.out_channels:
             return transformer  # no control, or already a control model (FLUX.1-Canny-dev: 128 in, 64 out)
         extra = x.in_features + (4 * VAE_FACTOR**2 if self.variant.control == "fill" else 0)
         wide = torch.nn.Linear(x.in_features + extra, x.out_features, bias=x.bias is not None, device=x.weight.device, dtype=x.weight.dtype)
@@ -215,8 +220,11 @@ class FluxAdapter(ModelAdapter):
         dev, dt = noisy.device, self.weight_dtype
         target = pack_latents(noisy.to(dt))
         controls = cond.get("control_latents", [])
+        extra = {}
         if self.variant.control == "fill":
             hidden = torch.cat([target, pack_latents(cond["fill_latents"].to(dt)), pack_mask(cond["fill_mask"].to(dt))], dim=2)
+        elif self.variant.control == "controlnet":  # the ControlNet reads the control; the transformer sees the target only
+            hidden, extra, controls = target, {"controlnet_cond": pack_latents(controls[0].to(dt))}, []
         elif self.variant.control:
             hidden, controls = torch.cat([target, pack_latents(controls[0].to(dt))], dim=2), []
         else:
@@ -232,8 +240,31 @@ class FluxAdapter(ModelAdapter):
             txt_ids=cond["text_ids"],
             img_ids=ids,
             return_dict=False,
+            **extra,
         )[0]
         return unpack_latents(out[:, : target.shape[1]], h, w)
+
+    def make_controlnet(self, transformer: torch.nn.Module) -> torch.nn.Module:
+        from diffusers import FluxControlNetModel
+
+        c = transformer.config
+        return FluxControlNetModel.from_transformer(transformer, num_layers=self.cfg.controlnet_layers,
+                                                    num_single_layers=self.cfg.controlnet_single_layers,
+                                                    attention_head_dim=c.attention_head_dim, num_attention_heads=c.num_attention_heads)
+
+    def controlnet_forward(self, controlnet: torch.nn.Module, transformer: torch.nn.Module, kwargs: dict):
+        """As FluxControlNetPipeline: the ControlNet on the noisy tokens + control latents (guidance only when its
+        config has the embedder), its block residuals added by the transformer (InstantX-style: not repeated)."""
+        kwargs = dict(kwargs)
+        cond = kwargs.pop("controlnet_cond")
+        guidance = kwargs.get("guidance") if controlnet.config.guidance_embeds else None
+        blocks, singles = controlnet(
+            hidden_states=kwargs["hidden_states"], controlnet_cond=cond, conditioning_scale=1.0, timestep=kwargs["timestep"],
+            guidance=guidance, pooled_projections=kwargs["pooled_projections"], encoder_hidden_states=kwargs["encoder_hidden_states"],
+            txt_ids=kwargs["txt_ids"], img_ids=kwargs["img_ids"], return_dict=False,
+        )
+        return transformer(**kwargs, controlnet_block_samples=blocks, controlnet_single_block_samples=singles,
+                           controlnet_blocks_repeat=False)
 
     # --- sampling and inference ----------------------------------------------------------------------------
     def sampling_kwargs(self, cond: Cond, negative: Cond, size: tuple[int, int], images: list) -> dict:
@@ -248,6 +279,8 @@ class FluxAdapter(ModelAdapter):
             kwargs.update(image=images[0], mask_image=images[1])  # the pipeline sizes both to the output's size
         elif self.variant.control and images:
             kwargs["control_image"] = self.reference_views(images[0])[0]
+        if self.variant.control == "controlnet":
+            kwargs["controlnet_conditioning_scale"] = self.cfg.controlnet_conditioning_scale
         return kwargs
 
     def inference_kwargs(self, request: InferenceRequest) -> dict:
@@ -255,7 +288,9 @@ class FluxAdapter(ModelAdapter):
         if request.max_sequence_length is not None:
             kwargs["max_sequence_length"] = request.max_sequence_length
         if request.images:
-            kwargs["control_image" if self.variant.control == "concat" else "image"] = request.images[0]
+            kwargs["control_image" if self.variant.control in ("concat", "controlnet") else "image"] = request.images[0]
+        if self.variant.control == "controlnet":
+            kwargs["controlnet_conditioning_scale"] = request.conditioning_scale
         if self.variant.control == "fill":
             kwargs["mask_image"] = request.mask
         if self.variant.pipeline == "FluxKontextPipeline":
@@ -297,7 +332,8 @@ class FluxAdapter(ModelAdapter):
         torch.manual_seed(0)
         clip, clip_tok = build_clip()
         t5, t5_tok = build_t5()
-        self.pipeline_class(
+        # a ControlNet variant trains beside FLUX.1-dev: its tiny model is FLUX.1-dev's
+        (FluxPipeline if self.variant.control == "controlnet" else self.pipeline_class)(
             scheduler=FlowMatchEulerDiscreteScheduler(
                 base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15, shift=3.0, use_dynamic_shifting=True,
             ),

@@ -1,0 +1,101 @@
+"""ControlNet training: a ControlNet beside the frozen transformer, trained whole (fp32 master weights).
+
+The ControlNet starts from the transformer's first blocks (`controlnet_layers` double-stream, `controlnet_single_layers`
+single-stream; weights copied, the control input and the output projections zero: at step 0 the model is the base
+model), the way diffusers' `from_transformer` and the released FLUX ControlNets start, or from an existing ControlNet
+folder (`controlnet_model_name_or_path`). The base transformer stays frozen and may be quantized / block-swapped.
+
+The training loop sees one module (`ControlNetPair`: the transformer and the ControlNet), so accelerate prepares it
+once (DDP syncs the ControlNet's gradients) and the family's `predict` calls it like its transformer; the pair runs
+the family's ControlNet call (`ModelAdapter.controlnet_forward`), as the family's ControlNet pipeline does. Output: a
+diffusers ControlNet folder (`controlnet/`) that `<ControlNetClass>.from_pretrained` and the pipeline load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from trainer.constants import CONTROLNET_DIR
+from trainer.methods.full import FullMethod, load_into, save_transformer
+
+
+class ControlNetPair(torch.nn.Module):
+    """The frozen transformer and the trained ControlNet as one module; called with the transformer's arguments plus
+    `controlnet_cond`."""
+
+    def __init__(self, transformer: torch.nn.Module, controlnet: torch.nn.Module, adapter):
+        super().__init__()
+        self.transformer = transformer
+        self.controlnet = controlnet
+        self._forward = adapter.controlnet_forward  # not a module: keeps the adapter out of state_dict / DDP
+
+    @property
+    def config(self):
+        return self.transformer.config
+
+    def forward(self, **kwargs):
+        return self._forward(self.controlnet, self.transformer, kwargs)
+
+
+class ControlNetMethod(FullMethod):
+    name = "controlnet"
+    exports_every_checkpoint = True
+    resume_keys = ("controlnet_model_name_or_path", "controlnet_layers", "controlnet_single_layers")
+
+    def check_setup(self) -> None:
+        from trainer.config import ConfigError
+
+        if self.sharded:
+            raise ConfigError("training_method: controlnet runs on one or several processes with plain data parallelism; "
+                              "FSDP / DeepSpeed are not supported for it yet (use an accelerate config without them)")
+
+    def attach(self, transformer: torch.nn.Module, placement=None) -> list[torch.nn.Parameter]:
+        import diffusers
+
+        transformer.requires_grad_(False)
+        cfg, adapter = self.cfg, self.adapter
+        if cfg.controlnet_model_name_or_path:
+            controlnet = getattr(diffusers, adapter.controlnet_class).from_pretrained(cfg.controlnet_model_name_or_path, torch_dtype=torch.float32)
+        elif cfg.quantize != "none":  # the quantized blocks cannot be copied: the model folder's own weights, on the CPU
+            source = getattr(diffusers, adapter.transformer_class).from_pretrained(
+                cfg.pretrained_model_name_or_path, subfolder="transformer", torch_dtype=adapter.weight_dtype)
+            controlnet = adapter.make_controlnet(adapter.prepare_transformer(source))
+            del source
+        else:
+            with placement.host_weights() if placement is not None else _nothing():
+                controlnet = adapter.make_controlnet(transformer)
+        controlnet = controlnet.to(adapter.device, torch.float32).train()
+        if cfg.gradient_checkpointing:
+            controlnet.enable_gradient_checkpointing()
+        controlnet.requires_grad_(True)
+        self.controlnet = controlnet
+        self.names = [n for n, _p in controlnet.named_parameters()]
+        return list(controlnet.parameters())
+
+    def trained_model(self, transformer: torch.nn.Module) -> torch.nn.Module:
+        return ControlNetPair(transformer, self.controlnet, self.adapter)
+
+    # --- files ------------------------------------------------------------------------------------------------
+    def save(self, model: torch.nn.Module, directory: Path, final: bool = True, state_dict: dict | None = None) -> None:
+        if self.is_main:
+            save_transformer(model.controlnet, Path(directory) / CONTROLNET_DIR, None)
+
+    def load(self, model: torch.nn.Module, directory: Path) -> None:
+        load_into(model.controlnet, Path(directory) / CONTROLNET_DIR)
+
+    def checkpoint_files(self) -> tuple[str, ...]:
+        return (f"{CONTROLNET_DIR}/config.json",)
+
+    def published_files(self) -> tuple[str, ...]:
+        return (CONTROLNET_DIR,)
+
+    def sampling(self, model: torch.nn.Module):
+        return _nothing()
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
