@@ -33,6 +33,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image", "--control_image", dest="image", action="append", default=[],
                    help="reference image for edit / Kontext models (repeat for several); the control image (e.g. a Canny / depth map) "
                         "for FLUX Control models and LoRAs")
+    p.add_argument("--controlnet", default=None,
+                   help="a trained ControlNet (training_method: controlnet): its folder, or the run's output_dir / checkpoint; "
+                        "with --control_image")
+    p.add_argument("--controlnet_scale", type=float, default=1.0, help="the ControlNet's strength (controlnet_conditioning_scale; 0 = the base model)")
     p.add_argument("--mask", default=None, help="FLUX Fill: the inpainting mask for --image (white = repainted, black = kept)")
     p.add_argument("--kontext_auto_resize", choices=["true", "false"], default="true",
                    help="Kontext: resize the input image to the nearest resolution Kontext was trained on (pipeline default)")
@@ -112,7 +116,7 @@ def main(argv=None) -> int:
     from trainer.pipelines import ToolError, adapter_for, check_lora, load_pipeline, output_images, resolve_transformer
 
     try:
-        adapter = adapter_for(args.model_name, args.lora_weights)
+        adapter = adapter_for(args.model_name, args.lora_weights, controlnet=args.controlnet is not None)
     except ToolError as e:
         fail(f"--model_name: {e}")
     try:
@@ -125,6 +129,13 @@ def main(argv=None) -> int:
             resolve_transformer(args.transformer)
         except ToolError as e:
             fail(f"--transformer: {e}")
+    if args.controlnet:
+        from trainer.pipelines import controlnet_folder
+
+        try:
+            controlnet_folder(adapter, args.controlnet)
+        except ToolError as e:
+            fail(f"--controlnet: {e}")
     if Path(args.output_image).is_dir():
         fail(f"--output_image: '{args.output_image}' is a folder; give a file name such as {Path(args.output_image) / 'out.png'}")
     if Path(args.output_image).suffix.lower() not in IMAGE_EXTENSIONS:
@@ -185,7 +196,8 @@ def main(argv=None) -> int:
 
     dtype = torch_dtype(args.dtype if args.dtype != "auto" else ("bf16" if device.startswith("cuda") else "fp32"))
     try:
-        pipe = load_pipeline(adapter, dtype, device, args.lora_weights, args.lora_scale, args.quantize, args.offload, args.transformer)
+        pipe = load_pipeline(adapter, dtype, device, args.lora_weights, args.lora_scale, args.quantize, args.offload, args.transformer,
+                             args.controlnet)
     except ToolError as e:
         fail(f"--transformer: {e}")
 
@@ -200,6 +212,7 @@ def main(argv=None) -> int:
         true_cfg_scale=adapter.default_true_cfg_scale if args.true_cfg_scale is None else args.true_cfg_scale, negative_prompt=args.negative_prompt, max_sequence_length=args.max_sequence_length,
         auto_resize=args.kontext_auto_resize == "true",
         mask=ImageOps.exif_transpose(Image.open(args.mask)).convert("L") if args.mask else None,
+        conditioning_scale=args.controlnet_scale,
     )
     width, height = args.width or (None if high else 1024), args.height or (None if high else 1024)
     if adapter.aligned_controls and not args.width and not args.height:  # the control image's (Fill: the image's) aspect at ~1 MP

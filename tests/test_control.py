@@ -103,6 +103,12 @@ def test_widened_lora_loads_in_flux_control_pipeline_and_comfyui(control_run):
     # ComfyUI patches the released (narrow) img_in: padded with zeros to reshape_weight, then the LoRA
     parts = {k.split(".", 1)[1]: v for k, v in comfy.items() if k.startswith("lora_transformer_x_embedder.")}
     assert (comfyui_weight(parts, base_x[:, :16]) - trained["x_embedder"]).abs().max() < 1e-5
+    converted = out.parent / "converted.safetensors"  # utils/convert_lora.py writes the same file, reshape included
+    r = subprocess.run([PY, "utils/convert_lora.py", "--in", str(out / "pytorch_lora_weights.safetensors"), "--out", str(converted),
+                        "--to", "comfyui"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    again = load_file(converted)
+    assert again.keys() == comfy.keys() and all(torch.equal(again[k], comfy[k]) for k in comfy)
 
 
 def test_scale_zero_renders_the_base_model_and_scale_one_does_not(control_run):
@@ -218,3 +224,106 @@ def test_lora_from_flux_dev_learns_through_the_control_pipelines(control, varian
     case = variants()[variant][1].learning
     report, _ = learning.run(tiny_models("flux"), tmp_path, case, wrong_sign=sign == "wrong", control_type=control)
     assert bool(report.failures()) == (sign == "wrong"), report.summary()
+
+
+# --- ControlNets (training_method: controlnet) -----------------------------------------------------------------------
+CONTROLNET = {"training_method": "controlnet", "controlnet_layers": 1, "controlnet_single_layers": 1}
+
+
+@pytest.fixture(scope="module")
+def controlnet_run(tiny_models, tmp_path_factory):
+    """(model, data, out, extra): a FLUX ControlNet trained 2 steps beside the tiny FLUX.1-dev, with previews."""
+    root = tmp_path_factory.mktemp("controlnet")
+    model = tiny_models("flux")
+    data = write_dataset(root / "t", n=2)
+    extra = {**CONTROLNET, "data_config.control_dir": str(write_dataset(root / "c", n=2, seed=2))}
+    out = root / "out"
+    train(load_config(None, base_overrides(model, data, out, max_train_steps=2, validation_samples=1, validation_steps=2,
+                                           **extra)), FluxAdapter)
+    return model, data, out, extra
+
+
+def test_controlnet_folder_loads_in_flux_controlnet_pipeline_and_scale_zero_is_the_base(controlnet_run):
+    from diffusers import FluxControlNetModel, FluxControlNetPipeline
+
+    from trainer.methods.full import read_folder
+    from trainer.pipelines import adapter_for, load_pipeline, output_images
+
+    model, _, out, _ = controlnet_run
+    assert {p.name for p in (out / "samples").glob("step-*.png")} == {"step-0.png", "step-2.png"}  # previews through the pipeline
+    published, saved = read_folder(out / "controlnet"), read_folder(out / "checkpoint-2" / "controlnet")
+    assert published.keys() == saved.keys() and all(torch.equal(published[k], saved[k]) for k in saved)
+    net = FluxControlNetModel.from_pretrained(out / "controlnet")
+    assert net.config.num_layers == 1 and net.config.num_single_layers == 1
+    assert max(net.controlnet_blocks[0].weight.abs().max().item(), net.controlnet_x_embedder.weight.abs().max().item()) > 0  # trained
+    adapter = adapter_for(str(model), controlnet=True)
+    control = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8"))
+    kwargs = dict(prompt="a red square", width=64, height=64, num_inference_steps=2, max_sequence_length=64, control_image=control)
+
+    def render(pipe, scale):
+        image = output_images(pipe(**kwargs, controlnet_conditioning_scale=scale, generator=torch.Generator().manual_seed(0)))[0]
+        return np.asarray(image, dtype=np.float32)
+
+    trained = load_pipeline(adapter, torch.float32, "cpu", controlnet=str(out))
+    assert isinstance(trained, FluxControlNetPipeline)
+    base = render(load_pipeline(adapter, torch.float32, "cpu"), 1.0)  # a ControlNet as training starts it: zero residuals
+    assert np.abs(render(trained, 0.0) - base).max() <= 1
+    assert np.abs(render(trained, 1.0) - base).max() > 1
+
+
+def test_controlnet_resumes_exactly_and_starts_from_a_quantized_base(tiny_models, tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    from trainer.methods.full import read_folder
+
+    model = tiny_models("flux")
+    data = write_dataset(tmp_path / "t", n=2)
+    extra = {**CONTROLNET, "data_config.control_dir": str(write_dataset(tmp_path / "c", n=2, seed=2)), "checkpointing_steps": 1}
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(load_config(None, base_overrides(model, data, straight, max_train_steps=2, **extra)), FluxAdapter)
+    train(load_config(None, base_overrides(model, data, split, max_train_steps=1, **extra)), FluxAdapter)
+    train(load_config(None, base_overrides(model, data, split, max_train_steps=2, resume_from_checkpoint="latest", **extra)), FluxAdapter)
+    a, b = read_folder(straight / "controlnet"), read_folder(split / "controlnet")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # quantize: the ControlNet's blocks are copied from the model folder's (unquantized) weights
+    from trainer.methods.controlnet import ControlNetMethod
+
+    cfg = load_config(None, base_overrides(model, data, tmp_path / "q", quantize="qfloat8", **extra))
+    adapter = FluxAdapter.from_model(cfg)
+    adapter.load_transformer()
+    method = ControlNetMethod(cfg, adapter)
+    method.attach(adapter.transformer, adapter.placement)
+    plain = FluxTransformer2DModel.from_pretrained(model, subfolder="transformer")
+    block = method.controlnet.transformer_blocks[0].attn.to_q.weight
+    assert torch.equal(block, plain.transformer_blocks[0].attn.to_q.weight.float())
+
+
+def test_controlnet_setups_that_cannot_work_are_one_line(tiny_models, tmp_path):
+    from trainer.models.qwen_image import QwenImageAdapter
+
+    flux, qwen = tiny_models("flux"), tiny_models("qwen-image")
+    data = write_dataset(tmp_path / "t", n=1)
+    ctrl = {"data_config.control_dir": str(data)}
+    with pytest.raises(ConfigError, match="'training_method: controlnet': a QwenImagePipeline model cannot train it"):
+        QwenImageAdapter.check_setup(load_config(None, base_overrides(qwen, data, tmp_path / "o", **CONTROLNET, **ctrl)))
+    with pytest.raises(ConfigError, match="needs control images"):
+        FluxAdapter.check_setup(load_config(None, base_overrides(flux, data, tmp_path / "o", **CONTROLNET)))
+    with pytest.raises(ConfigError, match="'use_dora' does not apply to training_method: controlnet"):
+        load_config(None, base_overrides(flux, data, tmp_path / "o", use_dora="true", **CONTROLNET))
+    with pytest.raises(ConfigError, match="two ways of training control"):
+        load_config(None, base_overrides(flux, data, tmp_path / "o", control_type="concat", **CONTROLNET))
+    with pytest.raises(ConfigError, match="'controlnet_layers' applies to training_method: controlnet only"):
+        load_config(None, base_overrides(flux, data, tmp_path / "o", controlnet_layers=2))
+    with pytest.raises(ConfigError, match="not a ControlNet folder"):
+        load_config(None, base_overrides(flux, data, tmp_path / "o", controlnet_model_name_or_path=str(data), **CONTROLNET))
+
+
+def test_inference_renders_with_a_controlnet(controlnet_run, tmp_path):
+    model, data, out, _ = controlnet_run
+    args = [PY, "inference.py", "--model_name", str(model), "--controlnet", str(out), "--prompt", "x", "--num_inference_steps", "1"]
+    r = subprocess.run(args + ["--control_image", str(next(data.glob("*.png"))), "--width", "64", "--height", "48",
+                               "--output_image", str(tmp_path / "o.png")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert Image.open(tmp_path / "o.png").size == (64, 48)
+    r = subprocess.run(args + ["--controlnet", str(data), "--output_image", str(tmp_path / "no.png")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "--controlnet:" in r.stderr and "not a ControlNet folder" in r.stderr

@@ -88,7 +88,7 @@ def diffusers_to_comfyui(sd: dict[str, torch.Tensor], adapter, config, dora: dic
             rank = parts["lora_A"].shape[0]
             out[down], out[up] = parts["lora_A"], parts["lora_B"]
             out[alpha_key] = torch.tensor(module_scale(config, module, rank) * rank)
-            if module in adapter.widened_modules:  # ComfyUI pads the model's weight with zeros to this shape first
+            if module in adapter.input_layers:  # ComfyUI pads the model's weight with zeros to this shape first
                 out[f"{name}.reshape_weight"] = torch.tensor([parts["lora_B"].shape[0], parts["lora_A"].shape[1]])
             if "lora_magnitude_vector" in parts:
                 if dora is None or module not in dora:

@@ -146,12 +146,10 @@ def load_lora(pipe, path: str, name: str = "lora", scale: float = 1.0) -> None:
     pipe.set_adapters([name], adapter_weights=[scale])
 
 
-def load_controlnet(adapter, path: str, dtype):
-    """A trained ControlNet folder (a run's output_dir / checkpoint holding controlnet/, or the folder itself) of the
-    family's ControlNet class."""
+def controlnet_folder(adapter, path: str) -> Path:
+    """A trained ControlNet's folder (the folder itself, or a run's output_dir / checkpoint holding controlnet/) of the
+    family's ControlNet class, with safetensors weights; ToolError otherwise (nothing is loaded)."""
     import json
-
-    import diffusers
 
     from trainer.constants import CONTROLNET_DIR
 
@@ -159,10 +157,22 @@ def load_controlnet(adapter, path: str, dtype):
     folder = next((c for c in (p, p / CONTROLNET_DIR) if (c / "config.json").is_file()), None)
     if folder is None:
         raise ToolError(f"'{path}' is not a ControlNet folder (no config.json in it or in {CONTROLNET_DIR}/)")
-    found = json.loads((folder / "config.json").read_text()).get("_class_name")
+    try:
+        found = json.loads((folder / "config.json").read_text()).get("_class_name")
+    except (ValueError, AttributeError):
+        raise ToolError(f"'{folder / 'config.json'}' is not a model config (not a JSON object)") from None
     if found != adapter.controlnet_class:
         raise ToolError(f"'{folder}' holds a {found}, but {adapter.variant.name} uses a {adapter.controlnet_class}")
-    return getattr(diffusers, found).from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
+    if not any(folder.glob("*.safetensors")):
+        raise ToolError(f"'{folder}' holds no .safetensors weights (pickled weights are never loaded here)")
+    return folder
+
+
+def load_controlnet(adapter, path: str, dtype):
+    import diffusers
+
+    folder = controlnet_folder(adapter, path)
+    return getattr(diffusers, adapter.controlnet_class).from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
 
 
 def load_pipeline(adapter, dtype, device: str, lora: str | None = None, lora_scale: float = 1.0,

@@ -488,9 +488,14 @@ class ModelAdapter(ABC):
 
     # --- planner, benches, tiny models ------------------------------------------------------------------------
     @property
+    def input_layers(self) -> tuple[str, ...]:
+        """Layers whose inputs the variant extends (FLUX Control / Fill: x_embedder): their ComfyUI LoRA form says the
+        shape ComfyUI pads the model's layer to (a no-op on a model already that wide)."""
+        return ()
+
+    @property
     def widened_modules(self) -> tuple[str, ...]:
-        """Layers `prepare_transformer` widened: a LoRA must adapt them (only it reads the new inputs), and its
-        ComfyUI form says the shape ComfyUI pads the model's layer to."""
+        """Layers `prepare_transformer` widened: a LoRA must adapt them (only it reads the new inputs)."""
         return ()
 
     # --- ControlNets (training_method: controlnet) ------------------------------------------------------------

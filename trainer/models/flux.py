@@ -147,6 +147,10 @@ class FluxAdapter(ModelAdapter):
         self.guidance = bool(self.transformer.config.guidance_embeds)
 
     @property
+    def input_layers(self) -> tuple[str, ...]:
+        return ("x_embedder",) if self.variant.control in ("concat", "fill") else ()
+
+    @property
     def widened_modules(self) -> tuple[str, ...]:
         return ("x_embedder",) if self.widened else ()
 
