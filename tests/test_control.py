@@ -249,12 +249,16 @@ def test_controlnet_folder_loads_in_flux_controlnet_pipeline_and_scale_zero_is_t
     from trainer.methods.full import read_folder
     from trainer.pipelines import adapter_for, load_pipeline, output_images
 
-    model, _, out, _ = controlnet_run
+    model, data, out, extra = controlnet_run
     assert {p.name for p in (out / "samples").glob("step-*.png")} == {"step-0.png", "step-2.png"}  # previews through the pipeline
     published, saved = read_folder(out / "controlnet"), read_folder(out / "checkpoint-2" / "controlnet")
     assert published.keys() == saved.keys() and all(torch.equal(published[k], saved[k]) for k in saved)
     net = FluxControlNetModel.from_pretrained(out / "controlnet")
     assert net.config.num_layers == 1 and net.config.num_single_layers == 1
+    from utils.estimate_memory import build_transformer_on_meta, controlnet_params  # the planner counts what was trained
+
+    planned = FluxAdapter.from_model(load_config(None, base_overrides(model, data, out, **extra)))
+    assert controlnet_params(build_transformer_on_meta(planned)[0], planned) == (sum(p.numel() for p in net.parameters()), 2)
     assert max(net.controlnet_blocks[0].weight.abs().max().item(), net.controlnet_x_embedder.weight.abs().max().item()) > 0  # trained
     adapter = adapter_for(str(model), controlnet=True)
     control = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8"))

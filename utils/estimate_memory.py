@@ -88,6 +88,23 @@ def build_transformer_on_meta(adapter):
     return model, source
 
 
+def controlnet_params(model, adapter) -> tuple[int, int]:
+    """(parameters, blocks) of the ControlNet the run trains: a new one built from the meta-device transformer as
+    training builds it, or the given one's config (no weights are read)."""
+    import diffusers
+    import torch
+
+    cfg = adapter.cfg
+    with torch.device("meta"):
+        if cfg.controlnet_model_name_or_path:
+            cls = getattr(diffusers, adapter.controlnet_class)
+            net = cls.from_config(cls.load_config(cfg.controlnet_model_name_or_path))
+        else:
+            net = adapter.make_controlnet(model)
+    blocks = len(getattr(net, "transformer_blocks", [])) + len(getattr(net, "single_transformer_blocks", []))
+    return sum(p.numel() for p in net.parameters()), blocks
+
+
 def lora_params(model, cfg, adapter) -> int:
     """Trainable parameters of the run's adapter, of any type (LoRA, DoRA, LoKr, LoHa; rank_pattern included): peft
     builds it on a copy of the meta-device transformer, which costs no memory."""
@@ -163,14 +180,24 @@ def plan(cfg, resolution: int) -> tuple[list[Row], dict]:
         enc_rows.append(Row(f"{label} ({q})", n, n * QUANT_BYTES[q] * 0.97 + n * 2 * 0.03))
     enc_rows.append(Row("VAE (bf16)", spec.vae_params, spec.vae_params * 2))
 
-    n_lora = lora_params(model, cfg, adapter)
     batch = cfg.data_config.train_batch_size
+    activations = activation_bytes(model, resolution, batch, cfg.gradient_checkpointing, spec.text_tokens, spec.token_width)
+    if cfg.training_method == "controlnet":  # trained whole in fp32; its blocks add their share of the activations
+        n_lora, net_blocks = controlnet_params(model, adapter)
+        what = (f"ControlNet weights ({cfg.controlnet_layers} + {cfg.controlnet_single_layers} blocks, fp32)"
+                if not cfg.controlnet_model_name_or_path else "ControlNet weights (fp32)")
+        activations *= 1 + net_blocks / max(1, sum(int(model.config[k]) for k in adapter.block_count_keys))
+        grads = "ControlNet gradients (fp32)"
+    else:
+        n_lora = lora_params(model, cfg, adapter)
+        what = f"{'DoRA' if cfg.use_dora else {'lokr': 'LoKr', 'loha': 'LoHa'}.get(cfg.lora_type, 'LoRA')} weights (rank {cfg.rank}, fp32)"
+        grads = "LoRA gradients (fp32)"
     train_rows = [
-        Row(f"{'DoRA' if cfg.use_dora else {'lokr': 'LoKr', 'loha': 'LoHa'}.get(cfg.lora_type, 'LoRA')} weights (rank {cfg.rank}, fp32)", n_lora, n_lora * 4),
-        Row("LoRA gradients (fp32)", n_lora, n_lora * 4),
+        Row(what, n_lora, n_lora * 4),
+        Row(grads, n_lora, n_lora * 4),
         Row(f"optimizer state ({cfg.optimizer})", n_lora, n_lora * OPTIMIZER_BYTES[cfg.optimizer]),
         Row(f"activations ({resolution}px, batch {batch}, checkpointing {'on' if cfg.gradient_checkpointing else 'off'})", 0,
-            activation_bytes(model, resolution, batch, cfg.gradient_checkpointing, spec.text_tokens, spec.token_width), "estimate"),
+            activations, "estimate"),
         Row("CUDA context + allocator slack", 0, SLACK, "typical"),
     ]
     cached = cfg.precompute_text_embeddings and cfg.precompute_image_embeddings

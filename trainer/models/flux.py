@@ -250,11 +250,19 @@ class FluxAdapter(ModelAdapter):
 
     def make_controlnet(self, transformer: torch.nn.Module) -> torch.nn.Module:
         from diffusers import FluxControlNetModel
+        from diffusers.configuration_utils import FrozenDict
 
         c = transformer.config
-        return FluxControlNetModel.from_transformer(transformer, num_layers=self.cfg.controlnet_layers,
-                                                    num_single_layers=self.cfg.controlnet_single_layers,
-                                                    attention_head_dim=c.attention_head_dim, num_attention_heads=c.num_attention_heads)
+        # from_config drops the keys a config lists in `_use_default_values` (those its model was built without, e.g.
+        # num_layers of a transformer made from the released defaults): the block counts asked for would be ignored
+        saved = transformer._internal_dict
+        transformer._internal_dict = FrozenDict({k: v for k, v in saved.items() if k != "_use_default_values"})
+        try:
+            return FluxControlNetModel.from_transformer(transformer, num_layers=self.cfg.controlnet_layers,
+                                                        num_single_layers=self.cfg.controlnet_single_layers,
+                                                        attention_head_dim=c.attention_head_dim, num_attention_heads=c.num_attention_heads)
+        finally:
+            transformer._internal_dict = saved
 
     def controlnet_forward(self, controlnet: torch.nn.Module, transformer: torch.nn.Module, kwargs: dict):
         """As FluxControlNetPipeline: the ControlNet on the noisy tokens + control latents (guidance only when its
