@@ -102,23 +102,28 @@ def resolve_transformer(path: str) -> Path:
     raise ToolError(f"'{path}' is not a transformer folder (no config.json in it or in {TRANSFORMER_DIR}/)")
 
 
-def load_transformer(adapter, path: str, dtype):
-    """A fully fine-tuned transformer of the family's class (refused when it is another model's)."""
+def check_class(folder: Path, expected: str, adapter) -> None:
+    """ToolError unless the model folder's config.json names `expected` (the family's transformer / ControlNet class)."""
     import json
 
-    import diffusers
-
-    folder = resolve_transformer(path)
     try:
         found = json.loads((folder / "config.json").read_text()).get("_class_name")
     except (ValueError, AttributeError):
         raise ToolError(f"'{folder / 'config.json'}' is not a model config (not a JSON object)") from None
-    if found != adapter.transformer_class:
-        raise ToolError(f"'{folder}' holds a {found}, but {adapter.variant.name} models use a {adapter.transformer_class}")
+    if found != expected:
+        raise ToolError(f"'{folder}' holds a {found}, but {adapter.variant.name} models use a {expected}")
+
+
+def load_transformer(adapter, path: str, dtype):
+    """A fully fine-tuned transformer of the family's class (refused when it is another model's)."""
+    import diffusers
+
+    folder = resolve_transformer(path)
+    check_class(folder, adapter.transformer_class, adapter)
     try:
         return getattr(diffusers, adapter.transformer_class).from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
     except Exception as e:  # damaged weights, shapes of another model size
-        raise ToolError(f"'{folder}' cannot be loaded as a {found} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise ToolError(f"'{folder}' cannot be loaded as a {adapter.transformer_class} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
 def load_lora(pipe, path: str, name: str = "lora", scale: float = 1.0) -> None:
@@ -149,22 +154,15 @@ def load_lora(pipe, path: str, name: str = "lora", scale: float = 1.0) -> None:
 def controlnet_folder(adapter, path: str) -> Path:
     """A trained ControlNet's folder (the folder itself, or a run's output_dir / checkpoint holding controlnet/) of the
     family's ControlNet class, with safetensors weights; ToolError otherwise (nothing is loaded)."""
-    import json
-
     from trainer.constants import CONTROLNET_DIR
 
     p = Path(path)
     folder = next((c for c in (p, p / CONTROLNET_DIR) if (c / "config.json").is_file()), None)
     if folder is None:
         raise ToolError(f"'{path}' is not a ControlNet folder (no config.json in it or in {CONTROLNET_DIR}/)")
-    try:
-        found = json.loads((folder / "config.json").read_text()).get("_class_name")
-    except (ValueError, AttributeError):
-        raise ToolError(f"'{folder / 'config.json'}' is not a model config (not a JSON object)") from None
-    if found != adapter.controlnet_class:
-        raise ToolError(f"'{folder}' holds a {found}, but {adapter.variant.name} uses a {adapter.controlnet_class}")
     if not any(folder.glob("*.safetensors")):
         raise ToolError(f"'{folder}' holds no .safetensors weights (pickled weights are never loaded here)")
+    check_class(folder, adapter.controlnet_class, adapter)
     return folder
 
 
