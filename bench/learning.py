@@ -77,6 +77,7 @@ def main(argv=None) -> int:
 
     dlog.set_verbosity_error()
     tlog.set_verbosity_error()
+    from trainer.models import variants
 
     header = ("| run | case | steps | lr | in suite | train s | error: base -> trained | choice: base -> trained (min) "
               "| learns | wrong sign learns |")
@@ -89,8 +90,6 @@ def main(argv=None) -> int:
         only = [s for s in args.only.split(",") if s]
         table = [(name, run, {}) for name, run in runs(only).items()] if args.adapters != "only" else []
         if args.adapters != "no":
-            from trainer.models import variants
-
             for name, (variant, extra, steps) in ADAPTER_RUNS.items():
                 case = variants()[variant][1].learning
                 if not only or variant in only:
