@@ -277,8 +277,11 @@ def train_case(model: str | Path, folder: Path, case, method: str = "lora", **ex
     }
     if method == "lora":
         overrides.update(rank=16, lora_target_modules="[" + ",".join(linear_layers(model)) + "]")
-    if method == "controlnet":  # as many blocks as the tiny transformer has
-        overrides.update(controlnet_layers=1, controlnet_single_layers=1)
+    if method == "controlnet":  # one block of each kind the tiny transformer has
+        from trainer.models import read_model_index
+
+        single = "num_single_layers" in read_model_index(str(model), "transformer/config.json")
+        overrides.update(controlnet_layers=1, controlnet_single_layers=int(single))
     overrides.update(extra)
     train(load_config(None, [f"{k}={v}" for k, v in overrides.items()]), resolve(str(model))[0])
     return examples, out

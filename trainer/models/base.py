@@ -15,6 +15,7 @@ reference image. Each family documents its keys in a TypedDict next to its adapt
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 from abc import ABC, abstractmethod
@@ -88,6 +89,21 @@ class PlannerSpec:
     vae_params: int
     text_tokens: int  # prompt tokens the transformer sees in a typical step
     token_width: int = 0  # width of the transformer's token stream (0: heads x head dim from its config)
+
+
+@contextlib.contextmanager
+def without_default_keys(model: torch.nn.Module):
+    """The model's config without `_use_default_values` for a while: from_config drops the keys listed there (those
+    a model was built without, e.g. num_layers of a transformer made from the released defaults), so a ControlNet's
+    `from_transformer(num_layers=...)` would silently get the transformer's block count instead."""
+    from diffusers.configuration_utils import FrozenDict
+
+    saved = model._internal_dict
+    model._internal_dict = FrozenDict({k: v for k, v in saved.items() if k != "_use_default_values"})
+    try:
+        yield
+    finally:
+        model._internal_dict = saved
 
 
 def control_of(cfg: TrainConfig) -> str | None:

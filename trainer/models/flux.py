@@ -28,7 +28,7 @@ import torch
 from diffusers import FluxPipeline
 
 from . import register
-from .base import Cond, InferenceRequest, ModelAdapter, LearningCase, PlannerSpec, Variant
+from .base import Cond, InferenceRequest, ModelAdapter, LearningCase, PlannerSpec, Variant, without_default_keys
 from .qwen_image import pack_latents, unpack_latents
 
 T5_XXL_PARAMS = 4_762_310_656
@@ -250,19 +250,12 @@ class FluxAdapter(ModelAdapter):
 
     def make_controlnet(self, transformer: torch.nn.Module) -> torch.nn.Module:
         from diffusers import FluxControlNetModel
-        from diffusers.configuration_utils import FrozenDict
 
         c = transformer.config
-        # from_config drops the keys a config lists in `_use_default_values` (those its model was built without, e.g.
-        # num_layers of a transformer made from the released defaults): the block counts asked for would be ignored
-        saved = transformer._internal_dict
-        transformer._internal_dict = FrozenDict({k: v for k, v in saved.items() if k != "_use_default_values"})
-        try:
+        with without_default_keys(transformer):
             return FluxControlNetModel.from_transformer(transformer, num_layers=self.cfg.controlnet_layers,
                                                         num_single_layers=self.cfg.controlnet_single_layers,
                                                         attention_head_dim=c.attention_head_dim, num_attention_heads=c.num_attention_heads)
-        finally:
-            transformer._internal_dict = saved
 
     def controlnet_forward(self, controlnet: torch.nn.Module, transformer: torch.nn.Module, kwargs: dict):
         """As FluxControlNetPipeline: the ControlNet on the noisy tokens + control latents (guidance only when its
@@ -408,20 +401,18 @@ def build_flux_transformer(guidance_embeds: bool, joint_attention_dim: int = 32,
 
 def build_flux_vae(latent_channels: int = 4):
     """The FLUX.1 VAE layout at tiny width; shift and scaling factors are its own latents' mean and 1 / std (as the
-    released factors are the released VAE's), so normalized latents have about unit variance. Near-deterministic as
-    the released VAEs are (their predicted log-variances are very small): a pipeline that encodes with the
-    posterior's sample (FluxControlPipeline's control image) gets its mean to within ~1e-4, not a random draw."""
+    released factors are the released VAE's), so normalized latents have about unit variance; near-deterministic as
+    the released VAEs are (tiny.near_deterministic)."""
     from diffusers import AutoencoderKL
 
-    from .tiny import latent_statistics
+    from .tiny import latent_statistics, near_deterministic
 
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(4, 8, 8, 8), layers_per_block=1, latent_channels=latent_channels, norm_num_groups=4, sample_size=32,
         use_quant_conv=False, use_post_quant_conv=False,
     )
-    with torch.no_grad():  # the encoder's log-variance outputs: about -20 (std ~5e-5)
-        vae.encoder.conv_out.bias[latent_channels:] -= 20.0
+    near_deterministic(vae.encoder.conv_out, latent_channels)
     mean, std = latent_statistics(vae)
     z_std = float(((std**2 + (mean - mean.mean()) ** 2).mean()) ** 0.5)  # over all channels together
     vae.register_to_config(shift_factor=round(float(mean.mean()), 4), scaling_factor=round(1.0 / z_std, 4))

@@ -397,8 +397,11 @@ def build_qwen_vae(z_dim: int = 4):
     from diffusers import AutoencoderKLQwenImage
 
     # 8x spatial downsampling like the released VAE, so image token counts are the real ones
+    from .tiny import near_deterministic
+
     vae = AutoencoderKLQwenImage(base_dim=z_dim * 4, z_dim=z_dim, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
                                  temperal_downsample=[False, True, True])
+    near_deterministic(vae.quant_conv, z_dim)  # as the released VAE
     return calibrate_qwen_vae(vae)
 
 

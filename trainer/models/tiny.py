@@ -165,3 +165,15 @@ def latent_statistics(vae, channels: int = 3, frames: bool = False, patch: int =
         b, c, h, w = z.shape
         z = z.view(b, c, h // patch, patch, w // patch, patch).permute(0, 1, 3, 5, 2, 4).reshape(b, c * patch * patch, h // patch, w // patch)
     return z.mean((0, 2, 3)), z.std((0, 2, 3))
+
+
+def near_deterministic(layer, latent_channels: int) -> None:
+    """Make a tiny VAE's posterior near-deterministic, as the released VAEs are (their predicted log-variances are very
+    small): `layer` is the last one before the (mean, log-variance) split; its log-variance outputs get a bias of
+    about -20 (std ~5e-5). Pipelines that encode with the posterior's sample (FluxControlPipeline's control image,
+    QwenImageControlNetPipeline's, FluxFillPipeline's masked image) then get the mean to within noise, not a random
+    draw that a random-weight VAE makes as large as the latents themselves."""
+    import torch
+
+    with torch.no_grad():
+        layer.bias[latent_channels:] -= 20.0
