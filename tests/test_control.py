@@ -61,6 +61,20 @@ def test_widened_fill_lora_loads_in_flux_fill_pipeline_and_comfyui(fill_run):
     assert load_file(out / "pytorch_lora_weights_comfyui.safetensors")["lora_transformer_x_embedder.reshape_weight"].tolist() == [32, 288]
 
 
+@pytest.mark.parametrize("control", ["concat", "fill"])
+def test_control_and_fill_loras_train_on_an_nf4_base(control, tiny_models, tmp_path):
+    """x_embedder is widened before the blocks are quantized (it stays a plain layer, the LoRA on it trains)."""
+    from helpers import read_losses
+
+    data = write_dataset(tmp_path / "t", n=2)
+    extra = {"data_config.control_dir": str(write_dataset(tmp_path / "c", n=2, seed=2))} if control == "concat" else {}
+    out = tmp_path / "out"
+    train(load_config(None, base_overrides(tiny_models("flux"), data, out, max_train_steps=2, quantize="nf4", control_type=control,
+                                           **extra)), FluxAdapter)
+    assert len(read_losses(out)) == 2
+    assert load_file(out / "pytorch_lora_weights.safetensors")["transformer.x_embedder.lora_A.weight"].shape[1] > 16
+
+
 def test_random_inpainting_masks_change_each_epoch_and_repeat_on_resume():
     import random
 
@@ -276,13 +290,15 @@ def test_controlnet_folder_loads_in_flux_controlnet_pipeline_and_scale_zero_is_t
 
 
 def test_controlnet_resumes_exactly_and_starts_from_a_quantized_base(tiny_models, tmp_path):
+    """(blocks_to_swap: the ControlNet's blocks are copied while the swapped weights are in host RAM.)"""
     from diffusers import FluxTransformer2DModel
 
     from trainer.methods.full import read_folder
 
     model = tiny_models("flux")
     data = write_dataset(tmp_path / "t", n=2)
-    extra = {**CONTROLNET, "data_config.control_dir": str(write_dataset(tmp_path / "c", n=2, seed=2)), "checkpointing_steps": 1}
+    extra = {**CONTROLNET, "data_config.control_dir": str(write_dataset(tmp_path / "c", n=2, seed=2)), "checkpointing_steps": 1,
+             "blocks_to_swap": 1}
     straight, split = tmp_path / "straight", tmp_path / "split"
     train(load_config(None, base_overrides(model, data, straight, max_train_steps=2, **extra)), FluxAdapter)
     train(load_config(None, base_overrides(model, data, split, max_train_steps=1, **extra)), FluxAdapter)
@@ -292,7 +308,7 @@ def test_controlnet_resumes_exactly_and_starts_from_a_quantized_base(tiny_models
     # quantize: the ControlNet's blocks are copied from the model folder's (unquantized) weights
     from trainer.methods.controlnet import ControlNetMethod
 
-    cfg = load_config(None, base_overrides(model, data, tmp_path / "q", quantize="qfloat8", **extra))
+    cfg = load_config(None, base_overrides(model, data, tmp_path / "q", quantize="qfloat8", **{**extra, "blocks_to_swap": 0}))
     adapter = FluxAdapter.from_model(cfg)
     adapter.load_transformer()
     method = ControlNetMethod(cfg, adapter)
