@@ -186,6 +186,8 @@ def test_wrong_control_setups_are_one_line_before_the_model_loads(tiny_models, t
         FluxAdapter.check_setup(load_config(None, base_overrides(flux, data, tmp_path / "o", control_type="concat")))
     with pytest.raises(ConfigError, match="'control_type' is 'canny', expected one of: concat"):
         load_config(None, base_overrides(flux, data, tmp_path / "o", control_type="canny"))
+    with pytest.raises(ConfigError, match="full fine-tuning of a control model is not supported yet"):
+        load_config(None, base_overrides(flux, data, tmp_path / "o", control_type="fill", training_method="full"))
     with pytest.raises(ConfigError, match="lora_type: lora without use_dora"):
         load_config(None, base_overrides(flux, data, tmp_path / "o", control_type="concat", lora_type="lokr"))
     wide = write_dataset(tmp_path / "c", n=1, size=(96, 64))

@@ -317,7 +317,11 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
     _check_choice("full_weights", cfg.full_weights, FULL_WEIGHTS)
     if not cfg.freeze_text_encoder:
         raise ConfigError("config key 'freeze_text_encoder' is false, but this trainer never trains the text encoder; remove the key or set it to true")
-    controlnet_keys = {"controlnet_model_name_or_path": None, "controlnet_layers": 4, "controlnet_single_layers": 0}
+    controlnet_keys = {"controlnet_model_name_or_path": None, "controlnet_layers": 4, "controlnet_single_layers": 0,
+                       "controlnet_conditioning_scale": 1.0}
+    if cfg.control_type is not None and cfg.training_method == "full":
+        raise ConfigError(f"config key 'control_type: {cfg.control_type}' trains a LoRA (with the widened input layer); full "
+                          "fine-tuning of a control model is not supported yet: use training_method: lora")
     if cfg.training_method == "controlnet":
         if cfg.control_type is not None:
             raise ConfigError(f"config keys 'control_type: {cfg.control_type}' and 'training_method: controlnet' are two ways of "
