@@ -72,10 +72,13 @@ COMFY_NODE_INPUTS = {
     "EmptySD3LatentImage": {"width", "height", "batch_size"}, "LoadImage": {"image"},
     "ImageScaleToTotalPixels": {"image", "upscale_method", "megapixels", "resolution_steps"}, "VAEEncode": {"pixels", "vae"},
     "TextEncodeQwenImageEdit": {"clip", "prompt", "vae", "image"}, "FluxKontextImageScale": {"image"},
-    "ReferenceLatent": {"conditioning", "latent"},
+    "ReferenceLatent": {"conditioning", "latent"}, "InstructPixToPixConditioning": {"positive", "negative", "vae", "pixels"},
+    "InpaintModelConditioning": {"positive", "negative", "vae", "pixels", "mask", "noise_mask"},
     "KSampler": {"model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive", "negative", "latent_image", "denoise"},
     "VAEDecode": {"samples", "vae"}, "SaveImage": {"images", "filename_prefix"},
 }
+# nodes with several outputs (ComfyUI's RETURN_TYPES): LoadImage (IMAGE, MASK); the conditioning nodes (positive, negative, latent)
+COMFY_NODE_OUTPUTS = {"LoadImage": 2, "InstructPixToPixConditioning": 3, "InpaintModelConditioning": 3}
 CLIP_TYPES = {"CLIPLoader": {"qwen_image", "lumina2", "chroma", "flux2"}, "DualCLIPLoader": {"flux"}}
 
 
@@ -98,7 +101,8 @@ def test_comfyui_workflows_load_the_trained_lora_into_the_sampled_model():
             assert set(inputs) == COMFY_NODE_INPUTS[kind], (name, kind)
             for value in inputs.values():
                 if isinstance(value, list):  # a link: [node id, output index] of an existing node
-                    assert value[0] in nodes and value[1] == 0 and value[0] != node_id, (name, node_id, value)
+                    outputs = COMFY_NODE_OUTPUTS.get(nodes[value[0]]["class_type"], 1) if value[0] in nodes else 0
+                    assert value[0] in nodes and 0 <= value[1] < outputs and value[0] != node_id, (name, node_id, value)
             if kind in CLIP_TYPES:
                 assert inputs["type"] in CLIP_TYPES[kind], (name, inputs["type"])
         loras = [n for n in nodes.values() if n["class_type"] == "LoraLoaderModelOnly"]

@@ -99,6 +99,27 @@ def flux(kontext: bool) -> dict:
     return g.nodes
 
 
+def flux_control(fill: bool) -> dict:
+    """A FLUX Control / Fill LoRA trained from FLUX.1-dev on FLUX.1-dev: the LoRA file's reshape_weight widens img_in;
+    InstructPixToPixConditioning (the control image) / InpaintModelConditioning (the image and its mask, painted in
+    input.png's alpha with ComfyUI's mask editor) hand the extra latents to the model. Guidance as the pipelines:
+    3.5 (Control), 30 (Fill)."""
+    g = Graph()
+    unet, clip, vae = _loaders(g, "flux1-dev.safetensors", ("clip_l.safetensors", "t5xxl_fp16.safetensors"), "flux", "ae.safetensors")
+    model = _lora(g, unet)
+    text = g.add("CLIPTextEncode", "prompt", text=PROMPT, clip=clip)
+    negative = g.add("ConditioningZeroOut", "no negative (cfg 1)", conditioning=text)
+    positive = g.add("FluxGuidance", "distilled guidance", conditioning=text, guidance=30.0 if fill else 3.5)
+    image = g.add("LoadImage", "image to inpaint (mask in its alpha)" if fill else "control image (e.g. Canny edges)", image="input.png")
+    if fill:
+        cond = g.add("InpaintModelConditioning", "masked image + mask", positive=positive, negative=negative, vae=vae, pixels=image,
+                     mask=[image[0], 1], noise_mask=False)
+    else:
+        cond = g.add("InstructPixToPixConditioning", "control latents", positive=positive, negative=negative, vae=vae, pixels=image)
+    _tail(g, model, cond, [cond[0], 1], [cond[0], 2], vae, steps=28, cfg=1.0, sampler="euler", name="flux_fill" if fill else "flux_control")
+    return g.nodes
+
+
 def z_image() -> dict:
     """Z-Image-Turbo with a LoRA trained on Z-Image (Base), as README recommends."""
     g = Graph()
@@ -127,6 +148,8 @@ WORKFLOWS = {  # variant name (trainer/models) -> its workflow
     "qwen-image-edit": lambda: qwen_image(edit=True),
     "flux": lambda: flux(kontext=False),
     "flux-kontext": lambda: flux(kontext=True),
+    "flux-control": lambda: flux_control(fill=False),
+    "flux-fill": lambda: flux_control(fill=True),
     "z-image": z_image,
     "chroma": chroma,
 }
