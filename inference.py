@@ -129,6 +129,8 @@ def main(argv=None) -> int:
             resolve_transformer(args.transformer)
         except ToolError as e:
             fail(f"--transformer: {e}")
+    if args.controlnet_scale != 1.0 and not args.controlnet:
+        fail("--controlnet_scale sets the strength of --controlnet; pass --controlnet PATH (or leave the scale out)")
     if args.controlnet:
         from trainer.pipelines import controlnet_folder
 
@@ -199,7 +201,7 @@ def main(argv=None) -> int:
         pipe = load_pipeline(adapter, dtype, device, args.lora_weights, args.lora_scale, args.quantize, args.offload, args.transformer,
                              args.controlnet)
     except ToolError as e:
-        fail(f"--transformer: {e}")
+        fail(f"{'--controlnet' if args.controlnet and adapter.controlnet_class in str(e) else '--transformer'}: {e}")
 
     from PIL import Image, ImageOps
 

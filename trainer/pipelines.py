@@ -170,7 +170,11 @@ def load_controlnet(adapter, path: str, dtype):
     import diffusers
 
     folder = controlnet_folder(adapter, path)
-    return getattr(diffusers, adapter.controlnet_class).from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
+    try:
+        return getattr(diffusers, adapter.controlnet_class).from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
+    except Exception as e:  # damaged weights, another model size
+        raise ToolError(f"'{folder}' cannot be loaded as a {adapter.controlnet_class} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]})") from None
 
 
 def load_pipeline(adapter, dtype, device: str, lora: str | None = None, lora_scale: float = 1.0,
