@@ -83,9 +83,10 @@ class FluxAdapter(ModelAdapter):
                 learning=LearningCase(1, 500, 1e-2, reference_size=64)),
         # FLUX.1-Canny-dev / Depth-dev (in_channels 128), or FLUX.1-dev widened (the Canny / Depth LoRAs)
         Variant("flux-control", "FluxControlPipeline", (1, 1), hub_hints=("canny", "depth"),
-                learning=LearningCase(1, 300, 1e-2), control="concat", starts_from=("FluxPipeline",)),
+                # in the suite from FLUX.1-dev widened (tests/test_control.py, both signs); this layout: bench/learning.py
+                learning=LearningCase(1, 300, 1e-2, in_suite=False), control="concat", starts_from=("FluxPipeline",)),
         # FLUX.1-Fill-dev (in_channels 384), or FLUX.1-dev widened: inpainting (masked image + mask channels)
-        Variant("flux-fill", "FluxFillPipeline", hub_hints=("fill",), learning=LearningCase(0, 300, 1e-2, inpaint=True),
+        Variant("flux-fill", "FluxFillPipeline", hub_hints=("fill",), learning=LearningCase(0, 300, 1e-2, inpaint=True, in_suite=False),
                 control="fill", starts_from=("FluxPipeline",)),
         # training_method: controlnet: a FluxControlNetModel beside FLUX.1-dev (FluxControlNetPipeline)
         Variant("flux-controlnet", "FluxControlNetPipeline", (1, 1), learning=LearningCase(1, 600, 5e-3, method="controlnet"),
