@@ -7,7 +7,6 @@ import pickle
 import shutil
 import signal
 import subprocess
-import time
 
 import pytest
 import torch

@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     b, a = sum(t[0] for t in trained) / 2, sum(t[1] for t in trained) / 2
     ob, oa = score(before, 2), score(after, 2)
     print(f"wrote {out}")
-    print(f"score (mean squared pixel distance to the nearest training picture of the prompt; lower is closer):")
+    print("score (mean squared pixel distance to the nearest training picture of the prompt; lower is closer):")
     print(f"  '{CONCEPT_CAPTION}' (trained): base {b:.4f} -> LoRA {a:.4f} ({b / max(a, 1e-9):.1f}x closer)")
     print(f"  '{other_caption}' (not in the LoRA's data): base {ob:.4f} -> LoRA {oa:.4f}; "
           f"the LoRA moved it by {distance(before[2], after[2]):.4f}")
