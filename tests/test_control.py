@@ -4,6 +4,8 @@ trained weights, control images are cut where their image is cut, random inpaint
 setups are one line before any model loads, inference.py renders with them, and they learn to follow the control
 image / the visible part of the image through the pipeline (the equivalence cases are in tests/test_equivalence.py)."""
 
+import logging
+import shlex
 import subprocess
 
 import numpy as np
@@ -18,6 +20,34 @@ from trainer.loop import train
 from trainer.models.flux import FluxAdapter
 
 
+COMMANDS: dict[str, list[str]] = {}  # fixture -> the "try it" command its run logged
+
+
+class TryIt(logging.Handler):
+    """Keeps the run's closing "try it: python inference.py ..." line."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.command: list[str] = []
+
+    def emit(self, record):
+        if record.getMessage().startswith("try it: "):
+            self.command = shlex.split(record.getMessage()[len("try it: "):])
+
+
+def train_and_keep_command(cfg) -> list[str]:
+    handler, log = TryIt(), logging.getLogger("trainer")
+    log.addHandler(handler)
+    level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        train(cfg, FluxAdapter)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    return handler.command
+
+
 @pytest.fixture(scope="module")
 def control_run(tiny_models, tmp_path_factory):
     """(model, data, out, extra): a control LoRA trained 2 steps from the tiny FLUX.1-dev, its ComfyUI file too."""
@@ -26,8 +56,9 @@ def control_run(tiny_models, tmp_path_factory):
     data = write_dataset(root / "t", n=2)
     extra = {"control_type": "concat", "data_config.control_dir": str(write_dataset(root / "c", n=2, seed=2)), "lora_format": "comfyui"}
     out = root / "out"
-    train(load_config(None, base_overrides(model, data, out, max_train_steps=2, validation_samples=1, validation_steps=2,
-                                           **extra)), FluxAdapter)
+    command = train_and_keep_command(load_config(None, base_overrides(model, data, out, max_train_steps=2, validation_samples=1,
+                                                                      validation_steps=2, **extra)))
+    COMMANDS["control"] = command
     return model, data, out, extra
 
 
@@ -217,6 +248,10 @@ def test_inference_inpaints_with_a_mask(fill_run, tmp_path):
 
 def test_inference_renders_with_a_control_image(control_run, tmp_path):
     model, _, out, _ = control_run
+    command = COMMANDS["control"]  # the run's own "try it" line: the LoRA, --control_image, the training size
+    assert command[:2] == ["python", "inference.py"] and "--control_image" in command and "--lora_weights" in command
+    r = subprocess.run([PY, *command[1:], "--num_inference_steps", "1"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
     control = tmp_path / "edges.png"
     Image.new("RGB", (64, 48), "white").save(control)
     args = [PY, "inference.py", "--model_name", str(model), "--lora_weights", str(out), "--prompt", "x", "--num_inference_steps", "1"]
@@ -254,8 +289,9 @@ def controlnet_run(tiny_models, tmp_path_factory):
     data = write_dataset(root / "t", n=2)
     extra = {**CONTROLNET, "data_config.control_dir": str(write_dataset(root / "c", n=2, seed=2))}
     out = root / "out"
-    train(load_config(None, base_overrides(model, data, out, max_train_steps=2, validation_samples=1, validation_steps=2,
-                                           **extra)), FluxAdapter)
+    command = train_and_keep_command(load_config(None, base_overrides(model, data, out, max_train_steps=2, validation_samples=1,
+                                                                      validation_steps=2, **extra)))
+    COMMANDS["controlnet"] = command
     return model, data, out, extra
 
 
@@ -342,10 +378,12 @@ def test_controlnet_setups_that_cannot_work_are_one_line(tiny_models, tmp_path):
 
 def test_inference_renders_with_a_controlnet(controlnet_run, tmp_path):
     model, data, out, _ = controlnet_run
-    args = [PY, "inference.py", "--model_name", str(model), "--controlnet", str(out), "--prompt", "x", "--num_inference_steps", "1"]
-    r = subprocess.run(args + ["--control_image", str(next(data.glob("*.png"))), "--width", "64", "--height", "48",
-                               "--output_image", str(tmp_path / "o.png")], cwd=ROOT, capture_output=True, text=True)
+    command = COMMANDS["controlnet"]  # the run's own "try it" line
+    assert command[:2] == ["python", "inference.py"] and "--controlnet" in command and "--control_image" in command
+    r = subprocess.run([PY, *command[1:], "--num_inference_steps", "1", "--width", "64", "--height", "48",
+                        "--output_image", str(tmp_path / "o.png")], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert Image.open(tmp_path / "o.png").size == (64, 48)
+    args = [PY, "inference.py", "--model_name", str(model), "--controlnet", str(out), "--prompt", "x", "--num_inference_steps", "1"]
     r = subprocess.run(args + ["--controlnet", str(data), "--output_image", str(tmp_path / "no.png")], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "--controlnet:" in r.stderr and "not a ControlNet folder" in r.stderr
