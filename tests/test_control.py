@@ -225,6 +225,10 @@ def test_wrong_control_setups_are_one_line_before_the_model_loads(tiny_models, t
     cfg = load_config(None, base_overrides(flux, data, tmp_path / "o", control_type="concat", **{"data_config.control_dir": str(wide)}))
     scan = scan_dataset(cfg.data_config, rule=FluxAdapter.from_model(cfg).reference_rule())
     assert len(scan.problems) == 1 and "control image is 96x64, but its image" in scan.problems[0] and "aspect ratio" in scan.problems[0]
+    for name, expected in (("train_flux_control.yaml", ("concat", "lora")), ("train_flux_fill.yaml", ("fill", "lora")),
+                           ("train_flux_controlnet.yaml", (None, "controlnet"))):  # the shipped YAMLs, paths left as shipped
+        cfg = load_config(ROOT / "train_configs" / name, [], check_paths=False)
+        assert (cfg.control_type, cfg.training_method) == expected, name
     out = tmp_path / "o2"
     r = subprocess.run([PY, "train_flux_lora.py", "--config", str(ROOT / "train_configs/train_flux_control.yaml"),
                         *base_overrides(flux, data, out, **{"data_config.control_dir": str(data), "lora_target_modules": "[to_q]"})],
