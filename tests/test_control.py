@@ -376,6 +376,11 @@ def test_controlnet_setups_that_cannot_work_are_one_line(tiny_models, tmp_path):
         load_config(None, base_overrides(flux, data, tmp_path / "o", control_type="concat", **CONTROLNET))
     with pytest.raises(ConfigError, match="'controlnet_layers' applies to training_method: controlnet only"):
         load_config(None, base_overrides(flux, data, tmp_path / "o", controlnet_layers=2))
+    saved = tmp_path / "saved-controlnet-pipeline"  # a FluxControlNetPipeline folder given to LoRA training
+    saved.mkdir()
+    (saved / "model_index.json").write_text('{"_class_name": "FluxControlNetPipeline"}')
+    with pytest.raises(ConfigError, match="is a FluxControlNetPipeline folder: train its ControlNet with training_method: controlnet"):
+        FluxAdapter.check_setup(load_config(None, base_overrides(saved, data, tmp_path / "o", **ctrl), check_paths=False))
     with pytest.raises(ConfigError, match="not a ControlNet folder"):
         load_config(None, base_overrides(flux, data, tmp_path / "o", controlnet_model_name_or_path=str(data), **CONTROLNET))
 

@@ -209,6 +209,9 @@ class ModelAdapter(ABC):
                 + (f"; use {found[0].entry}" if found else "")
             )
         variant = cls.controlled(variant, control_of(cfg))
+        if variant.control == "controlnet" and cfg.training_method != "controlnet":  # a saved ControlNet pipeline's folder
+            raise ConfigError(f"config key 'pretrained_model_name_or_path' is a {name} folder: train its ControlNet with training_method: "
+                              f"controlnet on the base model (controlnet_model_name_or_path: its controlnet/ folder), or a LoRA on the base model")
         name = variant.pipeline
         if variant.control == "fill" and cfg.precompute_image_embeddings:  # a FLUX.1-Fill-dev folder (control_type: null)
             logger.info("%s: images are encoded every step (the masked image changes with each epoch's random mask)", name)
