@@ -4,6 +4,7 @@ trained weights, control images are cut where their image is cut, random inpaint
 setups are one line before any model loads, inference.py renders with them, and they learn to follow the control
 image / the visible part of the image through the pipeline (the equivalence cases are in tests/test_equivalence.py)."""
 
+import json
 import logging
 import shlex
 import subprocess
@@ -175,6 +176,13 @@ def test_scale_zero_renders_the_base_model_and_scale_one_does_not(control_run):
     on = render(load_pipeline(adapter, torch.float32, "cpu", str(out)), control_image=control)
     assert np.abs(off - base).max() <= 1  # uint8 rounding of the same float image
     assert np.abs(on - base).max() > 1
+    # merge_lora.py bakes it into a FLUX.1-Canny-dev-like folder (FluxControlPipeline, in_channels 32) that renders the same
+    from utils.merge_lora import main as merge
+
+    merged = out.parent / "merged"
+    assert merge(["--model_name", str(model), "--lora_weights", str(out), "--out", str(merged), "--dtype", "fp32"]) == 0
+    assert json.loads((merged / "transformer" / "config.json").read_text())["in_channels"] == 32
+    assert np.abs(render(load_pipeline(adapter_for(str(merged)), torch.float32, "cpu"), control_image=control) - on).max() <= 1
 
 
 def test_control_images_are_cut_where_their_image_is_cut(tmp_path):

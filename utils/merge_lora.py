@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     from trainer.pipelines import ToolError, adapter_for, check_lora, load_pipeline, resolve_lora
 
     try:
-        adapter = adapter_for(args.model_name)
+        adapter = adapter_for(args.model_name, args.lora_weights)  # a FLUX Control / Fill LoRA: merged into that pipeline
         check_lora(args.lora_weights, adapter)
         out = Path(args.out)
         if not math.isfinite(args.scale):
@@ -46,6 +46,7 @@ def main(argv=None) -> int:
     pipe = load_pipeline(adapter, torch_dtype(args.dtype), "cpu", args.lora_weights, 1.0)
     pipe.fuse_lora(components=["transformer"], lora_scale=args.scale)
     pipe.unload_lora_weights()
+    adapter.record_widening(pipe.transformer)  # a FLUX Control / Fill LoRA widened x_embedder: the saved config says so
     tmp = out.with_name(f".tmp-{out.name}")  # written beside, then put in place: an interrupted merge leaves no half model
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)

@@ -530,6 +530,10 @@ class ModelAdapter(ABC):
         the transformer's keyword arguments from `predict`, plus `controlnet_cond` (the packed control latents)."""
         raise NotImplementedError(f"{self.family} has no ControlNet training")
 
+    def record_widening(self, transformer: torch.nn.Module) -> None:
+        """Make the transformer's config say what a LoRA loader widened (diffusers widens FLUX's x_embedder on load
+        but its saved config keeps the old width), before a merged model is saved. Default: nothing widens."""
+
     def prepare_transformer(self, transformer: torch.nn.Module) -> torch.nn.Module:
         """Architecture changes the variant makes to the model's transformer before training (FLUX Control widens
         the input layer of a FLUX.1-dev transformer); the pipeline's LoRA loader makes the same change. Default: none."""

@@ -155,6 +155,11 @@ class FluxAdapter(ModelAdapter):
     def widened_modules(self) -> tuple[str, ...]:
         return ("x_embedder",) if self.widened else ()
 
+    def record_widening(self, transformer: torch.nn.Module) -> None:
+        wide = transformer.x_embedder.in_features
+        if wide != transformer.config["in_channels"]:  # diffusers set an attribute on the config, not its saved value
+            transformer.register_to_config(in_channels=wide, out_channels=transformer.out_channels)
+
     def prepare_transformer(self, transformer: torch.nn.Module) -> torch.nn.Module:
         """FLUX Control / Fill on a FLUX.1-dev transformer: x_embedder widened for the control latents (Control: twice
         its inputs) or the masked image's latents and the packed mask (Fill: twice its inputs + 2x2 x 8x8 mask
