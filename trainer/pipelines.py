@@ -194,8 +194,10 @@ def load_pipeline(adapter, dtype, device: str, lora: str | None = None, lora_sca
         else:
             import diffusers
 
-            base = getattr(diffusers, adapter.transformer_class).from_pretrained(name, subfolder="transformer", torch_dtype=dtype)
-            extra["controlnet"] = adapter.make_controlnet(base).to(dtype)
+            if "transformer" not in extra:  # loaded once: the ControlNet's source and the pipeline's transformer
+                extra["transformer"] = getattr(diffusers, adapter.transformer_class).from_pretrained(name, subfolder="transformer",
+                                                                                                    torch_dtype=dtype)
+            extra["controlnet"] = adapter.make_controlnet(extra["transformer"]).to(dtype)
     # the variant's pipeline class: the model folder's own, or the one its LoRA widens it into (FluxControlPipeline)
     pipe = adapter.pipeline_class.from_pretrained(name, dtype=dtype, **adapter.pipeline_components(name), **extra)
     if quantize != "none":

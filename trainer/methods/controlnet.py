@@ -13,6 +13,7 @@ diffusers ControlNet folder (`controlnet/`) that `<ControlNetClass>.from_pretrai
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -64,7 +65,7 @@ class ControlNetMethod(FullMethod):
             controlnet = adapter.make_controlnet(adapter.prepare_transformer(source))
             del source
         else:
-            with placement.host_weights() if placement is not None else _nothing():
+            with placement.host_weights() if placement is not None else contextlib.nullcontext():
                 controlnet = adapter.make_controlnet(transformer)
         controlnet = controlnet.to(adapter.device, torch.float32).train()
         if cfg.gradient_checkpointing:
@@ -92,10 +93,4 @@ class ControlNetMethod(FullMethod):
         return (CONTROLNET_DIR,)
 
     def sampling(self, model: torch.nn.Module):
-        return _nothing()
-
-
-def _nothing():
-    import contextlib
-
-    return contextlib.nullcontext()
+        return contextlib.nullcontext()

@@ -108,8 +108,8 @@ class FluxAdapter(ModelAdapter):
             import inspect
 
             self.default_guidance = float(inspect.signature(self.pipeline_class.__call__).parameters["guidance_scale"].default)
-        if self.variant.control:  # the input layer learns to read the control channels
-            self.default_target_modules = (*type(self).default_target_modules, "x_embedder")
+        # Control / Fill: the input layer learns to read the control channels
+        self.default_target_modules = (*type(self).default_target_modules, *self.input_layers)
 
     def reference_sizes(self, width: int, height: int) -> tuple[tuple[int, int], ...]:
         """Kontext's preferred resolution nearest the aspect ratio (the pipeline's _auto_resize), or an area of
@@ -166,7 +166,7 @@ class FluxAdapter(ModelAdapter):
         values), the new inputs' weights zero, in_channels / out_channels set, exactly as diffusers' LoRA loader
         widens it."""
         x = transformer.x_embedder
-        if self.variant.control not in ("concat", "fill") or transformer.config.in_channels != transformer.out_channels:
+        if not self.input_layers or transformer.config.in_channels != transformer.out_channels:
             return transformer  # no control, or already a control model (FLUX.1-Canny-dev: 128 in, 64 out)
         extra = x.in_features + (4 * VAE_FACTOR**2 if self.variant.control == "fill" else 0)
         wide = torch.nn.Linear(x.in_features + extra, x.out_features, bias=x.bias is not None, device=x.weight.device, dtype=x.weight.dtype)
