@@ -43,7 +43,8 @@ class Case:
     guidance: bool = True  # FLUX: the transformer has a guidance embedding (dev / Kontext); False = schnell
     zero_cond_t: bool = False  # Qwen-Image-Edit-2511: reference tokens modulated at t = 0 (transformer config)
     layout: str = "packed"  # how the pipeline passes latents: packed tokens (hidden_states=...), "concat" (packed, the control's
-    # channels after the target's), "fill" (packed, then the masked image's and the mask's), or "frames" (a list)
+    # channels after the target's), "fill" (packed, then the masked image's and the mask's), "frames" (a list), or "grid"
+    # (B x C x H x W patchified latents, timestep 1000 sigma: ERNIE-Image)
 
 
 CASES = [
@@ -70,6 +71,7 @@ CASES = [
     Case("Qwen-Image 2.1", "qwen-image-2.1", layout="joint"),
     Case("Qwen-Image 2.1, 1 ref", "qwen-image-2.1", 1, layout="joint"),
     Case("Qwen-Image 2.1, 2 refs", "qwen-image-2.1", 2, layout="joint"),
+    Case("ERNIE-Image", "ernie-image", layout="grid"),
 ]
 
 
@@ -106,6 +108,8 @@ def latents_and_sigma(case: Case, inputs: dict) -> tuple[torch.Tensor, torch.Ten
         return torch.stack(inputs["arg0"]).squeeze(2).float(), 1.0 - inputs["arg1"].float(), 0
     if case.layout == "frames-last":  # Kandinsky 5: B x 1 x H x W x C, time = 1000 sigma
         return inputs["hidden_states"].squeeze(1).permute(0, 3, 1, 2).float(), inputs["timestep"].float() / 1000, 0
+    if case.layout == "grid":  # ERNIE-Image: B x 128 x H x W, timestep = 1000 sigma
+        return inputs["hidden_states"].float(), inputs["timestep"].float() / 1000, 0
     if case.layout == "joint":  # Qwen-Image 2.1: condition latents, then the target's (unpatched, 16 px per token)
         h, w = TARGET[1] // 16, TARGET[0] // 16
         tokens = inputs["hidden_states"][:, -h * w :]
@@ -129,6 +133,8 @@ def pipeline_prediction(case: Case, output, n_target: int) -> torch.Tensor:
         return -torch.stack([o.float() for o in output]).squeeze(2)
     if case.layout == "frames-last":
         return output.squeeze(1).permute(0, 3, 1, 2).float()
+    if case.layout == "grid":
+        return output.float()
     if case.layout == "joint":  # the pipeline keeps the last target-many tokens of the joint sequence
         tokens = output[:, -n_target:]
         return tokens.permute(0, 2, 1).reshape(tokens.shape[0], -1, TARGET[1] // 16, TARGET[0] // 16).float()
@@ -263,7 +269,7 @@ def pipeline_call_kwargs(case: Case, refs: list[Path], work: Path) -> dict:
             kwargs["image"] = images
     elif case.variant == "z-image":
         kwargs["guidance_scale"] = 0.0  # no CFG (ZImagePipeline runs CFG for any scale > 0)
-    elif case.variant in ("chroma", "kandinsky5", "flux2-klein"):
+    elif case.variant in ("chroma", "kandinsky5", "flux2-klein", "ernie-image"):
         kwargs["guidance_scale"] = 1.0  # no CFG: one transformer call per step
     # FLUX.1 / FLUX.2 dev: the distilled guidance left at the pipeline's default, which training uses by default
     if case.variant == "qwen-image-edit":
@@ -323,6 +329,9 @@ def compare(case: Case, model: Path, work: Path) -> dict:
     elif case.layout == "frames-last":
         result["text_tokens"] = int(ref_inputs["encoder_hidden_states"].shape[1])
         result["image_tokens"] = int(ref_inputs["hidden_states"].shape[2] * ref_inputs["hidden_states"].shape[3] // 4)
+    elif case.layout == "grid":
+        result["text_tokens"] = int(ref_inputs["text_bth"].shape[1])
+        result["image_tokens"] = int(ref_inputs["hidden_states"].shape[2] * ref_inputs["hidden_states"].shape[3])
     elif case.layout == "joint":  # the prompt's vision slots stand for the condition latents: count text only
         result["text_tokens"] = int((~ref_inputs["img_mask"][0, : ref_inputs["encoder_hidden_states"].shape[1]]).sum())
         result["image_tokens"] = int(ref_inputs["hidden_states"].shape[1])

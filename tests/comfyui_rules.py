@@ -3,8 +3,8 @@
 ComfyUI (v0.26.1: comfy/lora.py `model_lora_keys_unet` and `load_lora`, comfy/utils.py `flux_to_diffusers` and
 `z_image_to_diffusers`) loads a LoRA tensor only when its key is `<name>.<part>` with <name> in the key map it builds
 for the loaded model and <part> one of the LoRA parts it reads; any other key is reported as "lora key not loaded".
-`mapped_names` rebuilds, per family, the names ComfyUI maps for a diffusers transformer (ComfyUI's Qwen-Image and
-Kandinsky 5 models use the diffusers module names; FLUX.1 and Z-Image go through fixed diffusers -> ComfyUI tables;
+`mapped_names` rebuilds, per family, the names ComfyUI maps for a diffusers transformer (ComfyUI's Qwen-Image,
+Kandinsky 5 and ERNIE-Image models use the diffusers module names; FLUX.1 and Z-Image go through fixed diffusers -> ComfyUI tables;
 Qwen-Image 2.1's model fuses its MLP input projections, v0.37's comfy/lora.py maps LoRAs onto the halves).
 """
 
@@ -103,7 +103,7 @@ def _qwen_image21(transformer) -> set[str]:
 RULES = {"qwen-image": _direct, "qwen-image-edit": _direct, "qwen-image-edit-plus": _direct, "flux": _flux,
          "flux-kontext": _flux, "flux-control": _flux, "z-image": _z_image, "chroma": _flux,
          "kandinsky5": _direct, "flux2": _flux2, "flux2-klein": _flux2,  # ComfyUI's Chroma is a Flux model
-         "qwen-image-2.1": _qwen_image21}
+         "qwen-image-2.1": _qwen_image21, "ernie-image": _direct}  # comfy/ldm/ernie/model.py keeps the diffusers names
 
 
 def not_loaded(keys, variant: str, transformer) -> list[str]:

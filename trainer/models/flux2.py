@@ -71,6 +71,19 @@ def flux2_reference_views(img, sizes) -> list:
     return [img.crop((left, top, left + w, top + h))]
 
 
+@torch.no_grad()
+def flux2_vae_latents(vae, pixels: torch.Tensor, device, eps: float) -> torch.Tensor:
+    """The FLUX.2 pipelines' _encode_vae_image: VAE mode, 2x2 patchified into channels, the VAE's batch-norm
+    statistics removed (std = sqrt(running_var + eps))."""
+    from diffusers import Flux2Pipeline
+
+    x = pixels.to(device, vae.dtype).contiguous(memory_format=torch.channels_last)  # as the pipelines feed the VAE
+    z = Flux2Pipeline._patchify_latents(vae.encode(x).latent_dist.mode())
+    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(z)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + eps).to(z)
+    return ((z - mean) / std).float()
+
+
 def compute_mu(image_seq_len: int, num_steps: int = TRAINING_MU_STEPS) -> float:
     from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 
@@ -160,14 +173,7 @@ class Flux2Adapter(ModelAdapter):
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The pipelines' _encode_vae_image: VAE mode, 2x2 patchified into channels, batch-norm statistics removed."""
-        from diffusers import Flux2Pipeline
-
-        x = pixels.to(self.device, self.vae.dtype).contiguous(memory_format=torch.channels_last)  # as the pipelines feed the VAE
-        z = Flux2Pipeline._patchify_latents(self.vae.encode(x).latent_dist.mode())
-        mean = self.vae.bn.running_mean.view(1, -1, 1, 1).to(z)
-        std = torch.sqrt(self.vae.bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(z)
-        return ((z - mean) / std).float()
+        return flux2_vae_latents(self.vae, pixels, self.device, self.vae.config.batch_norm_eps)
 
     def image_seq_len(self, latents: torch.Tensor) -> int:
         return latents.shape[-2] * latents.shape[-1]  # already patchified: one token per latent position
@@ -316,12 +322,12 @@ def build_mistral_tokenizer():
     return tokenizer
 
 
-def build_mistral3(tokenizer, hidden: int = 32):
-    """Mistral-3 (text + a minimal vision tower), with the 31 layers whose states 10 / 20 / 30 the pipeline reads."""
+def build_mistral3(tokenizer, hidden: int = 32, layers: int = 31):
+    """Mistral-3 (text + a minimal vision tower), by default with the 31 layers whose states 10 / 20 / 30 FLUX.2 reads."""
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
 
     config = Mistral3Config(
-        text_config=MistralConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=31,
+        text_config=MistralConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
                                   num_attention_heads=2, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
                                   pad_token_id=tokenizer.pad_token_id),
         vision_config=PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
