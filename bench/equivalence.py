@@ -45,6 +45,8 @@ class Case:
     layout: str = "packed"  # how the pipeline passes latents: packed tokens (hidden_states=...), "concat" (packed, the control's
     # channels after the target's), "fill" (packed, then the masked image's and the mask's), "frames" (a list), or "grid"
     # (B x C x H x W patchified latents, timestep 1000 sigma: ERNIE-Image)
+    masked_text: bool = False  # Krea 2: prompt rows compared where encoder_attention_mask is on (the padding rows are masked
+    # out of every attention; the pipeline holds pad-token states there, the trainer zeros)
 
 
 CASES = [
@@ -72,6 +74,7 @@ CASES = [
     Case("Qwen-Image 2.1, 1 ref", "qwen-image-2.1", 1, layout="joint"),
     Case("Qwen-Image 2.1, 2 refs", "qwen-image-2.1", 2, layout="joint"),
     Case("ERNIE-Image", "ernie-image", layout="grid"),
+    Case("Krea 2", "krea2", masked_text=True),
 ]
 
 
@@ -267,8 +270,8 @@ def pipeline_call_kwargs(case: Case, refs: list[Path], work: Path) -> dict:
         kwargs["true_cfg_scale"] = 1.0
         if case.variant == "qwen-image-2.1" and images:
             kwargs["image"] = images
-    elif case.variant == "z-image":
-        kwargs["guidance_scale"] = 0.0  # no CFG (ZImagePipeline runs CFG for any scale > 0)
+    elif case.variant in ("z-image", "krea2"):
+        kwargs["guidance_scale"] = 0.0  # no CFG (ZImagePipeline / Krea2Pipeline run CFG for any scale > 0)
     elif case.variant in ("chroma", "kandinsky5", "flux2-klein", "ernie-image"):
         kwargs["guidance_scale"] = 1.0  # no CFG: one transformer call per step
     # FLUX.1 / FLUX.2 dev: the distilled guidance left at the pipeline's default, which training uses by default
@@ -320,6 +323,10 @@ def compare(case: Case, model: Path, work: Path) -> dict:
         ours_inputs, ours_out = capture_first_call(pipe.transformer, lambda: adapter.predict(model_call, noisy, sigma, cond))
         pred = adapter.predict(model_call, noisy, sigma, cond)
     ignored = [k for k in IGNORED_INPUTS if not (controlnet and k.startswith("controlnet_"))]  # its residuals are compared
+    if case.masked_text:
+        for inputs in (ref_inputs, ours_inputs):
+            keep = inputs["encoder_attention_mask"].reshape(*inputs["encoder_attention_mask"].shape, 1, 1)
+            inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"] * keep
     result = {k: max_diff(v, ours_inputs.get(k)) for k, v in ref_inputs.items() if k not in ignored}
     result["prediction"] = max_diff(pipeline_prediction(case, ref_out, n_target), pred)
     result["transformer output"] = max_diff(ref_out, ours_out)

@@ -4,7 +4,8 @@ ComfyUI (v0.26.1: comfy/lora.py `model_lora_keys_unet` and `load_lora`, comfy/ut
 `z_image_to_diffusers`) loads a LoRA tensor only when its key is `<name>.<part>` with <name> in the key map it builds
 for the loaded model and <part> one of the LoRA parts it reads; any other key is reported as "lora key not loaded".
 `mapped_names` rebuilds, per family, the names ComfyUI maps for a diffusers transformer (ComfyUI's Qwen-Image,
-Kandinsky 5 and ERNIE-Image models use the diffusers module names; FLUX.1 and Z-Image go through fixed diffusers -> ComfyUI tables;
+Kandinsky 5 and ERNIE-Image models use the diffusers module names; FLUX.1, Z-Image and Krea 2 go through fixed diffusers -> ComfyUI
+tables;
 Qwen-Image 2.1's model fuses its MLP input projections, v0.37's comfy/lora.py maps LoRAs onto the halves).
 """
 
@@ -87,6 +88,24 @@ def _z_image(transformer) -> set[str]:
     return names
 
 
+def _krea2(transformer) -> set[str]:
+    """ComfyUI's Krea 2 branch (comfy/lora.py on comfy.utils.krea2_to_diffusers): the diffusers names of its table (every
+    block's attention + gate + SwiGLU, the 2 + 2 text-fusion blocks', and the input / time / text / final projections) as
+    transformer.<name>, <name> and lycoris_<name>."""
+    c = transformer.config
+    blocks = [f"transformer_blocks.{i}" for i in range(c.num_layers)]
+    blocks += [f"text_fusion.layerwise_blocks.{i}" for i in range(c.num_layerwise_text_blocks)]
+    blocks += [f"text_fusion.refiner_blocks.{i}" for i in range(c.num_refiner_text_blocks)]
+    modules = [f"{b}.{p}" for b in blocks for p in ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_gate", "attn.to_out.0", "ff.gate",
+                                                    "ff.up", "ff.down")]
+    modules += ["img_in", "time_embed.linear_1", "time_embed.linear_2", "time_mod_proj", "txt_in.linear_1", "txt_in.linear_2",
+                "text_fusion.projector", "final_layer.linear"]
+    names = set()
+    for m in modules:
+        names |= {f"transformer.{m}", m, f"lycoris_{m.replace('.', '_')}"}
+    return names
+
+
 def _qwen_image21(transformer) -> set[str]:
     """ComfyUI (v0.37+, comfy/lora.py, the QwenImage branch; its Qwen-Image 2.1 model is a QwenImage) keeps the
     diffusers names but fuses img_mlp.gate_layer / proj into img_mlp.gate_up at load. Generic rule: diffusion_model.<its
@@ -103,7 +122,7 @@ def _qwen_image21(transformer) -> set[str]:
 RULES = {"qwen-image": _direct, "qwen-image-edit": _direct, "qwen-image-edit-plus": _direct, "flux": _flux,
          "flux-kontext": _flux, "flux-control": _flux, "z-image": _z_image, "chroma": _flux,
          "kandinsky5": _direct, "flux2": _flux2, "flux2-klein": _flux2,  # ComfyUI's Chroma is a Flux model
-         "qwen-image-2.1": _qwen_image21, "ernie-image": _direct}  # comfy/ldm/ernie/model.py keeps the diffusers names
+         "qwen-image-2.1": _qwen_image21, "ernie-image": _direct, "krea2": _krea2}  # comfy/ldm/ernie/model.py keeps the diffusers names
 
 
 def not_loaded(keys, variant: str, transformer) -> list[str]:

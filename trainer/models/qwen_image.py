@@ -59,15 +59,31 @@ def unpack_latents(packed: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def pad_and_stack(embeds: list[torch.Tensor], masks: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample [1, L_i, D] prompt embeddings -> zero-padded [B, L, D] and the matching 0/1 mask."""
+    """Per-sample [1, L_i, ...] prompt embeddings -> zero-padded [B, L, ...] and the matching 0/1 mask."""
     longest = max(e.shape[1] for e in embeds)
-    out = embeds[0].new_zeros(len(embeds), longest, embeds[0].shape[2])
+    out = embeds[0].new_zeros(len(embeds), longest, *embeds[0].shape[2:])
     mask = torch.zeros(len(embeds), longest, dtype=torch.long, device=embeds[0].device)
     for i, (e, m) in enumerate(zip(embeds, masks)):
         n = e.shape[1] if m is None else int(m[0].sum())
         out[i, :n] = e[0, :n]
         mask[i, :n] = 1
     return out, mask
+
+
+def qwen_latent_statistics(vae, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE config's latents_mean / latents_std, 1 x C x 1 x 1 x 1 (float32)."""
+    z = vae.config.z_dim
+    mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(device, torch.float32)
+    return mean, torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(device, torch.float32)
+
+
+@torch.no_grad()
+def qwen_vae_latents(vae, pixels: torch.Tensor, device, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Pixels -> the Qwen-Image VAE's normalised latents: one video frame, the posterior's mode, (z - mean) / std (the
+    pipelines decode with z * std + mean)."""
+    x = pixels.to(device, vae.dtype).unsqueeze(2)  # B x 3 x 1 x H x W (one video frame)
+    z = vae.encode(x).latent_dist.mode().float()
+    return ((z - mean) / std).squeeze(2)
 
 
 def to_pil(pixels: torch.Tensor):
@@ -126,9 +142,7 @@ class QwenImageAdapter(ModelAdapter):
             scheduler=None, vae=None, text_encoder=text_encoder, tokenizer=tokenizer, transformer=None, **self.pipeline_components(name)
         )
         self.scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(name, subfolder="scheduler"))
-        z = self.vae.config.z_dim
-        self.latents_mean = torch.tensor(self.vae.config.latents_mean).view(1, z, 1, 1, 1).to(self.device, torch.float32)
-        self.latents_std = torch.tensor(self.vae.config.latents_std).view(1, z, 1, 1, 1).to(self.device, torch.float32)
+        self.latents_mean, self.latents_std = qwen_latent_statistics(self.vae, self.device)
 
     def load_transformer(self) -> None:
         from diffusers import QwenImageTransformer2DModel
@@ -150,9 +164,7 @@ class QwenImageAdapter(ModelAdapter):
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = pixels.to(self.device, self.vae.dtype).unsqueeze(2)  # B x 3 x 1 x H x W (one video frame)
-        z = self.vae.encode(x).latent_dist.mode().float()
-        return ((z - self.latents_mean) / self.latents_std).squeeze(2)
+        return qwen_vae_latents(self.vae, pixels, self.device, self.latents_mean, self.latents_std)
 
     def predict(self, transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Cond) -> torch.Tensor:
         """Control latents (edit models) ride along on the sequence axis with their own img_shapes entries;

@@ -36,7 +36,7 @@ from diffusers import QwenImage21Pipeline
 
 from . import register
 from .base import Cond, InferenceRequest, ModelAdapter, LearningCase, PlannerSpec, Variant
-from .qwen_image import calculate_dimensions, calibrate_qwen_vae, qwen_cfg_kwargs, to_pil
+from .qwen_image import calculate_dimensions, calibrate_qwen_vae, qwen_cfg_kwargs, qwen_latent_statistics, qwen_vae_latents, to_pil
 from trainer.config import ConfigError
 
 OUTPUT_RESOLUTION = 1024  # QwenImage21Pipeline's output_resolution default: condition images at this side's area
@@ -130,9 +130,7 @@ class QwenImage21Adapter(ModelAdapter):
         self.text_pipe = self.pipeline_class(scheduler=None, vae=None, transformer=None, text_encoder=encoder, processor=self.processor)
         self.scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(name, subfolder="scheduler"))
         self.sample_sigmas = read_model_index(name).get("sample_sigmas")
-        z = self.vae.config.z_dim
-        self.latents_mean = torch.tensor(self.vae.config.latents_mean).view(1, z, 1, 1, 1).to(self.device, torch.float32)
-        self.latents_std = torch.tensor(self.vae.config.latents_std).view(1, z, 1, 1, 1).to(self.device, torch.float32)
+        self.latents_mean, self.latents_std = qwen_latent_statistics(self.vae, self.device)
 
     def load_transformer(self) -> None:
         from diffusers import QwenImage21Transformer2DModel
@@ -191,8 +189,7 @@ class QwenImage21Adapter(ModelAdapter):
         x = pixels.to(self.device, self.vae.dtype)
         if x.shape[1] == 3:
             x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
-        z = self.vae.encode(x.unsqueeze(2)).latent_dist.mode().float()
-        return ((z - self.latents_mean) / self.latents_std).squeeze(2)
+        return qwen_vae_latents(self.vae, x, self.device, self.latents_mean, self.latents_std)
 
     def image_seq_len(self, latents: torch.Tensor) -> int:
         return latents.shape[-2] * latents.shape[-1]
@@ -367,15 +364,16 @@ def build_qwen3_vl_tokenizer():
     return tokenizer
 
 
-def build_qwen3_vl(tokenizer, hidden: int = 32):
+def build_qwen3_vl(tokenizer, hidden: int = 32, layers: int = 2, model_class: str = "Qwen3VLForConditionalGeneration"):
     """Qwen3-VL with the released vision geometry (16-pixel patches, 2x2 merge, 2 frames per patch) at tiny width."""
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    import transformers
+    from transformers import Qwen3VLConfig
 
     from .qwen_image import QWEN_SPECIAL_TOKENS
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     config = Qwen3VLConfig(
-        text_config={"vocab_size": len(tokenizer), "hidden_size": hidden, "intermediate_size": hidden * 2, "num_hidden_layers": 2,
+        text_config={"vocab_size": len(tokenizer), "hidden_size": hidden, "intermediate_size": hidden * 2, "num_hidden_layers": layers,
                      "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 32768,
                      "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [2, 3, 3],
                                          "mrope_interleaved": True}},
@@ -385,7 +383,7 @@ def build_qwen3_vl(tokenizer, hidden: int = 32):
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
     )
-    return Qwen3VLForConditionalGeneration(config)
+    return getattr(transformers, model_class)(config)
 
 
 def build_qwen21_vae(z_dim: int = 16):
