@@ -127,6 +127,43 @@ def test_one_run_per_folder_and_a_dead_runs_lock_is_free(tiny_qwen, dataset, tmp
     _train(tiny_qwen, dataset, out, max_train_steps=1, overwrite_output_dir=True)
 
 
+def test_a_forked_child_does_not_keep_the_folder_locked(tmp_path):
+    """DataLoader workers are forked: they must not hold the run's lock after the run is killed (a resume right after a
+    kill -9 was refused while the workers were still exiting)."""
+    import fcntl
+    import os
+
+    out = tmp_path / "out"
+    out.mkdir()
+    output_dir.acquire_lock(out, "run-1")
+    fd = output_dir._held[str(out.resolve())][0]
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # a worker: no lock descriptor of its own, and the folder's lock is still the parent's
+        os.close(r)
+        try:
+            os.fstat(fd)
+            inherited = True
+        except OSError:
+            inherited = False
+        probe = os.open(out / output_dir.LOCK_FILE, os.O_RDWR)
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            taken = True
+        except OSError:
+            taken = False
+        os.write(w, b"%d%d" % (inherited, taken))
+        os._exit(0)
+    os.close(w)
+    os.waitpid(child, 0)
+    assert os.read(r, 2) == b"00"  # the descriptor was closed in the child; the lock stayed with the parent
+    os.close(r)
+    output_dir.release_lock(out)
+    probe = os.open(out / output_dir.LOCK_FILE, os.O_RDWR)
+    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free once the parent lets go, though the child lived after the fork
+    os.close(probe)
+
+
 def test_resume_says_what_it_does(tiny_qwen, dataset, tmp_path, caplog):
     out = tmp_path / "out"
     _train(tiny_qwen, dataset, out, max_train_steps=2, checkpointing_steps=1)

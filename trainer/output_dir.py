@@ -48,6 +48,21 @@ LEGACY_CHECKPOINT = (STATE_FILE, CONFIG_FILE, LORA_FILE, COMFY_FILE, TRANSFORMER
 _held: dict[str, tuple[int, int]] = {}  # resolved output_dir -> (open lock file descriptor, holder token) of this process
 
 
+def _forget_locks_in_child() -> None:
+    """A forked child (a DataLoader worker) closes its copies of the lock descriptors: a flock belongs to the open file
+    description, so the parent keeps its lock, and a killed run's folder is free as soon as the run itself is gone (a
+    worker still exiting kept it locked, and the resume right after a kill -9 was refused)."""
+    for fd, _holder in _held.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
 class OutputDirError(ConfigError):
     """The output folder cannot be used by this run; the message says why and what to do (one line)."""
 
