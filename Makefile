@@ -37,7 +37,7 @@ demo: setup
 	@echo "  sample image    demo/sample.png"
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 clean-demo:
 	rm -rf demo

@@ -105,3 +105,13 @@ def comfyui_error(comfy: dict, adapter, transformer) -> float:
         error = max(error, (comfyui_weight(parts, base) - merged).abs().max().item())
     assert checked and change > 0, "no trained layer of the ComfyUI file was checked"
     return error / change
+
+
+def run_each(cmds: list[list[str]], timeout: int = 300, workers: int = 2) -> list:
+    """subprocess.run of every command (cwd ROOT, output captured), `workers` at a time: a launch spends most of its time
+    importing on one core, so two at once take about half the wall time on the 2-CPU machine the suite runs on."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda c: subprocess.run(c, cwd=ROOT, capture_output=True, text=True, timeout=timeout), cmds))

@@ -3,10 +3,9 @@ keeps its per-layer shapes and scales in the file, and renders through inference
 pipelines' loaders are checked family by family in test_comfyui.py.)"""
 
 import json
-import subprocess
 
 import pytest
-from helpers import PY, ROOT, base_overrides, write_dataset
+from helpers import PY, ROOT, base_overrides, run_each, write_dataset
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -74,24 +73,21 @@ def test_inference_renders_a_lycoris_file(tiny_qwen, tmp_path):
     from PIL import Image
 
     out = run(tiny_qwen, write_dataset(tmp_path / "d", n=2), tmp_path / "o", 1, lora_type="loha", learning_rate=0.05)
-    images = []
-    for scale in ("1.0", "0.0"):
-        image = tmp_path / f"s{scale}.png"
-        cmd = [PY, str(ROOT / "inference.py"), "--model_name", str(tiny_qwen), "--lora_weights", str(out), "--lora_scale", scale,
-               "--prompt", "a red square", "--width", "64", "--height", "64", "--num_inference_steps", "2", "--output_image", str(image),
-               "--device", "cpu"]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    merged = tmp_path / "merged"
+    renders = [[PY, str(ROOT / "inference.py"), "--model_name", str(tiny_qwen), "--lora_weights", str(out), "--lora_scale", scale,
+                "--prompt", "a red square", "--width", "64", "--height", "64", "--num_inference_steps", "2", "--output_image",
+                str(tmp_path / f"s{scale}.png"), "--device", "cpu"] for scale in ("1.0", "0.0")]
+    merge = [PY, str(ROOT / "utils/merge_lora.py"), "--model_name", str(tiny_qwen), "--lora_weights", str(out), "--out", str(merged),
+             "--dtype", "fp32"]
+    results = run_each([*renders, merge])
+    for result in results:
         assert result.returncode == 0, result.stderr[-2000:]
-        images.append(np.asarray(Image.open(image), dtype=np.float32))
+    images = [np.asarray(Image.open(tmp_path / f"s{scale}.png"), dtype=np.float32) for scale in ("1.0", "0.0")]
     assert np.abs(images[0] - images[1]).max() > 0
     # merge_lora.py folds it into the weights: each adapted layer becomes peft's own merge of the trained LoHa
     from diffusers import QwenImageTransformer2DModel
     from helpers import merged_weights, trained_model
 
-    merged = tmp_path / "merged"
-    result = subprocess.run([PY, str(ROOT / "utils/merge_lora.py"), "--model_name", str(tiny_qwen), "--lora_weights", str(out),
-                             "--out", str(merged), "--dtype", "fp32"], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
     weights = dict(QwenImageTransformer2DModel.from_pretrained(merged / "transformer").named_parameters())
     _, transformer, _ = trained_model(tiny_qwen, tmp_path / "d", out, lora_type="loha")
     expected = merged_weights(transformer)

@@ -12,7 +12,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from helpers import PY, ROOT, base_overrides, write_dataset
+from helpers import PY, ROOT, base_overrides, run_each, write_dataset
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -251,9 +251,9 @@ def test_inference_inpaints_with_a_mask(fill_run, tmp_path):
     Image.new("L", (128, 96), 255).save(mask)
     args = [PY, "inference.py", "--model_name", str(model), "--lora_weights", str(out), "--prompt", "x", "--num_inference_steps", "1",
             "--image", str(image), "--width", "64", "--height", "48"]
-    r = subprocess.run(args + ["--output_image", str(tmp_path / "no.png")], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 2 and "--mask: flux-fill models inpaint --image where the mask is white" in r.stderr
-    r = subprocess.run(args + ["--mask", str(mask), "--output_image", str(tmp_path / "o.png")], cwd=ROOT, capture_output=True, text=True)
+    missing, r = run_each([args + ["--output_image", str(tmp_path / "no.png")], args + ["--mask", str(mask), "--output_image",
+                                                                                        str(tmp_path / "o.png")]])
+    assert missing.returncode == 2 and "--mask: flux-fill models inpaint --image where the mask is white" in missing.stderr
     assert r.returncode == 0, r.stderr[-2000:]
     assert Image.open(tmp_path / "o.png").size == (64, 48)
 
@@ -262,15 +262,14 @@ def test_inference_renders_with_a_control_image(control_run, tmp_path):
     model, _, out, _ = control_run
     command = COMMANDS["control"]  # the run's own "try it" line: the LoRA, --control_image, the training size
     assert command[:2] == ["python", "inference.py"] and "--control_image" in command and "--lora_weights" in command
-    r = subprocess.run([PY, *command[1:], "--num_inference_steps", "1"], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
     control = tmp_path / "edges.png"
     Image.new("RGB", (64, 48), "white").save(control)
     args = [PY, "inference.py", "--model_name", str(model), "--lora_weights", str(out), "--prompt", "x", "--num_inference_steps", "1"]
-    r = subprocess.run(args + ["--output_image", str(tmp_path / "no.png")], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 2 and "--control_image: flux-control models follow a control image" in r.stderr
-    r = subprocess.run(args + ["--control_image", str(control), "--width", "64", "--height", "48", "--output_image", str(tmp_path / "o.png")],
-                       cwd=ROOT, capture_output=True, text=True)
+    tried, missing, r = run_each([[PY, *command[1:], "--num_inference_steps", "1"], args + ["--output_image", str(tmp_path / "no.png")],
+                                  args + ["--control_image", str(control), "--width", "64", "--height", "48", "--output_image",
+                                          str(tmp_path / "o.png")]], workers=3)
+    assert tried.returncode == 0, tried.stderr[-2000:]
+    assert missing.returncode == 2 and "--control_image: flux-control models follow a control image" in missing.stderr
     assert r.returncode == 0, r.stderr[-2000:]
     assert Image.open(tmp_path / "o.png").size == (64, 48)
 
@@ -397,10 +396,9 @@ def test_inference_renders_with_a_controlnet(controlnet_run, tmp_path):
     model, data, out, _ = controlnet_run
     command = COMMANDS["controlnet"]  # the run's own "try it" line
     assert command[:2] == ["python", "inference.py"] and "--controlnet" in command and "--control_image" in command
-    r = subprocess.run([PY, *command[1:], "--num_inference_steps", "1", "--width", "64", "--height", "48",
-                        "--output_image", str(tmp_path / "o.png")], cwd=ROOT, capture_output=True, text=True)
+    args = [PY, "inference.py", "--model_name", str(model), "--controlnet", str(out), "--prompt", "x", "--num_inference_steps", "1"]
+    r, wrong = run_each([[PY, *command[1:], "--num_inference_steps", "1", "--width", "64", "--height", "48", "--output_image",
+                          str(tmp_path / "o.png")], args + ["--controlnet", str(data), "--output_image", str(tmp_path / "no.png")]])
     assert r.returncode == 0, r.stderr[-2000:]
     assert Image.open(tmp_path / "o.png").size == (64, 48)
-    args = [PY, "inference.py", "--model_name", str(model), "--controlnet", str(out), "--prompt", "x", "--num_inference_steps", "1"]
-    r = subprocess.run(args + ["--controlnet", str(data), "--output_image", str(tmp_path / "no.png")], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 2 and "--controlnet:" in r.stderr and "not a ControlNet folder" in r.stderr
+    assert wrong.returncode == 2 and "--controlnet:" in wrong.stderr and "not a ControlNet folder" in wrong.stderr

@@ -18,7 +18,7 @@ from diffusers import (
     QwenImageEditPlusPipeline,
     ZImagePipeline,
 )
-from helpers import ACCELERATE, PY, ROOT, base_overrides, read_losses, write_dataset
+from helpers import ACCELERATE, PY, ROOT, base_overrides, read_losses, run_each, write_dataset
 from PIL import Image
 
 from trainer.config import ConfigError, load_config
@@ -64,19 +64,25 @@ def overrides(model, pairs, out, uses_controls, **extra):
     return base_overrides(model, targets, out, **extra)
 
 
+# families whose entry only needs to be shown to train under accelerate launch here (their other tests are elsewhere)
+LAUNCHED_ONLY = {"ernie-image": "train_ernie_image_lora.py", "krea2": "train_krea2_lora.py"}
+
+
 @pytest.fixture(scope="module")
 def launched(tiny_models, pairs, tmp_path_factory):
-    """Each family's entry script under `accelerate launch`, 3 steps at batch 2."""
-    runs = {}
-    for family, (entry, _adapter, _pipe, uses_controls) in FAMILIES.items():
-        out = tmp_path_factory.mktemp(family) / "out"
-        cmd = ACCELERATE + [entry, "--config", "train_configs/train_flux_config.yaml"] + overrides(
-            tiny_models(family), pairs, out, uses_controls, max_train_steps=3, learning_rate=2e-2,
+    """Each family's entry script under `accelerate launch`, 3 steps at batch 2 (two launches at a time)."""
+    entries = {family: (entry, uses_controls) for family, (entry, _adapter, _pipe, uses_controls) in FAMILIES.items()}
+    entries.update({family: (entry, False) for family, entry in LAUNCHED_ONLY.items()})
+    runs, cmds = {}, []
+    for family, (entry, uses_controls) in entries.items():
+        runs[family] = tmp_path_factory.mktemp(family) / "out"
+        cmds.append(ACCELERATE + [entry, "--config", "train_configs/train_flux_config.yaml"] + overrides(
+            tiny_models(family), pairs, runs[family], uses_controls, max_train_steps=3, learning_rate=2e-2,
             **{"data_config.train_batch_size": 2},
-        )
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        ))
+    for family, r in zip(entries, run_each(cmds)):
         assert r.returncode == 0, f"{family}: {r.stderr[-3000:]}"
-        runs[family] = out
+        assert len(read_losses(runs[family])) == 3, family
     return runs
 
 
@@ -207,14 +213,12 @@ def test_inference_with_input_image(launched, tiny_models, pairs, tmp_path):
     cmd = [PY, "inference.py", "--model_name", str(tiny_models("flux-kontext")), "--lora_weights", str(launched["flux-kontext"]),
            "--image", str(next(pairs[1].glob("*.png"))), "--prompt", "make it red", "--width", "48", "--height", "32",
            "--num_inference_steps", "2", "--kontext_auto_resize", "false", "--output_image", str(out)]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    edit = [PY, "inference.py", "--model_name", str(tiny_models("qwen-image-edit")), "--prompt", "x"]
+    r, no_image, two_images = run_each([cmd, edit, edit + ["--image", cmd[7]] * 2], timeout=120, workers=3)
     assert r.returncode == 0, r.stderr[-2000:]
     assert Image.open(out).size == (48, 32)
-    edit = [PY, "inference.py", "--model_name", str(tiny_models("qwen-image-edit")), "--prompt", "x"]
-    r = subprocess.run(edit, cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 2 and "--image" in r.stderr, "an edit model needs its input image"
-    r = subprocess.run(edit + ["--image", cmd[7]] * 2, cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 2 and "at most 1" in r.stderr
+    assert no_image.returncode == 2 and "--image" in no_image.stderr, "an edit model needs its input image"
+    assert two_images.returncode == 2 and "at most 1" in two_images.stderr
 
 
 def test_edit_prompt_too_long_for_the_model_is_refused_before_the_transformer_loads(tiny_models, pairs, tmp_path, monkeypatch):

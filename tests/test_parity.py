@@ -5,7 +5,7 @@ import json
 import subprocess
 
 import pytest
-from helpers import PY, ROOT, base_overrides, read_losses, write_dataset
+from helpers import PY, ROOT, base_overrides, read_losses, run_each, write_dataset
 
 from image_datasets import scan_metadata
 from trainer.config import ConfigError, load_config
@@ -71,13 +71,8 @@ def test_diffsynth_reference_lists_and_unread_columns(pictures, tmp_path):
 
 def test_validator_takes_what_users_type(tiny_models, pictures, tmp_path):
     targets, refs = pictures / "images", pictures / "edits"
-    r = validate("--img_dir", targets, "--control_dir", refs, "--control_dir", refs, "--img_size", 64)
-    assert r.returncode == 0 and "control images per sample: 2 (4)" in r.stdout, r.stdout + r.stderr
-    r = validate("--path", targets, "--control_dir", f"{refs},{refs}", "--img_size", 64)
-    assert r.returncode == 0 and "control images per sample: 2 (4)" in r.stdout
-    r = validate("--path", targets, "max_train_steps=3")
-    assert r.returncode == 2 and "overrides apply to --config only" in r.stderr
-    # a glob the shell expanded: every shard counts
+    # a glob the shell expanded (every shard counts), and --config running the checks training runs before its scan (here:
+    # control_dir for a text-to-image model)
     import io
     import tarfile
 
@@ -92,11 +87,22 @@ def test_validator_takes_what_users_type(tiny_models, pictures, tmp_path):
                     info.size = len(data)
                     tf.addfile(info, io.BytesIO(data))
         shards.append(shard)
-    r = validate("--webdataset", *shards, "--img_size", 64)
-    assert r.returncode == 0 and r.stdout.strip().endswith("64x64 (4)"), r.stdout + r.stderr
-    # --config runs the checks training runs before its scan (here: control_dir for a text-to-image model)
     ov = base_overrides(tiny_models("qwen-image"), targets, tmp_path / "o", **{"data_config.control_dir": str(refs)})
-    r = validate("--config", ROOT / "train_configs/train_lora.yaml", *ov)
+    runs = run_each([[PY, "utils/validate_dataset.py", *map(str, args)] for args in (
+        ("--img_dir", targets, "--control_dir", refs, "--control_dir", refs, "--img_size", 64),
+        ("--path", targets, "--control_dir", f"{refs},{refs}", "--img_size", 64),
+        ("--path", targets, "max_train_steps=3"),
+        ("--webdataset", *shards, "--img_size", 64),
+        ("--config", ROOT / "train_configs/train_lora.yaml", *ov))])
+    r = runs[0]
+    assert r.returncode == 0 and "control images per sample: 2 (4)" in r.stdout, r.stdout + r.stderr
+    r = runs[1]
+    assert r.returncode == 0 and "control images per sample: 2 (4)" in r.stdout
+    r = runs[2]
+    assert r.returncode == 2 and "overrides apply to --config only" in r.stderr
+    r = runs[3]
+    assert r.returncode == 0 and r.stdout.strip().endswith("64x64 (4)"), r.stdout + r.stderr
+    r = runs[4]
     assert r.returncode == 2 and "takes no control images" in r.stderr
 
 
@@ -136,14 +142,12 @@ def test_what_the_user_asked_is_what_runs(tiny_qwen, dataset, tmp_path, caplog):
 
 
 def test_convert_lora_reads_the_family_from_the_file(qwen_lora, tmp_path):
-    r = subprocess.run([PY, "utils/convert_lora.py", "--in", str(qwen_lora), "--out", str(tmp_path / "new" / "c.safetensors"),
-                        "--to", "comfyui"], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0 and "family: qwen-image (from the file)" in r.stdout and (tmp_path / "new" / "c.safetensors").is_file(), r.stderr
     blocker = tmp_path / "file"
     blocker.write_text("")
-    r = subprocess.run([PY, "utils/convert_lora.py", "--in", str(qwen_lora), "--out", str(blocker / "c.safetensors"), "--to", "comfyui"],
-                       cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 2 and "is a file, not a folder" in r.stderr and "Traceback" not in r.stderr
+    r, blocked = run_each([[PY, "utils/convert_lora.py", "--in", str(qwen_lora), "--out", str(out), "--to", "comfyui"]
+                           for out in (tmp_path / "new" / "c.safetensors", blocker / "c.safetensors")])
+    assert r.returncode == 0 and "family: qwen-image (from the file)" in r.stdout and (tmp_path / "new" / "c.safetensors").is_file(), r.stderr
+    assert blocked.returncode == 2 and "is a file, not a folder" in blocked.stderr and "Traceback" not in blocked.stderr
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import subprocess
 import time
 
 import pytest
-from helpers import ACCELERATE, PY, ROOT, base_overrides, read_losses, write_dataset
+from helpers import ACCELERATE, PY, ROOT, base_overrides, read_losses, run_each, write_dataset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -180,18 +180,22 @@ def flux_lora(tiny_models, tmp_path_factory):
 
 
 def test_lora_of_another_family_is_refused_by_every_tool(flux_lora, tiny_qwen, tmp_path):
-    r = run([PY, "inference.py", "--model_name", str(tiny_qwen), "--lora_weights", str(flux_lora), "--prompt", "a",
-             "--output_image", str(tmp_path / "x.png")])
+    inference, merge, convert, convert_right = run_each([
+        [PY, "inference.py", "--model_name", str(tiny_qwen), "--lora_weights", str(flux_lora), "--prompt", "a", "--output_image",
+         str(tmp_path / "x.png")],
+        [PY, "utils/merge_lora.py", "--model_name", str(tiny_qwen), "--lora_weights", str(flux_lora), "--out", str(tmp_path / "m")],
+        [PY, "utils/convert_lora.py", "--in", str(flux_lora), "--out", str(tmp_path / "c.safetensors"), "--to", "comfyui",
+         "--family", "qwen-image"],
+        [PY, "utils/convert_lora.py", "--in", str(flux_lora), "--out", str(tmp_path / "c2.safetensors"), "--to", "comfyui",
+         "--family", "flux"],
+    ])
+    r = inference
     assert r.returncode == 2 and "do not fit this qwen-image model" in r.stderr and "LoRA for flux models" in r.stderr, r.stderr
     assert not (tmp_path / "x.png").exists()
-    r = run([PY, "utils/merge_lora.py", "--model_name", str(tiny_qwen), "--lora_weights", str(flux_lora), "--out", str(tmp_path / "m")])
-    assert r.returncode == 2 and "LoRA for flux models" in r.stderr
-    r = run([PY, "utils/convert_lora.py", "--in", str(flux_lora), "--out", str(tmp_path / "c.safetensors"), "--to", "comfyui",
-             "--family", "qwen-image"])
-    assert r.returncode == 2 and "LoRA for flux models" in r.stderr
-    r = run([PY, "utils/convert_lora.py", "--in", str(flux_lora), "--out", str(tmp_path / "c.safetensors"), "--to", "comfyui",
-             "--family", "flux"])
-    assert r.returncode == 0, r.stderr
+    assert merge.returncode == 2 and "LoRA for flux models" in merge.stderr
+    assert convert.returncode == 2 and "LoRA for flux models" in convert.stderr
+    assert not (tmp_path / "c.safetensors").exists()
+    assert convert_right.returncode == 0, convert_right.stderr
 
 
 # --- 6. disk full -------------------------------------------------------------------------------------------------

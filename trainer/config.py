@@ -702,7 +702,7 @@ def load_config(
             layers.append(OmegaConf.from_dotlist(overrides))
         try:
             merged = OmegaConf.merge(*layers)
-        except (TypeError, OmegaConfBaseException) as e:  # a mapping where a list belongs, or the other way round
+        except (TypeError, OmegaConfBaseException):  # a mapping where a list belongs, or the other way round
             found = next((m for layer in layers[1:] if (m := _shape_mismatch(schema, layer))), None)
             if found is None:
                 raise
