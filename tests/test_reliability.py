@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 import torch
-from helpers import PY, ROOT, base_overrides, write_dataset
+from helpers import PY, ROOT, base_overrides, run_each, write_dataset
 from safetensors.torch import load_file
 
 from trainer import output_dir
@@ -486,8 +486,8 @@ def test_merge_lora_never_writes_over_the_model_or_a_folder(tiny_qwen, dataset, 
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "mine.txt").write_text("keep")
-    for target, message in [(tiny_qwen, "the base model's folder"), (tiny_qwen / "merged", "the base model's folder"),
-                            (out, "holds the LoRA being merged"), (taken, "already exists and is not an empty folder")]:
-        r = subprocess.run([*cmd, "--out", str(target)], cwd=ROOT, capture_output=True, text=True)
+    cases = [(tiny_qwen, "the base model's folder"), (tiny_qwen / "merged", "the base model's folder"),
+             (out, "holds the LoRA being merged"), (taken, "already exists and is not an empty folder")]
+    for (target, message), r in zip(cases, run_each([[*cmd, "--out", str(target)] for target, _ in cases])):
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (target, r.stderr[-1500:])
     assert (taken / "mine.txt").read_text() == "keep" and (tiny_qwen / "transformer").is_dir()
