@@ -281,9 +281,30 @@ class ModelAdapter(ABC):
     def load_encoders(self) -> None:
         """Load the frozen text encoder(s) and VAE in weight_dtype onto self.device; set scheduler_config."""
 
-    @abstractmethod
     def load_transformer(self) -> None:
-        """Load (and place: quantize / swap) the transformer as self.transformer, its Placement as self.placement."""
+        """Load `transformer_class` from the model folder, make the variant's changes (`prepare_transformer`) and place
+        it (quantize / swap) as self.transformer, its Placement as self.placement."""
+        import diffusers
+
+        t = getattr(diffusers, self.transformer_class).from_pretrained(self.cfg.pretrained_model_name_or_path, subfolder="transformer",
+                                                                       dtype=self.weight_dtype)
+        self.transformer, self.placement = self.place(self.prepare_transformer(t), self.cfg.quantize, self.cfg.blocks_to_swap)
+
+    def load_text_encoder(self) -> torch.nn.Module:
+        """The text encoder of the class model_index.json names, in weight_dtype, placed (quantize_text_encoder)."""
+        import transformers
+
+        from trainer.models import read_model_index
+
+        name = self.cfg.pretrained_model_name_or_path
+        encoder_class = getattr(transformers, read_model_index(name)["text_encoder"][1])
+        encoder, _ = self.place(encoder_class.from_pretrained(name, subfolder="text_encoder", dtype=self.weight_dtype), self.cfg.quantize_text_encoder)
+        return encoder
+
+    def warn_distilled(self, model: str, base: str) -> None:
+        """The model folder holds a step-distilled checkpoint: say that a LoRA trained on it drifts from the distillation."""
+        logging.getLogger("trainer").warning("%s is a step-distilled %s: a LoRA trained on it directly drifts from the distillation; train on the %s "
+                       "checkpoint and use the LoRA on either", self.cfg.pretrained_model_name_or_path, model, base)
 
     def load(self) -> None:
         self.load_encoders()

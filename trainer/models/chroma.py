@@ -16,7 +16,7 @@ from typing import TypedDict
 import torch
 
 from . import register
-from .base import Cond, InferenceRequest, LearningCase, PlannerSpec, Variant
+from .base import Cond, InferenceRequest, LearningCase, ModelAdapter, PlannerSpec, Variant
 from .flux import FLUX_VAE_PARAMS, T5_XXL_PARAMS, FluxAdapter, build_flux_vae, build_t5, latent_ids
 from .qwen_image import pack_latents, unpack_latents
 
@@ -48,11 +48,8 @@ class ChromaAdapter(FluxAdapter):
                                         tokenizer=AutoTokenizer.from_pretrained(name, subfolder="tokenizer"))
         self.scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(name, subfolder="scheduler"))
 
-    def load_transformer(self) -> None:
-        from diffusers import ChromaTransformer2DModel
+    load_transformer = ModelAdapter.load_transformer  # FLUX.1's reads a guidance embedding, which Chroma has none of
 
-        t = ChromaTransformer2DModel.from_pretrained(self.cfg.pretrained_model_name_or_path, subfolder="transformer", dtype=self.weight_dtype)
-        self.transformer, self.placement = self.place(t, self.cfg.quantize, self.cfg.blocks_to_swap)
 
     def no_text_components(self) -> dict:
         return {"text_encoder": None, "tokenizer": None}

@@ -32,6 +32,7 @@ from . import register
 from .base import Cond, InferenceRequest, ModelAdapter, LearningCase, PlannerSpec, Variant
 from .flux2 import FLUX2_VAE_PARAMS, flux2_vae_latents
 from .qwen_image import pad_and_stack
+from .z_image import unpadded
 
 BN_EPS = 1e-5  # ErnieImagePipeline's batch-norm eps when it decodes latents (not vae.config.batch_norm_eps)
 MINISTRAL3_3B_PARAMS = 3_849_090_048  # Mistral3Model of the released text_encoder config (text 3,429,006,336 + Pixtral vision)
@@ -58,21 +59,13 @@ class ErnieImageAdapter(ModelAdapter):
         import transformers
         from diffusers import AutoencoderKLFlux2, ErnieImagePipeline, FlowMatchEulerDiscreteScheduler
 
-        from trainer.models import read_model_index
-
-        name, dt = self.cfg.pretrained_model_name_or_path, self.weight_dtype
-        self.vae, _ = self.place(AutoencoderKLFlux2.from_pretrained(name, subfolder="vae", dtype=dt), "none")
-        encoder_class = getattr(transformers, read_model_index(name)["text_encoder"][1])
-        encoder, _ = self.place(encoder_class.from_pretrained(name, subfolder="text_encoder", dtype=dt), self.cfg.quantize_text_encoder)
+        name = self.cfg.pretrained_model_name_or_path
+        self.vae, _ = self.place(AutoencoderKLFlux2.from_pretrained(name, subfolder="vae", dtype=self.weight_dtype), "none")
         tokenizer = transformers.AutoTokenizer.from_pretrained(name, subfolder="tokenizer")
-        self.text_pipe = ErnieImagePipeline(transformer=None, vae=None, text_encoder=encoder, tokenizer=tokenizer, scheduler=None)
+        self.text_pipe = ErnieImagePipeline(transformer=None, vae=None, text_encoder=self.load_text_encoder(), tokenizer=tokenizer,
+                                            scheduler=None)
         self.scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(name, subfolder="scheduler"))
 
-    def load_transformer(self) -> None:
-        from diffusers import ErnieImageTransformer2DModel
-
-        t = ErnieImageTransformer2DModel.from_pretrained(self.cfg.pretrained_model_name_or_path, subfolder="transformer", dtype=self.weight_dtype)
-        self.transformer, self.placement = self.place(t, self.cfg.quantize, self.cfg.blocks_to_swap)
 
     def pipeline_components(self, name_or_path: str) -> dict:
         return {"pe": None, "pe_tokenizer": None}  # the prompt enhancer stays on disk (see the module docstring)
@@ -108,12 +101,8 @@ class ErnieImageAdapter(ModelAdapter):
         )[0].float()
 
     # --- sampling and inference ----------------------------------------------------------------------------
-    @staticmethod
-    def _as_list(cond: Cond) -> list[torch.Tensor]:
-        return [e[m.bool()] for e, m in zip(cond["prompt_embeds"], cond["prompt_embeds_mask"])]
-
     def sampling_kwargs(self, cond: Cond, negative: Cond, size: tuple[int, int], images: list) -> dict:
-        return {"prompt_embeds": self._as_list(cond), "negative_prompt_embeds": self._as_list(negative),
+        return {"prompt_embeds": unpadded(cond), "negative_prompt_embeds": unpadded(negative),
                 "guidance_scale": self.cfg.validation_guidance_scale, "use_pe": False}
 
     def inference_kwargs(self, request: InferenceRequest) -> dict:

@@ -141,10 +141,7 @@ class FluxAdapter(ModelAdapter):
         self.scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(name, subfolder="scheduler"))
 
     def load_transformer(self) -> None:
-        from diffusers import FluxTransformer2DModel
-
-        t = FluxTransformer2DModel.from_pretrained(self.cfg.pretrained_model_name_or_path, subfolder="transformer", dtype=self.weight_dtype)
-        self.transformer, self.placement = self.place(self.prepare_transformer(t), self.cfg.quantize, self.cfg.blocks_to_swap)
+        super().load_transformer()
         self.guidance = bool(self.transformer.config.guidance_embeds)
 
     @property

@@ -128,31 +128,21 @@ class Flux2Adapter(ModelAdapter):
     # --- loading -------------------------------------------------------------------------------------------
     def load_encoders(self) -> None:
         import diffusers
-        import transformers
         from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
 
         from trainer.models import read_model_index
 
-        name, dt = self.cfg.pretrained_model_name_or_path, self.weight_dtype
+        name = self.cfg.pretrained_model_name_or_path
         index = read_model_index(name)
-        self.vae, _ = self.place(AutoencoderKLFlux2.from_pretrained(name, subfolder="vae", dtype=dt), "none")
-        encoder = getattr(transformers, index["text_encoder"][1]).from_pretrained(name, subfolder="text_encoder", dtype=dt)
-        encoder, _ = self.place(encoder, self.cfg.quantize_text_encoder)
-        self.text_pipe = getattr(diffusers, self.variant.pipeline)(scheduler=None, vae=None, transformer=None, text_encoder=encoder,
-                                                                   tokenizer=load_tokenizer(name, index))
+        self.vae, _ = self.place(AutoencoderKLFlux2.from_pretrained(name, subfolder="vae", dtype=self.weight_dtype), "none")
+        self.text_pipe = getattr(diffusers, self.variant.pipeline)(scheduler=None, vae=None, transformer=None,
+                                                                   text_encoder=self.load_text_encoder(), tokenizer=load_tokenizer(name, index))
         self.scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(name, subfolder="scheduler"))
         if self.klein and index.get("is_distilled"):
-            import logging
-
-            logging.getLogger("trainer").warning(
-                "%s is a step-distilled FLUX.2 Klein: a LoRA trained on it directly drifts from the distillation; "
-                "train on the -base checkpoint and use the LoRA on either", name)
+            self.warn_distilled("FLUX.2 Klein", "-base")
 
     def load_transformer(self) -> None:
-        from diffusers import Flux2Transformer2DModel
-
-        t = Flux2Transformer2DModel.from_pretrained(self.cfg.pretrained_model_name_or_path, subfolder="transformer", dtype=self.weight_dtype)
-        self.transformer, self.placement = self.place(t, self.cfg.quantize, self.cfg.blocks_to_swap)
+        super().load_transformer()
         self.guidance = bool(self.transformer.config.guidance_embeds)
 
     def pipeline_components(self, name_or_path: str) -> dict:

@@ -64,11 +64,6 @@ class Kandinsky5Adapter(ModelAdapter):
         )
         self.scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(name, subfolder="scheduler"))
 
-    def load_transformer(self) -> None:
-        from diffusers import Kandinsky5Transformer3DModel
-
-        t = Kandinsky5Transformer3DModel.from_pretrained(self.cfg.pretrained_model_name_or_path, subfolder="transformer", dtype=self.weight_dtype)
-        self.transformer, self.placement = self.place(t, self.cfg.quantize, self.cfg.blocks_to_swap)
 
     def pipeline_components(self, name_or_path: str) -> dict:
         from .qwen_processor import load_qwen_processor

@@ -86,22 +86,18 @@ class Krea2Adapter(ModelAdapter):
 
     # --- loading -------------------------------------------------------------------------------------------
     def load_encoders(self) -> None:
-        import logging
-
         import transformers
         from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, Krea2Pipeline
 
         from trainer.config import ConfigError
         from trainer.models import read_model_index
 
-        name, dt = self.cfg.pretrained_model_name_or_path, self.weight_dtype
+        name = self.cfg.pretrained_model_name_or_path
         index = read_model_index(name)
-        self.vae, _ = self.place(AutoencoderKLQwenImage.from_pretrained(name, subfolder="vae", dtype=dt), "none")
+        self.vae, _ = self.place(AutoencoderKLQwenImage.from_pretrained(name, subfolder="vae", dtype=self.weight_dtype), "none")
         self.latents_mean, self.latents_std = qwen_latent_statistics(self.vae, self.device)
-        encoder_class = getattr(transformers, index["text_encoder"][1])
-        encoder, _ = self.place(encoder_class.from_pretrained(name, subfolder="text_encoder", dtype=dt), self.cfg.quantize_text_encoder)
         tokenizer = transformers.AutoTokenizer.from_pretrained(name, subfolder="tokenizer")
-        self.text_pipe = Krea2Pipeline(scheduler=None, vae=None, text_encoder=encoder, tokenizer=tokenizer, transformer=None,
+        self.text_pipe = Krea2Pipeline(scheduler=None, vae=None, text_encoder=self.load_text_encoder(), tokenizer=tokenizer, transformer=None,
                                        **{k: index[k] for k in ("text_encoder_select_layers", "is_distilled") if k in index})
         suffix = len(tokenizer(self.text_pipe.prompt_template_encode_suffix).input_ids)
         if suffix != SUFFIX_TOKENS:
@@ -109,15 +105,8 @@ class Krea2Adapter(ModelAdapter):
                               f"tokens, not the {SUFFIX_TOKENS} Krea2Pipeline lays out")
         self.scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(name, subfolder="scheduler"))
         if self.distilled:
-            logging.getLogger("trainer").warning(
-                "%s is the step-distilled Krea 2 (Turbo): a LoRA trained on it directly drifts from the distillation; "
-                "train on the base checkpoint and use the LoRA on either", name)
+            self.warn_distilled("Krea 2 (Turbo)", "base")
 
-    def load_transformer(self) -> None:
-        from diffusers import Krea2Transformer2DModel
-
-        t = Krea2Transformer2DModel.from_pretrained(self.cfg.pretrained_model_name_or_path, subfolder="transformer", dtype=self.weight_dtype)
-        self.transformer, self.placement = self.place(t, self.cfg.quantize, self.cfg.blocks_to_swap)
 
     # --- conditioning --------------------------------------------------------------------------------------
     def count_tokens(self, captions: list[str]) -> list[int]:

@@ -144,11 +144,6 @@ class QwenImageAdapter(ModelAdapter):
         self.scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(name, subfolder="scheduler"))
         self.latents_mean, self.latents_std = qwen_latent_statistics(self.vae, self.device)
 
-    def load_transformer(self) -> None:
-        from diffusers import QwenImageTransformer2DModel
-
-        t = QwenImageTransformer2DModel.from_pretrained(self.cfg.pretrained_model_name_or_path, subfolder="transformer", dtype=self.weight_dtype)
-        self.transformer, self.placement = self.place(t, self.cfg.quantize, self.cfg.blocks_to_swap)
 
     # --- conditioning --------------------------------------------------------------------------------------
     def count_tokens(self, captions: list[str]) -> list[int]:

@@ -132,12 +132,6 @@ class QwenImage21Adapter(ModelAdapter):
         self.sample_sigmas = read_model_index(name).get("sample_sigmas")
         self.latents_mean, self.latents_std = qwen_latent_statistics(self.vae, self.device)
 
-    def load_transformer(self) -> None:
-        from diffusers import QwenImage21Transformer2DModel
-
-        t = QwenImage21Transformer2DModel.from_pretrained(self.cfg.pretrained_model_name_or_path, subfolder="transformer",
-                                                          dtype=self.weight_dtype)
-        self.transformer, self.placement = self.place(t, self.cfg.quantize, self.cfg.blocks_to_swap)
 
     def pipeline_components(self, name_or_path: str) -> dict:
         from .qwen_processor import load_qwen_processor

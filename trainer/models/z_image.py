@@ -36,6 +36,11 @@ class ZImageCond(TypedDict):
     prompt_embeds_mask: torch.Tensor  # B x L, 1 for real tokens
 
 
+def unpadded(cond: Cond) -> list[torch.Tensor]:
+    """Each sample's prompt embeddings without the batch padding (L_i x D), as pipelines taking a list want them."""
+    return [e[m.bool()] for e, m in zip(cond["prompt_embeds"], cond["prompt_embeds_mask"])]
+
+
 def pipeline_guidance(scale: float) -> float:
     """ZImagePipeline's guidance_scale w for the usual classifier-free guidance scale s (what --true_cfg_scale and
     validation_guidance_scale mean for every family: 1 = no CFG). Its step is pos + w (pos - neg), so w = s - 1
@@ -61,21 +66,12 @@ class ZImageAdapter(ModelAdapter):
         import transformers
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline
 
-        from trainer.models import read_model_index
-
-        name, dt = self.cfg.pretrained_model_name_or_path, self.weight_dtype
-        self.vae, _ = self.place(AutoencoderKL.from_pretrained(name, subfolder="vae", dtype=dt), "none")
-        encoder_class = getattr(transformers, read_model_index(name)["text_encoder"][1])
-        text_encoder, _ = self.place(encoder_class.from_pretrained(name, subfolder="text_encoder", dtype=dt), self.cfg.quantize_text_encoder)
+        name = self.cfg.pretrained_model_name_or_path
+        self.vae, _ = self.place(AutoencoderKL.from_pretrained(name, subfolder="vae", dtype=self.weight_dtype), "none")
         tokenizer = transformers.AutoTokenizer.from_pretrained(name, subfolder="tokenizer")
-        self.text_pipe = ZImagePipeline(scheduler=None, vae=None, text_encoder=text_encoder, tokenizer=tokenizer, transformer=None)
+        self.text_pipe = ZImagePipeline(scheduler=None, vae=None, text_encoder=self.load_text_encoder(), tokenizer=tokenizer, transformer=None)
         self.scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(name, subfolder="scheduler"))
 
-    def load_transformer(self) -> None:
-        from diffusers import ZImageTransformer2DModel
-
-        t = ZImageTransformer2DModel.from_pretrained(self.cfg.pretrained_model_name_or_path, subfolder="transformer", dtype=self.weight_dtype)
-        self.transformer, self.placement = self.place(t, self.cfg.quantize, self.cfg.blocks_to_swap)
 
     def count_tokens(self, captions: list[str]) -> list[int]:
         tok = self.text_pipe.tokenizer
@@ -102,10 +98,7 @@ class ZImageAdapter(ModelAdapter):
 
     # --- sampling and inference ----------------------------------------------------------------------------
     def sampling_kwargs(self, cond: Cond, negative: Cond, size: tuple[int, int], images: list) -> dict:
-        def as_list(c):
-            return [e[m.bool()] for e, m in zip(c["prompt_embeds"], c["prompt_embeds_mask"])]
-
-        return {"prompt_embeds": as_list(cond), "negative_prompt_embeds": as_list(negative),
+        return {"prompt_embeds": unpadded(cond), "negative_prompt_embeds": unpadded(negative),
                 "guidance_scale": pipeline_guidance(self.cfg.validation_guidance_scale)}
 
     def inference_kwargs(self, request: InferenceRequest) -> dict:
