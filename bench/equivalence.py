@@ -44,7 +44,8 @@ class Case:
     zero_cond_t: bool = False  # Qwen-Image-Edit-2511: reference tokens modulated at t = 0 (transformer config)
     layout: str = "packed"  # how the pipeline passes latents: packed tokens (hidden_states=...), "concat" (packed, the control's
     # channels after the target's), "fill" (packed, then the masked image's and the mask's), "frames" (a list), or "grid"
-    # (B x C x H x W patchified latents, timestep 1000 sigma: ERNIE-Image)
+    # (B x C x H x W patchified latents, timestep 1000 sigma: ERNIE-Image), or "left-padded" (Ideogram 4: one sequence of
+    # left-padded text then image tokens, time 1 - sigma, output x0 - noise; inputs compared without the padding rows)
     masked_text: bool = False  # Krea 2: prompt rows compared where encoder_attention_mask is on (the padding rows are masked
     # out of every attention; the pipeline holds pad-token states there, the trainer zeros)
 
@@ -75,6 +76,7 @@ CASES = [
     Case("Qwen-Image 2.1, 2 refs", "qwen-image-2.1", 2, layout="joint"),
     Case("ERNIE-Image", "ernie-image", layout="grid"),
     Case("Krea 2", "krea2", masked_text=True),
+    Case("Ideogram 4", "ideogram4", layout="left-padded"),
 ]
 
 
@@ -113,10 +115,12 @@ def latents_and_sigma(case: Case, inputs: dict) -> tuple[torch.Tensor, torch.Ten
         return inputs["hidden_states"].squeeze(1).permute(0, 3, 1, 2).float(), inputs["timestep"].float() / 1000, 0
     if case.layout == "grid":  # ERNIE-Image: B x 128 x H x W, timestep = 1000 sigma
         return inputs["hidden_states"].float(), inputs["timestep"].float() / 1000, 0
-    if case.layout == "joint":  # Qwen-Image 2.1: condition latents, then the target's (unpatched, 16 px per token)
+    if case.layout in ("joint", "left-padded"):  # Qwen-Image 2.1: condition latents, then the target's (unpatched, 16 px per
+        # token); Ideogram 4: text, then the target's, time 1 - sigma
         h, w = TARGET[1] // 16, TARGET[0] // 16
         tokens = inputs["hidden_states"][:, -h * w :]
-        return tokens.permute(0, 2, 1).reshape(tokens.shape[0], -1, h, w).float(), inputs["timestep"].float(), h * w
+        time = inputs["timestep"].float()
+        return tokens.permute(0, 2, 1).reshape(tokens.shape[0], -1, h, w).float(), 1.0 - time if case.layout == "left-padded" else time, h * w
     if case.layout == "patchified":  # FLUX.2: one token per 2x2-patchified latent position (16 px)
         h, w = TARGET[1] // 16, TARGET[0] // 16
         tokens = inputs["hidden_states"][:, : h * w]
@@ -138,9 +142,10 @@ def pipeline_prediction(case: Case, output, n_target: int) -> torch.Tensor:
         return output.squeeze(1).permute(0, 3, 1, 2).float()
     if case.layout == "grid":
         return output.float()
-    if case.layout == "joint":  # the pipeline keeps the last target-many tokens of the joint sequence
+    if case.layout in ("joint", "left-padded"):  # the pipeline keeps the last target-many tokens of the sequence
         tokens = output[:, -n_target:]
-        return tokens.permute(0, 2, 1).reshape(tokens.shape[0], -1, TARGET[1] // 16, TARGET[0] // 16).float()
+        v = tokens.permute(0, 2, 1).reshape(tokens.shape[0], -1, TARGET[1] // 16, TARGET[0] // 16).float()
+        return -v if case.layout == "left-padded" else v  # Ideogram 4 predicts x0 - noise (the pipeline steps with -v)
     if case.layout == "patchified":
         tokens = output[:, :n_target]
         return tokens.permute(0, 2, 1).reshape(tokens.shape[0], -1, TARGET[1] // 16, TARGET[0] // 16).float()
@@ -274,6 +279,8 @@ def pipeline_call_kwargs(case: Case, refs: list[Path], work: Path) -> dict:
         kwargs["guidance_scale"] = 0.0  # no CFG (ZImagePipeline / Krea2Pipeline run CFG for any scale > 0)
     elif case.variant in ("chroma", "kandinsky5", "flux2-klein", "ernie-image"):
         kwargs["guidance_scale"] = 1.0  # no CFG: one transformer call per step
+    elif case.variant == "ideogram4":
+        kwargs.update(guidance_scale=1.0, guidance_schedule=None)  # the conditional transformer's call is the first
     # FLUX.1 / FLUX.2 dev: the distilled guidance left at the pipeline's default, which training uses by default
     if case.variant == "qwen-image-edit":
         kwargs["image"] = images[0]
@@ -327,6 +334,8 @@ def compare(case: Case, model: Path, work: Path) -> dict:
         for inputs in (ref_inputs, ours_inputs):
             keep = inputs["encoder_attention_mask"].reshape(*inputs["encoder_attention_mask"].shape, 1, 1)
             inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"] * keep
+    if case.layout == "left-padded":  # the pipeline pads prompts to 2048 tokens, the trainer to the batch's longest
+        ref_out, ours_out = without_padding(ref_inputs, ref_out), without_padding(ours_inputs, ours_out)
     result = {k: max_diff(v, ours_inputs.get(k)) for k, v in ref_inputs.items() if k not in ignored}
     result["prediction"] = max_diff(pipeline_prediction(case, ref_out, n_target), pred)
     result["transformer output"] = max_diff(ref_out, ours_out)
@@ -339,6 +348,9 @@ def compare(case: Case, model: Path, work: Path) -> dict:
     elif case.layout == "grid":
         result["text_tokens"] = int(ref_inputs["text_bth"].shape[1])
         result["image_tokens"] = int(ref_inputs["hidden_states"].shape[2] * ref_inputs["hidden_states"].shape[3])
+    elif case.layout == "left-padded":
+        result["text_tokens"] = int((ref_inputs["indicator"] == 3).sum())
+        result["image_tokens"] = int((ref_inputs["indicator"] == 2).sum())
     elif case.layout == "joint":  # the prompt's vision slots stand for the condition latents: count text only
         result["text_tokens"] = int((~ref_inputs["img_mask"][0, : ref_inputs["encoder_hidden_states"].shape[1]]).sum())
         result["image_tokens"] = int(ref_inputs["hidden_states"].shape[1])
@@ -346,6 +358,15 @@ def compare(case: Case, model: Path, work: Path) -> dict:
         result["text_tokens"] = int(ref_inputs["encoder_hidden_states"].shape[1])
         result["image_tokens"] = int(ref_inputs["hidden_states"].shape[1])
     return result
+
+
+def without_padding(inputs: dict, output: torch.Tensor) -> torch.Tensor:
+    """Ideogram 4's packed sequence (batch of 1) without its padding rows (segment id -1): the inputs in place, and the
+    output returned. Padding is its own attention segment; the real tokens never see it."""
+    keep = inputs["segment_ids"][0] != -1
+    for k in ("hidden_states", "encoder_hidden_states", "position_ids", "segment_ids", "indicator"):
+        inputs[k] = inputs[k][:, keep]
+    return output[:, keep]
 
 
 def unpack(packed: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

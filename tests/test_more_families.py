@@ -1,4 +1,4 @@
-"""Z-Image, Chroma, Kandinsky 5, FLUX.2, Qwen-Image 2.1, ERNIE-Image, Krea 2 and FLUX.1-Krea: LoRA loading in their pipelines, inference, quantized and block-swapped training,
+"""Z-Image, Chroma, Kandinsky 5, FLUX.2, Qwen-Image 2.1, ERNIE-Image, Krea 2, Ideogram 4 and FLUX.1-Krea: LoRA loading in their pipelines, inference, quantized and block-swapped training,
 the planner, and the assistant LoRA used to train on Z-Image-Turbo."""
 
 import logging
@@ -7,8 +7,8 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from diffusers import (ChromaPipeline, ErnieImagePipeline, Flux2KleinPipeline, Flux2Pipeline, Kandinsky5T2IPipeline, Krea2Pipeline,
-                       QwenImage21Pipeline, ZImagePipeline)
+from diffusers import (ChromaPipeline, ErnieImagePipeline, Flux2KleinPipeline, Flux2Pipeline, Ideogram4Pipeline, Kandinsky5T2IPipeline,
+                       Krea2Pipeline, QwenImage21Pipeline, ZImagePipeline)
 from helpers import ACCELERATE, PY, ROOT, base_overrides, read_losses, write_dataset
 from PIL import Image
 from safetensors.torch import load_file
@@ -20,6 +20,7 @@ from trainer.pipelines import output_images
 from trainer.models.chroma import ChromaAdapter
 from trainer.models.ernie_image import ErnieImageAdapter
 from trainer.models.flux2 import Flux2Adapter
+from trainer.models.ideogram4 import Ideogram4Adapter
 from trainer.models.kandinsky5 import Kandinsky5Adapter
 from trainer.models.krea2 import Krea2Adapter
 from trainer.models.qwen_image21 import QwenImage21Adapter
@@ -38,11 +39,14 @@ FAMILIES = {
     "qwen-image-2.1": (QwenImage21Adapter, QwenImage21Pipeline, {"true_cfg_scale": 1.0}, 7_115_124_736, 32, (64, 32)),  # sides /32
     "ernie-image": (ErnieImageAdapter, ErnieImagePipeline, {"guidance_scale": 1.0}, 8_033_490_048, 36, (48, 32)),
     "krea2": (Krea2Adapter, Krea2Pipeline, {"guidance_scale": 0.0}, 12_820_073_036, 28, (48, 32)),  # its w = 0: no CFG
+    # w = 1: the conditional transformer alone (the unconditional one still runs, weighted 0)
+    "ideogram4": (Ideogram4Adapter, Ideogram4Pipeline, {"guidance_scale": 1.0, "guidance_schedule": None}, 9_279_288_448, 34, (48, 32)),
 }
 CONFIGS = {"z-image": "train_z_image_lora.yaml", "chroma": "train_chroma_lora.yaml", "kandinsky5": "train_kandinsky5_lora.yaml",
            "flux2-klein": "train_flux2_klein_base_4b.yaml", "flux2": "train_flux2_dev.yaml",
            "qwen-image-2.1": "train_qwen_image_21_lora.yaml", "ernie-image": "train_ernie_image_lora.yaml",
-           "krea2": "train_krea2_lora.yaml"}
+           "krea2": "train_krea2_lora.yaml", "ideogram4": "train_ideogram4_lora.yaml"}
+NO_COMFYUI = {"ideogram4"}  # no ComfyUI form is written (see trainer/models/ideogram4.py)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +65,8 @@ def trained(tiny_models, tmp_path_factory):
             data = write_dataset(tmp / "d", n=2)
             cls, _pipe, call, *_ = FAMILIES[variant]
             train(load_config(None, base_overrides(
-                tiny_models(variant), data, tmp / "out", max_train_steps=4, learning_rate=2e-2, lora_format="comfyui",
+                tiny_models(variant), data, tmp / "out", max_train_steps=4, learning_rate=2e-2,
+                lora_format="diffusers" if variant in NO_COMFYUI else "comfyui",
                 validation_prompts="[a red cat]", validation_num_inference_steps=2,
                 validation_guidance_scale=call.get("guidance_scale", call.get("true_cfg_scale")), **{"data_config.img_size": 32})), cls)
             runs[variant] = tmp / "out"

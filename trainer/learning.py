@@ -282,7 +282,7 @@ def train_case(model: str | Path, folder: Path, case, method: str = "lora", **ex
 
         single = "num_single_layers" in read_model_index(str(model), "transformer/config.json")
         overrides.update(controlnet_layers=1, controlnet_single_layers=int(single))
-    overrides.update(extra)
+    overrides.update(dict(case.config), **extra)
     train(load_config(None, [f"{k}={v}" for k, v in overrides.items()]), resolve(str(model))[0])
     return examples, out
 

@@ -205,7 +205,8 @@ def load_pipeline(adapter, dtype, device: str, lora: str | None = None, lora_sca
 
         # Block by block on the target device (the GPU never holds the unquantized transformer); with offloading the
         # quantized transformer then goes back to the CPU until it runs.
-        place_model(pipe.transformer.requires_grad_(False), quantize, torch.device(device), dtype)
+        for component in adapter.placed_components:  # Ideogram 4: its unconditional transformer as well
+            place_model(getattr(pipe, component).requires_grad_(False), quantize, torch.device(device), dtype)
     if lora:
         load_lora(pipe, lora, "lora", lora_scale)  # the pipeline's loader widens what the LoRA widened
     else:

@@ -194,6 +194,8 @@ def plan(cfg, resolution: int) -> tuple[list[Row], dict]:
         grads = "LoRA gradients (fp32)"
     train_rows = [
         Row(what, n_lora, n_lora * 4),
+        *([Row(f"unconditional transformer for previews ({quant})", spec.preview_params, resident(swap) * spec.preview_params / total,
+               "placed as the transformer; validation previews on")] if spec.preview_params and (cfg.validation_prompts or cfg.validation_samples) else []),
         Row(grads, n_lora, n_lora * 4),
         Row(f"optimizer state ({cfg.optimizer})", n_lora, n_lora * OPTIMIZER_BYTES[cfg.optimizer]),
         Row(f"activations ({resolution}px, batch {batch}, checkpointing {'on' if cfg.gradient_checkpointing else 'off'})", 0,

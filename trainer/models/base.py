@@ -43,6 +43,7 @@ class LearningCase:
     in_suite: bool = True  # False: too slow for the test suite on 2 CPUs; bench/learning.py runs it (and the suite a short one)
     inpaint: bool = False  # inpainting (FLUX Fill): one caption, the right half masked; the visible left half decides
     method: str = "lora"  # the training_method it trains with (a ControlNet variant: controlnet)
+    config: tuple[tuple[str, Any], ...] = ()  # further config keys of its training run, (key, value) pairs
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class PlannerSpec:
     vae_params: int
     text_tokens: int  # prompt tokens the transformer sees in a typical step
     token_width: int = 0  # width of the transformer's token stream (0: heads x head dim from its config)
+    preview_params: int = 0  # a second frozen model the pipeline runs for validation previews (Ideogram 4's unconditional transformer)
 
 
 @contextlib.contextmanager
@@ -133,6 +135,7 @@ class ModelAdapter(ABC):
     pixel_channels = 3  # 4: the VAE reads RGBA (images keep their alpha; opaque ones get alpha 1)
     default_true_cfg_scale = 4.0  # inference.py's classifier-free guidance when --true_cfg_scale is not given
     default_guidance: float | None = None  # the pipeline's default distilled guidance (models with a guidance input)
+    placed_components: tuple[str, ...] = ("transformer",)  # pipeline components inference.py quantizes as training placed them
 
     def __init__(self, cfg: TrainConfig, variant: Variant, device: torch.device | str = "cpu",
                  weight_dtype: torch.dtype = torch.float32):
