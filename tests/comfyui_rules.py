@@ -5,7 +5,7 @@ ComfyUI (v0.26.1: comfy/lora.py `model_lora_keys_unet` and `load_lora`, comfy/ut
 for the loaded model and <part> one of the LoRA parts it reads; any other key is reported as "lora key not loaded".
 `mapped_names` rebuilds, per family, the names ComfyUI maps for a diffusers transformer (ComfyUI's Qwen-Image,
 Kandinsky 5 and ERNIE-Image models use the diffusers module names; FLUX.1, Z-Image and Krea 2 go through fixed diffusers -> ComfyUI
-tables;
+tables; Ideogram 4's model stacks q / k / v;
 Qwen-Image 2.1's model fuses its MLP input projections, v0.37's comfy/lora.py maps LoRAs onto the halves).
 """
 
@@ -106,6 +106,19 @@ def _krea2(transformer) -> set[str]:
     return names
 
 
+def _ideogram4(transformer) -> set[str]:
+    """ComfyUI's Ideogram 4 model (comfy/ldm/ideogram4/model.py) keeps the diffusers names but stacks to_q / to_k / to_v into
+    attention.qkv and names to_out.0 attention.o; the generic rule of model_lora_keys_unet maps diffusion_model.<its name>."""
+    own = set()
+    for key in transformer.state_dict():
+        if key.endswith(".weight"):
+            m = key[: -len(".weight")]
+            for part in ("to_q", "to_k", "to_v"):
+                m = m.replace(f"attention.{part}", "attention.qkv")
+            own.add(m.replace("attention.to_out.0", "attention.o"))
+    return {f"diffusion_model.{m}" for m in own}
+
+
 def _qwen_image21(transformer) -> set[str]:
     """ComfyUI (v0.37+, comfy/lora.py, the QwenImage branch; its Qwen-Image 2.1 model is a QwenImage) keeps the
     diffusers names but fuses img_mlp.gate_layer / proj into img_mlp.gate_up at load. Generic rule: diffusion_model.<its
@@ -122,7 +135,7 @@ def _qwen_image21(transformer) -> set[str]:
 RULES = {"qwen-image": _direct, "qwen-image-edit": _direct, "qwen-image-edit-plus": _direct, "flux": _flux,
          "flux-kontext": _flux, "flux-control": _flux, "z-image": _z_image, "chroma": _flux,
          "kandinsky5": _direct, "flux2": _flux2, "flux2-klein": _flux2,  # ComfyUI's Chroma is a Flux model
-         "qwen-image-2.1": _qwen_image21, "ernie-image": _direct, "krea2": _krea2}  # comfy/ldm/ernie/model.py keeps the diffusers names
+         "qwen-image-2.1": _qwen_image21, "ernie-image": _direct, "krea2": _krea2, "ideogram4": _ideogram4}  # comfy/ldm/ernie/model.py keeps the diffusers names
 
 
 def not_loaded(keys, variant: str, transformer) -> list[str]:

@@ -91,6 +91,7 @@ def merged_weights(transformer, adapter_name: str = "default") -> dict:
 def comfyui_error(comfy: dict, adapter, transformer) -> float:
     """Largest |ComfyUI's patched weight - peft's merged weight| over every adapted layer whose ComfyUI name the file
     holds, relative to the largest change the adapter makes (ComfyUI's arithmetic: comfyui_rules.comfyui_weight)."""
+    import torch
     from comfyui_rules import comfyui_weight
 
     error, change, checked = 0.0, 0.0, 0
@@ -102,7 +103,14 @@ def comfyui_error(comfy: dict, adapter, transformer) -> float:
             continue
         checked += 1
         change = max(change, (merged - base).abs().max().item())
-        error = max(error, (comfyui_weight(parts, base) - merged).abs().max().item())
+        group = adapter.comfyui_group(name)
+        if group:  # a layer ComfyUI stacks with others: its rows of the stacked layer's change
+            _, k, count = group
+            rows = base.shape[0]
+            patched = base + comfyui_weight(parts, torch.zeros(rows * count, base.shape[1]))[k * rows : (k + 1) * rows]
+        else:
+            patched = comfyui_weight(parts, base)
+        error = max(error, (patched - merged).abs().max().item())
     assert checked and change > 0, "no trained layer of the ComfyUI file was checked"
     return error / change
 

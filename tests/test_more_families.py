@@ -46,7 +46,6 @@ CONFIGS = {"z-image": "train_z_image_lora.yaml", "chroma": "train_chroma_lora.ya
            "flux2-klein": "train_flux2_klein_base_4b.yaml", "flux2": "train_flux2_dev.yaml",
            "qwen-image-2.1": "train_qwen_image_21_lora.yaml", "ernie-image": "train_ernie_image_lora.yaml",
            "krea2": "train_krea2_lora.yaml", "ideogram4": "train_ideogram4_lora.yaml"}
-NO_COMFYUI = {"ideogram4"}  # no ComfyUI form is written (see trainer/models/ideogram4.py)
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +64,7 @@ def trained(tiny_models, tmp_path_factory):
             data = write_dataset(tmp / "d", n=2)
             cls, _pipe, call, *_ = FAMILIES[variant]
             train(load_config(None, base_overrides(
-                tiny_models(variant), data, tmp / "out", max_train_steps=4, learning_rate=2e-2,
-                lora_format="diffusers" if variant in NO_COMFYUI else "comfyui",
+                tiny_models(variant), data, tmp / "out", max_train_steps=4, learning_rate=2e-2, lora_format="comfyui",
                 validation_prompts="[a red cat]", validation_num_inference_steps=2,
                 validation_guidance_scale=call.get("guidance_scale", call.get("true_cfg_scale")), **{"data_config.img_size": 32})), cls)
             runs[variant] = tmp / "out"

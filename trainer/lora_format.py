@@ -80,7 +80,7 @@ def diffusers_to_comfyui(sd: dict[str, torch.Tensor], adapter, config, dora: dic
     for key, value in sd.items():
         module, _, part = key.removeprefix(PREFIX).removesuffix(".weight").rpartition(".")
         modules.setdefault(module, {})[part] = value
-    out = {}
+    out = _fused(modules, adapter, config)
     for module, parts in modules.items():
         down, up, alpha_key = adapter.comfyui_names(module)
         name = alpha_key.removesuffix(".alpha")
@@ -106,6 +106,39 @@ def diffusers_to_comfyui(sd: dict[str, torch.Tensor], adapter, config, dora: dic
                 out[f"{name}.lokr_w1"] = parts["lokr_w1"] * scale
             else:
                 out[alpha_key] = torch.tensor(scale * dim)
+    return out
+
+
+def _fused(modules: dict[str, dict[str, torch.Tensor]], adapter, config) -> dict[str, torch.Tensor]:
+    """The LoRAs of layers ComfyUI stacks into one weight (`adapter.comfyui_fused`), taken out of `modules` and written
+    as one LoRA on the stacked layer: down = the downs stacked, up = block-diagonal of each up times its scale (a layer
+    without a LoRA: zero rows), alpha = the stacked rank (ComfyUI's multiplier 1). Exact for plain LoRA only."""
+    groups: dict[str, dict[int, tuple[str, dict]]] = {}
+    sizes: dict[str, int] = {}
+    for module in list(modules):
+        group = adapter.comfyui_group(module)
+        if group:
+            groups.setdefault(group[0], {})[group[1]] = (module, modules.pop(module))
+            sizes[group[0]] = group[2]
+    out = {}
+    for name, members in groups.items():
+        for module, parts in members.values():
+            if "lora_A" not in parts or "lora_magnitude_vector" in parts:
+                raise ValueError(f"{module}: ComfyUI stacks this layer with others ({name}); only a plain LoRA on it can be written "
+                                 "in ComfyUI's form (leave it out of lora_target_modules, or use lora_format: diffusers)")
+        rows = next(iter(members.values()))[1]["lora_B"].shape[0]
+        downs, ups = [], []
+        for k in range(sizes[name]):
+            if k in members:
+                module, parts = members[k]
+                rank = parts["lora_A"].shape[0]
+                downs.append(parts["lora_A"].float())
+                ups.append(parts["lora_B"].float() * module_scale(config, module, rank))
+            else:
+                ups.append(torch.zeros(rows, 0))
+        down_key, up_key, alpha_key = adapter.comfyui_names(name)
+        out[down_key], out[up_key] = torch.cat(downs), torch.block_diag(*ups)
+        out[alpha_key] = torch.tensor(float(out[down_key].shape[0]))
     return out
 
 

@@ -524,10 +524,23 @@ class ModelAdapter(ABC):
     # --- ComfyUI LoRA naming ---------------------------------------------------------------------------------
     comfyui_prefix = "diffusion_model."  # what ComfyUI's key map puts before a diffusers module name for this family
 
+    # ComfyUI layer -> the diffusers layers whose weights its one weight stacks along the output axis, in order (name
+    # suffixes): Ideogram 4's attention.qkv. A LoRA on them is written as one LoRA on the stacked layer.
+    comfyui_fused: dict[str, tuple[str, ...]] = {}
+
     def comfyui_names(self, module: str) -> tuple[str, str, str]:
         """(down, up, alpha) ComfyUI keys of the LoRA on transformer module `module` (diffusers naming)."""
         name = self.comfyui_prefix + module
         return f"{name}.lora_A.weight", f"{name}.lora_B.weight", f"{name}.alpha"
+
+    def comfyui_group(self, module: str) -> tuple[str, int, int] | None:
+        """(the stacked layer's name in diffusers naming, this layer's place in it, how many it stacks) when ComfyUI
+        stacks this layer's weight with others (`comfyui_fused`), else None."""
+        for fused, parts in self.comfyui_fused.items():
+            for i, part in enumerate(parts):
+                if module.endswith("." + part):
+                    return module[: -len(part)] + fused, i, len(parts)
+        return None
 
     # --- planner, benches, tiny models ------------------------------------------------------------------------
     @property

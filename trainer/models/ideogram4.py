@@ -19,6 +19,9 @@ What the trainer feeds the transformer, and where it follows `Ideogram4Pipeline`
 - sigmas: the pipeline samples a logit-normal schedule, sigma = sigmoid(N(mu, 1.5)) with mu = 0.5 log(pixels / 512^2);
   training draws sigmoid(N(logit_mean + mu, logit_std)) with the same mu (`training_mu`; the shipped YAML sets
   logit_std 1.5 to match), and `timestep_sampling: schedule` steps along the pipeline's own sigmas.
+- ComfyUI: its Ideogram 4 model stacks to_q / to_k / to_v into attention.qkv (and calls to_out.0 attention.o); the ComfyUI
+  file holds one LoRA per stacked layer (downs stacked, ups block-diagonal: exact), so LoKr / LoHa / DoRA on q / k / v have
+  no ComfyUI form (refused before loading with lora_format: comfyui).
 - guidance: v = w v_cond + (1 - w) v_uncond, v_uncond from `unconditional_transformer` on the image tokens alone with
   zero text features; w is the usual scale (1 = the conditional model alone). inference.py and previews use one w
   for every step (default 7, the pipeline's main-step value; its default schedule ends with 3 polish steps at 3).
@@ -113,14 +116,25 @@ class Ideogram4Adapter(ModelAdapter):
         self.unconditional: torch.nn.Module | None = None
         self.preview: Cond | None = None
 
+    # ComfyUI's own Ideogram 4 model (comfy/ldm/ideogram4/model.py) keeps these names except attention.qkv (q, k, v stacked)
+    # and attention.o; its generic rule maps diffusion_model.<its name> for every model
+    comfyui_fused = {"attention.qkv": ("attention.to_q", "attention.to_k", "attention.to_v")}
+
+    def comfyui_names(self, module: str) -> tuple[str, str, str]:
+        group = self.comfyui_group(module)
+        name = group[0] if group else module
+        return super().comfyui_names(name.replace("attention.to_out.0", "attention.o"))
+
     @classmethod
     def check_setup(cls, cfg) -> None:
         from trainer.config import ConfigError
 
         super().check_setup(cfg)
-        if cfg.lora_format == "comfyui":  # see the note in README: not verifiable here
-            raise ConfigError("config key 'lora_format': no ComfyUI form is written for Ideogram 4 (ComfyUI fuses its q/k/v and its "
-                              "Ideogram 4 LoRA key map could not be checked); use diffusers")
+        stacked = {p.rsplit(".", 1)[-1] for parts in cls.comfyui_fused.values() for p in parts}
+        targets = cfg.lora_target_modules or cls.default_target_modules
+        if cfg.lora_format == "comfyui" and (cfg.lora_type != "lora" or cfg.use_dora) and any(t.rsplit(".", 1)[-1] in stacked for t in targets):
+            raise ConfigError("config key 'lora_format': ComfyUI stacks Ideogram 4's to_q / to_k / to_v into one layer, so only a plain "
+                              "LoRA on them has a ComfyUI form; leave them out of lora_target_modules, or use lora_format: diffusers")
 
     # --- loading -------------------------------------------------------------------------------------------
     def load_encoders(self) -> None:
