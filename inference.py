@@ -176,6 +176,8 @@ def main(argv=None) -> int:
     if low and not args.image:
         fail(f"--control_image: {name} models follow a control image; pass --control_image PATH" if adapter.aligned_controls
              else f"--image: {name} models edit an input image; pass --image PATH")
+    if args.negative_prompt is not None and not adapter.takes_negative_prompt:
+        fail(f"--negative_prompt: {name} models take no negative prompt (their guidance runs a model without text)")
     if len(args.image) > high:
         fail(f"--image: {name} takes at most {high} input image(s), got {len(args.image)}")
     for path in args.image:

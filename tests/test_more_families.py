@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import (ChromaPipeline, ErnieImagePipeline, Flux2KleinPipeline, Flux2Pipeline, Ideogram4Pipeline, Kandinsky5T2IPipeline,
                        Krea2Pipeline, QwenImage21Pipeline, ZImagePipeline)
-from helpers import ACCELERATE, PY, ROOT, base_overrides, read_losses, write_dataset
+from helpers import ACCELERATE, PY, ROOT, base_overrides, read_losses, run_each, write_dataset
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -99,11 +99,14 @@ def test_lora_loads_in_the_pipeline_changes_it_and_scale_zero_is_the_base(varian
 def test_inference_script_renders_with_the_lora(variant, trained, tiny_models, tmp_path):
     out = tmp_path / "z.png"
     w, h = FAMILIES[variant][-1]
-    r = subprocess.run([PY, "inference.py", "--model_name", str(tiny_models(variant)), "--lora_weights", str(trained(variant)),
-                        "--prompt", "a cat", "--width", str(w), "--height", str(h), "--num_inference_steps", "2", "--true_cfg_scale", "1",
-                        "--output_image", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    cmd = [PY, "inference.py", "--model_name", str(tiny_models(variant)), "--lora_weights", str(trained(variant)), "--prompt", "a cat",
+           "--width", str(w), "--height", str(h), "--num_inference_steps", "2", "--true_cfg_scale", "1", "--output_image", str(out)]
+    takes_negative = FAMILIES[variant][0].takes_negative_prompt
+    r, *refused = run_each([cmd] + ([] if takes_negative else [cmd[:-1] + [str(tmp_path / "n.png"), "--negative_prompt", "blurry"]]))
     assert r.returncode == 0, r.stderr[-2000:]
     assert Image.open(out).size == (w, h)
+    for r in refused:  # a pipeline without a negative prompt: one line, before the model loads
+        assert r.returncode == 2 and "--negative_prompt: " in r.stderr and "take no negative prompt" in r.stderr, r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("variant", list(FAMILIES))

@@ -135,6 +135,7 @@ class ModelAdapter(ABC):
     pixel_channels = 3  # 4: the VAE reads RGBA (images keep their alpha; opaque ones get alpha 1)
     default_true_cfg_scale = 4.0  # inference.py's classifier-free guidance when --true_cfg_scale is not given
     default_guidance: float | None = None  # the pipeline's default distilled guidance (models with a guidance input)
+    takes_negative_prompt = True  # False: the pipeline takes no negative prompt (inference.py refuses --negative_prompt before loading)
     placed_components: tuple[str, ...] = ("transformer",)  # pipeline components inference.py quantizes as training placed them
 
     def __init__(self, cfg: TrainConfig, variant: Variant, device: torch.device | str = "cpu",

@@ -110,6 +110,7 @@ class Ideogram4Adapter(ModelAdapter):
     encoder_folders = ("text_encoder", "tokenizer", "vae")
     text_token_keys = ("prompt_embeds", "prompt_embeds_mask")
     placed_components = ("transformer", "unconditional_transformer")
+    takes_negative_prompt = False  # its guidance runs the unconditional transformer, without text
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -245,8 +246,6 @@ class Ideogram4Adapter(ModelAdapter):
                 "max_sequence_length": cond["prompt_embeds_mask"].shape[1]}
 
     def inference_kwargs(self, request: InferenceRequest) -> dict:
-        if request.negative_prompt is not None:
-            raise ValueError("Ideogram 4 has no negative prompt: its guidance runs the unconditional transformer")
         kwargs = {"guidance_scale": request.true_cfg_scale, "guidance_schedule": None}
         if request.max_sequence_length is not None:
             kwargs["max_sequence_length"] = request.max_sequence_length
