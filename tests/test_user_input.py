@@ -150,19 +150,29 @@ def test_any_metadata_file_is_refused_before_loading_or_trains(fmt, rows, quote_
 # --- 3 / 4. engines ---------------------------------------------------------------------------------------------
 
 
-def test_shipped_deepspeed_config_starts_training(tiny_qwen, dataset, tmp_path):
-    out = tmp_path / "ds"
-    r = run([str(ACCELERATE[0]), "launch", "--config_file", "accelerate_configs/deepspeed_zero2.yaml", "--num_processes", "1",
-             "train.py", "--config", "train_configs/train_lora.yaml", *base_overrides(tiny_qwen, dataset, out, max_train_steps=2)])
+@pytest.fixture(scope="module")
+def engine_launches(tiny_qwen, tmp_path_factory):
+    """The shipped DeepSpeed config (1 process) and the FSDP one without CUDA, launched side by side: (result, output_dir) each."""
+    tmp = tmp_path_factory.mktemp("engines")
+    ds, fsdp, dataset = tmp / "ds", tmp / "fsdp", write_dataset(tmp / "data")
+    results = run_each([
+        [str(ACCELERATE[0]), "launch", "--config_file", "accelerate_configs/deepspeed_zero2.yaml", "--num_processes", "1", "train.py",
+         "--config", "train_configs/train_lora.yaml", *base_overrides(tiny_qwen, dataset, ds, max_train_steps=2)],
+        [str(ACCELERATE[0]), "launch", "--config_file", "accelerate_configs/fsdp.yaml", "train.py", "--config", "train_configs/train_lora.yaml",
+         *base_overrides(tiny_qwen, dataset, fsdp)],
+    ], timeout=600)
+    return {"deepspeed": (results[0], ds), "fsdp": (results[1], fsdp)}
+
+
+def test_shipped_deepspeed_config_starts_training(engine_launches):
+    r, out = engine_launches["deepspeed"]
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(read_losses(out)) == 2 and (out / "pytorch_lora_weights.safetensors").is_file()
 
 
-def test_engine_that_cannot_start_is_refused_not_run_n_times(tiny_qwen, dataset, tmp_path):
+def test_engine_that_cannot_start_is_refused_not_run_n_times(engine_launches):
     """FSDP without CUDA: accelerate starts 2 processes that would each train alone into one output_dir."""
-    out = tmp_path / "fsdp"
-    r = run([str(ACCELERATE[0]), "launch", "--config_file", "accelerate_configs/fsdp.yaml", "train.py", "--config",
-             "train_configs/train_lora.yaml", *base_overrides(tiny_qwen, dataset, out)])
+    r, out = engine_launches["fsdp"]
     assert r.returncode != 0
     assert "launched 2 processes, but they did not join one training" in r.stderr
     assert "loading qwen-image" not in r.stderr and not (out / "pytorch_lora_weights.safetensors").exists()

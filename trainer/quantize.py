@@ -105,7 +105,8 @@ def place_model(
             swap.add(block)
         else:
             block.to(device)
-        gc.collect()
+        if device.type != "cpu":  # a cycle holding the unquantized weights would keep them on the accelerator (on the CPU the
+            gc.collect()  # next automatic collection frees them: a full collection per block costs seconds in a large process)
     model.to(device)  # the non-block rest (embedders, norms, output projection) and swapped blocks' placeholders
     if mode != "none":
         logger.info("quantized %d %s blocks of %s to %s", len(blocks), type(blocks[0]).__name__, type(model).__name__, mode)
