@@ -47,16 +47,16 @@ import torch
 from . import register
 from .base import Cond, InferenceRequest, LearningCase, ModelAdapter, PlannerSpec, Variant
 from .flux2 import FLUX2_VAE_PARAMS
+from .krea2 import QWEN3_VL_4B
 from .qwen_image import pad_and_stack
 
 PATCH = 2  # Ideogram4Pipeline.patch_size
 BASE_PIXELS = 512 * 512  # _resolution_aware_mu's base resolution
 SCHEDULE_STD = 1.5  # Ideogram4Pipeline's default std of its logit-normal schedule
 TYPICAL_PROMPT_TOKENS = 256  # the planner's prompt length: captions are not padded to 2048 in training
-QWEN3_VL_8B = {  # Qwen3-VL-8B-Instruct's config.json (text + vision), for the planner's parameter count
-    "text_config": {"hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
-                    "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936},
-    "vision_config": {"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16, "out_hidden_size": 4096,
+QWEN3_VL_8B = {  # Qwen3-VL-8B-Instruct's config.json (text + vision), for the planner's parameter count: Qwen3-VL-4B's but for these
+    "text_config": {**QWEN3_VL_4B["text_config"], "hidden_size": 4096, "intermediate_size": 12288},
+    "vision_config": {**QWEN3_VL_4B["vision_config"], "depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "out_hidden_size": 4096,
                       "deepstack_visual_indexes": [8, 16, 24]},
     "tie_word_embeddings": False,
 }
