@@ -240,6 +240,11 @@ class ModelAdapter(ABC):
                 raise ConfigError(f"{cls.entry} needs control images for a {name} model: set {key}.control_dir or {key}.metadata_file")
             if not high and d.control_dir is not None:  # a metadata file's rows are counted by the scan, row by row
                 raise ConfigError(f"a {name} model takes no control images: remove {key}.control_dir")
+        stacked = {p.rsplit(".", 1)[-1] for parts in cls.comfyui_fused.values() for p in parts}
+        targets = cfg.lora_target_modules or cls.default_target_modules
+        if cfg.lora_format == "comfyui" and (cfg.lora_type != "lora" or cfg.use_dora) and any(t.rsplit(".", 1)[-1] in stacked for t in targets):
+            raise ConfigError(f"config key 'lora_format': ComfyUI stacks {name}'s {' / '.join(sorted(stacked))} into one layer, so only a plain "
+                              "LoRA on them has a ComfyUI form; leave them out of lora_target_modules, or use lora_format: diffusers")
 
     def reference_rule(self):
         """How many reference images each sample must have (checked by the dataset scan, file by file)."""
@@ -288,11 +293,16 @@ class ModelAdapter(ABC):
     def load_transformer(self) -> None:
         """Load `transformer_class` from the model folder, make the variant's changes (`prepare_transformer`) and place
         it (quantize / swap) as self.transformer, its Placement as self.placement."""
+        self.transformer, self.placement = self.load_placed("transformer", self.prepare_transformer)
+
+    def load_placed(self, subfolder: str, prepare=lambda t: t):
+        """(`transformer_class` from the model folder's `subfolder`, changed by `prepare`, placed as the transformer is:
+        quantize / blocks_to_swap; its Placement)."""
         import diffusers
 
-        t = getattr(diffusers, self.transformer_class).from_pretrained(self.cfg.pretrained_model_name_or_path, subfolder="transformer",
+        t = getattr(diffusers, self.transformer_class).from_pretrained(self.cfg.pretrained_model_name_or_path, subfolder=subfolder,
                                                                        dtype=self.weight_dtype)
-        self.transformer, self.placement = self.place(self.prepare_transformer(t), self.cfg.quantize, self.cfg.blocks_to_swap)
+        return self.place(prepare(t), self.cfg.quantize, self.cfg.blocks_to_swap)
 
     def load_text_encoder(self) -> torch.nn.Module:
         """The text encoder of the class model_index.json names, in weight_dtype, placed (quantize_text_encoder)."""

@@ -21,7 +21,7 @@ What the trainer feeds the transformer, and where it follows `Ideogram4Pipeline`
   logit_std 1.5 to match), and `timestep_sampling: schedule` steps along the pipeline's own sigmas.
 - ComfyUI: its Ideogram 4 model stacks to_q / to_k / to_v into attention.qkv (and calls to_out.0 attention.o); the ComfyUI
   file holds one LoRA per stacked layer (downs stacked, ups block-diagonal: exact), so LoKr / LoHa / DoRA on q / k / v have
-  no ComfyUI form (refused before loading with lora_format: comfyui).
+  no ComfyUI form (`ModelAdapter.check_setup` refuses them before loading with lora_format: comfyui).
 - guidance: v = w v_cond + (1 - w) v_uncond, v_uncond from `unconditional_transformer` on the image tokens alone with
   zero text features; w is the usual scale (1 = the conditional model alone). inference.py and previews use one w
   for every step (default 7, the pipeline's main-step value; its default schedule ends with 3 polish steps at 3).
@@ -126,17 +126,6 @@ class Ideogram4Adapter(ModelAdapter):
         name = group[0] if group else module
         return super().comfyui_names(name.replace("attention.to_out.0", "attention.o"))
 
-    @classmethod
-    def check_setup(cls, cfg) -> None:
-        from trainer.config import ConfigError
-
-        super().check_setup(cfg)
-        stacked = {p.rsplit(".", 1)[-1] for parts in cls.comfyui_fused.values() for p in parts}
-        targets = cfg.lora_target_modules or cls.default_target_modules
-        if cfg.lora_format == "comfyui" and (cfg.lora_type != "lora" or cfg.use_dora) and any(t.rsplit(".", 1)[-1] in stacked for t in targets):
-            raise ConfigError("config key 'lora_format': ComfyUI stacks Ideogram 4's to_q / to_k / to_v into one layer, so only a plain "
-                              "LoRA on them has a ComfyUI form; leave them out of lora_target_modules, or use lora_format: diffusers")
-
     # --- loading -------------------------------------------------------------------------------------------
     def load_encoders(self) -> None:
         import transformers
@@ -151,12 +140,8 @@ class Ideogram4Adapter(ModelAdapter):
 
     def unconditional_transformer(self) -> torch.nn.Module:
         """The frozen unconditional transformer (loaded at the first preview), placed as the trained one is."""
-        import diffusers
-
         if self.unconditional is None:
-            t = getattr(diffusers, self.transformer_class).from_pretrained(self.cfg.pretrained_model_name_or_path,
-                                                                           subfolder="unconditional_transformer", dtype=self.weight_dtype)
-            self.unconditional, _ = self.place(t, self.cfg.quantize, self.cfg.blocks_to_swap)
+            self.unconditional, _ = self.load_placed("unconditional_transformer")
         return self.unconditional
 
     # --- conditioning --------------------------------------------------------------------------------------
