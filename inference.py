@@ -236,7 +236,8 @@ def main(argv=None) -> int:
         w, h = min(allowed, key=lambda r: abs(r[0] / r[1] - kwargs["width"] / kwargs["height"]))
         print(f"note: {name} renders only {', '.join(f'{a}x{b}' for a, b in allowed)}; {kwargs['width']}x{kwargs['height']} "
               f"becomes {w}x{h} (the nearest aspect ratio)", file=sys.stderr)
-    image = output_images(pipe(**kwargs))[0]
+    with adapter.render_size(pipe, kwargs["width"], kwargs["height"]):  # HiDream-I1 would scale the request to 1024x1024's area
+        image = output_images(pipe(**kwargs))[0]
     out = Path(args.output_image)
     out.parent.mkdir(parents=True, exist_ok=True)
     if image.mode == "RGBA" and out.suffix.lower() in (".jpg", ".jpeg", ".bmp"):

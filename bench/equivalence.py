@@ -44,7 +44,8 @@ class Case:
     zero_cond_t: bool = False  # Qwen-Image-Edit-2511: reference tokens modulated at t = 0 (transformer config)
     layout: str = "packed"  # how the pipeline passes latents: packed tokens (hidden_states=...), "concat" (packed, the control's
     # channels after the target's), "fill" (packed, then the masked image's and the mask's), "frames" (a list), or "grid"
-    # (B x C x H x W patchified latents, timestep 1000 sigma: ERNIE-Image), or "left-padded" (Ideogram 4: one sequence of
+    # (B x C x H x W patchified latents, timestep 1000 sigma: ERNIE-Image), "grid-x0" (B x C x H x W latents, timesteps 1000
+    # sigma, output x0 - noise: HiDream-I1), or "left-padded" (Ideogram 4: one sequence of
     # left-padded text then image tokens, time 1 - sigma, output x0 - noise; inputs compared without the padding rows)
     masked_text: bool = False  # Krea 2: prompt rows compared where encoder_attention_mask is on (the padding rows are masked
     # out of every attention; the pipeline holds pad-token states there, the trainer zeros)
@@ -77,6 +78,7 @@ CASES = [
     Case("ERNIE-Image", "ernie-image", layout="grid"),
     Case("Krea 2", "krea2", masked_text=True),
     Case("Ideogram 4", "ideogram4", layout="left-padded"),
+    Case("HiDream-I1", "hidream-i1", layout="grid-x0"),
 ]
 
 
@@ -113,8 +115,8 @@ def latents_and_sigma(case: Case, inputs: dict) -> tuple[torch.Tensor, torch.Ten
         return torch.stack(inputs["arg0"]).squeeze(2).float(), 1.0 - inputs["arg1"].float(), 0
     if case.layout == "frames-last":  # Kandinsky 5: B x 1 x H x W x C, time = 1000 sigma
         return inputs["hidden_states"].squeeze(1).permute(0, 3, 1, 2).float(), inputs["timestep"].float() / 1000, 0
-    if case.layout == "grid":  # ERNIE-Image: B x 128 x H x W, timestep = 1000 sigma
-        return inputs["hidden_states"].float(), inputs["timestep"].float() / 1000, 0
+    if case.layout in ("grid", "grid-x0"):  # ERNIE-Image: B x 128 x H x W, timestep = 1000 sigma; HiDream-I1: B x 16 x H x W
+        return inputs["hidden_states"].float(), inputs.get("timestep", inputs.get("timesteps")).float() / 1000, 0
     if case.layout in ("joint", "left-padded"):  # Qwen-Image 2.1: condition latents, then the target's (unpatched, 16 px per
         # token); Ideogram 4: text, then the target's, time 1 - sigma
         h, w = TARGET[1] // 16, TARGET[0] // 16
@@ -140,8 +142,8 @@ def pipeline_prediction(case: Case, output, n_target: int) -> torch.Tensor:
         return -torch.stack([o.float() for o in output]).squeeze(2)
     if case.layout == "frames-last":
         return output.squeeze(1).permute(0, 3, 1, 2).float()
-    if case.layout == "grid":
-        return output.float()
+    if case.layout in ("grid", "grid-x0"):
+        return -output.float() if case.layout == "grid-x0" else output.float()  # HiDream-I1 predicts x0 - noise
     if case.layout in ("joint", "left-padded"):  # the pipeline keeps the last target-many tokens of the sequence
         tokens = output[:, -n_target:]
         v = tokens.permute(0, 2, 1).reshape(tokens.shape[0], -1, TARGET[1] // 16, TARGET[0] // 16).float()
@@ -277,7 +279,7 @@ def pipeline_call_kwargs(case: Case, refs: list[Path], work: Path) -> dict:
             kwargs["image"] = images
     elif case.variant in ("z-image", "krea2"):
         kwargs["guidance_scale"] = 0.0  # no CFG (ZImagePipeline / Krea2Pipeline run CFG for any scale > 0)
-    elif case.variant in ("chroma", "kandinsky5", "flux2-klein", "ernie-image"):
+    elif case.variant in ("chroma", "kandinsky5", "flux2-klein", "ernie-image", "hidream-i1"):
         kwargs["guidance_scale"] = 1.0  # no CFG: one transformer call per step
     elif case.variant == "ideogram4":
         kwargs.update(guidance_scale=1.0, guidance_schedule=None)  # the conditional transformer's call is the first
@@ -307,7 +309,8 @@ def compare(case: Case, model: Path, work: Path) -> dict:
     cls, variant = resolve(str(model))
     controlnet = case.variant == "flux-controlnet"
     more = ["training_method=controlnet", "controlnet_layers=1", "controlnet_single_layers=1"] if controlnet else []
-    cfg = load_config(None, [f"pretrained_model_name_or_path={model}", "mixed_precision=no", *more], check_paths=False)
+    preset = [f"{k}={v}" for k, v in cls.config_preset.items()]  # as the family's entry script starts from (HiDream-I1: 128 tokens)
+    cfg = load_config(None, [f"pretrained_model_name_or_path={model}", "mixed_precision=no", *preset, *more], check_paths=False)
     adapter = cls.from_model(cfg)
     adapter.load()
     pipe = DiffusionPipeline.from_pretrained(model, **adapter.pipeline_components(str(model)))
@@ -323,7 +326,8 @@ def compare(case: Case, model: Path, work: Path) -> dict:
         model_call = ControlNetPair(pipe.transformer, net, adapter)
     target, refs = write_inputs(work, case.references)
     with torch.no_grad(), latent_means(case.variant in ("flux-control", "flux-fill", "flux-controlnet")):
-        ref_inputs, ref_out = capture_first_call(pipe.transformer, lambda: pipe(**pipeline_call_kwargs(case, refs, work)))
+        with adapter.render_size(pipe, *TARGET):  # as inference.py calls it (HiDream-I1 would scale the request to 1 MP)
+            ref_inputs, ref_out = capture_first_call(pipe.transformer, lambda: pipe(**pipeline_call_kwargs(case, refs, work)))
         batch = trainer_batch(adapter, target, refs, [PROMPT], work)
         _, cond = adapter.encode_batch(batch)
         noisy, sigma, n_target = latents_and_sigma(case, ref_inputs)
@@ -348,6 +352,10 @@ def compare(case: Case, model: Path, work: Path) -> dict:
     elif case.layout == "grid":
         result["text_tokens"] = int(ref_inputs["text_bth"].shape[1])
         result["image_tokens"] = int(ref_inputs["hidden_states"].shape[2] * ref_inputs["hidden_states"].shape[3])
+    elif case.layout == "grid-x0":  # T5's and the last Llama layer's tokens, then each block's own Llama layer
+        result["text_tokens"] = int(ref_inputs["encoder_hidden_states_t5"].shape[1] + 2 * ref_inputs["encoder_hidden_states_llama3"].shape[2])
+        padded = ref_inputs["hidden_states"].shape[2] != ref_inputs["hidden_states"].shape[3]
+        result["image_tokens"] = int(pipe.transformer.max_seq if padded else ref_inputs["hidden_states"][0, 0].numel() // 4)
     elif case.layout == "left-padded":
         result["text_tokens"] = int((ref_inputs["indicator"] == 3).sum())
         result["image_tokens"] = int((ref_inputs["indicator"] == 2).sum())
@@ -382,7 +390,8 @@ def batch_independence(model: Path, work: Path, references: int) -> float:
     from trainer.models import resolve
 
     cls, variant = resolve(str(model))
-    adapter = cls(load_config(None, [f"pretrained_model_name_or_path={model}", "mixed_precision=no"], check_paths=False), variant)
+    preset = [f"{k}={v}" for k, v in cls.config_preset.items()]
+    adapter = cls(load_config(None, [f"pretrained_model_name_or_path={model}", "mixed_precision=no", *preset], check_paths=False), variant)
     adapter.load()
     target, refs = write_inputs(work, references)
     sigma = torch.tensor([0.7, 0.3])

@@ -218,7 +218,7 @@ def sample_latents(pipe, adapter, example: Example, steps: int, seed: int, size:
                                reference_size=reference_size, mask=fill_mask(size) if example.masked else None)
     kwargs = adapter.inference_kwargs(request)
     sizing = adapter.reference_area(pipe, reference_size) if reference_size else contextlib.nullcontext()
-    with sizing, decoded_latents(pipe.vae) as seen:
+    with sizing, adapter.render_size(pipe, size, size), decoded_latents(pipe.vae) as seen:
         pipe(prompt=example.caption, width=size, height=size, num_inference_steps=steps,
              generator=torch.Generator("cpu").manual_seed(seed), **kwargs)
     return seen[-1]

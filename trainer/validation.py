@@ -99,7 +99,7 @@ class Validator:
             kwargs = self.adapter.sampling_kwargs({k: _to(v, self.adapter.device) for k, v in it["cond"].items()},
                                                   {k: _to(v, self.adapter.device) for k, v in it["neg"].items()}, it["size"],
                                                   it["images"])
-            with autocast:
+            with autocast, self.adapter.render_size(pipe, *it["size"]):
                 result = pipe(**kwargs, width=it["size"][0], height=it["size"][1],
                               num_inference_steps=self.cfg.validation_num_inference_steps,
                               generator=torch.Generator("cpu").manual_seed(self.cfg.validation_seed))

@@ -137,6 +137,7 @@ class ModelAdapter(ABC):
     default_guidance: float | None = None  # the pipeline's default distilled guidance (models with a guidance input)
     takes_negative_prompt = True  # False: the pipeline takes no negative prompt (inference.py refuses --negative_prompt before loading)
     placed_components: tuple[str, ...] = ("transformer",)  # pipeline components inference.py quantizes as training placed them
+    config_preset: dict = {}  # the family's own defaults for shared config keys (its entry's preset: below the YAML and the command line)
 
     def __init__(self, cfg: TrainConfig, variant: Variant, device: torch.device | str = "cpu",
                  weight_dtype: torch.dtype = torch.float32):
@@ -512,6 +513,11 @@ class ModelAdapter(ABC):
     @abstractmethod
     def inference_kwargs(self, request: InferenceRequest) -> dict:
         """Pipeline call arguments for inference.py (guidance style, references)."""
+
+    def render_size(self, pipe, width: int | None, height: int | None):
+        """A context in which the pipeline's __call__ renders at width x height as asked, for pipelines that scale
+        every request to an area of their own (HiDream-I1). Default: nothing to change."""
+        return contextlib.nullcontext()
 
     def reference_area(self, pipe, side: int):
         """A context in which the pipeline sizes its reference images at about side x side pixels, as
