@@ -162,7 +162,8 @@ def test_disk_cache_build_is_split_between_processes(tiny_qwen, tmp_path):
     assert whole.encoded == {"text": 0, "latents": 0} and whole.reused == {"text": 5, "latents": 5}
 
 
-@pytest.mark.parametrize("variant", ["qwen-image", "flux", "chroma", "z-image", "kandinsky5", "flux2-klein", "ernie-image", "krea2", "ideogram4"])
+@pytest.mark.parametrize("variant", ["qwen-image", "flux", "chroma", "z-image", "kandinsky5", "flux2-klein", "ernie-image", "krea2", "ideogram4",
+                                     "hidream-i1"])
 def test_batched_caption_encoding_equals_one_at_a_time(variant, tiny_models, tmp_path):
     """The cache encodes captions cache_batch_size at a time; each stored entry (padding cut) must equal the entry
     of that caption encoded alone, shape included."""

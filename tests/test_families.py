@@ -65,7 +65,8 @@ def overrides(model, pairs, out, uses_controls, **extra):
 
 
 # families whose entry only needs to be shown to train under accelerate launch here (their other tests are elsewhere)
-LAUNCHED_ONLY = {"ernie-image": "train_ernie_image_lora.py", "krea2": "train_krea2_lora.py", "ideogram4": "train_ideogram4_lora.py"}
+LAUNCHED_ONLY = {"ernie-image": "train_ernie_image_lora.py", "krea2": "train_krea2_lora.py", "ideogram4": "train_ideogram4_lora.py",
+                 "hidream-i1": "train_hidream_lora.py"}
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Z-Image, Chroma, Kandinsky 5, FLUX.2, Qwen-Image 2.1, ERNIE-Image, Krea 2, Ideogram 4 and FLUX.1-Krea: LoRA loading in their pipelines, inference, quantized and block-swapped training,
+"""Z-Image, Chroma, Kandinsky 5, FLUX.2, Qwen-Image 2.1, ERNIE-Image, Krea 2, Ideogram 4, HiDream-I1 and FLUX.1-Krea: LoRA loading in their pipelines, inference, quantized and block-swapped training,
 the planner, and the assistant LoRA used to train on Z-Image-Turbo."""
 
 import logging
@@ -7,7 +7,8 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from diffusers import (ChromaPipeline, ErnieImagePipeline, Flux2KleinPipeline, Flux2Pipeline, Ideogram4Pipeline, Kandinsky5T2IPipeline,
+from diffusers import (ChromaPipeline, ErnieImagePipeline, Flux2KleinPipeline, Flux2Pipeline, HiDreamImagePipeline, Ideogram4Pipeline,
+                       Kandinsky5T2IPipeline,
                        Krea2Pipeline, QwenImage21Pipeline, ZImagePipeline)
 from helpers import ACCELERATE, PY, ROOT, base_overrides, read_losses, run_each, write_dataset
 from PIL import Image
@@ -20,6 +21,7 @@ from trainer.pipelines import output_images
 from trainer.models.chroma import ChromaAdapter
 from trainer.models.ernie_image import ErnieImageAdapter
 from trainer.models.flux2 import Flux2Adapter
+from trainer.models.hidream import HiDreamAdapter
 from trainer.models.ideogram4 import Ideogram4Adapter
 from trainer.models.kandinsky5 import Kandinsky5Adapter
 from trainer.models.krea2 import Krea2Adapter
@@ -41,11 +43,12 @@ FAMILIES = {
     "krea2": (Krea2Adapter, Krea2Pipeline, {"guidance_scale": 0.0}, 12_820_073_036, 28, (48, 32)),  # its w = 0: no CFG
     # w = 1: the conditional transformer alone (the unconditional one still runs, weighted 0)
     "ideogram4": (Ideogram4Adapter, Ideogram4Pipeline, {"guidance_scale": 1.0, "guidance_schedule": None}, 9_279_288_448, 34, (48, 32)),
+    "hidream-i1": (HiDreamAdapter, HiDreamImagePipeline, {"guidance_scale": 1.0}, 17_105_733_184, 48, (48, 32)),  # 16 double + 32 single
 }
 CONFIGS = {"z-image": "train_z_image_lora.yaml", "chroma": "train_chroma_lora.yaml", "kandinsky5": "train_kandinsky5_lora.yaml",
            "flux2-klein": "train_flux2_klein_base_4b.yaml", "flux2": "train_flux2_dev.yaml",
            "qwen-image-2.1": "train_qwen_image_21_lora.yaml", "ernie-image": "train_ernie_image_lora.yaml",
-           "krea2": "train_krea2_lora.yaml", "ideogram4": "train_ideogram4_lora.yaml"}
+           "krea2": "train_krea2_lora.yaml", "ideogram4": "train_ideogram4_lora.yaml", "hidream-i1": "train_hidream_lora.yaml"}
 
 
 @pytest.fixture(scope="module")
@@ -73,25 +76,26 @@ def trained(tiny_models, tmp_path_factory):
     return get
 
 
-def render(pipe, call, size=(32, 32)):
-    return output_images(pipe(prompt="a photo", width=size[0], height=size[1], num_inference_steps=2, output_type="np",
-                              generator=torch.Generator().manual_seed(0), **call))[0]
+def render(pipe, call, adapter, size=(32, 32)):
+    with adapter.render_size(pipe, *size):  # HiDream-I1 would scale the request to 1024 x 1024's area
+        return output_images(pipe(prompt="a photo", width=size[0], height=size[1], num_inference_steps=2, output_type="np",
+                                  generator=torch.Generator().manual_seed(0), **call))[0]
 
 
 @pytest.mark.parametrize("variant", list(FAMILIES))
 def test_lora_loads_in_the_pipeline_changes_it_and_scale_zero_is_the_base(variant, trained, tiny_models, caplog):
     cls, pipeline, call, *_, size = FAMILIES[variant]
     model = tiny_models(variant)
-    pipe = pipeline.from_pretrained(model, **cls.from_model(load_config(None, [f"pretrained_model_name_or_path={model}"],
-                                                                          check_paths=False)).pipeline_components(str(model)))
+    adapter = cls.from_model(load_config(None, [f"pretrained_model_name_or_path={model}"], check_paths=False))
+    pipe = pipeline.from_pretrained(model, **adapter.pipeline_components(str(model)))
     size = (32, 32) if size[0] < 1000 else size
-    base = render(pipe, call, size)
+    base = render(pipe, call, adapter, size)
     with caplog.at_level(logging.WARNING):
         pipe.load_lora_weights(trained(variant), adapter_name="lora")
     assert not [r for r in caplog.records if "unexpected keys" in r.getMessage().lower() or "missing keys" in r.getMessage().lower()]
-    assert np.abs(render(pipe, call, size) - base).max() > 1e-4
+    assert np.abs(render(pipe, call, adapter, size) - base).max() > 1e-4
     pipe.set_adapters(["lora"], adapter_weights=[0.0])
-    assert np.allclose(render(pipe, call, size), base, atol=1e-6)
+    assert np.allclose(render(pipe, call, adapter, size), base, atol=1e-6)
     assert (trained(variant) / "samples" / "step-4.png").is_file()
 
 
@@ -199,3 +203,39 @@ def test_assistant_lora_trains_with_it_previews_and_saves_without_it(zimage, tmp
         as_used = adapter.predict(ref.transformer, noisy, torch.tensor([0.5]), cond)
     assert (previewed - as_used).abs().max() < 1e-5, "previews show the LoRA without the assistant"
     assert (trained_with - as_used).abs().max() > 1e-4
+
+
+def test_hidream_routed_experts_train_and_its_setup_checks(tiny_models, tmp_path):
+    """HiDream-I1's MoE layers run their training path when gradients are on (in eval mode diffusers runs them under
+    no_grad, so a LoRA on the routed experts would never change): the opt-in expert LoRA trains and its prediction path
+    equals the pipeline's; a folder without Llama (text_encoder_4) and sides past the padded sequence are refused before
+    anything loads; previews keep the asked size."""
+    from trainer.config import ConfigError
+
+    model = tiny_models("hidream-i1")
+    data = write_dataset(tmp_path / "d", n=2)
+    cfg = load_config(None, base_overrides(model, data, tmp_path / "out", max_train_steps=2, learning_rate=5e-2,
+                                           lora_target_modules="[experts.*.w1,experts.*.w2,experts.*.w3]"))
+    train(cfg, HiDreamAdapter)
+    weights = load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")
+    ups = [v for k, v in weights.items() if ".experts." in k and "lora_B" in k]
+    assert ups and all(".shared_experts." not in k for k in weights) and max(float(v.abs().max()) for v in ups) > 0
+    adapter = HiDreamAdapter.from_model(cfg)
+    adapter.load()
+    cond = adapter.encode_prompts(["a red cat", ""])
+    noisy, sigmas = torch.randn(2, 4, 8, 12), torch.tensor([0.7, 0.2])
+    with torch.no_grad():
+        inference_path = adapter.predict(adapter.transformer, noisy, sigmas, cond)
+    training_path = adapter.predict(adapter.transformer, noisy, sigmas, cond)
+    torch.testing.assert_close(training_path, inference_path, rtol=1e-5, atol=1e-6)
+    with adapter.render_size(pipe := adapter.sampling_pipeline(adapter.transformer), 48, 32):
+        assert pipe(**adapter.sampling_kwargs(cond, cond, (48, 32), []) | {"guidance_scale": 1.0}, width=48, height=32,
+                    num_inference_steps=1, output_type="np").images[0].shape[:2] == (32, 48)
+    import shutil
+
+    partial = tmp_path / "no-llama"
+    shutil.copytree(model, partial, ignore=shutil.ignore_patterns("text_encoder_4"))
+    with pytest.raises(ConfigError, match="text_encoder_4"):
+        HiDreamAdapter.check_setup(load_config(None, base_overrides(partial, data, tmp_path / "o2")))
+    with pytest.raises(ConfigError, match="data_config.img_size"):  # the tiny transformer pads to 8 x 8 tokens: 128 px
+        HiDreamAdapter.check_setup(load_config(None, base_overrides(model, data, tmp_path / "o3", **{"data_config.img_size": 144})))

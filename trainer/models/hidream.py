@@ -100,7 +100,7 @@ def spatial_output(out: torch.Tensor, transformer: torch.nn.Module, h: int, w: i
 class HiDreamAdapter(ModelAdapter):
     family = "hidream"
     entry = "train_hidream_lora.py"
-    variants = (Variant("hidream-i1", "HiDreamImagePipeline", hub_hints=("hidream-i1",), learning=LearningCase(0, 300, 1e-2)),)
+    variants = (Variant("hidream-i1", "HiDreamImagePipeline", hub_hints=("hidream-i1",), learning=LearningCase(0, 150, 1e-2)),)  # 150 steps: choice +0.78 (300: +0.91)
     default_true_cfg_scale = 5.0  # the pipeline's default guidance_scale
     transformer_class = "HiDreamImageTransformer2DModel"
     # attention of both streams, the shared expert of every MoE layer and the text stream's feed-forward (the dense paths
