@@ -177,7 +177,10 @@ class HiDreamAdapter(ModelAdapter):
 
     # --- conditioning --------------------------------------------------------------------------------------
     def count_tokens(self, captions: list[str]) -> list[int]:
-        return [len(ids) for ids in self.text_pipe.tokenizer_4(list(captions)).input_ids]
+        """The most tokens any of the four tokenizers makes of each caption (each cuts at max_sequence_length)."""
+        p = self.text_pipe
+        counts = [[len(ids) for ids in tok(list(captions)).input_ids] for tok in (p.tokenizer, p.tokenizer_2, p.tokenizer_3, p.tokenizer_4)]
+        return [max(c) for c in zip(*counts)]
 
     @torch.no_grad()
     def encode_prompts(self, captions: list[str]) -> HiDreamCond:
