@@ -37,6 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a trained ControlNet (training_method: controlnet): its folder, or the run's output_dir / checkpoint; "
                         "with --control_image")
     p.add_argument("--controlnet_scale", type=float, default=1.0, help="the ControlNet's strength (controlnet_conditioning_scale; 0 = the base model)")
+    p.add_argument("--layers", type=int, default=None, help="Qwen-Image-Layered: how many layers to decompose --image into (default: the pipeline's, 4)")
     p.add_argument("--mask", default=None, help="FLUX Fill: the inpainting mask for --image (white = repainted, black = kept)")
     p.add_argument("--kontext_auto_resize", choices=["true", "false"], default="true",
                    help="Kontext: resize the input image to the nearest resolution Kontext was trained on (pipeline default)")
@@ -216,7 +217,7 @@ def main(argv=None) -> int:
         true_cfg_scale=adapter.default_true_cfg_scale if args.true_cfg_scale is None else args.true_cfg_scale, negative_prompt=args.negative_prompt, max_sequence_length=args.max_sequence_length,
         auto_resize=args.kontext_auto_resize == "true",
         mask=ImageOps.exif_transpose(Image.open(args.mask)).convert("L") if args.mask else None,
-        conditioning_scale=args.controlnet_scale,
+        conditioning_scale=args.controlnet_scale, layers=args.layers,
     )
     width, height = args.width or (None if high else 1024), args.height or (None if high else 1024)
     if adapter.aligned_controls and not args.width and not args.height:  # the control image's (Fill: the image's) aspect at ~1 MP
@@ -225,21 +226,25 @@ def main(argv=None) -> int:
         width, height = target_size(*images[0].size, 1024, multiple)
     kwargs = dict(
         prompt=args.prompt,
-        width=width,
-        height=height,
+        **adapter.size_kwargs(width, height),  # Qwen-Image-Layered: none (a resolution from --width / --height, in its own arguments)
         num_inference_steps=args.num_inference_steps,
         generator=torch.Generator(device="cpu").manual_seed(args.seed),
         **adapter.inference_kwargs(request),
     )
     allowed = getattr(pipe, "resolutions", None)  # Kandinsky 5 renders a fixed list of sizes and resizes any other request
-    if allowed and kwargs["width"] and kwargs["height"] and (kwargs["width"], kwargs["height"]) not in allowed:
-        w, h = min(allowed, key=lambda r: abs(r[0] / r[1] - kwargs["width"] / kwargs["height"]))
-        print(f"note: {name} renders only {', '.join(f'{a}x{b}' for a, b in allowed)}; {kwargs['width']}x{kwargs['height']} "
+    if allowed and width and height and (width, height) not in allowed:
+        w, h = min(allowed, key=lambda r: abs(r[0] / r[1] - width / height))
+        print(f"note: {name} renders only {', '.join(f'{a}x{b}' for a, b in allowed)}; {width}x{height} "
               f"becomes {w}x{h} (the nearest aspect ratio)", file=sys.stderr)
-    with adapter.render_size(pipe, kwargs["width"], kwargs["height"]):  # HiDream-I1 would scale the request to 1024x1024's area
+    with adapter.render_size(pipe, width, height):  # HiDream-I1 would scale the request to 1024x1024's area
         image = output_images(pipe(**kwargs))[0]
     out = Path(args.output_image)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(image, list):  # Qwen-Image-Layered: its layers, each as a file, and side by side as --output_image
+        for k, layer in enumerate(image):
+            layer.save(out.with_name(f"{out.stem}-layer{k + 1}.png"))
+        print(f"{name}: wrote {len(image)} layers as {out.stem}-layer1.png ... -layer{len(image)}.png", file=sys.stderr)
+        image = adapter.preview_image(image)
     if image.mode == "RGBA" and out.suffix.lower() in (".jpg", ".jpeg", ".bmp"):
         print(f"note: {out.suffix} has no alpha channel; the transparent image is composited over white (use .png to keep it)",
               file=sys.stderr)

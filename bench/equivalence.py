@@ -45,7 +45,8 @@ class Case:
     layout: str = "packed"  # how the pipeline passes latents: packed tokens (hidden_states=...), "concat" (packed, the control's
     # channels after the target's), "fill" (packed, then the masked image's and the mask's), "frames" (a list), or "grid"
     # (B x C x H x W patchified latents, timestep 1000 sigma: ERNIE-Image), "grid-x0" (B x C x H x W latents, timesteps 1000
-    # sigma, output x0 - noise: HiDream-I1), or "left-padded" (Ideogram 4: one sequence of
+    # sigma, output x0 - noise: HiDream-I1), "layered" (packed frames: the composite then `references` layers, then the
+    # composite as the condition: Qwen-Image-Layered; its layers are the target's size), or "left-padded" (Ideogram 4: one sequence of
     # left-padded text then image tokens, time 1 - sigma, output x0 - noise; inputs compared without the padding rows)
     masked_text: bool = False  # Krea 2: prompt rows compared where encoder_attention_mask is on (the padding rows are masked
     # out of every attention; the pipeline holds pad-token states there, the trainer zeros)
@@ -79,6 +80,7 @@ CASES = [
     Case("Krea 2", "krea2", masked_text=True),
     Case("Ideogram 4", "ideogram4", layout="left-padded"),
     Case("HiDream-I1", "hidream-i1", layout="grid-x0"),
+    Case("Qwen-Image-Layered, 2 layers", "qwen-image-layered", 2, layout="layered"),
 ]
 
 
@@ -123,6 +125,12 @@ def latents_and_sigma(case: Case, inputs: dict) -> tuple[torch.Tensor, torch.Ten
         tokens = inputs["hidden_states"][:, -h * w :]
         time = inputs["timestep"].float()
         return tokens.permute(0, 2, 1).reshape(tokens.shape[0], -1, h, w).float(), 1.0 - time if case.layout == "left-padded" else time, h * w
+    if case.layout == "layered":  # the target's frames (composite + layers), each h x w tokens, then the condition's
+        from trainer.models.qwen_image_layered import unpack_frames
+
+        frames, n = case.references + 1, (TARGET[1] // 16) * (TARGET[0] // 16)
+        latents = unpack_frames(inputs["hidden_states"][:, : frames * n], frames, TARGET[1] // 8, TARGET[0] // 8)
+        return latents.float(), inputs["timestep"].float(), frames * n
     if case.layout == "patchified":  # FLUX.2: one token per 2x2-patchified latent position (16 px)
         h, w = TARGET[1] // 16, TARGET[0] // 16
         tokens = inputs["hidden_states"][:, : h * w]
@@ -148,6 +156,10 @@ def pipeline_prediction(case: Case, output, n_target: int) -> torch.Tensor:
         tokens = output[:, -n_target:]
         v = tokens.permute(0, 2, 1).reshape(tokens.shape[0], -1, TARGET[1] // 16, TARGET[0] // 16).float()
         return -v if case.layout == "left-padded" else v  # Ideogram 4 predicts x0 - noise (the pipeline steps with -v)
+    if case.layout == "layered":
+        from trainer.models.qwen_image_layered import unpack_frames
+
+        return unpack_frames(output[:, :n_target], case.references + 1, TARGET[1] // 8, TARGET[0] // 8).float()
     if case.layout == "patchified":
         tokens = output[:, :n_target]
         return tokens.permute(0, 2, 1).reshape(tokens.shape[0], -1, TARGET[1] // 16, TARGET[0] // 16).float()
@@ -277,6 +289,9 @@ def pipeline_call_kwargs(case: Case, refs: list[Path], work: Path) -> dict:
         kwargs["true_cfg_scale"] = 1.0
         if case.variant == "qwen-image-2.1" and images:
             kwargs["image"] = images
+        if case.variant == "qwen-image-layered":  # the composite in; asked as resolution 640, sized 512x384 by render_size
+            del kwargs["width"], kwargs["height"]
+            kwargs.update(image=Image.open(work / "target.png").convert("RGBA"), layers=case.references, resolution=640)
     elif case.variant in ("z-image", "krea2"):
         kwargs["guidance_scale"] = 0.0  # no CFG (ZImagePipeline / Krea2Pipeline run CFG for any scale > 0)
     elif case.variant in ("chroma", "kandinsky5", "flux2-klein", "ernie-image", "hidream-i1"):
@@ -325,6 +340,10 @@ def compare(case: Case, model: Path, work: Path) -> dict:
         pipe = adapter.pipeline_class(**pipe.components, controlnet=net)
         model_call = ControlNetPair(pipe.transformer, net, adapter)
     target, refs = write_inputs(work, case.references)
+    if case.layout == "layered":  # layers are the composite's size
+        rng = np.random.default_rng(1)
+        for r in refs:
+            Image.fromarray((rng.random((TARGET[1], TARGET[0], 4)) * 255).astype("uint8"), "RGBA").save(r)
     with torch.no_grad(), latent_means(case.variant in ("flux-control", "flux-fill", "flux-controlnet")):
         with adapter.render_size(pipe, *TARGET):  # as inference.py calls it (HiDream-I1 would scale the request to 1 MP)
             ref_inputs, ref_out = capture_first_call(pipe.transformer, lambda: pipe(**pipeline_call_kwargs(case, refs, work)))

@@ -105,7 +105,8 @@ def main(argv=None) -> int:
             kinds = {0: "text-to-image", 1: "edit (mirror)", 2: "2 refs (pick first)"}
             t, b = report.trained, report.base
             control = variants()[variant][1].control if variant in variants() else ""
-            kind = "inpaint (visible half)" if case.inpaint else "control (mirror)" if control else kinds[case.references]
+            kind = ("inpaint (visible half)" if case.inpaint else "2 layers (caption orders)" if case.layered else "control (mirror)" if control
+                    else kinds[case.references])
             line = (f"| {name} | {kind} | {case.steps} | {case.learning_rate:g} | {'yes' if case.in_suite else 'bench'} "
                     f"| {seconds:.1f} | {b.mean_error:.3f} -> {t.mean_error:.3f} (x{report.error_ratio:.2f}) "
                     f"| {b.mean_choice:+.2f} -> {t.mean_choice:+.2f} ({min(t.choice):+.2f}) "

@@ -271,6 +271,8 @@ class EmbeddingCache:
         self.dir = directory
         self.batch_size = max(1, batch_size)
         self.model = model_fingerprint(cfg.pretrained_model_name_or_path, adapter.variant.name, adapter.encoder_folders)
+        # RGBA families' latents are keyed apart: before their alpha was kept here, cached latents had it composited away
+        self._latent_tag = "latents-rgba" if adapter.pixel_channels == 4 else "latents"
         self.text: dict[str, dict[str, torch.Tensor]] = {}  # RAM cache, or the LRU of a disk cache
         self.latents: dict[str, dict[str, torch.Tensor]] = {}
         self.lru = lru
@@ -299,9 +301,9 @@ class EmbeddingCache:
     def _latent_key(self, s: Sample, digest: str | None = None) -> str:
         if not s.controls:
             if self._latent_framed is None:
-                self._latent_framed = _Framed(("latents", self.model, None, None, []), (2, 3))
+                self._latent_framed = _Framed((self._latent_tag, self.model, None, None, []), (2, 3))
             return self._latent_framed(digest or file_digest(s.image), s.size)
-        return _digest("latents", self.model, digest or file_digest(s.image), s.size, self._controls(s))
+        return _digest(self._latent_tag, self.model, digest or file_digest(s.image), s.size, self._controls(s))
 
     # --- storage -------------------------------------------------------------------------------------------
     def _has(self, kind: str, key: str) -> bool:
@@ -372,7 +374,8 @@ class EmbeddingCache:
 
         if self.dir is None:
             rank, world = 0, 1
-        ds = CaptionDataset(self.samples, reference_transform=self.adapter.reference_transform(), aligned_controls=self.adapter.aligned_controls)
+        ds = CaptionDataset(self.samples, reference_transform=self.adapter.reference_transform(), aligned_controls=self.adapter.aligned_controls,
+                            keep_alpha=self.adapter.pixel_channels == 4)
         # the empty caption's key depends on the sample only when the prompt encoder sees its references
         shared_empty = self._text_key(self.samples[0], self.adapter.empty_prompt) if self.samples and not self.adapter.text_needs_pixels else None
         self.text_keys, self.latent_keys = TextKeys(shared_empty), KeyArray()

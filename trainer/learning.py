@@ -41,6 +41,9 @@ SHAPES = {
 }
 EDIT_CAPTION = "mirror the picture"
 FILL_CAPTION = "fill in the picture"
+# a layered case's captions: the first layer's own caption decides the order (two captions of the same words in another
+# order, "the bar behind the disc" / "the disc behind the bar", separate too little for a tiny text encoder: choice +0.25)
+LAYER_CAPTIONS = {("left", "right"): SHAPES["left"][0], ("right", "left"): SHAPES["right"][0]}
 PICK_CAPTION = "show the first picture"
 
 
@@ -52,10 +55,20 @@ class Example:
     target: str  # "left" / "right"
     references: tuple[str, ...] = ()
     masked: bool = False  # inpainting: the target given with its right half masked (fill_mask), to be filled in
+    layers: tuple[str, ...] = ()  # layer decomposition: the composite's layers in order (the references, read as the layers)
 
     @property
     def other(self) -> str:
         return "right" if self.target == "left" else "left"
+
+    @property
+    def frames(self) -> tuple[str, ...]:
+        """The pictures the pipeline renders for this example, in order (a layer decomposition: its layers)."""
+        return self.layers or (self.target,)
+
+    @property
+    def other_frames(self) -> tuple[str, ...]:
+        return tuple(reversed(self.layers)) if self.layers else (self.other,)
 
 
 def draw(name: str, size: int = SIZE) -> Image.Image:
@@ -67,6 +80,14 @@ def draw(name: str, size: int = SIZE) -> Image.Image:
     return img
 
 
+def composite(size: int = SIZE) -> Image.Image:
+    """A layered case's input: both pictures' shapes on one background."""
+    img = draw("left", size)
+    _, colour, _, box = SHAPES["right"]
+    ImageDraw.Draw(img).ellipse(tuple(v * size // SIZE for v in box), fill=colour)
+    return img
+
+
 def fill_mask(size: int = SIZE) -> Image.Image:
     """The inpainting case's mask: the right half (white = repainted). The bar lies in the left half, the disc in the
     right: what is visible of a picture (a bar, or nothing) decides whether a disc is to be filled in."""
@@ -75,7 +96,7 @@ def fill_mask(size: int = SIZE) -> Image.Image:
     return img
 
 
-def case_examples(references: int, inpaint: bool = False) -> list[Example]:
+def case_examples(references: int, inpaint: bool = False, layered: bool = False) -> list[Example]:
     """The samples of a learning case with this many references per sample.
 
     0: text-to-image: each picture has its own caption (the caption decides).
@@ -83,7 +104,10 @@ def case_examples(references: int, inpaint: bool = False) -> list[Example]:
     2: several ordered references: the instruction picks the first of (left, right) or (right, left) (the order of
        the references decides).
     inpaint: one caption, each picture with its right half masked (the visible left half decides).
+    layered: one composite (both shapes), decomposed into its 2 layers (the two pictures) in the order its caption names.
     """
+    if layered:
+        return [Example(caption, order[0], layers=order) for order, caption in LAYER_CAPTIONS.items()]
     if inpaint:
         return [Example(FILL_CAPTION, n, masked=True) for n in SHAPES]
     if references == 0:
@@ -95,18 +119,19 @@ def case_examples(references: int, inpaint: bool = False) -> list[Example]:
     raise ValueError(f"no learning case with {references} references")
 
 
-def write_case(folder: Path, references: int, inpaint: bool = False) -> tuple[list[Example], dict]:
+def write_case(folder: Path, references: int, inpaint: bool = False, layered: bool = False) -> tuple[list[Example], dict]:
     """Write a case's dataset (targets + captions in folder/targets, reference k in folder/ref<k>, inpainting masks in
-    folder/masks) and return its examples and the data_config overrides that train on it."""
-    examples = case_examples(references, inpaint)
+    folder/masks; a layered case: the composite in folder/targets, layer k in folder/ref<k>) and return its examples
+    and the data_config overrides that train on it."""
+    examples = case_examples(references, inpaint, layered)
     targets = folder / "targets"
     refs = [folder / f"ref{k + 1}" for k in range(references)]
     for d in (targets, *refs):
         d.mkdir(parents=True, exist_ok=True)
     for i, ex in enumerate(examples):
-        draw(ex.target).save(targets / f"sample{i}.png")
+        (composite() if ex.layers else draw(ex.target)).save(targets / f"sample{i}.png")
         (targets / f"sample{i}.txt").write_text(ex.caption)
-        for k, name in enumerate(ex.references):
+        for k, name in enumerate(ex.layers or ex.references):
             draw(name).save(refs[k] / f"sample{i}.png")
     overrides = {"data_config.img_dir": str(targets)}
     if inpaint:
@@ -212,14 +237,14 @@ def sample_latents(pipe, adapter, example: Example, steps: int, seed: int, size:
         # Kandinsky 5 renders a fixed list of sizes (1024x1024 and up) and snaps any other request to them; the
         # tiny model learns at SIZE, so that size joins the list (the pipeline's own attribute, nothing else changes).
         pipe.resolutions = [*pipe.resolutions, (size, size)]
-    images = [draw(example.target)] if example.masked else [draw(n) for n in example.references]
-    request = InferenceRequest(prompt=example.caption, images=images, width=size, height=size,
+    images = [draw(example.target)] if example.masked else [composite()] if example.layers else [draw(n) for n in example.references]
+    request = InferenceRequest(prompt=example.caption, images=images, width=size, height=size, layers=len(example.layers) or None,
                                true_cfg_scale=1.0, auto_resize=False, max_sequence_length=max_sequence_length,
                                reference_size=reference_size, mask=fill_mask(size) if example.masked else None)
     kwargs = adapter.inference_kwargs(request)
     sizing = adapter.reference_area(pipe, reference_size) if reference_size else contextlib.nullcontext()
     with sizing, adapter.render_size(pipe, size, size), decoded_latents(pipe.vae) as seen:
-        pipe(prompt=example.caption, width=size, height=size, num_inference_steps=steps,
+        pipe(prompt=example.caption, **adapter.size_kwargs(size, size), num_inference_steps=steps,
              generator=torch.Generator("cpu").manual_seed(seed), **kwargs)
     return seen[-1]
 
@@ -228,14 +253,18 @@ def score(pipe, adapter, examples: list[Example], steps: int, seed: int, max_seq
           reference_size: int | None = None) -> Scores:
     samples = [sample_latents(pipe, adapter, ex, steps, seed, max_sequence_length=max_sequence_length, reference_size=reference_size)
                for ex in examples]
-    targets = {n: raw_latent(pipe.vae, draw(n), samples[0], adapter.pixel_channels) for n in SHAPES}
-    sep = float((targets["left"] - targets["right"]).pow(2).mean())
+    one = samples[0][:1]  # a layered sample is one decoded frame per layer
+    targets = {n: raw_latent(pipe.vae, draw(n), one, adapter.pixel_channels) for n in SHAPES}
+
+    def stacked(names):
+        return torch.cat([targets[n] for n in names])
 
     def mse(a, b):
         return float((a - b).pow(2).mean())
 
-    error = [mse(s, targets[ex.target]) / sep for s, ex in zip(samples, examples)]
-    choice = [(mse(s, targets[ex.other]) - mse(s, targets[ex.target])) / sep for s, ex in zip(samples, examples)]
+    sep = mse(stacked(examples[0].frames), stacked(examples[0].other_frames))
+    error = [mse(s, stacked(ex.frames)) / sep for s, ex in zip(samples, examples)]
+    choice = [(mse(s, stacked(ex.other_frames)) - mse(s, stacked(ex.frames))) / sep for s, ex in zip(samples, examples)]
     return Scores(error, choice)
 
 
@@ -266,7 +295,7 @@ def train_case(model: str | Path, folder: Path, case, method: str = "lora", **ex
     from trainer.loop import train
     from trainer.models import resolve
 
-    examples, data = write_case(folder / "data", case.references, case.inpaint)
+    examples, data = write_case(folder / "data", case.references, case.inpaint, case.layered)
     out = folder / "out"
     overrides = {
         "pretrained_model_name_or_path": str(model), **data, "data_config.img_size": SIZE, "data_config.train_batch_size": 2,

@@ -863,13 +863,14 @@ def inference_command(run: Run, final: Path) -> str:
     size = run.validator.samples[0].size if run.validator.samples else (cfg.data_config.img_size,) * 2
     weights = {"full": ["--transformer", str(run.out)], "controlnet": ["--controlnet", str(run.out / CONTROLNET_DIR)]}.get(
         cfg.training_method, ["--lora_weights", str(final)])
+    refs, extra = run.adapter.inference_images(refs)  # Qwen-Image-Layered: the composite, and --layers
     flag = "--control_image" if run.adapter.variant.control in ("concat", "controlnet") else "--image"
     images = [a for r in refs for a in (() if isinstance(r, tuple) and r[2] else  # an alpha mask: inference.py reads mask files
                                         ("--mask", str(r[1])) if isinstance(r, tuple) else  # FLUX Fill: (mask, path, alpha)
                                         (flag, str(r) if isinstance(r, (str, Path)) else "<reference image>"))]
     if run.adapter.masks_are_inputs and "--mask" not in images:
         images += ["--mask", "<your mask>"]
-    cmd = ["python", "inference.py", "--model_name", cfg.pretrained_model_name_or_path, *weights, "--prompt", prompt, *images,
+    cmd = ["python", "inference.py", "--model_name", cfg.pretrained_model_name_or_path, *weights, "--prompt", prompt, *images, *extra,
            "--width", str(size[0]), "--height", str(size[1]), "--output_image", str(run.out / "sample.png")]
     return " ".join(shlex.quote(c) if c not in ("<reference image>", "<your mask>") else c for c in cmd)
 

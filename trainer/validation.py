@@ -39,10 +39,7 @@ class Validator:
         for s in self.samples:
             if s.image not in seen and len(out) < self.cfg.validation_samples:
                 seen.add(s.image)
-                if self.adapter.masks_are_inputs:  # FLUX Fill: the image and its inpainting mask (else a random one)
-                    out.append((s.caption, [s.image] + ([("mask", s.mask, s.mask_alpha)] if s.mask is not None else [])))
-                else:
-                    out.append((s.caption, list(s.controls)))
+                out.append((s.caption, self.adapter.preview_inputs(s)))  # FLUX Fill: without a mask, a random one below
         return out
 
     def prepare(self) -> None:
@@ -100,10 +97,10 @@ class Validator:
                                                   {k: _to(v, self.adapter.device) for k, v in it["neg"].items()}, it["size"],
                                                   it["images"])
             with autocast, self.adapter.render_size(pipe, *it["size"]):
-                result = pipe(**kwargs, width=it["size"][0], height=it["size"][1],
+                result = pipe(**kwargs, **self.adapter.size_kwargs(*it["size"]),
                               num_inference_steps=self.cfg.validation_num_inference_steps,
                               generator=torch.Generator("cpu").manual_seed(self.cfg.validation_seed))
-            images.append(output_images(result)[0])
+            images.append(self.adapter.preview_image(output_images(result)[0]))
         transformer.train(was_training)
         if not save:
             return None

@@ -119,7 +119,7 @@ def lora_params(model, cfg, adapter) -> int:
     return sum(p.numel() for n, p in meta.named_parameters() if ".planned" in n)
 
 
-def activation_bytes(model, resolution: int, batch: int, checkpointing: bool, text_tokens: int, width: int = 0) -> float:
+def activation_bytes(model, resolution: int, batch: int, checkpointing: bool, text_tokens: int, width: int = 0, frames: int = 1) -> float:
     """Estimate of what the backward pass keeps, bf16.
 
     With gradient checkpointing only each block's input (S x D, both streams) is stored, plus one block's internals
@@ -131,7 +131,7 @@ def activation_bytes(model, resolution: int, batch: int, checkpointing: bool, te
     from trainer.quantize import repeated_blocks
 
     blocks = len(repeated_blocks(model))
-    seq = (resolution // 16) ** 2 + text_tokens
+    seq = frames * (resolution // 16) ** 2 + text_tokens  # frames: image-sized token blocks per sample (Qwen-Image-Layered)
     per_block_full = 24 * seq * d * 2 * batch
     per_block_input = 1.25 * seq * d * 2 * batch  # the stream states in bf16, x1.25 fitted to the H100 peaks
     return blocks * per_block_input + per_block_full if checkpointing else blocks * per_block_full
@@ -181,7 +181,7 @@ def plan(cfg, resolution: int) -> tuple[list[Row], dict]:
     enc_rows.append(Row("VAE (bf16)", spec.vae_params, spec.vae_params * 2))
 
     batch = cfg.data_config.train_batch_size
-    activations = activation_bytes(model, resolution, batch, cfg.gradient_checkpointing, spec.text_tokens, spec.token_width)
+    activations = activation_bytes(model, resolution, batch, cfg.gradient_checkpointing, spec.text_tokens, spec.token_width, spec.image_frames)
     if cfg.training_method == "controlnet":  # trained whole in fp32; its blocks add their share of the activations
         n_lora, net_blocks = controlnet_params(model, adapter)
         what = (f"ControlNet weights ({cfg.controlnet_layers} + {cfg.controlnet_single_layers} blocks, fp32)"

@@ -43,6 +43,7 @@ class LearningCase:
     in_suite: bool = True  # False: too slow for the test suite on 2 CPUs; bench/learning.py runs it (and the suite a short one)
     inpaint: bool = False  # inpainting (FLUX Fill): one caption, the right half masked; the visible left half decides
     method: str = "lora"  # the training_method it trains with (a ControlNet variant: controlnet)
+    layered: bool = False  # layer decomposition (Qwen-Image-Layered): `references` layers of one composite, ordered by the caption
     config: tuple[tuple[str, Any], ...] = ()  # further config keys of its training run, (key, value) pairs
 
 
@@ -79,6 +80,7 @@ class InferenceRequest:
     auto_resize: bool = True  # let the pipeline snap reference images to the sizes the model was trained on
     reference_size: int | None = None  # references at about this side's area, as data_config.control_size had them (None: the pipeline's own)
     conditioning_scale: float = 1.0  # the ControlNet's strength (controlnet_conditioning_scale)
+    layers: int | None = None  # layers to decompose the image into (Qwen-Image-Layered; None: the pipeline's default)
     mask: Any = None  # PIL inpainting mask (white = repainted) for inpainting models (FLUX Fill), with images[0] the image
 
 
@@ -90,6 +92,7 @@ class PlannerSpec:
     vae_params: int
     text_tokens: int  # prompt tokens the transformer sees in a typical step
     token_width: int = 0  # width of the transformer's token stream (0: heads x head dim from its config)
+    image_frames: int = 1  # image-sized blocks of tokens per sample (Qwen-Image-Layered: the composite, its layers and the condition)
     preview_params: int = 0  # a second frozen model the pipeline runs for validation previews (Ideogram 4's unconditional transformer)
 
 
@@ -513,6 +516,37 @@ class ModelAdapter(ABC):
     @abstractmethod
     def inference_kwargs(self, request: InferenceRequest) -> dict:
         """Pipeline call arguments for inference.py (guidance style, references)."""
+
+    def size_kwargs(self, width: int | None, height: int | None) -> dict:
+        """The pipeline call's arguments for an output of width x height (Qwen-Image-Layered takes a resolution and
+        keeps its input image's aspect)."""
+        return {"width": width, "height": height}
+
+    def preview_inputs(self, sample) -> list:
+        """The images a validation preview of a training sample gives the pipeline: its references (FLUX Fill: the
+        image and its inpainting mask, ("mask", path, alpha))."""
+        if self.masks_are_inputs:
+            return [sample.image] + ([("mask", sample.mask, sample.mask_alpha)] if sample.mask is not None else [])
+        return list(sample.controls)
+
+    def inference_images(self, images: list) -> tuple[list, list[str]]:
+        """(the preview inputs inference.py takes as --image, further inference.py arguments) for the run's "try it" line."""
+        return images, []
+
+    @staticmethod
+    def preview_image(output):
+        """One prompt's output of the pipeline as one picture (Qwen-Image-Layered returns its layers: side by side,
+        over white)."""
+        if not isinstance(output, list):
+            return output
+        from PIL import Image
+
+        strip = Image.new("RGBA", (sum(im.width for im in output), max(im.height for im in output)), (255, 255, 255, 255))
+        x = 0
+        for im in output:
+            strip.alpha_composite(im.convert("RGBA"), (x, 0))
+            x += im.width
+        return strip
 
     def render_size(self, pipe, width: int | None, height: int | None):
         """A context in which the pipeline's __call__ renders at width x height as asked, for pipelines that scale

@@ -212,6 +212,12 @@ class QwenImageAdapter(ModelAdapter):
         emb = torch.randn(batch, 256, transformer.config.joint_attention_dim, generator=g, device=device).to(dtype)
         return {"prompt_embeds": emb, "prompt_embeds_mask": torch.ones(batch, 256, dtype=torch.long, device=device)}
 
+    def tiny_vae(self):
+        return build_qwen_vae()  # Qwen-Image-Layered: RGBA
+
+    def tiny_transformer(self):
+        return build_qwen_transformer()  # Qwen-Image-Layered: layer-aware
+
     def make_tiny_model(self, out, realistic: bool = False) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -223,10 +229,10 @@ class QwenImageAdapter(ModelAdapter):
                 base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, shift=1.0,
                 shift_terminal=0.02, use_dynamic_shifting=True, time_shift_type="exponential",
             ),
-            vae=build_qwen_vae(),
+            vae=self.tiny_vae(),
             text_encoder=build_qwen_text_encoder(tokenizer),
             tokenizer=tokenizer,
-            transformer=build_qwen_transformer(),
+            transformer=self.tiny_transformer(),
         )
         has_processor = "processor" in inspect.signature(self.pipeline_class.__init__).parameters
         if has_processor:
@@ -400,16 +406,17 @@ def build_qwen_text_encoder(tokenizer, hidden_size: int = 32):
     return Qwen2_5_VLForConditionalGeneration(config)
 
 
-def build_qwen_vae(z_dim: int = 4):
+def build_qwen_vae(z_dim: int = 4, channels: int = 3):
+    """channels 4: the RGBA VAE of Qwen-Image-Layered."""
     from diffusers import AutoencoderKLQwenImage
 
     # 8x spatial downsampling like the released VAE, so image token counts are the real ones
     from .tiny import near_deterministic
 
     vae = AutoencoderKLQwenImage(base_dim=z_dim * 4, z_dim=z_dim, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                                 temperal_downsample=[False, True, True])
+                                 temperal_downsample=[False, True, True], input_channels=channels)
     near_deterministic(vae.quant_conv, z_dim)  # as the released VAE
-    return calibrate_qwen_vae(vae)
+    return calibrate_qwen_vae(vae, channels=channels)
 
 
 def calibrate_qwen_vae(vae, channels: int = 3):
