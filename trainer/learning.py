@@ -268,6 +268,9 @@ def score(pipe, adapter, examples: list[Example], steps: int, seed: int, max_seq
     return Scores(error, choice)
 
 
+_BASE_SCORES: dict[tuple, Scores] = {}  # the base pipeline's scores per (model folder, examples, sampling), in this process
+
+
 def measure_learning(model: str | Path, examples: list[Example], lora: str | Path | None = None,
                      transformer: str | Path | None = None, controlnet: str | Path | None = None, steps: int = 10, seed: int = 0,
                      quantize: str = "none",
@@ -278,9 +281,12 @@ def measure_learning(model: str | Path, examples: list[Example], lora: str | Pat
     from trainer.pipelines import adapter_for, load_pipeline
 
     adapter = adapter_for(str(model), str(lora) if lora else None, controlnet=controlnet is not None)
-    base = load_pipeline(adapter, torch.float32, "cpu", quantize=quantize)
-    before = score(base, adapter, examples, steps, seed, max_sequence_length, reference_size)
-    del base
+    key = (str(Path(model).resolve()), tuple(examples), steps, seed, quantize, max_sequence_length, reference_size, controlnet is not None)
+    before = _BASE_SCORES.get(key)
+    if before is None:  # the same base, examples and seeds score the same: a case and its negative control share it
+        base = load_pipeline(adapter, torch.float32, "cpu", quantize=quantize)
+        before = _BASE_SCORES[key] = score(base, adapter, examples, steps, seed, max_sequence_length, reference_size)
+        del base
     trained = load_pipeline(adapter, torch.float32, "cpu", lora=str(lora) if lora else None, quantize=quantize,
                             transformer=str(transformer) if transformer else None, controlnet=str(controlnet) if controlnet else None)
     after = score(trained, adapter, examples, steps, seed, max_sequence_length, reference_size)
