@@ -858,7 +858,7 @@ def inference_command(run: Run, final: Path) -> str:
     import shlex
 
     cfg = run.cfg
-    entries = run.validator.entries() or [(s.caption, list(s.controls)) for s in run.validator.samples[:1]]
+    entries = run.validator.entries() or [(s.caption, run.adapter.preview_inputs(s)) for s in run.validator.samples[:1]]
     prompt, refs = entries[0] if entries else ("...", [])
     size = run.validator.samples[0].size if run.validator.samples else (cfg.data_config.img_size,) * 2
     weights = {"full": ["--transformer", str(run.out)], "controlnet": ["--controlnet", str(run.out / CONTROLNET_DIR)]}.get(
