@@ -157,19 +157,20 @@ class HiDreamAdapter(ModelAdapter):
         tok = {f"tokenizer{s}": transformers.AutoTokenizer.from_pretrained(name, subfolder=f"tokenizer{s}") for s in ("", "_2", "_3", "_4")}
         self.text_pipe = HiDreamImagePipeline(scheduler=None, vae=None, transformer=None, text_encoder=clip_l, text_encoder_2=clip_g,
                                               text_encoder_3=t5, text_encoder_4=llama, **tok)
-        self.pipeline_scheduler = dict(self.scheduler_class().load_config(name, subfolder="scheduler"))
+        from diffusers import FlowMatchEulerDiscreteScheduler  # any scheduler class reads the folder's config, _class_name included
+
+        self.pipeline_scheduler = dict(FlowMatchEulerDiscreteScheduler.load_config(name, subfolder="scheduler"))
         if self.pipeline_scheduler.get("_class_name") != "UniPCMultistepScheduler":
             self.warn_distilled("HiDream-I1 (Dev / Fast)", "HiDream-I1-Full")
         c = self.pipeline_scheduler  # training sigmas: the same static shift (UniPC names it flow_shift)
         self.scheduler_config = {**c, "shift": c.get("flow_shift", c.get("shift", 1.0))}
 
     def scheduler_class(self):
-        """The model folder's scheduler class (Full: UniPCMultistepScheduler; Dev / Fast: flow-match Euler / LCM)."""
+        """The model folder's scheduler class (Full: UniPCMultistepScheduler; Dev / Fast: flow-match Euler / LCM), as its
+        config names it (read once, in load_encoders)."""
         import diffusers
 
-        from trainer.models import read_model_index
-
-        return getattr(diffusers, read_model_index(self.cfg.pretrained_model_name_or_path, "scheduler/scheduler_config.json")["_class_name"])
+        return getattr(diffusers, self.pipeline_scheduler["_class_name"])
 
     def load_transformer(self) -> None:
         super().load_transformer()

@@ -102,6 +102,22 @@ def qwen_cfg_kwargs(request: InferenceRequest, empty_prompt: str) -> dict:
     return {"negative_prompt": negative, "true_cfg_scale": request.true_cfg_scale}
 
 
+@contextlib.contextmanager
+def sized_as(module, area: int, instead: int):
+    """While this runs, a Qwen pipeline module's `calculate_dimensions` sizes a request of `area` pixels at `instead`
+    pixels (the edit pipelines' reference area, Qwen-Image-Layered's 640^2 resolution); other areas as they are."""
+    original = module.calculate_dimensions
+
+    def sized(target_area, ratio):
+        return original(instead if target_area == area else target_area, ratio)
+
+    module.calculate_dimensions = sized
+    try:
+        yield
+    finally:
+        module.calculate_dimensions = original
+
+
 def calculate_dimensions(area: int, ratio: float) -> tuple[int, int]:
     """The edit pipelines' reference sizing: about `area` pixels, this aspect ratio, sides multiples of 32."""
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions as pipeline_dims
@@ -275,19 +291,13 @@ class QwenImageEditAdapter(QwenImageAdapter):
         import sys
 
         module = sys.modules[type(pipe).__module__]
-        original = module.calculate_dimensions
-
-        def sized(area, ratio):
-            return original(side * side if area == VAE_AREA else area, ratio)
-
         saved = getattr(module, "VAE_IMAGE_SIZE", None)
-        module.calculate_dimensions = sized
         if saved is not None:
             module.VAE_IMAGE_SIZE = side * side
         try:
-            yield
+            with sized_as(module, VAE_AREA, side * side):
+                yield
         finally:
-            module.calculate_dimensions = original
             if saved is not None:
                 module.VAE_IMAGE_SIZE = saved
 

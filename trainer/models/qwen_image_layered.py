@@ -17,8 +17,9 @@ What the trainer feeds the transformer, and where it follows `QwenImageLayeredPi
 - time: sigma (the pipeline passes t / 1000); sigmas through the scheduler's exponential shift with the pipeline's
   mu = sqrt(composite tokens / 256) (not Qwen-Image's linear one).
 - size: the pipeline sizes the output from the input image's aspect and `resolution` (the side of a square of the same
-  area, 640 by default; sides multiples of 32): previews, inference.py and the learning test pass resolution =
-  sqrt(width x height) of the size asked for. Its output is the N layers (the composite frame is dropped): inference.py
+  area: 640, its default, or 1024, the only two it accepts; sides multiples of 32): previews, inference.py and the
+  learning test ask for 640 or 1024 when the size asked for has that area, else for 640 with the pipeline module's
+  `calculate_dimensions` sizing it at the asked area while the call runs (`render_size`). Its output is the N layers (the composite frame is dropped): inference.py
   writes each layer (`<name>-layer<k>.png`) and the layers side by side as `--output_image`.
 """
 
@@ -33,7 +34,7 @@ import torch
 
 from . import register
 from .base import Cond, InferenceRequest, LearningCase, Variant
-from .qwen_image import QwenImageAdapter, build_qwen_transformer, build_qwen_vae, qwen_cfg_kwargs
+from .qwen_image import QwenImageAdapter, build_qwen_transformer, build_qwen_vae, qwen_cfg_kwargs, sized_as
 
 logger = logging.getLogger("trainer")
 
@@ -50,21 +51,6 @@ def resolution(width: int | None, height: int | None) -> dict:
         return {}
     side = round(math.sqrt(width * height))
     return {"resolution": side if side in RESOLUTIONS else RESOLUTIONS[0]}
-
-
-@contextlib.contextmanager
-def _area(module, area: int):
-    """While this runs, the pipeline module's calculate_dimensions sizes a 640 x 640 request at `area` instead."""
-    original = module.calculate_dimensions
-
-    def sized(target_area, ratio):
-        return original(area if target_area == RESOLUTIONS[0] ** 2 else target_area, ratio)
-
-    module.calculate_dimensions = sized
-    try:
-        yield
-    finally:
-        module.calculate_dimensions = original
 
 
 def pack_frames(latents: torch.Tensor) -> torch.Tensor:
@@ -166,7 +152,7 @@ class QwenImageLayeredAdapter(QwenImageAdapter):
         this runs (the edit pipelines' reference sizing is changed the same way)."""
         if not width or not height or round(math.sqrt(width * height)) in RESOLUTIONS:
             return contextlib.nullcontext()
-        return _area(sys.modules[type(pipe).__module__], width * height)
+        return sized_as(sys.modules[type(pipe).__module__], RESOLUTIONS[0] ** 2, width * height)
 
     def inference_images(self, images: list) -> tuple[list, list[str]]:
         return images[:1], ["--layers", str(max(1, len(images) - 1))]  # the composite; its layer count
