@@ -115,6 +115,8 @@ def latents_and_sigma(case: Case, inputs: dict) -> tuple[torch.Tensor, torch.Ten
     """The pipeline call's noisy target latent (B x C x H x W), its sigma and its number of target tokens."""
     if case.layout == "frames":  # Z-Image: a list of C x 1 x H x W frames, time = 1 - sigma
         return torch.stack(inputs["arg0"]).squeeze(2).float(), 1.0 - inputs["arg1"].float(), 0
+    if case.layout == "omni":  # Z-Image-Omni: per sample a list of frames, the references' then the noisy target's
+        return torch.stack([frames[-1] for frames in inputs["x"]]).squeeze(2).float(), 1.0 - inputs["t"].float(), 0
     if case.layout == "frames-last":  # Kandinsky 5: B x 1 x H x W x C, time = 1000 sigma
         return inputs["hidden_states"].squeeze(1).permute(0, 3, 1, 2).float(), inputs["timestep"].float() / 1000, 0
     if case.layout in ("grid", "grid-x0"):  # ERNIE-Image: B x 128 x H x W, timestep = 1000 sigma; HiDream-I1: B x 16 x H x W
@@ -146,7 +148,7 @@ def latents_and_sigma(case: Case, inputs: dict) -> tuple[torch.Tensor, torch.Ten
 
 def pipeline_prediction(case: Case, output, n_target: int) -> torch.Tensor:
     """What the pipeline takes as the velocity for the target from the transformer's output."""
-    if case.layout == "frames":
+    if case.layout in ("frames", "omni"):
         return -torch.stack([o.float() for o in output]).squeeze(2)
     if case.layout == "frames-last":
         return output.squeeze(1).permute(0, 3, 1, 2).float()
@@ -292,8 +294,10 @@ def pipeline_call_kwargs(case: Case, refs: list[Path], work: Path) -> dict:
         if case.variant == "qwen-image-layered":  # the composite in; asked as resolution 640, sized 512x384 by render_size
             del kwargs["width"], kwargs["height"]
             kwargs.update(image=Image.open(work / "target.png").convert("RGBA"), layers=case.references, resolution=640)
-    elif case.variant in ("z-image", "krea2"):
-        kwargs["guidance_scale"] = 0.0  # no CFG (ZImagePipeline / Krea2Pipeline run CFG for any scale > 0)
+    elif case.variant in ("z-image", "z-image-omni", "krea2"):
+        kwargs["guidance_scale"] = 0.0  # no CFG (the Z-Image pipelines / Krea2Pipeline run CFG for any scale > 0)
+        if images:
+            kwargs["image"] = images
     elif case.variant in ("chroma", "kandinsky5", "flux2-klein", "ernie-image", "hidream-i1"):
         kwargs["guidance_scale"] = 1.0  # no CFG: one transformer call per step
     elif case.variant == "ideogram4":
@@ -329,6 +333,8 @@ def compare(case: Case, model: Path, work: Path) -> dict:
     adapter = cls.from_model(cfg)
     adapter.load()
     pipe = DiffusionPipeline.from_pretrained(model, **adapter.pipeline_components(str(model)))
+    if type(pipe) is not adapter.pipeline_class and issubclass(adapter.pipeline_class, type(pipe)):  # the family's fix of it (Z-Image-Omni)
+        pipe = adapter.pipeline_class(**pipe.components)
     model_call = pipe.transformer
     if controlnet:  # a ControlNet whose zero-initialised layers are random, so that its residuals count
         from trainer.methods.controlnet import ControlNetPair
@@ -365,6 +371,9 @@ def compare(case: Case, model: Path, work: Path) -> dict:
     if case.layout == "frames":
         result["text_tokens"] = int(ref_inputs["arg2"][0].shape[0])
         result["image_tokens"] = int(ref_inputs["arg0"][0].shape[-2] * ref_inputs["arg0"][0].shape[-1] // 4)
+    elif case.layout == "omni":  # every prompt segment; every image's latent tokens (references and target)
+        result["text_tokens"] = int(sum(seg.shape[0] for seg in ref_inputs["cap_feats"][0]))
+        result["image_tokens"] = int(sum(f[0, 0].numel() // 4 for f in ref_inputs["x"][0]))
     elif case.layout == "frames-last":
         result["text_tokens"] = int(ref_inputs["encoder_hidden_states"].shape[1])
         result["image_tokens"] = int(ref_inputs["hidden_states"].shape[2] * ref_inputs["hidden_states"].shape[3] // 4)

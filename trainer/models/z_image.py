@@ -160,10 +160,10 @@ def build_qwen3(tokenizer, hidden: int = 32, layers: int = 2):
     return Qwen3ForCausalLM(config)  # the released text_encoder class
 
 
-def build_z_image_transformer(cap_feat_dim: int = 32):
+def build_z_image_transformer(cap_feat_dim: int = 32, siglip_feat_dim: int | None = None):
     from diffusers import ZImageTransformer2DModel
 
     return ZImageTransformer2DModel(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=64, n_layers=2, n_refiner_layers=1, n_heads=2,
-        n_kv_heads=2, cap_feat_dim=cap_feat_dim, axes_dims=[8, 12, 12], axes_lens=[1024, 512, 512],
+        n_kv_heads=2, cap_feat_dim=cap_feat_dim, axes_dims=[8, 12, 12], axes_lens=[1024, 512, 512], siglip_feat_dim=siglip_feat_dim,
     )
