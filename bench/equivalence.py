@@ -43,7 +43,7 @@ class Case:
     guidance: bool = True  # FLUX: the transformer has a guidance embedding (dev / Kontext); False = schnell
     zero_cond_t: bool = False  # Qwen-Image-Edit-2511: reference tokens modulated at t = 0 (transformer config)
     layout: str = "packed"  # how the pipeline passes latents: packed tokens (hidden_states=...), "concat" (packed, the control's
-    # channels after the target's), "fill" (packed, then the masked image's and the mask's), "frames" (a list), or "grid"
+    # channels after the target's), "fill" (packed, then the masked image's and the mask's), "frames" (a list), "omni" (per sample a list: the references' frames, then the target's), or "grid"
     # (B x C x H x W patchified latents, timestep 1000 sigma: ERNIE-Image), "grid-x0" (B x C x H x W latents, timesteps 1000
     # sigma, output x0 - noise: HiDream-I1), "layered" (packed frames: the composite then `references` layers, then the
     # composite as the condition: Qwen-Image-Layered; its layers are the target's size), or "left-padded" (Ideogram 4: one sequence of
@@ -66,6 +66,8 @@ CASES = [
     Case("FLUX.1 Fill (inpainting)", "flux-fill", layout="fill"),
     Case("FLUX.1-dev + ControlNet", "flux-controlnet", 1),
     Case("Z-Image", "z-image", layout="frames"),
+    Case("Z-Image-Omni", "z-image-omni", layout="omni"),
+    Case("Z-Image-Omni, 2 refs", "z-image-omni", 2, layout="omni"),
     Case("Chroma", "chroma"),
     Case("Kandinsky 5.0 Image", "kandinsky5", layout="frames-last"),
     Case("FLUX.2 Klein", "flux2-klein", layout="patchified"),

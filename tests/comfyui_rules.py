@@ -133,7 +133,7 @@ def _qwen_image21(transformer) -> set[str]:
 
 
 RULES = {"qwen-image": _direct, "qwen-image-edit": _direct, "qwen-image-edit-plus": _direct, "flux": _flux,
-         "flux-kontext": _flux, "flux-control": _flux, "z-image": _z_image, "chroma": _flux,
+         "flux-kontext": _flux, "flux-control": _flux, "z-image": _z_image, "z-image-omni": _z_image, "chroma": _flux,
          "kandinsky5": _direct, "flux2": _flux2, "flux2-klein": _flux2,  # ComfyUI's Chroma is a Flux model
          "qwen-image-2.1": _qwen_image21, "ernie-image": _direct, "krea2": _krea2, "ideogram4": _ideogram4,
          "hidream-i1": _direct, "qwen-image-layered": _direct}  # ComfyUI's Qwen-Image model, with its layer options  # comfy/ldm/ernie/model.py keeps the diffusers names

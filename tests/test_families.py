@@ -65,15 +65,17 @@ def overrides(model, pairs, out, uses_controls, **extra):
 
 
 # families whose entry only needs to be shown to train under accelerate launch here (their other tests are elsewhere)
-LAUNCHED_ONLY = {"ernie-image": "train_ernie_image_lora.py", "krea2": "train_krea2_lora.py", "ideogram4": "train_ideogram4_lora.py",
-                 "hidream-i1": "train_hidream_lora.py"}
+# (entry, uses control images)
+LAUNCHED_ONLY = {"ernie-image": ("train_ernie_image_lora.py", False), "krea2": ("train_krea2_lora.py", False),
+                 "ideogram4": ("train_ideogram4_lora.py", False), "hidream-i1": ("train_hidream_lora.py", False),
+                 "z-image-omni": ("train_z_image_omni_lora.py", True)}
 
 
 @pytest.fixture(scope="module")
 def launched(tiny_models, pairs, tmp_path_factory):
     """Each family's entry script under `accelerate launch`, 3 steps at batch 2 (two launches at a time)."""
     entries = {family: (entry, uses_controls) for family, (entry, _adapter, _pipe, uses_controls) in FAMILIES.items()}
-    entries.update({family: (entry, False) for family, entry in LAUNCHED_ONLY.items()})
+    entries.update(LAUNCHED_ONLY)
     runs, cmds = {}, []
     for family, (entry, uses_controls) in entries.items():
         runs[family] = tmp_path_factory.mktemp(family) / "out"

@@ -1,4 +1,4 @@
-"""Z-Image, Chroma, Kandinsky 5, FLUX.2, Qwen-Image 2.1, ERNIE-Image, Krea 2, Ideogram 4, HiDream-I1 and FLUX.1-Krea: LoRA loading in their pipelines, inference, quantized and block-swapped training,
+"""Z-Image, Z-Image-Omni, Chroma, Kandinsky 5, FLUX.2, Qwen-Image 2.1, ERNIE-Image, Krea 2, Ideogram 4, HiDream-I1 and FLUX.1-Krea: LoRA loading in their pipelines, inference, quantized and block-swapped training,
 the planner, and the assistant LoRA used to train on Z-Image-Turbo."""
 
 import logging
@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import (ChromaPipeline, ErnieImagePipeline, Flux2KleinPipeline, Flux2Pipeline, HiDreamImagePipeline, Ideogram4Pipeline,
                        Kandinsky5T2IPipeline,
-                       Krea2Pipeline, QwenImage21Pipeline, ZImagePipeline)
+                       Krea2Pipeline, QwenImage21Pipeline, ZImageOmniPipeline, ZImagePipeline)
 from helpers import ACCELERATE, PY, ROOT, base_overrides, read_losses, run_each, write_dataset
 from PIL import Image
 from safetensors.torch import load_file
@@ -27,12 +27,14 @@ from trainer.models.kandinsky5 import Kandinsky5Adapter
 from trainer.models.krea2 import Krea2Adapter
 from trainer.models.qwen_image21 import QwenImage21Adapter
 from trainer.models.z_image import ZImageAdapter
+from trainer.models.z_image_omni import ZImageOmniAdapter
 
 
 # variant -> (adapter, pipeline class, pipeline call arguments for a render without CFG, released transformer
 #             parameters, released blocks, a render size the pipeline keeps)
 FAMILIES = {
     "z-image": (ZImageAdapter, ZImagePipeline, {"guidance_scale": 0.0}, 6_154_908_736, 34, (48, 32)),  # 30 + 2 + 2 refiners
+    "z-image-omni": (ZImageOmniAdapter, ZImageOmniPipeline, {"guidance_scale": 0.0}, 6_513_266_880, 36, (48, 32)),  # + 2 SigLIP refiners
     "chroma": (ChromaAdapter, ChromaPipeline, {"guidance_scale": 1.0}, 8_899_983_424, 57, (48, 32)),  # 19 double + 38 single
     # Kandinsky5T2IPipeline renders only its 7 training resolutions
     "kandinsky5": (Kandinsky5Adapter, Kandinsky5T2IPipeline, {"guidance_scale": 1.0}, 6_022_080_576, 52, (1024, 1024)),
@@ -45,7 +47,7 @@ FAMILIES = {
     "ideogram4": (Ideogram4Adapter, Ideogram4Pipeline, {"guidance_scale": 1.0, "guidance_schedule": None}, 9_279_288_448, 34, (48, 32)),
     "hidream-i1": (HiDreamAdapter, HiDreamImagePipeline, {"guidance_scale": 1.0}, 17_105_733_184, 48, (48, 32)),  # 16 double + 32 single
 }
-CONFIGS = {"z-image": "train_z_image_lora.yaml", "chroma": "train_chroma_lora.yaml", "kandinsky5": "train_kandinsky5_lora.yaml",
+CONFIGS = {"z-image": "train_z_image_lora.yaml", "z-image-omni": "train_z_image_omni_lora.yaml", "chroma": "train_chroma_lora.yaml", "kandinsky5": "train_kandinsky5_lora.yaml",
            "flux2-klein": "train_flux2_klein_base_4b.yaml", "flux2": "train_flux2_dev.yaml",
            "qwen-image-2.1": "train_qwen_image_21_lora.yaml", "ernie-image": "train_ernie_image_lora.yaml",
            "krea2": "train_krea2_lora.yaml", "ideogram4": "train_ideogram4_lora.yaml", "hidream-i1": "train_hidream_lora.yaml"}
@@ -105,6 +107,8 @@ def test_inference_script_renders_with_the_lora(variant, trained, tiny_models, t
     w, h = FAMILIES[variant][-1]
     cmd = [PY, "inference.py", "--model_name", str(tiny_models(variant)), "--lora_weights", str(trained(variant)), "--prompt", "a cat",
            "--width", str(w), "--height", str(h), "--num_inference_steps", "2", "--true_cfg_scale", "1", "--output_image", str(out)]
+    if variant == "z-image-omni":  # with a reference (its VAE and SigLIP2 views; the released pipeline's VAE cast would refuse float32)
+        cmd += ["--image", str(write_dataset(tmp_path / "ref", n=1, size=(96, 64)) / "img0.png")]
     takes_negative = FAMILIES[variant][0].takes_negative_prompt
     r, *refused = run_each([cmd] + ([] if takes_negative else [cmd[:-1] + [str(tmp_path / "n.png"), "--negative_prompt", "blurry"]]))
     assert r.returncode == 0, r.stderr[-2000:]
