@@ -337,6 +337,9 @@ def probe_output_dir(output_dir: Path, key: str = "output_dir") -> None:
 
 
 def make_accelerator(cfg: TrainConfig, out: Path) -> Accelerator:
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not torch.cuda.is_available() \
+            and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        without_deepspeed_shared_memory()
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
@@ -393,6 +396,16 @@ def make_accelerator(cfg: TrainConfig, out: Path) -> Accelerator:
         torch.backends.cudnn.allow_tf32 = True
     set_seed(cfg.seed)
     return accelerator
+
+
+def without_deepspeed_shared_memory() -> None:
+    """One DeepSpeed process without CUDA has no peer to share memory with, yet DeepSpeed's communication backend
+    compiles its shared-memory allreduce (a C++ extension: ~25 s on 2 CPUs, on the first run on a machine) when it
+    starts; marked unavailable, it uses plain torch.distributed (gloo) as it would on any platform without the op."""
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
 
 
 def build_dataset(cfg: TrainConfig, adapter: ModelAdapter, accelerator: Accelerator | None = None, out: Path | None = None) -> list:
