@@ -66,6 +66,7 @@ CASES = [
     Case("FLUX.1 Fill (inpainting)", "flux-fill", layout="fill"),
     Case("FLUX.1-dev + ControlNet", "flux-controlnet", 1),
     Case("Z-Image", "z-image", layout="frames"),
+    Case("Z-Image + ControlNet", "z-image-controlnet", 1, layout="frames"),
     Case("Z-Image-Omni", "z-image-omni", layout="omni"),
     Case("Z-Image-Omni, 2 refs", "z-image-omni", 2, layout="omni"),
     Case("Chroma", "chroma"),
@@ -196,6 +197,8 @@ def max_diff(a, b) -> float:
         if a.shape != b.shape:
             return float("inf")
         return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+    if isinstance(a, dict) and isinstance(b, dict):  # Z-Image's ControlNet hints: {layer: tensor}
+        return max_diff(list(a.values()), list(b.values())) if a.keys() == b.keys() else float("inf")
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         if len(a) != len(b):
             return float("inf")
@@ -311,8 +314,10 @@ def pipeline_call_kwargs(case: Case, refs: list[Path], work: Path) -> dict:
         kwargs["image"] = images
     elif case.variant == "flux-kontext":
         kwargs.update(image=images[0], max_area=w * h)  # _auto_resize on: the pipeline's default reference sizing
-    elif case.variant in ("flux-control", "flux-controlnet"):
+    elif case.variant in ("flux-control", "flux-controlnet", "z-image-controlnet"):
         kwargs["control_image"] = images[0]  # 800x600: the target's aspect, resized by the pipeline to 512x384
+        if case.variant == "z-image-controlnet":
+            kwargs.update(guidance_scale=0.0, controlnet_conditioning_scale=1.0)  # its default 0.75; training runs at 1
     elif case.variant == "flux-fill":
         kwargs.update(image=Image.open(work / "target.png").convert("RGB"), mask_image=Image.open(work / "mask.png"))
     elif case.variant.startswith("flux2") and images:
@@ -328,8 +333,9 @@ def compare(case: Case, model: Path, work: Path) -> dict:
     from trainer.models import resolve
 
     cls, variant = resolve(str(model))
-    controlnet = case.variant == "flux-controlnet"
-    more = ["training_method=controlnet", "controlnet_layers=1", "controlnet_single_layers=1"] if controlnet else []
+    controlnet = case.variant.endswith("-controlnet")
+    single = int("num_single_layers" in json.loads((model / "transformer" / "config.json").read_text()))
+    more = ["training_method=controlnet", "controlnet_layers=1", f"controlnet_single_layers={single}"] if controlnet else []
     preset = [f"{k}={v}" for k, v in cls.config_preset.items()]  # as the family's entry script starts from (HiDream-I1: 128 tokens)
     cfg = load_config(None, [f"pretrained_model_name_or_path={model}", "mixed_precision=no", *preset, *more], check_paths=False)
     adapter = cls.from_model(cfg)
@@ -343,8 +349,9 @@ def compare(case: Case, model: Path, work: Path) -> dict:
 
         torch.manual_seed(1)
         net = adapter.make_controlnet(pipe.transformer)
-        for layer in [*net.controlnet_blocks, *net.controlnet_single_blocks, net.controlnet_x_embedder]:
-            torch.nn.init.normal_(layer.weight, std=0.2)
+        for p in net.parameters():
+            if not p.any():
+                torch.nn.init.normal_(p, std=0.2)
         pipe = adapter.pipeline_class(**pipe.components, controlnet=net)
         model_call = ControlNetPair(pipe.transformer, net, adapter)
     target, refs = write_inputs(work, case.references)

@@ -101,7 +101,7 @@ def controlnet_params(model, adapter) -> tuple[int, int]:
             net = cls.from_config(cls.load_config(cfg.controlnet_model_name_or_path))
         else:
             net = adapter.make_controlnet(model)
-    blocks = len(getattr(net, "transformer_blocks", [])) + len(getattr(net, "single_transformer_blocks", []))
+    blocks = sum(len(getattr(net, name, None) or []) for name in ("transformer_blocks", "single_transformer_blocks", "control_layers"))
     return sum(p.numel() for p in net.parameters()), blocks
 
 

@@ -68,6 +68,8 @@ class ControlNetMethod(FullMethod):
             with placement.host_weights() if placement is not None else contextlib.nullcontext():
                 controlnet = adapter.make_controlnet(transformer)
         controlnet = controlnet.to(adapter.device, torch.float32).train()
+        # some diffusers ControlNets (Z-Image's) read this flag in training but define it only when it is enabled
+        controlnet.gradient_checkpointing = getattr(controlnet, "gradient_checkpointing", False)
         if cfg.gradient_checkpointing:
             controlnet.enable_gradient_checkpointing()
         controlnet.requires_grad_(True)
@@ -93,4 +95,4 @@ class ControlNetMethod(FullMethod):
         return (CONTROLNET_DIR,)
 
     def sampling(self, model: torch.nn.Module):
-        return contextlib.nullcontext()
+        return self.adapter.controlnet_previews(model.controlnet)

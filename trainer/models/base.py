@@ -618,6 +618,11 @@ class ModelAdapter(ABC):
         the transformer's keyword arguments from `predict`, plus `controlnet_cond` (the packed control latents)."""
         raise NotImplementedError(f"{self.family} has no ControlNet training")
 
+    def controlnet_previews(self, controlnet: torch.nn.Module):
+        """A context around validation previews of a ControlNet run (Z-Image: its pipeline lends the ControlNet the
+        transformer's modules for good; they are taken back after). Default: nothing to do."""
+        return contextlib.nullcontext()
+
     def record_widening(self, transformer: torch.nn.Module) -> None:
         """Make the transformer's config say what a LoRA loader widened (diffusers widens FLUX's x_embedder on load
         but its saved config keeps the old width), before a merged model is saved. Default: nothing widens."""

@@ -10,6 +10,14 @@ What the trainer feeds the transformer, and where it follows `ZImagePipeline`:
   negated velocity (the pipeline negates it before the scheduler step), so predict returns -output.
 - dropped captions are "" (the pipeline's default negative prompt).
 
+ControlNet (`training_method: controlnet`, ZImageControlNetPipeline): a ZImageControlNetModel of `controlnet_layers`
+control blocks placed evenly over the transformer's layers (6 over 30: 0, 5, ..., 25, the layout of VideoX-Fun's first
+released Z-Image ControlNet), each started from the transformer's layer at its place, the control latents embedded by a
+copy of its patch embedder, `before_proj` / `after_proj` zero (step 0 is the base model). The ControlNet runs the
+transformer's own time / caption / patch embedders and refiners (the pipeline shares them with `from_transformer`);
+training shares them only for its call, so the trained and saved ControlNet holds its own blocks alone, as the released
+ones do. The control image is sized and cropped with the target; the pipeline resizes it to the output's size.
+
 Turbo is step-distilled (8 steps, no CFG): a LoRA trained on it directly drifts away from the distillation. The
 recommended path is to train on Z-Image (Base) and use the LoRA on either; for Turbo itself, set `assistant_lora` to
 a de-distillation LoRA (e.g. ostris' zimage_turbo_training_adapter): it is active while training, off for the
@@ -18,16 +26,20 @@ validation previews, and not part of the saved LoRA.
 
 from __future__ import annotations
 
+import contextlib
 from typing import TypedDict
 
 import torch
 
 from . import register
-from .base import Cond, InferenceRequest, ModelAdapter, LearningCase, PlannerSpec, Variant
+from .base import Cond, ConfigError, InferenceRequest, ModelAdapter, LearningCase, PlannerSpec, Variant
 from .flux import flux_vae_latents
 from .qwen_image import pad_and_stack
 
 QWEN3_4B_PARAMS = 4_022_468_096  # Qwen3-4B without its LM head
+# what ZImageControlNetModel.from_transformer lends a ControlNet of the transformer's own
+ZIMAGE_CONTROLNET_SHARED = ("t_embedder", "all_x_embedder", "cap_embedder", "rope_embedder", "noise_refiner", "context_refiner", "x_pad_token",
+                            "cap_pad_token")
 FLUX_VAE_PARAMS = 83_819_683
 
 
@@ -54,8 +66,15 @@ class ZImageAdapter(ModelAdapter):
     family = "z-image"
     default_true_cfg_scale = 6.0  # the pipeline's own default (its guidance_scale 5.0; see pipeline_guidance)
     entry = "train_z_image_lora.py"
-    variants = (Variant("z-image", "ZImagePipeline", hub_hints=("z-image",), learning=LearningCase(0, 300, 5e-3)),)
+    variants = (Variant("z-image", "ZImagePipeline", hub_hints=("z-image",), learning=LearningCase(0, 300, 5e-3)),
+                # training_method: controlnet: a ZImageControlNetModel beside Z-Image (ZImageControlNetPipeline). Its tiny case
+                # passes with little margin (600 steps: error x0.47, choice +0.33; the loss stays at ~1.05 where FLUX's
+                # ControlNet reaches ~0.55, also at 1500 steps or 2 control blocks): a bench row, not a suite test
+                Variant("z-image-controlnet", "ZImageControlNetPipeline", (1, 1),
+                        learning=LearningCase(1, 600, 5e-3, method="controlnet", in_suite=False),
+                        control="controlnet", starts_from=("ZImagePipeline",)))
     transformer_class = "ZImageTransformer2DModel"
+    controlnet_class = "ZImageControlNetModel"
     # every Linear ComfyUI maps for Z-Image (comfy.utils.z_image_to_diffusers): attention and feed-forward
     default_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
     block_count_keys = ("n_layers", "n_refiner_layers", "n_refiner_layers")  # main layers + noise and context refiners
@@ -89,21 +108,93 @@ class ZImageAdapter(ModelAdapter):
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return flux_vae_latents(self.vae, pixels, self.device)
 
+    def encode_latents(self, batch: dict) -> tuple[torch.Tensor, Cond]:
+        if self.variant.control != "controlnet":
+            return super().encode_latents(batch)
+        # ZImageControlNetPipeline's prepare_image copies the control with repeat_interleave: the VAE sees it contiguous
+        with torch.no_grad():
+            controls = [flux_vae_latents(self.vae, c, self.device, layout=torch.contiguous_format) for c in batch["controls"]]
+        return self.encode_images(batch["pixel_values"]), {"control_latents": controls}
+
     def predict(self, transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Cond) -> torch.Tensor:
         dt = self.weight_dtype
         frames = list(noisy.to(dt).unsqueeze(2).unbind(0))  # each C x 1 x H x W
         captions = [e[m.bool()] for e, m in zip(cond["prompt_embeds"].to(dt), cond["prompt_embeds_mask"])]
-        out = transformer(frames, 1.0 - sigmas.float(), captions, return_dict=False)[0]
+        if self.variant.control == "controlnet":  # the ControlNet pair takes keywords; the control as B x C x 1 x h x w
+            out = transformer(x=frames, t=1.0 - sigmas.float(), cap_feats=captions, controlnet_cond=cond["control_latents"][0].to(dt).unsqueeze(2))[0]
+        else:
+            out = transformer(frames, 1.0 - sigmas.float(), captions, return_dict=False)[0]
         return -torch.stack([o.float() for o in out]).squeeze(2)  # the model predicts the negated velocity
+
+    # --- ControlNet (training_method: controlnet) ----------------------------------------------------------
+    @classmethod
+    def check_setup(cls, cfg) -> None:
+        super().check_setup(cfg)
+        if cfg.training_method != "controlnet" or cfg.controlnet_model_name_or_path:
+            return
+        if cfg.controlnet_single_layers:
+            raise ConfigError(f"config key 'controlnet_single_layers' is {cfg.controlnet_single_layers}, but a Z-Image ControlNet has one "
+                              "kind of block: set controlnet_layers (its control blocks) and leave controlnet_single_layers out")
+        from trainer.models import read_model_index
+
+        layers = read_model_index(cfg.pretrained_model_name_or_path, "transformer/config.json").get("n_layers", 30)
+        if cfg.controlnet_layers > layers:
+            raise ConfigError(f"config key 'controlnet_layers' is {cfg.controlnet_layers}, but the transformer has {layers} layers to place "
+                              "control blocks at")
+
+    def make_controlnet(self, transformer: torch.nn.Module) -> torch.nn.Module:
+        from diffusers import ZImageControlNetModel
+
+        c = transformer.config
+        k = min(self.cfg.controlnet_layers, c.n_layers)  # training refuses more (check_setup); inference's stand-in takes what fits
+        places = [i * c.n_layers // k for i in range(k)]
+        net = ZImageControlNetModel(control_layers_places=places, control_in_dim=c.in_channels, all_patch_size=tuple(c.all_patch_size),
+                                    all_f_patch_size=tuple(c.all_f_patch_size), dim=c.dim, n_refiner_layers=c.n_refiner_layers,
+                                    n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, norm_eps=c.norm_eps, qk_norm=c.qk_norm)
+        for block, place in zip(net.control_layers, places):  # the layer's weights; before_proj / after_proj stay zero
+            missing, unexpected = block.load_state_dict(transformer.layers[place].state_dict(), strict=False)
+            assert not unexpected and all("_proj" in m for m in missing), (missing, unexpected)
+        net.control_all_x_embedder.load_state_dict(transformer.all_x_embedder.state_dict())
+        return net
+
+    @contextlib.contextmanager
+    def sharing(self, controlnet: torch.nn.Module, transformer: torch.nn.Module):
+        """The transformer's embedders and refiners lent to the ControlNet for a call (see the module docstring)."""
+        type(controlnet).from_transformer(controlnet, transformer)
+        with self.controlnet_previews(controlnet):
+            yield controlnet
+
+    def controlnet_forward(self, controlnet: torch.nn.Module, transformer: torch.nn.Module, kwargs: dict):
+        """As ZImageControlNetPipeline: the ControlNet's hints for the transformer's layers, then the transformer with them."""
+        x, t, caps = kwargs["x"], kwargs["t"], kwargs["cap_feats"]
+        with self.sharing(controlnet, transformer):
+            hints = controlnet(x, t, caps, kwargs["controlnet_cond"], conditioning_scale=1.0)
+        return transformer(x, t, caps, controlnet_block_samples=hints, return_dict=False)
+
+    @contextlib.contextmanager
+    def controlnet_previews(self, controlnet: torch.nn.Module):
+        """ZImageControlNetPipeline shares the transformer's modules with the ControlNet for good; afterwards it holds
+        its own blocks alone again (what is trained and saved)."""
+        try:
+            yield
+        finally:
+            for name in ZIMAGE_CONTROLNET_SHARED:
+                setattr(controlnet, name, None)
 
     # --- sampling and inference ----------------------------------------------------------------------------
     def sampling_kwargs(self, cond: Cond, negative: Cond, size: tuple[int, int], images: list) -> dict:
-        return {"prompt_embeds": unpadded(cond), "negative_prompt_embeds": unpadded(negative),
-                "guidance_scale": pipeline_guidance(self.cfg.validation_guidance_scale)}
+        kwargs = {"prompt_embeds": unpadded(cond), "negative_prompt_embeds": unpadded(negative),
+                  "guidance_scale": pipeline_guidance(self.cfg.validation_guidance_scale)}
+        if self.variant.control == "controlnet":  # the pipeline resizes the control image to the output's size
+            kwargs.update(control_image=images[0] if images else None, controlnet_conditioning_scale=self.cfg.controlnet_conditioning_scale)
+        return kwargs
 
     def inference_kwargs(self, request: InferenceRequest) -> dict:
         # its negative prompt defaults to ""
-        return {**self.cfg_inference_kwargs(request), "guidance_scale": pipeline_guidance(request.true_cfg_scale)}
+        kwargs = {**self.cfg_inference_kwargs(request), "guidance_scale": pipeline_guidance(request.true_cfg_scale)}
+        if self.variant.control == "controlnet":
+            kwargs.update(control_image=request.images[0] if request.images else None, controlnet_conditioning_scale=request.conditioning_scale)
+        return kwargs
 
     # --- planner, benches, tiny models ---------------------------------------------------------------------
     def planner_spec(self) -> PlannerSpec:
