@@ -65,6 +65,7 @@ CASES = [
     Case("FLUX.1 Control (Canny / Depth dev)", "flux-control", 1, layout="concat"),
     Case("FLUX.1 Fill (inpainting)", "flux-fill", layout="fill"),
     Case("FLUX.1-dev + ControlNet", "flux-controlnet", 1),
+    Case("Qwen-Image + ControlNet", "qwen-image-controlnet", 1),
     Case("Z-Image", "z-image", layout="frames"),
     Case("Z-Image + ControlNet", "z-image-controlnet", 1, layout="frames"),
     Case("Z-Image-Omni", "z-image-omni", layout="omni"),
@@ -173,7 +174,7 @@ def pipeline_prediction(case: Case, output, n_target: int) -> torch.Tensor:
 
 @contextlib.contextmanager
 def latent_means(on: bool):
-    """FluxControlPipeline / FluxFillPipeline encode the control / masked image with the VAE's sample (mean + std * noise); training uses the
+    """FluxControlPipeline / FluxFillPipeline / QwenImageControlNetPipeline encode the control / masked image with the VAE's sample (mean + std * noise); training uses the
     mean, as for every latent. For the comparison the pipeline's draw is its mean, so that every input compares
     exactly; the noise the pipeline would add is the VAE's std, very small on the released (and the tiny) VAEs."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -314,7 +315,7 @@ def pipeline_call_kwargs(case: Case, refs: list[Path], work: Path) -> dict:
         kwargs["image"] = images
     elif case.variant == "flux-kontext":
         kwargs.update(image=images[0], max_area=w * h)  # _auto_resize on: the pipeline's default reference sizing
-    elif case.variant in ("flux-control", "flux-controlnet", "z-image-controlnet"):
+    elif case.variant in ("flux-control", "flux-controlnet", "z-image-controlnet", "qwen-image-controlnet"):
         kwargs["control_image"] = images[0]  # 800x600: the target's aspect, resized by the pipeline to 512x384
         if case.variant == "z-image-controlnet":
             kwargs.update(guidance_scale=0.0, controlnet_conditioning_scale=1.0)  # its default 0.75; training runs at 1
@@ -359,7 +360,7 @@ def compare(case: Case, model: Path, work: Path) -> dict:
         rng = np.random.default_rng(1)
         for r in refs:
             Image.fromarray((rng.random((TARGET[1], TARGET[0], 4)) * 255).astype("uint8"), "RGBA").save(r)
-    with torch.no_grad(), latent_means(case.variant in ("flux-control", "flux-fill", "flux-controlnet")):
+    with torch.no_grad(), latent_means(case.variant in ("flux-control", "flux-fill", "flux-controlnet", "qwen-image-controlnet")):
         with adapter.render_size(pipe, *TARGET):  # as inference.py calls it (HiDream-I1 would scale the request to 1 MP)
             ref_inputs, ref_out = capture_first_call(pipe.transformer, lambda: pipe(**pipeline_call_kwargs(case, refs, work)))
         batch = trainer_batch(adapter, target, refs, [PROMPT], work)

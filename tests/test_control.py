@@ -403,47 +403,63 @@ def test_inference_renders_with_a_controlnet(controlnet_run, tmp_path):
     assert wrong.returncode == 2 and "--controlnet:" in wrong.stderr and "not a ControlNet folder" in wrong.stderr
 
 
-def test_z_image_controlnet_saves_its_own_blocks_and_loads_in_its_pipeline(tiny_models, tmp_path):
-    """A Z-Image ControlNet (its blocks started from the transformer's layers) trains with previews, is saved without the
-    transformer's embedders and refiners it runs (the pipeline lends them), is planned as trained, and loads in
-    ZImageControlNetPipeline, where scale 0 is the base model and scale 1 is not."""
-    from diffusers import ZImageControlNetModel, ZImageControlNetPipeline
+# family -> (its adapter, its ControlNet class and pipeline, the names of the saved weights, the pipeline's no-CFG call)
+CONTROLNET_FAMILIES = {
+    "z-image": ("trainer.models.z_image:ZImageAdapter", "ZImageControlNetModel", "ZImageControlNetPipeline", ("control_",),
+                {"guidance_scale": 0.0}),
+    "qwen-image": ("trainer.models.qwen_image:QwenImageAdapter", "QwenImageControlNetModel", "QwenImageControlNetPipeline",
+                   ("transformer_blocks.", "controlnet_", "img_in", "txt_in", "txt_norm", "time_text_embed"), {"true_cfg_scale": 1.0}),
+}
+
+
+@pytest.mark.parametrize("family", list(CONTROLNET_FAMILIES))
+def test_controlnet_of_another_family_trains_and_loads_in_its_pipeline(family, tiny_models, tmp_path):
+    """A ControlNet of 2 blocks trains with previews, saves only its own weights (Z-Image's runs the transformer's
+    embedders and refiners, which its pipeline lends it), is planned as trained, loads in the family's ControlNet
+    pipeline (scale 0 = the base model, scale 1 is not), and trains beside a qfloat8 base with a swapped block."""
+    import importlib
+
+    import diffusers
 
     from trainer.methods.full import read_folder
-    from trainer.models.z_image import ZImageAdapter
     from trainer.pipelines import adapter_for, load_pipeline, output_images
     from utils.estimate_memory import build_transformer_on_meta, controlnet_params
 
-    model, data = tiny_models("z-image"), write_dataset(tmp_path / "t", n=2)
+    path, net_class, pipe_class, prefixes, no_cfg = CONTROLNET_FAMILIES[family]
+    module, name = path.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    model, data = tiny_models(family), write_dataset(tmp_path / "t", n=2)
     extra = {"training_method": "controlnet", "controlnet_layers": 2, "data_config.control_dir": str(write_dataset(tmp_path / "c", n=2, seed=2))}
     out = tmp_path / "out"
     cfg = load_config(None, base_overrides(model, data, out, max_train_steps=2, learning_rate=2e-2, validation_samples=1, validation_steps=2, **extra))
-    train(cfg, ZImageAdapter)
+    train(cfg, cls)
     assert {p.name for p in (out / "samples").glob("step-*.png")} == {"step-0.png", "step-2.png"}
     saved = read_folder(out / "controlnet")
-    assert saved and all(k.startswith("control_") for k in saved), sorted(saved)[:5]
-    net = ZImageControlNetModel.from_pretrained(out / "controlnet")
-    assert net.config.control_layers_places == [0, 1] and net.control_layers[1].after_proj.weight.abs().max() > 0  # trained
-    planned = ZImageAdapter.from_model(cfg)
+    assert saved and all(k.startswith(prefixes) for k in saved), sorted(saved)[:5]
+    net = getattr(diffusers, net_class).from_pretrained(out / "controlnet")
+    assert sum(p.numel() for p in net.parameters()) == sum(t.numel() for t in saved.values())
+    planned = cls.from_model(cfg)
     assert controlnet_params(build_transformer_on_meta(planned)[0], planned) == (sum(t.numel() for t in saved.values()), 2)
 
     adapter = adapter_for(str(model), controlnet=True)
     control = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8"))
 
     def render(pipe, scale):
-        image = pipe(prompt="a red square", width=64, height=64, num_inference_steps=2, guidance_scale=0.0, control_image=control,
-                     controlnet_conditioning_scale=scale, generator=torch.Generator().manual_seed(0))
+        image = pipe(prompt="a red square", width=64, height=64, num_inference_steps=2, control_image=control,
+                     controlnet_conditioning_scale=scale, generator=torch.Generator().manual_seed(0), **no_cfg)
         return np.asarray(output_images(image)[0], dtype=np.float32)
 
     trained = load_pipeline(adapter, torch.float32, "cpu", controlnet=str(out))
-    assert isinstance(trained, ZImageControlNetPipeline)
-    base = render(load_pipeline(adapter, torch.float32, "cpu"), 1.0)  # a ControlNet as training starts it: zero hints
+    assert type(trained).__name__ == pipe_class
+    base = render(load_pipeline(adapter, torch.float32, "cpu"), 1.0)  # a ControlNet as training starts it: zero outputs
     assert np.abs(render(trained, 0.0) - base).max() <= 1
     assert np.abs(render(trained, 1.0) - base).max() > 1
     lean = tmp_path / "lean"  # a qfloat8 base with a swapped block and checkpointing: the ControlNet copies the folder's weights
     train(load_config(None, base_overrides(model, data, lean, max_train_steps=2, quantize="qfloat8", blocks_to_swap=1,
-                                           gradient_checkpointing=True, **extra)), ZImageAdapter)
-    assert len(read_folder(lean / "controlnet")) == len(saved) and np.isfinite(read_losses(lean)).all()
-    for key, value, message in (("controlnet_single_layers", 1, "one kind of block"), ("controlnet_layers", 3, "has 2 layers")):
-        with pytest.raises(ConfigError, match=message):
-            ZImageAdapter.check_setup(load_config(None, base_overrides(model, data, tmp_path / "o", **{**extra, key: value})))
+                                           gradient_checkpointing=True, **extra)), cls)
+    assert read_folder(lean / "controlnet").keys() == saved.keys() and np.isfinite(read_losses(lean)).all()
+    if family == "z-image":
+        assert net.config.control_layers_places == [0, 1]
+        for key, value, message in (("controlnet_single_layers", 1, "one kind of block"), ("controlnet_layers", 3, "has 2 layers")):
+            with pytest.raises(ConfigError, match=message):
+                cls.check_setup(load_config(None, base_overrides(model, data, tmp_path / "o", **{**extra, key: value})))

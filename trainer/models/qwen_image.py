@@ -12,6 +12,13 @@ What the trainer feeds the transformer, and where it follows the diffusers pipel
   prediction is sliced back to the target tokens; timestep = sigma (the pipelines pass t / 1000). Edit-2511's
   `zero_cond_t` (reference tokens modulated at t = 0) is inside the transformer and driven by `img_shapes`.
 - dropped captions and the default negative prompt are " " (the pipelines' reference usage for true CFG).
+
+ControlNet (`training_method: controlnet`, QwenImageControlNetPipeline): a QwenImageControlNetModel started from the
+transformer's first `controlnet_layers` blocks (diffusers' `from_transformer`: weights copied, the control embedder and
+the per-block output projections zero, so step 0 is the base model). It reads the packed noisy latents plus the
+control image's packed latents (the Qwen VAE's, normalised as the target's), the timestep, the prompt and img_shapes;
+its block samples go into the transformer's blocks, spread evenly over them. The control image is sized and cropped with
+the target; the pipeline resizes it to the output's size.
 """
 
 from __future__ import annotations
@@ -129,8 +136,16 @@ def calculate_dimensions(area: int, ratio: float) -> tuple[int, int]:
 class QwenImageAdapter(ModelAdapter):
     family = "qwen-image"
     entry = "train.py"
-    variants = (Variant("qwen-image", "QwenImagePipeline", hub_hints=("qwen-image",), learning=LearningCase(0, 300, 1e-2)),)
+    variants = (Variant("qwen-image", "QwenImagePipeline", hub_hints=("qwen-image",), learning=LearningCase(0, 300, 1e-2)),
+                # training_method: controlnet: a QwenImageControlNetModel beside Qwen-Image (QwenImageControlNetPipeline). Its
+                # tiny case moves both samples toward their targets (error x0.33; choice +0.48 / +0.20, as much as FLUX's
+                # ControlNet moves its own) but the tiny base leans -0.54 toward the wrong picture on one of them, which ends
+                # at -0.06 (also at 1200 steps, lr 1e-2 or 2 blocks): a bench row, not a suite test
+                Variant("qwen-image-controlnet", "QwenImageControlNetPipeline", (1, 1),
+                        learning=LearningCase(1, 600, 5e-3, method="controlnet", in_suite=False),
+                        control="controlnet", starts_from=("QwenImagePipeline",)))
     transformer_class = "QwenImageTransformer2DModel"
+    controlnet_class = "QwenImageControlNetModel"
     default_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     encoder_folders = ("text_encoder", "tokenizer", "vae", "processor")
     text_limits = {"max_sequence_length": 1024}  # QwenImagePipeline refuses more
@@ -154,7 +169,8 @@ class QwenImageAdapter(ModelAdapter):
         )
         tokenizer = AutoTokenizer.from_pretrained(name, subfolder="tokenizer")
         # The pipeline object is only used for its prompt template and encode_prompt (no transformer / VAE inside).
-        self.text_pipe = self.pipeline_class(
+        text_class = QwenImagePipeline if self.variant.control == "controlnet" else self.pipeline_class  # the same encode_prompt
+        self.text_pipe = text_class(
             scheduler=None, vae=None, text_encoder=text_encoder, tokenizer=tokenizer, transformer=None, **self.pipeline_components(name)
         )
         self.scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(name, subfolder="scheduler"))
@@ -177,12 +193,22 @@ class QwenImageAdapter(ModelAdapter):
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return qwen_vae_latents(self.vae, pixels, self.device, self.latents_mean, self.latents_std)
 
+    def encode_latents(self, batch: dict) -> tuple[torch.Tensor, Cond]:
+        if self.variant.control != "controlnet":
+            return super().encode_latents(batch)
+        # QwenImageControlNetPipeline's prepare_image copies the control with repeat_interleave: the VAE sees it contiguous
+        controls = [self.encode_images(c.contiguous()) for c in batch["controls"]]
+        return self.encode_images(batch["pixel_values"]), {"control_latents": controls}
+
     def predict(self, transformer: torch.nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Cond) -> torch.Tensor:
         """Control latents (edit models) ride along on the sequence axis with their own img_shapes entries;
         the prediction is sliced back to the target tokens, as the edit pipelines do."""
         b, _c, h, w = noisy.shape
         target = pack_latents(noisy.to(self.weight_dtype))
         controls = cond.get("control_latents", [])
+        extra = {}
+        if self.variant.control == "controlnet":  # the ControlNet reads the control; the transformer sees the target only
+            extra, controls = {"controlnet_cond": pack_latents(controls[0].to(self.weight_dtype))}, []
         hidden = torch.cat([target, *(pack_latents(c.to(self.weight_dtype)) for c in controls)], dim=1)
         shapes = [(1, h // 2, w // 2)] + [(1, c.shape[-2] // 2, c.shape[-1] // 2) for c in controls]
         mask = cond["prompt_embeds_mask"]
@@ -191,10 +217,32 @@ class QwenImageAdapter(ModelAdapter):
             timestep=sigmas.to(self.weight_dtype),  # the pipeline passes t/1000 = sigma
             encoder_hidden_states=cond["prompt_embeds"],
             encoder_hidden_states_mask=None if bool(mask.all()) else mask,  # the pipelines pass None when unpadded
-            img_shapes=[shapes] * b,
+            img_shapes=[shapes[0]] * b if extra else [shapes] * b,  # the ControlNet pipeline's form of the same shapes
             return_dict=False,
+            **extra,
         )[0]
         return unpack_latents(out[:, : target.shape[1]], h, w)
+
+    # --- ControlNet (training_method: controlnet) ----------------------------------------------------------
+    def make_controlnet(self, transformer: torch.nn.Module) -> torch.nn.Module:
+        from diffusers import QwenImageControlNetModel
+
+        from .base import without_default_keys
+
+        c = transformer.config
+        with without_default_keys(transformer):
+            return QwenImageControlNetModel.from_transformer(transformer, num_layers=min(self.cfg.controlnet_layers, c.num_layers),
+                                                             attention_head_dim=c.attention_head_dim, num_attention_heads=c.num_attention_heads)
+
+    def controlnet_forward(self, controlnet: torch.nn.Module, transformer: torch.nn.Module, kwargs: dict):
+        """As QwenImageControlNetPipeline: the ControlNet on the noisy tokens + control tokens, its block samples added by
+        the transformer."""
+        kwargs = dict(kwargs)
+        cond = kwargs.pop("controlnet_cond")
+        samples = controlnet(hidden_states=kwargs["hidden_states"], controlnet_cond=cond, conditioning_scale=1.0, timestep=kwargs["timestep"],
+                             encoder_hidden_states=kwargs["encoder_hidden_states"], encoder_hidden_states_mask=kwargs["encoder_hidden_states_mask"],
+                             img_shapes=kwargs["img_shapes"], return_dict=False)
+        return transformer(**kwargs, controlnet_block_samples=samples)
 
     # --- sampling and inference ----------------------------------------------------------------------------
     def sampling_kwargs(self, cond: Cond, negative: Cond, size: tuple[int, int], images: list) -> dict:
@@ -203,7 +251,9 @@ class QwenImageAdapter(ModelAdapter):
             "negative_prompt_embeds": negative["prompt_embeds"], "negative_prompt_embeds_mask": negative["prompt_embeds_mask"],
             "true_cfg_scale": self.cfg.validation_guidance_scale,
         }
-        if images:
+        if self.variant.control == "controlnet":  # the pipeline resizes the control image to the output's size
+            kwargs.update(control_image=images[0] if images else None, controlnet_conditioning_scale=self.cfg.controlnet_conditioning_scale)
+        elif images:
             kwargs["image"] = images if self.variant.references[1] > 1 else images[0]
         return kwargs
 
@@ -211,7 +261,9 @@ class QwenImageAdapter(ModelAdapter):
         kwargs = qwen_cfg_kwargs(request, self.empty_prompt)
         if request.max_sequence_length is not None:
             kwargs["max_sequence_length"] = request.max_sequence_length
-        if request.images:
+        if self.variant.control == "controlnet":
+            kwargs.update(control_image=request.images[0] if request.images else None, controlnet_conditioning_scale=request.conditioning_scale)
+        elif request.images:
             kwargs["image"] = request.images if self.variant.references[1] > 1 else request.images[0]
         return kwargs
 
@@ -238,7 +290,8 @@ class QwenImageAdapter(ModelAdapter):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         torch.manual_seed(0)
-        probe = self.pipeline_class(**{k: None for k in inspect.signature(self.pipeline_class.__init__).parameters if k != "self"})
+        cls = QwenImagePipeline if self.variant.control == "controlnet" else self.pipeline_class  # a ControlNet trains beside Qwen-Image
+        probe = cls(**{k: None for k in inspect.signature(cls.__init__).parameters if k != "self"})
         tokenizer = build_qwen_tokenizer(probe.prompt_template_encode, probe.prompt_template_encode_start_idx)
         components = dict(
             scheduler=FlowMatchEulerDiscreteScheduler(
@@ -250,10 +303,10 @@ class QwenImageAdapter(ModelAdapter):
             tokenizer=tokenizer,
             transformer=self.tiny_transformer(),
         )
-        has_processor = "processor" in inspect.signature(self.pipeline_class.__init__).parameters
+        has_processor = "processor" in inspect.signature(cls.__init__).parameters
         if has_processor:
             components["processor"] = None
-        self.pipeline_class(**components).save_pretrained(out)
+        cls(**components).save_pretrained(out)
         if has_processor:
             save_qwen_processor(tokenizer, out, realistic)
 
