@@ -367,13 +367,13 @@ def test_controlnet_resumes_exactly_and_starts_from_a_quantized_base(tiny_models
 
 
 def test_controlnet_setups_that_cannot_work_are_one_line(tiny_models, tmp_path):
-    from trainer.models.qwen_image import QwenImageAdapter
+    from trainer.models.chroma import ChromaAdapter
 
-    flux, qwen = tiny_models("flux"), tiny_models("qwen-image")
+    flux, chroma = tiny_models("flux"), tiny_models("chroma")
     data = write_dataset(tmp_path / "t", n=1)
     ctrl = {"data_config.control_dir": str(data)}
-    with pytest.raises(ConfigError, match="'training_method: controlnet': a QwenImagePipeline model cannot train it"):
-        QwenImageAdapter.check_setup(load_config(None, base_overrides(qwen, data, tmp_path / "o", **CONTROLNET, **ctrl)))
+    with pytest.raises(ConfigError, match="'training_method: controlnet': a ChromaPipeline model cannot train it"):
+        ChromaAdapter.check_setup(load_config(None, base_overrides(chroma, data, tmp_path / "o", **CONTROLNET, **ctrl)))
     with pytest.raises(ConfigError, match="needs control images"):
         FluxAdapter.check_setup(load_config(None, base_overrides(flux, data, tmp_path / "o", **CONTROLNET)))
     with pytest.raises(ConfigError, match="'use_dora' does not apply to training_method: controlnet"):
