@@ -613,6 +613,16 @@ class ModelAdapter(ABC):
         outputs zero, so it starts as no change."""
         raise NotImplementedError(f"{self.family} has no ControlNet training")
 
+    def controlnet_from_transformer(self, transformer: torch.nn.Module, **layers) -> torch.nn.Module:
+        """diffusers' `<controlnet_class>.from_transformer` with the transformer's own heads (its defaults are the
+        released model's, not a tiny or changed one's) and block counts taken from `layers`."""
+        import diffusers
+
+        c = transformer.config
+        with without_default_keys(transformer):
+            return getattr(diffusers, self.controlnet_class).from_transformer(
+                transformer, attention_head_dim=c.attention_head_dim, num_attention_heads=c.num_attention_heads, **layers)
+
     def controlnet_forward(self, controlnet: torch.nn.Module, transformer: torch.nn.Module, kwargs: dict):
         """The transformer call the family's ControlNet pipeline makes, with the ControlNet's residuals: `kwargs` are
         the transformer's keyword arguments from `predict`, plus `controlnet_cond` (the packed control latents)."""

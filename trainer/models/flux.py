@@ -28,7 +28,7 @@ import torch
 from diffusers import FluxPipeline
 
 from . import register
-from .base import Cond, InferenceRequest, ModelAdapter, LearningCase, PlannerSpec, Variant, without_default_keys
+from .base import Cond, InferenceRequest, ModelAdapter, LearningCase, PlannerSpec, Variant
 from .qwen_image import pack_latents, unpack_latents
 
 T5_XXL_PARAMS = 4_762_310_656
@@ -252,13 +252,8 @@ class FluxAdapter(ModelAdapter):
         return unpack_latents(out[:, : target.shape[1]], h, w)
 
     def make_controlnet(self, transformer: torch.nn.Module) -> torch.nn.Module:
-        from diffusers import FluxControlNetModel
-
-        c = transformer.config
-        with without_default_keys(transformer):
-            return FluxControlNetModel.from_transformer(transformer, num_layers=self.cfg.controlnet_layers,
-                                                        num_single_layers=self.cfg.controlnet_single_layers,
-                                                        attention_head_dim=c.attention_head_dim, num_attention_heads=c.num_attention_heads)
+        return self.controlnet_from_transformer(transformer, num_layers=self.cfg.controlnet_layers,
+                                                num_single_layers=self.cfg.controlnet_single_layers)
 
     def controlnet_forward(self, controlnet: torch.nn.Module, transformer: torch.nn.Module, kwargs: dict):
         """As FluxControlNetPipeline: the ControlNet on the noisy tokens + control latents (guidance only when its

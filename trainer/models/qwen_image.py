@@ -225,14 +225,7 @@ class QwenImageAdapter(ModelAdapter):
 
     # --- ControlNet (training_method: controlnet) ----------------------------------------------------------
     def make_controlnet(self, transformer: torch.nn.Module) -> torch.nn.Module:
-        from diffusers import QwenImageControlNetModel
-
-        from .base import without_default_keys
-
-        c = transformer.config
-        with without_default_keys(transformer):
-            return QwenImageControlNetModel.from_transformer(transformer, num_layers=min(self.cfg.controlnet_layers, c.num_layers),
-                                                             attention_head_dim=c.attention_head_dim, num_attention_heads=c.num_attention_heads)
+        return self.controlnet_from_transformer(transformer, num_layers=min(self.cfg.controlnet_layers, transformer.config.num_layers))
 
     def controlnet_forward(self, controlnet: torch.nn.Module, transformer: torch.nn.Module, kwargs: dict):
         """As QwenImageControlNetPipeline: the ControlNet on the noisy tokens + control tokens, its block samples added by
