@@ -68,7 +68,7 @@ class ZImageAdapter(ModelAdapter):
     entry = "train_z_image_lora.py"
     variants = (Variant("z-image", "ZImagePipeline", hub_hints=("z-image",), learning=LearningCase(0, 300, 5e-3)),
                 # training_method: controlnet: a ZImageControlNetModel beside Z-Image (ZImageControlNetPipeline). Its tiny case
-                # passes with little margin (600 steps: error x0.47, choice +0.33; the loss stays at ~1.05 where FLUX's
+                # passes with little margin (600 steps: error x0.48, choice +0.33; the loss stays at ~1.05 where FLUX's
                 # ControlNet reaches ~0.55, also at 1500 steps or 2 control blocks): a bench row, not a suite test
                 Variant("z-image-controlnet", "ZImageControlNetPipeline", (1, 1),
                         learning=LearningCase(1, 600, 5e-3, method="controlnet", in_suite=False),
