@@ -422,6 +422,7 @@ def test_controlnet_of_another_family_trains_and_loads_in_its_pipeline(family, t
     import diffusers
 
     from trainer.methods.full import read_folder
+    from trainer.models.base import InferenceRequest
     from trainer.pipelines import adapter_for, load_pipeline, output_images
     from utils.estimate_memory import build_transformer_on_meta, controlnet_params
 
@@ -444,9 +445,10 @@ def test_controlnet_of_another_family_trains_and_loads_in_its_pipeline(family, t
     adapter = adapter_for(str(model), controlnet=True)
     control = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8"))
 
-    def render(pipe, scale):
-        image = pipe(prompt="a red square", width=64, height=64, num_inference_steps=2, control_image=control,
-                     controlnet_conditioning_scale=scale, generator=torch.Generator().manual_seed(0), **no_cfg)
+    def render(pipe, scale):  # the arguments inference.py gives the pipeline (its ControlNet variant's)
+        kwargs = adapter.inference_kwargs(InferenceRequest(prompt="a red square", images=[control], true_cfg_scale=1.0, conditioning_scale=scale))
+        assert kwargs["control_image"] is control and kwargs["controlnet_conditioning_scale"] == scale and kwargs.items() >= no_cfg.items()
+        image = pipe(prompt="a red square", width=64, height=64, num_inference_steps=2, generator=torch.Generator().manual_seed(0), **kwargs)
         return np.asarray(output_images(image)[0], dtype=np.float32)
 
     trained = load_pipeline(adapter, torch.float32, "cpu", controlnet=str(out))
