@@ -110,14 +110,7 @@ def siglip_grids(cond: Cond, dtype: torch.dtype) -> list:
 
 def pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """1 x n_i x ... tensors -> (B x max n x ... zero-padded, B x max n mask)."""
-    first = rows[0]
-    longest = max(r.shape[1] for r in rows)
-    out = first.new_zeros((len(rows), longest, *first.shape[2:]))
-    mask = torch.zeros(len(rows), longest, dtype=torch.long, device=first.device)
-    for i, r in enumerate(rows):
-        out[i, : r.shape[1]] = r[0]
-        mask[i, : r.shape[1]] = 1
-    return out, mask
+    return pad_and_stack(rows, [None] * len(rows))
 
 
 @register
@@ -195,7 +188,7 @@ class ZImageOmniAdapter(ZImageAdapter):
                 row["siglip"] = torch.cat([g.flatten(0, 1) for g in grids]).unsqueeze(0).to(self.weight_dtype)
                 row["shapes"] = torch.tensor([[list(g.shape[:2]) for g in grids]])
             rows.append(row)
-        embeds, mask = pad_and_stack([r["embeds"] for r in rows], [None] * len(rows))
+        embeds, mask = pad_rows([r["embeds"] for r in rows])
         cond = {"prompt_embeds": embeds.to(self.weight_dtype), "prompt_embeds_mask": mask,
                 "prompt_segments": torch.cat([r["lengths"] for r in rows]).to(self.device)}
         if "siglip" in rows[0]:
