@@ -36,7 +36,6 @@ from diffusers import ZImageOmniPipeline
 from . import register
 from .base import Cond, InferenceRequest, LearningCase, PlannerSpec, Variant
 from .flux import build_flux_vae
-from .flux2 import flux2_reference_size
 from .qwen_image import pad_and_stack, to_pil
 from .z_image import QWEN3_4B_PARAMS, FLUX_VAE_PARAMS, ZImageAdapter, build_qwen3, build_qwen3_tokenizer, pipeline_guidance
 
@@ -143,7 +142,7 @@ class ZImageOmniAdapter(ZImageAdapter):
         if width * height > MAX_REFERENCE_AREA:  # resized to the target's area (the pipeline: height x width)
             scale = (self.cfg.data_config.img_size ** 2 / (width * height)) ** 0.5
             width, height = int(width * scale), int(height * scale)
-        return flux2_reference_size(width, height), (width, height)
+        return (width // 16 * 16, height // 16 * 16), (width, height)  # the VAE's view: cropped to multiples of 16
 
     def reference_transform(self):
         return omni_reference_views
