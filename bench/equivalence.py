@@ -331,12 +331,12 @@ def compare(case: Case, model: Path, work: Path) -> dict:
     from diffusers import DiffusionPipeline
 
     from trainer.config import load_config
+    from trainer.learning import tiny_controlnet
     from trainer.models import resolve
 
     cls, variant = resolve(str(model))
     controlnet = case.variant.endswith("-controlnet")
-    single = int("num_single_layers" in json.loads((model / "transformer" / "config.json").read_text()))
-    more = ["training_method=controlnet", "controlnet_layers=1", f"controlnet_single_layers={single}"] if controlnet else []
+    more = ["training_method=controlnet", *(f"{k}={v}" for k, v in tiny_controlnet(model).items())] if controlnet else []
     preset = [f"{k}={v}" for k, v in cls.config_preset.items()]  # as the family's entry script starts from (HiDream-I1: 128 tokens)
     cfg = load_config(None, [f"pretrained_model_name_or_path={model}", "mixed_precision=no", *preset, *more], check_paths=False)
     adapter = cls.from_model(cfg)

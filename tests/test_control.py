@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 from trainer.config import ConfigError, DataConfig, load_config
 from trainer.loop import train
 from trainer.models.flux import FluxAdapter
+from trainer.models.qwen_image import QwenImageAdapter
+from trainer.models.z_image import ZImageAdapter
 
 
 COMMANDS: dict[str, list[str]] = {}  # fixture -> the "try it" command its run logged
@@ -214,8 +216,6 @@ def test_control_images_are_cut_where_their_image_is_cut(tmp_path):
 def test_wrong_control_setups_are_one_line_before_the_model_loads(tiny_models, tmp_path):
     from image_datasets import scan_dataset
 
-    from trainer.models.qwen_image import QwenImageAdapter
-
     flux, qwen = tiny_models("flux"), tiny_models("qwen-image")
     data = write_dataset(tmp_path / "t", n=1, size=(64, 64))
     with pytest.raises(ConfigError, match="'control_type: concat': a QwenImagePipeline model cannot train it"):
@@ -405,9 +405,8 @@ def test_inference_renders_with_a_controlnet(controlnet_run, tmp_path):
 
 # family -> (its adapter, its ControlNet class and pipeline, the names of the saved weights, the pipeline's no-CFG call)
 CONTROLNET_FAMILIES = {
-    "z-image": ("trainer.models.z_image:ZImageAdapter", "ZImageControlNetModel", "ZImageControlNetPipeline", ("control_",),
-                {"guidance_scale": 0.0}),
-    "qwen-image": ("trainer.models.qwen_image:QwenImageAdapter", "QwenImageControlNetModel", "QwenImageControlNetPipeline",
+    "z-image": (ZImageAdapter, "ZImageControlNetModel", "ZImageControlNetPipeline", ("control_",), {"guidance_scale": 0.0}),
+    "qwen-image": (QwenImageAdapter, "QwenImageControlNetModel", "QwenImageControlNetPipeline",
                    ("transformer_blocks.", "controlnet_", "img_in", "txt_in", "txt_norm", "time_text_embed"), {"true_cfg_scale": 1.0}),
 }
 
@@ -417,8 +416,6 @@ def test_controlnet_of_another_family_trains_and_loads_in_its_pipeline(family, t
     """A ControlNet of 2 blocks trains with previews, saves only its own weights (Z-Image's runs the transformer's
     embedders and refiners, which its pipeline lends it), is planned as trained, loads in the family's ControlNet
     pipeline (scale 0 = the base model, scale 1 is not), and trains beside a qfloat8 base with a swapped block."""
-    import importlib
-
     import diffusers
 
     from trainer.methods.full import read_folder
@@ -426,9 +423,7 @@ def test_controlnet_of_another_family_trains_and_loads_in_its_pipeline(family, t
     from trainer.pipelines import adapter_for, load_pipeline, output_images
     from utils.estimate_memory import build_transformer_on_meta, controlnet_params
 
-    path, net_class, pipe_class, prefixes, no_cfg = CONTROLNET_FAMILIES[family]
-    module, name = path.split(":")
-    cls = getattr(importlib.import_module(module), name)
+    cls, net_class, pipe_class, prefixes, no_cfg = CONTROLNET_FAMILIES[family]
     model, data = tiny_models(family), write_dataset(tmp_path / "t", n=2)
     extra = {"training_method": "controlnet", "controlnet_layers": 2, "data_config.control_dir": str(write_dataset(tmp_path / "c", n=2, seed=2))}
     out = tmp_path / "out"

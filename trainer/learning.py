@@ -293,6 +293,14 @@ def measure_learning(model: str | Path, examples: list[Example], lora: str | Pat
     return Report(before, after, examples)
 
 
+def tiny_controlnet(model: str | Path) -> dict:
+    """The controlnet_layers / controlnet_single_layers of a ControlNet of one block of each kind the model's transformer has."""
+    from trainer.models import read_model_index
+
+    single = "num_single_layers" in read_model_index(str(model), "transformer/config.json")
+    return {"controlnet_layers": 1, "controlnet_single_layers": int(single)}
+
+
 def train_case(model: str | Path, folder: Path, case, method: str = "lora", **extra) -> tuple[list[Example], Path]:
     """Train a family's tiny model on its learning case (a trainer.models.base.LearningCase) with the trainer's own
     loop, in this process. Returns the examples and the run's output_dir. LoRAs adapt every Linear layer (a tiny
@@ -312,11 +320,8 @@ def train_case(model: str | Path, folder: Path, case, method: str = "lora", **ex
     }
     if method == "lora":
         overrides.update(rank=16, lora_target_modules="[" + ",".join(linear_layers(model)) + "]")
-    if method == "controlnet":  # one block of each kind the tiny transformer has
-        from trainer.models import read_model_index
-
-        single = "num_single_layers" in read_model_index(str(model), "transformer/config.json")
-        overrides.update(controlnet_layers=1, controlnet_single_layers=int(single))
+    if method == "controlnet":
+        overrides.update(tiny_controlnet(model))
     overrides.update(dict(case.config), **extra)
     train(load_config(None, [f"{k}={v}" for k, v in overrides.items()]), resolve(str(model))[0])
     return examples, out
