@@ -7,7 +7,8 @@
 The model family is read from the model's model_index.json; --lora_weights takes the .safetensors file or a
 checkpoint folder holding one. Edit / Kontext models take --image (repeat it for several references); FLUX Control
 models and LoRAs take --control_image (the output keeps its aspect ratio); FLUX Fill models and LoRAs inpaint --image
-where --mask is white.
+where --mask is white. Qwen-Image in-context control LoRAs (control_type: in-context) take --control_image, resized to
+the output's size (--in_context for such LoRAs trained elsewhere, e.g. DiffSynth-Studio's In-Context-Control-Union).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--controlnet", default=None,
                    help="a trained ControlNet (training_method: controlnet): its folder, or the run's output_dir / checkpoint; "
                         "with --control_image")
+    p.add_argument("--in_context", action="store_true",
+                   help="Qwen-Image: --control_image as in-context control tokens (needed only for LoRAs trained elsewhere, e.g. "
+                        "DiffSynth-Studio's In-Context-Control-Union; ours say so in their metadata)")
     p.add_argument("--controlnet_scale", type=float, default=1.0, help="the ControlNet's strength (controlnet_conditioning_scale; 0 = the base model)")
     p.add_argument("--layers", type=int, default=None, help="Qwen-Image-Layered: how many layers to decompose --image into (default: the pipeline's, 4)")
     p.add_argument("--mask", default=None, help="FLUX Fill: the inpainting mask for --image (white = repainted, black = kept)")
@@ -117,7 +121,7 @@ def main(argv=None) -> int:
     from trainer.pipelines import ToolError, adapter_for, check_lora, load_pipeline, output_images, resolve_transformer
 
     try:
-        adapter = adapter_for(args.model_name, args.lora_weights, controlnet=args.controlnet is not None)
+        adapter = adapter_for(args.model_name, args.lora_weights, controlnet=args.controlnet is not None, in_context=args.in_context)
     except ToolError as e:
         fail(f"--model_name: {e}")
     try:

@@ -66,6 +66,7 @@ CASES = [
     Case("FLUX.1 Fill (inpainting)", "flux-fill", layout="fill"),
     Case("FLUX.1-dev + ControlNet", "flux-controlnet", 1),
     Case("Qwen-Image + ControlNet", "qwen-image-controlnet", 1),
+    Case("Qwen-Image in-context control", "qwen-image-in-context", 1),
     Case("Z-Image", "z-image", layout="frames"),
     Case("Z-Image + ControlNet", "z-image-controlnet", 1, layout="frames"),
     Case("Z-Image-Omni", "z-image-omni", layout="omni"),
@@ -313,6 +314,8 @@ def pipeline_call_kwargs(case: Case, refs: list[Path], work: Path) -> dict:
         kwargs["image"] = images[0]
     elif case.variant == "qwen-image-edit-plus":
         kwargs["image"] = images
+    elif case.variant == "qwen-image-in-context":
+        kwargs["context_image"] = images[0]  # 800x600, resized by the pipeline to the output's 512x384
     elif case.variant == "flux-kontext":
         kwargs.update(image=images[0], max_area=w * h)  # _auto_resize on: the pipeline's default reference sizing
     elif case.variant in ("flux-control", "flux-controlnet", "z-image-controlnet", "qwen-image-controlnet"):
@@ -337,6 +340,8 @@ def compare(case: Case, model: Path, work: Path) -> dict:
     cls, variant = resolve(str(model))
     controlnet = case.variant.endswith("-controlnet")
     more = ["training_method=controlnet", *(f"{k}={v}" for k, v in tiny_controlnet(model).items())] if controlnet else []
+    if case.variant.endswith("-in-context"):
+        more = ["control_type=in-context"]
     preset = [f"{k}={v}" for k, v in cls.config_preset.items()]  # as the family's entry script starts from (HiDream-I1: 128 tokens)
     cfg = load_config(None, [f"pretrained_model_name_or_path={model}", "mixed_precision=no", *preset, *more], check_paths=False)
     adapter = cls.from_model(cfg)

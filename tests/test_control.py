@@ -38,13 +38,13 @@ class TryIt(logging.Handler):
             self.command = shlex.split(record.getMessage()[len("try it: "):])
 
 
-def train_and_keep_command(cfg) -> list[str]:
+def train_and_keep_command(cfg, adapter_class=FluxAdapter) -> list[str]:
     handler, log = TryIt(), logging.getLogger("trainer")
     log.addHandler(handler)
     level = log.level
     log.setLevel(logging.INFO)
     try:
-        train(cfg, FluxAdapter)
+        train(cfg, adapter_class)
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
@@ -226,6 +226,12 @@ def test_wrong_control_setups_are_one_line_before_the_model_loads(tiny_models, t
         load_config(None, base_overrides(flux, data, tmp_path / "o", control_type="canny"))
     with pytest.raises(ConfigError, match="full fine-tuning of a control model is not supported yet"):
         load_config(None, base_overrides(flux, data, tmp_path / "o", control_type="fill", training_method="full"))
+    with pytest.raises(ConfigError, match="'control_type: in-context': a FluxPipeline model cannot train it"):
+        FluxAdapter.check_setup(load_config(None, base_overrides(flux, data, tmp_path / "o", control_type="in-context")))
+    with pytest.raises(ConfigError, match="needs control images for a QwenImagePipeline model"):
+        QwenImageAdapter.check_setup(load_config(None, base_overrides(qwen, data, tmp_path / "o", control_type="in-context")))
+    with pytest.raises(ConfigError, match="'control_type: in-context' trains a LoRA; full fine-tuning"):
+        load_config(None, base_overrides(qwen, data, tmp_path / "o", control_type="in-context", training_method="full"))
     with pytest.raises(ConfigError, match="lora_type: lora without use_dora"):
         load_config(None, base_overrides(flux, data, tmp_path / "o", control_type="concat", lora_type="lokr"))
     wide = write_dataset(tmp_path / "c", n=1, size=(96, 64))
@@ -233,7 +239,8 @@ def test_wrong_control_setups_are_one_line_before_the_model_loads(tiny_models, t
     scan = scan_dataset(cfg.data_config, rule=FluxAdapter.from_model(cfg).reference_rule())
     assert len(scan.problems) == 1 and "control image is 96x64, but its image" in scan.problems[0] and "aspect ratio" in scan.problems[0]
     for name, expected in (("train_flux_control.yaml", ("concat", "lora")), ("train_flux_fill.yaml", ("fill", "lora")),
-                           ("train_flux_controlnet.yaml", (None, "controlnet"))):  # the shipped YAMLs, paths left as shipped
+                           ("train_flux_controlnet.yaml", (None, "controlnet")),
+                           ("train_qwen_image_in_context.yaml", ("in-context", "lora"))):  # the shipped YAMLs, paths left as shipped
         cfg = load_config(ROOT / "train_configs" / name, [], check_paths=False)
         assert (cfg.control_type, cfg.training_method) == expected, name
     out = tmp_path / "o2"
@@ -460,3 +467,49 @@ def test_controlnet_of_another_family_trains_and_loads_in_its_pipeline(family, t
         for key, value, message in (("controlnet_single_layers", 1, "one kind of block"), ("controlnet_layers", 3, "has 2 layers")):
             with pytest.raises(ConfigError, match=message):
                 cls.check_setup(load_config(None, base_overrides(model, data, tmp_path / "o", **{**extra, key: value})))
+
+
+def test_qwen_image_in_context_lora_trains_on_a_swapped_quantized_base_and_renders_with_its_control(tiny_models, tmp_path):
+    """control_type: in-context (DiffSynth's In-Context-Control-Union): a LoRA on Qwen-Image trained (qfloat8, a swapped
+    block, previews with the control image) says what it is in its file; QwenImageInContextPipeline loads it with no
+    unexpected keys and renders another picture for another control image; inference.py renders with --control_image
+    (the run's own "try it" line), asks for one when missing, and `--in_context` runs a LoRA without our metadata
+    (DiffSynth-Studio's). Its equivalence and learning cases: tests/test_equivalence.py, tests/test_learning.py."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from trainer.lora_format import VARIANT_KEY
+    from trainer.models.qwen_image import QwenImageInContextPipeline
+    from trainer.pipelines import adapter_for, load_pipeline, output_images
+
+    model = tiny_models("qwen-image")
+    data, controls = write_dataset(tmp_path / "t", n=2), write_dataset(tmp_path / "c", n=2, seed=2)
+    out = tmp_path / "out"
+    command = train_and_keep_command(load_config(None, base_overrides(
+        model, data, out, max_train_steps=2, validation_samples=1, validation_steps=2, control_type="in-context", quantize="qfloat8",
+        blocks_to_swap=1, learning_rate=0.05, **{"data_config.control_dir": str(controls)})), QwenImageAdapter)
+    assert (out / "samples").is_dir() and any((out / "samples").iterdir())
+    lora = out / "pytorch_lora_weights.safetensors"
+    with safe_open(str(lora), framework="pt") as f:
+        assert f.metadata()[VARIANT_KEY] == "qwen-image-in-context"
+    adapter = adapter_for(str(model), str(lora))
+    pipe = load_pipeline(adapter, torch.float32, "cpu", str(lora))  # load_lora refuses unexpected keys
+    assert type(pipe) is QwenImageInContextPipeline
+    renders = [output_images(pipe(prompt="x", context_image=Image.new("RGB", (64, 64), colour), width=64, height=64, num_inference_steps=2,
+                                  true_cfg_scale=1.0, output_type="np", generator=torch.Generator().manual_seed(0)))[0]
+               for colour in ("white", "black")]
+    assert np.abs(renders[0] - renders[1]).max() > 1e-3  # the control image is read
+    foreign = tmp_path / "diffsynth.safetensors"  # the same weights without our metadata, as another trainer's file
+    save_file(load_file(str(lora)), str(foreign))
+    control = tmp_path / "edges.png"
+    Image.new("RGB", (64, 48), "white").save(control)
+    assert "--control_image" in command
+    args = [PY, "inference.py", "--model_name", str(model), "--prompt", "x", "--num_inference_steps", "1", "--width", "64", "--height", "48"]
+    tried, missing, other = run_each([[PY, *command[1:], "--num_inference_steps", "1"],
+                                      args + ["--lora_weights", str(lora), "--output_image", str(tmp_path / "no.png")],
+                                      args + ["--lora_weights", str(foreign), "--in_context", "--control_image", str(control),
+                                              "--output_image", str(tmp_path / "o.png")]], workers=3)
+    assert tried.returncode == 0, tried.stderr[-2000:]
+    assert missing.returncode == 2 and "--control_image: qwen-image-in-context models follow a control image" in missing.stderr
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert Image.open(tmp_path / "o.png").size == (64, 48)

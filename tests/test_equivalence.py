@@ -51,6 +51,8 @@ def test_trainer_feeds_the_transformer_what_the_pipeline_feeds_it(case, realisti
         assert result["text_tokens"] > 180 * case.references and result["image_tokens"] > n_target + 4000 * case.references
     if case.variant == "flux":
         assert result["text_tokens"] == 512
+    if case.variant == "qwen-image-in-context":  # the control image's tokens, at the output's size, ride after the target's
+        assert result["image_tokens"] == 2 * n_target
     if case.variant == "qwen-image-2.1":  # references at 1024^2 area: ~4,000 latent tokens each, 4 per Qwen3-VL slot
         assert result["image_tokens"] >= n_target + 4000 * case.references
 

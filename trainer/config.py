@@ -46,7 +46,8 @@ TRACKERS = ("none", "tensorboard", "wandb", "all")
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy")
 TRAINING_METHODS = ("lora", "full", "controlnet")
 LORA_TYPES = ("lora", "lokr", "loha")
-CONTROL_TYPES = ("concat", "fill")
+CONTROL_TYPES = ("concat", "fill", "in-context")
+WIDENING_CONTROLS = ("concat", "fill")  # control types that widen the transformer's input layer (FLUX Control / Fill)
 FULL_WEIGHTS = ("fp32", "bf16")
 QUANTIZE_CHOICES = ("none", "qfloat8", "qint8", "qint4", "nf4", "int8", "int8_w8a8", "fp8_w8a8")
 
@@ -177,7 +178,7 @@ class TrainConfig:
     cache_dir: Optional[str] = doc(None, "where the embedding cache and the dataset scan index live; default <output_dir>/cache")
     cache_batch_size: int = doc(4, "images per VAE call while building the embedding cache (samples of equal sizes are batched)")
 
-    control_type: Optional[str] = doc(None, f"train a control / inpainting model: {', '.join(CONTROL_TYPES)}; concat = FLUX Control (FluxControlPipeline: the control image's latents beside the noisy latents on the channel axis; control images in data_config.control_dir, same stems and aspect as the images); fill = FLUX Fill inpainting (FluxFillPipeline: the masked image's latents and the mask beside them; masks from data_config.mask_dir / alpha_mask / a mask column, else random rectangles). From FLUX.1-dev the input layer is widened and trained, as BFL's Canny / Depth LoRAs. null = as the model folder's pipeline (FLUX.1-Canny-dev: concat, FLUX.1-Fill-dev: fill)")
+    control_type: Optional[str] = doc(None, f"train a control / inpainting model: {', '.join(CONTROL_TYPES)}; concat = FLUX Control (FluxControlPipeline: the control image's latents beside the noisy latents on the channel axis; control images in data_config.control_dir, same stems and aspect as the images); fill = FLUX Fill inpainting (FluxFillPipeline: the masked image's latents and the mask beside them; masks from data_config.mask_dir / alpha_mask / a mask column, else random rectangles). From FLUX.1-dev the input layer is widened and trained, as BFL's Canny / Depth LoRAs. in-context = Qwen-Image in-context control (DiffSynth's In-Context-Control-Union: the control image's tokens after the image's, a LoRA on Qwen-Image; control images in data_config.control_dir). null = as the model folder's pipeline (FLUX.1-Canny-dev: concat, FLUX.1-Fill-dev: fill)")
     training_method: str = doc("lora", f"what is trained: {', '.join(TRAINING_METHODS)}; lora = adapters on the frozen transformer (a LoRA file), full = the transformer's own weights (a diffusers transformer folder), controlnet = a ControlNet beside the frozen transformer (a diffusers ControlNet folder; FLUX.1, Qwen-Image, Z-Image; control images in data_config.control_dir)")
     controlnet_model_name_or_path: Optional[str] = doc(None, "controlnet: continue training this ControlNet (a diffusers folder or hub id of the family's ControlNet class); null = a new one started from the transformer's first blocks (their weights copied, the control input and outputs zero)")
     controlnet_layers: int = doc(4, "controlnet (new): double-stream blocks of the ControlNet (each a copy of the transformer's block; FLUX.1 has 19, Qwen-Image 60); Z-Image: control blocks placed evenly over its layers (at most 30)")
@@ -320,8 +321,9 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
     controlnet_keys = {"controlnet_model_name_or_path": None, "controlnet_layers": 4, "controlnet_single_layers": 0,
                        "controlnet_conditioning_scale": 1.0}
     if cfg.control_type is not None and cfg.training_method == "full":
-        raise ConfigError(f"config key 'control_type: {cfg.control_type}' trains a LoRA (with the widened input layer); full "
-                          "fine-tuning of a control model is not supported yet: use training_method: lora")
+        raise ConfigError(f"config key 'control_type: {cfg.control_type}' trains a LoRA"
+                          + (" (with the widened input layer)" if cfg.control_type in WIDENING_CONTROLS else "")
+                          + "; full fine-tuning of a control model is not supported yet: use training_method: lora")
     if cfg.training_method == "controlnet":
         if cfg.control_type is not None:
             raise ConfigError(f"config keys 'control_type: {cfg.control_type}' and 'training_method: controlnet' are two ways of "
@@ -590,7 +592,7 @@ def check_adapter_keys(cfg: TrainConfig) -> None:
     if cfg.use_dora and cfg.quantize not in ("none", "nf4"):
         raise ConfigError(f"config key 'use_dora' normalises by the frozen weights every step; peft's DoRA reads them dequantized from "
                           f"plain and nf4 layers (QDoRA), not from quantize: {cfg.quantize}")
-    if cfg.control_type is not None and (cfg.lora_type != "lora" or cfg.use_dora):
+    if cfg.control_type in WIDENING_CONTROLS and (cfg.lora_type != "lora" or cfg.use_dora):
         raise ConfigError(f"config key 'control_type: {cfg.control_type}' trains a widened input layer, which diffusers' and ComfyUI's "
                           "loaders widen for plain LoRA only; use lora_type: lora without use_dora")
     if cfg.lora_type != "lora" and cfg.quantize in ("nf4", "int8"):

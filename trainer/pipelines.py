@@ -12,10 +12,11 @@ class ToolError(ValueError):
     """A user mistake in a tool's arguments; printed as one line."""
 
 
-def adapter_for(model_name: str, lora: str | None = None, controlnet: bool = False):
+def adapter_for(model_name: str, lora: str | None = None, controlnet: bool = False, in_context: bool = False):
     """The family adapter (no weights) of a model folder or hub id, from its model_index.json; with the `lora` it
     will run, the variant that LoRA was trained for where it widens this model (a FLUX Control LoRA on FLUX.1-dev
-    runs in a FluxControlPipeline); `controlnet`: the variant that runs the model with a ControlNet."""
+    runs in a FluxControlPipeline); `controlnet`: the variant that runs the model with a ControlNet; `in_context`: the
+    in-context control variant (for LoRAs without our metadata, e.g. DiffSynth-Studio's)."""
     from trainer.models import read_model_index, resolve
 
     p = Path(model_name)
@@ -39,7 +40,14 @@ def adapter_for(model_name: str, lora: str | None = None, controlnet: bool = Fal
         try:
             variant = cls.controlled(variant, "controlnet")
         except ConfigError:
-            raise ToolError(f"{variant.pipeline} models have no ControlNet pipeline here (ControlNets: FLUX.1)") from None
+            raise ToolError(f"{variant.pipeline} models have no ControlNet pipeline here (ControlNets: FLUX.1, Qwen-Image, Z-Image)") from None
+    if in_context:
+        from trainer.config import ConfigError
+
+        try:
+            variant = cls.controlled(variant, "in-context")
+        except ConfigError:
+            raise ToolError(f"{variant.pipeline} models have no in-context control (Qwen-Image has)") from None
     return cls(TrainConfig(pretrained_model_name_or_path=model_name), variant)
 
 

@@ -19,6 +19,13 @@ the per-block output projections zero, so step 0 is the base model). It reads th
 control image's packed latents (the Qwen VAE's, normalised as the target's), the timestep, the prompt and img_shapes;
 its block samples go into the transformer's blocks, spread evenly over them. The control image is sized and cropped with
 the target; the pipeline resizes it to the output's size.
+
+In-context control (`control_type: in-context`, DiffSynth-Studio's Qwen-Image-In-Context-Control-Union): a LoRA on
+Qwen-Image itself. The control image (pixel-aligned with the target, sized and cropped with it) is encoded by the VAE
+like the target and its packed tokens ride after the target's with their own img_shapes entry, RoPE frame index 1,
+the same timestep, the prompt text-only (Qwen-Image's template): DiffSynth's `model_fn_qwen_image(context_latents=...)`,
+whose pipeline resizes the control image to the output's size. No diffusers pipeline has it:
+`QwenImageInContextPipeline` (below) is QwenImagePipeline with a `context_image` argument.
 """
 
 from __future__ import annotations
@@ -132,6 +139,48 @@ def calculate_dimensions(area: int, ratio: float) -> tuple[int, int]:
     return pipeline_dims(area, ratio)
 
 
+class QwenImageInContextPipeline(QwenImagePipeline):
+    """QwenImagePipeline with in-context control (DiffSynth-Studio's `context_image`): the control image is resized to
+    the output's size, encoded by the VAE (normalised as the latents), packed, and appended to the image tokens of every
+    transformer call (both halves of true CFG) with its own img_shapes entry; each prediction is cut back to the
+    target's tokens. Everything else is QwenImagePipeline's own `__call__`; without `context_image` it is that call."""
+
+    def __call__(self, *args, context_image=None, **kwargs):
+        if context_image is None:
+            return super().__call__(*args, **kwargs)
+        multiple = self.vae_scale_factor * 2  # prepare_latents floors the output's sides to this
+        height = (kwargs.get("height") or self.default_sample_size * self.vae_scale_factor) // multiple * multiple
+        width = (kwargs.get("width") or self.default_sample_size * self.vae_scale_factor) // multiple * multiple
+        device = self._execution_device
+        pixels = self.image_processor.preprocess(context_image, height, width)
+        latents = qwen_vae_latents(self.vae, pixels, device, *qwen_latent_statistics(self.vae, device))
+        tokens, shape = pack_latents(latents), (1, latents.shape[-2] // 2, latents.shape[-1] // 2)
+        targets = []
+
+        def before(_module, args, kw):
+            hidden = kw["hidden_states"]
+            targets.append(hidden.shape[1])
+            kw["hidden_states"] = torch.cat([hidden, tokens.to(hidden.device, hidden.dtype).expand(hidden.shape[0], -1, -1)], dim=1)
+            kw["img_shapes"] = [[*(s if isinstance(s, list) else [s]), shape] for s in kw["img_shapes"]]
+            return args, kw
+
+        def after(_module, _args, _kw, output):
+            n = targets.pop()
+            if isinstance(output, tuple):
+                return (output[0][:, :n], *output[1:])
+            output.sample = output.sample[:, :n]
+            return output
+
+        # the tokens go in before any other hook sees the call's inputs, and come out after every other hook saw its output
+        handles = [self.transformer.register_forward_pre_hook(before, with_kwargs=True, prepend=True),
+                   self.transformer.register_forward_hook(after, with_kwargs=True)]
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+
+
 @register
 class QwenImageAdapter(ModelAdapter):
     family = "qwen-image"
@@ -143,7 +192,12 @@ class QwenImageAdapter(ModelAdapter):
                 # at -0.06 (also at 1200 steps, lr 1e-2 or 2 blocks): a bench row, not a suite test
                 Variant("qwen-image-controlnet", "QwenImageControlNetPipeline", (1, 1),
                         learning=LearningCase(1, 600, 5e-3, method="controlnet", in_suite=False),
-                        control="controlnet", starts_from=("QwenImagePipeline",)))
+                        control="controlnet", starts_from=("QwenImagePipeline",)),
+                # control_type: in-context: a LoRA on Qwen-Image reading the control image's tokens (DiffSynth's
+                # In-Context-Control-Union), sampled by QwenImageInContextPipeline
+                Variant("qwen-image-in-context", "QwenImagePipeline", (1, 1),
+                        learning=LearningCase(1, 300, 1e-2, config=(("control_type", "in-context"),)),
+                        control="in-context", starts_from=("QwenImagePipeline",)))
     transformer_class = "QwenImageTransformer2DModel"
     controlnet_class = "QwenImageControlNetModel"
     default_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -156,6 +210,8 @@ class QwenImageAdapter(ModelAdapter):
         super().__init__(*args, **kwargs)
         self.latents_mean: torch.Tensor | None = None  # 1 x C x 1 x 1 x 1, from the VAE config
         self.latents_std: torch.Tensor | None = None
+        if self.variant.control == "in-context":
+            self.pipeline_class = QwenImageInContextPipeline
 
     # --- loading -------------------------------------------------------------------------------------------
     def load_encoders(self) -> None:
@@ -169,7 +225,7 @@ class QwenImageAdapter(ModelAdapter):
         )
         tokenizer = AutoTokenizer.from_pretrained(name, subfolder="tokenizer")
         # The pipeline object is only used for its prompt template and encode_prompt (no transformer / VAE inside).
-        text_class = QwenImagePipeline if self.variant.control == "controlnet" else self.pipeline_class  # the same encode_prompt
+        text_class = QwenImagePipeline if self.variant.control else self.pipeline_class  # the same encode_prompt
         self.text_pipe = text_class(
             scheduler=None, vae=None, text_encoder=text_encoder, tokenizer=tokenizer, transformer=None, **self.pipeline_components(name)
         )
@@ -246,6 +302,8 @@ class QwenImageAdapter(ModelAdapter):
         }
         if self.variant.control == "controlnet":  # the pipeline resizes the control image to the output's size
             kwargs.update(control_image=images[0] if images else None, controlnet_conditioning_scale=self.cfg.controlnet_conditioning_scale)
+        elif self.variant.control == "in-context":
+            kwargs["context_image"] = images[0] if images else None
         elif images:
             kwargs["image"] = images if self.variant.references[1] > 1 else images[0]
         return kwargs
@@ -256,6 +314,8 @@ class QwenImageAdapter(ModelAdapter):
             kwargs["max_sequence_length"] = request.max_sequence_length
         if self.variant.control == "controlnet":
             kwargs.update(control_image=request.images[0] if request.images else None, controlnet_conditioning_scale=request.conditioning_scale)
+        elif self.variant.control == "in-context":
+            kwargs["context_image"] = request.images[0] if request.images else None
         elif request.images:
             kwargs["image"] = request.images if self.variant.references[1] > 1 else request.images[0]
         return kwargs
@@ -266,7 +326,8 @@ class QwenImageAdapter(ModelAdapter):
 
         with torch.device("meta"):
             vae_params = sum(p.numel() for p in AutoencoderKLQwenImage().parameters())
-        return PlannerSpec(encoders=[("text encoder Qwen2.5-VL-7B", QWEN25_VL_PARAMS, True)], vae_params=vae_params, text_tokens=256)
+        return PlannerSpec(encoders=[("text encoder Qwen2.5-VL-7B", QWEN25_VL_PARAMS, True)], vae_params=vae_params, text_tokens=256,
+                           image_frames=2 if self.variant.control == "in-context" else 1)  # in-context: the control's tokens too
 
     def random_conditioning(self, transformer, batch: int, device, dtype) -> Cond:
         g = torch.Generator(device=device).manual_seed(0)
@@ -283,7 +344,7 @@ class QwenImageAdapter(ModelAdapter):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         torch.manual_seed(0)
-        cls = QwenImagePipeline if self.variant.control == "controlnet" else self.pipeline_class  # a ControlNet trains beside Qwen-Image
+        cls = QwenImagePipeline if self.variant.control else self.pipeline_class  # ControlNets and in-context control train on Qwen-Image
         probe = cls(**{k: None for k in inspect.signature(cls.__init__).parameters if k != "self"})
         tokenizer = build_qwen_tokenizer(probe.prompt_template_encode, probe.prompt_template_encode_start_idx)
         components = dict(
