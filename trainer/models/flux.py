@@ -88,8 +88,9 @@ class FluxAdapter(ModelAdapter):
         # FLUX.1-Fill-dev (in_channels 384), or FLUX.1-dev widened: inpainting (masked image + mask channels)
         Variant("flux-fill", "FluxFillPipeline", hub_hints=("fill",), learning=LearningCase(0, 300, 1e-2, inpaint=True, in_suite=False),
                 control="fill", starts_from=("FluxPipeline",)),
-        # training_method: controlnet: a FluxControlNetModel beside FLUX.1-dev (FluxControlNetPipeline)
-        Variant("flux-controlnet", "FluxControlNetPipeline", (1, 1), learning=LearningCase(1, 600, 5e-3, method="controlnet"),
+        # training_method: controlnet: a FluxControlNetModel beside FLUX.1-dev (FluxControlNetPipeline); its tiny base's
+        # output is at the velocity's scale (ModelAdapter.velocity_scaled)
+        Variant("flux-controlnet", "FluxControlNetPipeline", (1, 1), learning=LearningCase(1, 300, 5e-3, method="controlnet"),
                 control="controlnet", starts_from=("FluxPipeline",)),
     )
     controlnet_class = "FluxControlNetModel"
@@ -335,13 +336,17 @@ class FluxAdapter(ModelAdapter):
         torch.manual_seed(0)
         clip, clip_tok = build_clip()
         t5, t5_tok = build_t5()
-        # a ControlNet variant trains beside FLUX.1-dev: its tiny model is FLUX.1-dev's
+        # a ControlNet variant trains beside FLUX.1-dev: its tiny model is FLUX.1-dev's, its output at the velocity's scale
+        vae = build_flux_vae()  # built before the transformer: the same weights
+        transformer = build_flux_transformer(guidance_embeds=True, control=self.variant.control)
+        if self.variant.control == "controlnet":
+            transformer = self.velocity_scaled(transformer, transformer.proj_out, 4, guidance=True)
         (FluxPipeline if self.variant.control == "controlnet" else self.pipeline_class)(
             scheduler=FlowMatchEulerDiscreteScheduler(
                 base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15, shift=3.0, use_dynamic_shifting=True,
             ),
-            vae=build_flux_vae(), text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5, tokenizer_2=t5_tok,
-            transformer=build_flux_transformer(guidance_embeds=True, control=self.variant.control),
+            vae=vae, text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5, tokenizer_2=t5_tok,
+            transformer=transformer,
         ).save_pretrained(out)
 
 

@@ -186,12 +186,10 @@ class QwenImageAdapter(ModelAdapter):
     family = "qwen-image"
     entry = "train.py"
     variants = (Variant("qwen-image", "QwenImagePipeline", hub_hints=("qwen-image",), learning=LearningCase(0, 300, 1e-2)),
-                # training_method: controlnet: a QwenImageControlNetModel beside Qwen-Image (QwenImageControlNetPipeline). Its
-                # tiny case moves both samples toward their targets (error x0.33; choice +0.48 / +0.20, as much as FLUX's
-                # ControlNet moves its own) but the tiny base leans -0.54 toward the wrong picture on one of them, which ends
-                # at -0.06 (also at 1200 steps, lr 1e-2 or 2 blocks): a bench row, not a suite test
+                # training_method: controlnet: a QwenImageControlNetModel beside Qwen-Image (QwenImageControlNetPipeline); its
+                # tiny base's output is at the velocity's scale (ModelAdapter.velocity_scaled)
                 Variant("qwen-image-controlnet", "QwenImageControlNetPipeline", (1, 1),
-                        learning=LearningCase(1, 600, 5e-3, method="controlnet", in_suite=False),
+                        learning=LearningCase(1, 300, 5e-3, method="controlnet"),
                         control="controlnet", starts_from=("QwenImagePipeline",)),
                 # control_type: in-context: a LoRA on Qwen-Image reading the control image's tokens (DiffSynth's
                 # In-Context-Control-Union), sampled by QwenImageInContextPipeline
@@ -357,6 +355,8 @@ class QwenImageAdapter(ModelAdapter):
             tokenizer=tokenizer,
             transformer=self.tiny_transformer(),
         )
+        if self.variant.control == "controlnet":
+            components["transformer"] = self.velocity_scaled(components["transformer"], components["transformer"].proj_out, 4)
         has_processor = "processor" in inspect.signature(cls.__init__).parameters
         if has_processor:
             components["processor"] = None
