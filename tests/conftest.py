@@ -27,3 +27,13 @@ def tiny_qwen(tiny_models) -> Path:
 @pytest.fixture
 def dataset(tmp_path) -> Path:
     return write_dataset(tmp_path / "data")
+
+
+@pytest.fixture
+def fresh_state():
+    """accelerate keeps one process-wide state (mixed precision included); a bf16 run in this process needs a reset."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)

@@ -344,8 +344,10 @@ def test_controlnet_folder_loads_in_flux_controlnet_pipeline_and_scale_zero_is_t
     assert np.abs(render(trained, 1.0) - base).max() > 1
 
 
-def test_controlnet_resumes_exactly_and_starts_from_a_quantized_base(tiny_models, tmp_path):
-    """(blocks_to_swap: the ControlNet's blocks are copied while the swapped weights are in host RAM.)"""
+@pytest.mark.parametrize("full_weights", ["fp32", "bf16"])
+def test_controlnet_resumes_exactly_and_starts_from_a_quantized_base(full_weights, tiny_models, tmp_path, fresh_state):
+    """(blocks_to_swap: the ControlNet's blocks are copied while the swapped weights are in host RAM.) full_weights: bf16
+    keeps the ControlNet in bf16 (stochastic rounding, its generator resumed too) and saves a bf16 folder."""
     from diffusers import FluxTransformer2DModel
 
     from trainer.methods.full import read_folder
@@ -353,13 +355,16 @@ def test_controlnet_resumes_exactly_and_starts_from_a_quantized_base(tiny_models
     model = tiny_models("flux")
     data = write_dataset(tmp_path / "t", n=2)
     extra = {**CONTROLNET, "data_config.control_dir": str(write_dataset(tmp_path / "c", n=2, seed=2)), "checkpointing_steps": 1,
-             "blocks_to_swap": 1}
+             "blocks_to_swap": 1, "full_weights": full_weights, "mixed_precision": "bf16" if full_weights == "bf16" else "no"}
     straight, split = tmp_path / "straight", tmp_path / "split"
     train(load_config(None, base_overrides(model, data, straight, max_train_steps=2, **extra)), FluxAdapter)
     train(load_config(None, base_overrides(model, data, split, max_train_steps=1, **extra)), FluxAdapter)
     train(load_config(None, base_overrides(model, data, split, max_train_steps=2, resume_from_checkpoint="latest", **extra)), FluxAdapter)
     a, b = read_folder(straight / "controlnet"), read_folder(split / "controlnet")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert {v.dtype for v in a.values()} == {torch.float32 if full_weights == "fp32" else torch.bfloat16}
+    if full_weights == "bf16":
+        return
     # quantize: the ControlNet's blocks are copied from the model folder's (unquantized) weights
     from trainer.methods.controlnet import ControlNetMethod
 
@@ -387,6 +392,8 @@ def test_controlnet_setups_that_cannot_work_are_one_line(tiny_models, tmp_path):
         load_config(None, base_overrides(flux, data, tmp_path / "o", use_dora="true", **CONTROLNET))
     with pytest.raises(ConfigError, match="two ways of training control"):
         load_config(None, base_overrides(flux, data, tmp_path / "o", control_type="concat", **CONTROLNET))
+    with pytest.raises(ConfigError, match="'full_weights: bf16' needs mixed_precision: bf16"):
+        load_config(None, base_overrides(flux, data, tmp_path / "o", full_weights="bf16", **CONTROLNET))
     with pytest.raises(ConfigError, match="'controlnet_layers' applies to training_method: controlnet only"):
         load_config(None, base_overrides(flux, data, tmp_path / "o", controlnet_layers=2))
     saved = tmp_path / "saved-controlnet-pipeline"  # a FluxControlNetPipeline folder given to LoRA training

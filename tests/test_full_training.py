@@ -25,16 +25,6 @@ def full(model, data, out, **extra):
     return load_config(None, base_overrides(model, data, out, **{"training_method": "full", "learning_rate": 1e-3, **extra}))
 
 
-@pytest.fixture
-def fresh_state():
-    """accelerate keeps one process-wide state (mixed precision included); a bf16 run in this process needs a reset."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
-
 def weights(folder):
     return read_folder(folder / "transformer")
 

@@ -185,7 +185,7 @@ class TrainConfig:
     controlnet_single_layers: int = doc(0, "controlnet (new): single-stream blocks of the ControlNet (FLUX.1 has 38; InstantX's Union uses 10)")
     controlnet_conditioning_scale: float = doc(1.0, "controlnet: the ControlNet's strength in validation previews (training runs at 1.0, as the released ControlNets)")
     trainable_modules: Optional[list[str]] = doc(None, "full: train only the parameters whose names contain one of these (e.g. [transformer_blocks.0., proj_out]); null = every transformer weight")
-    full_weights: str = doc("fp32", "full: dtype the trained weights are kept in: fp32 (master weights; the forward runs in mixed_precision) or bf16 (half the memory; optimizer=adamw rounds each update stochastically so small updates are not lost)")
+    full_weights: str = doc("fp32", "full / controlnet: dtype the trained weights (the ControlNet's) are kept in: fp32 (master weights; the forward runs in mixed_precision) or bf16 (half the memory; optimizer=adamw rounds each update stochastically so small updates are not lost)")
     ema_decay: float = doc(0.0, "full: keep an exponential moving average of the trained weights (e.g. 0.9999), saved as transformer_ema/ and used for validation previews; 0 = off")
     freeze_text_encoder: bool = doc(True, "FlyMyAI key; the text encoders are always frozen (false is refused)")
     use_8bit_adam: bool = doc(False, "FlyMyAI alias (full training): true selects optimizer=adamw8bit")
@@ -328,11 +328,10 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         if cfg.control_type is not None:
             raise ConfigError(f"config keys 'control_type: {cfg.control_type}' and 'training_method: controlnet' are two ways of "
                               "training control; use one")
-        for key, default in (*ADAPTER_KEYS.items(), ("assistant_lora", None), ("trainable_modules", None), ("ema_decay", 0.0),
-                             ("full_weights", "fp32")):
+        for key, default in (*ADAPTER_KEYS.items(), ("assistant_lora", None), ("trainable_modules", None), ("ema_decay", 0.0)):
             if getattr(cfg, key) != default:
                 raise ConfigError(f"config key '{key}' does not apply to training_method: controlnet (the ControlNet is trained whole, "
-                                  "in fp32); remove it")
+                                  "in full_weights' precision); remove it")
         if cfg.controlnet_layers < 0 or cfg.controlnet_single_layers < 0 or cfg.controlnet_layers + cfg.controlnet_single_layers < 1:
             raise ConfigError(f"config keys 'controlnet_layers' / 'controlnet_single_layers' ({cfg.controlnet_layers} / "
                               f"{cfg.controlnet_single_layers}) must be >= 0 with at least one block")
@@ -355,6 +354,7 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         for key, default in ADAPTER_KEYS.items():
             if getattr(cfg, key) != default:
                 raise ConfigError(f"config key '{key}' is a LoRA-training option; remove it for training_method: full")
+    if cfg.training_method in ("full", "controlnet"):
         if cfg.full_weights == "bf16" and cfg.mixed_precision != "bf16":
             raise ConfigError(f"config key 'full_weights: bf16' needs mixed_precision: bf16 (got {cfg.mixed_precision})")
         if cfg.full_weights == "bf16" and cfg.optimizer != "adamw":

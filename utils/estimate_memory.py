@@ -182,21 +182,23 @@ def plan(cfg, resolution: int) -> tuple[list[Row], dict]:
 
     batch = cfg.data_config.train_batch_size
     activations = activation_bytes(model, resolution, batch, cfg.gradient_checkpointing, spec.text_tokens, spec.token_width, spec.image_frames)
-    if cfg.training_method == "controlnet":  # trained whole in fp32; its blocks add their share of the activations
+    weight_bytes = 4
+    if cfg.training_method == "controlnet":  # trained whole (full_weights); its blocks add their share of the activations
         n_lora, net_blocks = controlnet_params(model, adapter)
-        what = (f"ControlNet weights ({cfg.controlnet_layers} + {cfg.controlnet_single_layers} blocks, fp32)"
-                if not cfg.controlnet_model_name_or_path else "ControlNet weights (fp32)")
+        weight_bytes = 2 if cfg.full_weights == "bf16" else 4
+        what = (f"ControlNet weights ({cfg.controlnet_layers} + {cfg.controlnet_single_layers} blocks, {cfg.full_weights})"
+                if not cfg.controlnet_model_name_or_path else f"ControlNet weights ({cfg.full_weights})")
         activations *= 1 + net_blocks / max(1, sum(int(model.config[k]) for k in adapter.block_count_keys))
-        grads = "ControlNet gradients (fp32)"
+        grads = f"ControlNet gradients ({cfg.full_weights})"
     else:
         n_lora = lora_params(model, cfg, adapter)
         what = f"{'DoRA' if cfg.use_dora else {'lokr': 'LoKr', 'loha': 'LoHa'}.get(cfg.lora_type, 'LoRA')} weights (rank {cfg.rank}, fp32)"
         grads = "LoRA gradients (fp32)"
     train_rows = [
-        Row(what, n_lora, n_lora * 4),
+        Row(what, n_lora, n_lora * weight_bytes),
         *([Row(f"unconditional transformer for previews ({quant})", spec.preview_params, resident(swap) * spec.preview_params / total,
                "placed as the transformer; validation previews on")] if spec.preview_params and (cfg.validation_prompts or cfg.validation_samples) else []),
-        Row(grads, n_lora, n_lora * 4),
+        Row(grads, n_lora, n_lora * weight_bytes),
         Row(f"optimizer state ({cfg.optimizer})", n_lora, n_lora * OPTIMIZER_BYTES[cfg.optimizer]),
         Row(f"activations ({resolution}px, batch {batch}, checkpointing {'on' if cfg.gradient_checkpointing else 'off'})", 0,
             activations, "estimate"),

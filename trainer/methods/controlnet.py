@@ -1,4 +1,5 @@
-"""ControlNet training: a ControlNet beside the frozen transformer, trained whole (fp32 master weights).
+"""ControlNet training: a ControlNet beside the frozen transformer, trained whole (fp32 master weights, or bf16 with
+stochastic rounding: `full_weights: bf16`).
 
 The ControlNet starts from the transformer's first blocks (`controlnet_layers` double-stream, `controlnet_single_layers`
 single-stream; weights copied, the control input and the output projections zero: at step 0 the model is the base
@@ -43,7 +44,7 @@ class ControlNetPair(torch.nn.Module):
 class ControlNetMethod(FullMethod):
     name = "controlnet"
     exports_every_checkpoint = True
-    resume_keys = ("controlnet_model_name_or_path", "controlnet_layers", "controlnet_single_layers")
+    resume_keys = ("controlnet_model_name_or_path", "controlnet_layers", "controlnet_single_layers", "full_weights")
 
     def check_setup(self) -> None:
         from trainer.config import ConfigError
@@ -67,7 +68,7 @@ class ControlNetMethod(FullMethod):
         else:
             with placement.host_weights() if placement is not None else contextlib.nullcontext():
                 controlnet = adapter.make_controlnet(transformer)
-        controlnet = controlnet.to(adapter.device, torch.float32).train()
+        controlnet = controlnet.to(adapter.device, torch.float32 if cfg.full_weights == "fp32" else torch.bfloat16).train()
         # some diffusers ControlNets (Z-Image's) read this flag in training but define it only when it is enabled
         controlnet.gradient_checkpointing = getattr(controlnet, "gradient_checkpointing", False)
         if cfg.gradient_checkpointing:
