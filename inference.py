@@ -37,6 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--controlnet", default=None,
                    help="a trained ControlNet (training_method: controlnet): its folder, or the run's output_dir / checkpoint; "
                         "with --control_image")
+    p.add_argument("--control_mode", type=int, default=None,
+                   help="a Union ControlNet's control mode for --control_image (its training's data_config.control_mode; InstantX's "
+                        "FLUX.1 Union: 0 canny, 1 tile, 2 depth, 3 blur, 4 pose, 5 gray, 6 low quality)")
     p.add_argument("--in_context", action="store_true",
                    help="Qwen-Image: --control_image as in-context control tokens (needed only for LoRAs trained elsewhere, e.g. "
                         "DiffSynth-Studio's In-Context-Control-Union; ours say so in their metadata)")
@@ -140,9 +143,19 @@ def main(argv=None) -> int:
         from trainer.pipelines import controlnet_folder
 
         try:
-            controlnet_folder(adapter, args.controlnet)
+            folder = controlnet_folder(adapter, args.controlnet)
         except ToolError as e:
             fail(f"--controlnet: {e}")
+        import json
+
+        modes = int(json.loads((folder / "config.json").read_text()).get("num_mode") or 0)
+        if modes and (args.control_mode is None or not 0 <= args.control_mode < modes):
+            fail(f"--control_mode: this ControlNet is a Union of {modes} control modes; pass --control_mode 0 to {modes - 1} "
+                 "(the mode it was trained with for such control images)")
+        if not modes and args.control_mode is not None:
+            fail("--control_mode: this ControlNet has no control modes (a Union ControlNet's config has num_mode)")
+    elif args.control_mode is not None:
+        fail("--control_mode sets a Union ControlNet's mode; pass --controlnet PATH")
     if Path(args.output_image).is_dir():
         fail(f"--output_image: '{args.output_image}' is a folder; give a file name such as {Path(args.output_image) / 'out.png'}")
     if Path(args.output_image).suffix.lower() not in IMAGE_EXTENSIONS:
@@ -221,7 +234,7 @@ def main(argv=None) -> int:
         true_cfg_scale=adapter.default_true_cfg_scale if args.true_cfg_scale is None else args.true_cfg_scale, negative_prompt=args.negative_prompt, max_sequence_length=args.max_sequence_length,
         auto_resize=args.kontext_auto_resize == "true",
         mask=ImageOps.exif_transpose(Image.open(args.mask)).convert("L") if args.mask else None,
-        conditioning_scale=args.controlnet_scale, layers=args.layers,
+        conditioning_scale=args.controlnet_scale, control_mode=args.control_mode, layers=args.layers,
     )
     width, height = args.width or (None if high else 1024), args.height or (None if high else 1024)
     if adapter.aligned_controls and not args.width and not args.height:  # the control image's (Fill: the image's) aspect at ~1 MP

@@ -48,6 +48,7 @@ class Case:
     # sigma, output x0 - noise: HiDream-I1), "layered" (packed frames: the composite then `references` layers, then the
     # composite as the condition: Qwen-Image-Layered; its layers are the target's size), or "left-padded" (Ideogram 4: one sequence of
     # left-padded text then image tokens, time 1 - sigma, output x0 - noise; inputs compared without the padding rows)
+    control_mode: int | None = None  # a Union ControlNet (3 modes) run in this mode
     masked_text: bool = False  # Krea 2: prompt rows compared where encoder_attention_mask is on (the padding rows are masked
     # out of every attention; the pipeline holds pad-token states there, the trainer zeros)
 
@@ -65,6 +66,7 @@ CASES = [
     Case("FLUX.1 Control (Canny / Depth dev)", "flux-control", 1, layout="concat"),
     Case("FLUX.1 Fill (inpainting)", "flux-fill", layout="fill"),
     Case("FLUX.1-dev + ControlNet", "flux-controlnet", 1),
+    Case("FLUX.1-dev + Union ControlNet, mode 2", "flux-controlnet", 1, control_mode=2),
     Case("Qwen-Image + ControlNet", "qwen-image-controlnet", 1),
     Case("Qwen-Image in-context control", "qwen-image-in-context", 1),
     Case("Z-Image", "z-image", layout="frames"),
@@ -320,6 +322,8 @@ def pipeline_call_kwargs(case: Case, refs: list[Path], work: Path) -> dict:
         kwargs.update(image=images[0], max_area=w * h)  # _auto_resize on: the pipeline's default reference sizing
     elif case.variant in ("flux-control", "flux-controlnet", "z-image-controlnet", "qwen-image-controlnet"):
         kwargs["control_image"] = images[0]  # 800x600: the target's aspect, resized by the pipeline to 512x384
+        if case.control_mode is not None:
+            kwargs["control_mode"] = case.control_mode
         if case.variant == "z-image-controlnet":
             kwargs.update(guidance_scale=0.0, controlnet_conditioning_scale=1.0)  # its default 0.75; training runs at 1
     elif case.variant == "flux-fill":
@@ -340,6 +344,8 @@ def compare(case: Case, model: Path, work: Path) -> dict:
     cls, variant = resolve(str(model))
     controlnet = case.variant.endswith("-controlnet")
     more = ["training_method=controlnet", *(f"{k}={v}" for k, v in tiny_controlnet(model).items())] if controlnet else []
+    if case.control_mode is not None:
+        more += ["controlnet_modes=3"]
     if case.variant.endswith("-in-context"):
         more = ["control_type=in-context"]
     preset = [f"{k}={v}" for k, v in cls.config_preset.items()]  # as the family's entry script starts from (HiDream-I1: 128 tokens)
@@ -370,6 +376,8 @@ def compare(case: Case, model: Path, work: Path) -> dict:
             ref_inputs, ref_out = capture_first_call(pipe.transformer, lambda: pipe(**pipeline_call_kwargs(case, refs, work)))
         batch = trainer_batch(adapter, target, refs, [PROMPT], work)
         _, cond = adapter.encode_batch(batch)
+        if case.control_mode is not None:  # the training step adds the batch's modes (the samples' datasets') to it
+            cond["control_mode"] = torch.tensor([case.control_mode])
         noisy, sigma, n_target = latents_and_sigma(case, ref_inputs)
         ours_inputs, ours_out = capture_first_call(pipe.transformer, lambda: adapter.predict(model_call, noisy, sigma, cond))
         pred = adapter.predict(model_call, noisy, sigma, cond)

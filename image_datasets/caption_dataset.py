@@ -411,7 +411,7 @@ class CaptionDataset(Dataset):
         rule = self.captions[s.dataset % len(self.captions)]
         caption = self.empty_caption if drop else rule.shuffled(s.caption, rng) if rule else s.caption
         item = {"index": index, "epoch": epoch, "dropped": drop, "caption": caption, "path": str(s.image), "size": s.size,
-                "loss_weight": s.loss_weight}
+                "loss_weight": s.loss_weight, "control_mode": s.control_mode}
         if self.cached is not None:
             item["cached"] = self.cached(index, drop)
         crop_state = rng.getstate()  # the mask is cropped where its image is
@@ -486,6 +486,8 @@ def collate(items: list[dict]) -> dict:
         "condition_images": [it.get("condition_images", []) for it in items],  # per sample: text-encoder views
         "captions": [it["caption"] for it in items],
         "loss_weights": torch.tensor([it["loss_weight"] for it in items]),
+        # a Union ControlNet's mode per sample (None when the run has no modes)
+        "control_modes": None if items[0].get("control_mode") is None else torch.tensor([it["control_mode"] for it in items]),
         "paths": [it["path"] for it in items],
         "cached": [it["cached"] for it in items] if "cached" in items[0] else None,  # disk-cache entries, read by the loader
         # loss masks at the training size (B x 1 x H x W, 1 = trained); a sample without one trains everywhere

@@ -31,6 +31,7 @@ class Sample:
     mask_alpha: bool = False
     loss_weight: float = 1.0  # this sample's share of the loss (prior-preservation images: prior_loss_weight)
     dataset: int = 0  # which of data_config.datasets it came from
+    control_mode: int | None = None  # a Union ControlNet's mode index for its control image (its dataset's control_mode)
 
     @property
     def group(self) -> tuple:

@@ -300,11 +300,14 @@ CONTROLNET = {"training_method": "controlnet", "controlnet_layers": 1, "controln
 
 @pytest.fixture(scope="module")
 def controlnet_run(tiny_models, tmp_path_factory):
-    """(model, data, out, extra): a FLUX ControlNet trained 2 steps beside the tiny FLUX.1-dev, with previews."""
+    """(model, data, out, extra): a FLUX Union ControlNet (3 modes) trained 2 steps beside the tiny FLUX.1-dev on two
+    datasets of modes 0 and 2, with previews."""
     root = tmp_path_factory.mktemp("controlnet")
     model = tiny_models("flux")
     data = write_dataset(root / "t", n=2)
-    extra = {**CONTROLNET, "data_config.control_dir": str(write_dataset(root / "c", n=2, seed=2))}
+    canny, depth = write_dataset(root / "c", n=2, seed=2), write_dataset(root / "d", n=2, seed=3)
+    extra = {**CONTROLNET, "controlnet_modes": 3, "data_config.img_dir": "''", "data_config.datasets": f"[{{img_dir: {data}, control_dir: {canny}, control_mode: 0}}, "
+                                                                         f"{{img_dir: {data}, control_dir: {depth}, control_mode: 2}}]"}
     out = root / "out"
     command = train_and_keep_command(load_config(None, base_overrides(model, data, out, max_train_steps=2, validation_samples=1,
                                                                       validation_steps=2, **extra)))
@@ -323,7 +326,7 @@ def test_controlnet_folder_loads_in_flux_controlnet_pipeline_and_scale_zero_is_t
     published, saved = read_folder(out / "controlnet"), read_folder(out / "checkpoint-2" / "controlnet")
     assert published.keys() == saved.keys() and all(torch.equal(published[k], saved[k]) for k in saved)
     net = FluxControlNetModel.from_pretrained(out / "controlnet")
-    assert net.config.num_layers == 1 and net.config.num_single_layers == 1
+    assert net.config.num_layers == 1 and net.config.num_single_layers == 1 and net.config.num_mode == 3 and net.union
     from utils.estimate_memory import build_transformer_on_meta, controlnet_params  # the planner counts what was trained
 
     planned = FluxAdapter.from_model(load_config(None, base_overrides(model, data, out, **extra)))
@@ -331,7 +334,8 @@ def test_controlnet_folder_loads_in_flux_controlnet_pipeline_and_scale_zero_is_t
     assert max(net.controlnet_blocks[0].weight.abs().max().item(), net.controlnet_x_embedder.weight.abs().max().item()) > 0  # trained
     adapter = adapter_for(str(model), controlnet=True)
     control = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8"))
-    kwargs = dict(prompt="a red square", width=64, height=64, num_inference_steps=2, max_sequence_length=64, control_image=control)
+    kwargs = dict(prompt="a red square", width=64, height=64, num_inference_steps=2, max_sequence_length=64, control_image=control,
+                  control_mode=0)  # a Union ControlNet needs its mode (a plain one, the base's, ignores it)
 
     def render(pipe, scale):
         image = output_images(pipe(**kwargs, controlnet_conditioning_scale=scale, generator=torch.Generator().manual_seed(0)))[0]
@@ -342,6 +346,10 @@ def test_controlnet_folder_loads_in_flux_controlnet_pipeline_and_scale_zero_is_t
     base = render(load_pipeline(adapter, torch.float32, "cpu"), 1.0)  # a ControlNet as training starts it: zero residuals
     assert np.abs(render(trained, 0.0) - base).max() <= 1
     assert np.abs(render(trained, 1.0) - base).max() > 1
+    kwargs["control_mode"] = 2  # the mode is read: another mode, another picture
+    other = render(trained, 1.0)
+    kwargs["control_mode"] = 0
+    assert np.abs(render(trained, 1.0) - other).max() > 0
 
 
 @pytest.mark.parametrize("full_weights", ["fp32", "bf16"])
@@ -394,6 +402,22 @@ def test_controlnet_setups_that_cannot_work_are_one_line(tiny_models, tmp_path):
         load_config(None, base_overrides(flux, data, tmp_path / "o", control_type="concat", **CONTROLNET))
     with pytest.raises(ConfigError, match="'full_weights: bf16' needs mixed_precision: bf16"):
         load_config(None, base_overrides(flux, data, tmp_path / "o", full_weights="bf16", **CONTROLNET))
+    from trainer.methods.controlnet import ControlNetMethod
+
+    def method(adapter_class, model, **extra):  # the checks a run makes before any model loads
+        cfg = load_config(None, base_overrides(model, data, tmp_path / "o", **{**CONTROLNET, **ctrl, **extra}))
+        return ControlNetMethod(cfg, adapter_class.from_model(cfg))
+
+    with pytest.raises(ConfigError, match="'controlnet_modes': a QwenImageControlNetModel has no control modes"):
+        method(QwenImageAdapter, tiny_models("qwen-image"), controlnet_modes=3).check_setup()
+    with pytest.raises(ConfigError, match="'data_config.control_mode' is None: the ControlNet is a Union of 3 control modes"):
+        method(FluxAdapter, flux, controlnet_modes=3).check_setup()
+    with pytest.raises(ConfigError, match="'data_config.control_mode' is 3: the ControlNet is a Union of 3"):
+        method(FluxAdapter, flux, controlnet_modes=3, **{"data_config.control_mode": 3}).check_setup()
+    with pytest.raises(ConfigError, match="'data_config.control_mode' applies to a Union ControlNet: set controlnet_modes"):
+        method(FluxAdapter, flux, **{"data_config.control_mode": 1}).check_setup()
+    with pytest.raises(ConfigError, match="'data_config.control_mode' applies to a Union ControlNet \\(training_method: controlnet\\) only"):
+        load_config(None, base_overrides(flux, data, tmp_path / "o", **{"data_config.control_mode": 1}))
     with pytest.raises(ConfigError, match="'controlnet_layers' applies to training_method: controlnet only"):
         load_config(None, base_overrides(flux, data, tmp_path / "o", controlnet_layers=2))
     saved = tmp_path / "saved-controlnet-pipeline"  # a FluxControlNetPipeline folder given to LoRA training
@@ -407,14 +431,17 @@ def test_controlnet_setups_that_cannot_work_are_one_line(tiny_models, tmp_path):
 
 def test_inference_renders_with_a_controlnet(controlnet_run, tmp_path):
     model, data, out, _ = controlnet_run
-    command = COMMANDS["controlnet"]  # the run's own "try it" line
+    command = COMMANDS["controlnet"]  # the run's own "try it" line, with the previewed sample's mode
     assert command[:2] == ["python", "inference.py"] and "--controlnet" in command and "--control_image" in command
+    assert command[command.index("--control_mode") + 1] in ("0", "2")
     args = [PY, "inference.py", "--model_name", str(model), "--controlnet", str(out), "--prompt", "x", "--num_inference_steps", "1"]
-    r, wrong = run_each([[PY, *command[1:], "--num_inference_steps", "1", "--width", "64", "--height", "48", "--output_image",
-                          str(tmp_path / "o.png")], args + ["--controlnet", str(data), "--output_image", str(tmp_path / "no.png")]])
+    r, wrong, modeless = run_each([[PY, *command[1:], "--num_inference_steps", "1", "--width", "64", "--height", "48", "--output_image",
+                                    str(tmp_path / "o.png")], args + ["--controlnet", str(data), "--output_image", str(tmp_path / "no.png")],
+                                   args + ["--control_image", str(data / "img0.png"), "--output_image", str(tmp_path / "no.png")]], workers=3)
     assert r.returncode == 0, r.stderr[-2000:]
     assert Image.open(tmp_path / "o.png").size == (64, 48)
     assert wrong.returncode == 2 and "--controlnet:" in wrong.stderr and "not a ControlNet folder" in wrong.stderr
+    assert modeless.returncode == 2 and "--control_mode: this ControlNet is a Union of 3 control modes" in modeless.stderr
 
 
 # family -> (its adapter, its ControlNet class and pipeline, the names of the saved weights, the pipeline's no-CFG call)

@@ -84,6 +84,7 @@ class DatasetEntry:
     repeats: Optional[int] = doc(None, "as data_config.repeats: its entries appear this many times per epoch")
     weight: Optional[float] = doc(None, "its share of every epoch's samples, relative to the other entries' weights (null on every entry = each dataset's own size, times repeats)")
     loss_weight: Optional[float] = doc(None, "its samples' multiplier in the loss (e.g. 0.5 for prior-preservation / regularization images; default 1)")
+    control_mode: Optional[int] = doc(None, "as data_config.control_mode: its control images' mode in a Union ControlNet")
 
 
 SOURCE_KEYS = ("img_dir", "control_dir", "metadata_file", "webdataset", "hf_dataset", "mask_dir")  # what each dataset names itself
@@ -118,6 +119,7 @@ class DataConfig:
     shuffle_tags: bool = doc(False, "shuffle comma-separated caption tags every epoch (tag-style captions); captions then change each epoch, so they are encoded every step")
     keep_tags: int = doc(0, "shuffle_tags: this many leading tags stay in place (e.g. 1 keeps the trigger word first)")
     datasets: list[DatasetEntry] = doc([], "several datasets in one run: a list of entries, each with its own data (img_dir / metadata_file / webdataset / hf_dataset, control_dir, mask_dir) and, where they differ, its own captions, sizes, repeats, weight and loss_weight; the keys above are the entries' defaults (see README 'Several datasets')")
+    control_mode: Optional[int] = doc(None, "Union ControlNet (controlnet_modes, or a continued ControlNet with num_mode): the mode index of the control images, one mode per dataset (data_config.datasets entries each set their own; InstantX's FLUX.1 Union: 0 canny, 1 tile, 2 depth, 3 blur, 4 pose, 5 gray, 6 low quality)")
     control_size: Optional[int] = doc(None, "edit / Kontext: size control images to about control_size x control_size pixels; null = as the family's pipeline does at inference (Qwen-Image-Edit: 1024x1024 area; Kontext: its preferred resolutions); smaller is faster but differs from inference")
 
     def parts(self) -> list["DataConfig"]:
@@ -183,6 +185,7 @@ class TrainConfig:
     controlnet_model_name_or_path: Optional[str] = doc(None, "controlnet: continue training this ControlNet (a diffusers folder or hub id of the family's ControlNet class); null = a new one started from the transformer's first blocks (their weights copied, the control input and outputs zero)")
     controlnet_layers: int = doc(4, "controlnet (new): double-stream blocks of the ControlNet (each a copy of the transformer's block; FLUX.1 has 19, Qwen-Image 60); Z-Image: control blocks placed evenly over its layers (at most 30)")
     controlnet_single_layers: int = doc(0, "controlnet (new): single-stream blocks of the ControlNet (FLUX.1 has 38; InstantX's Union uses 10)")
+    controlnet_modes: int = doc(0, "controlnet (new): a Union ControlNet with this many control modes (FLUX.1's FluxControlNetModel num_mode: a mode embedding read as one more text token); each dataset names its data_config.control_mode; 0 = a plain ControlNet")
     controlnet_conditioning_scale: float = doc(1.0, "controlnet: the ControlNet's strength in validation previews (training runs at 1.0, as the released ControlNets)")
     trainable_modules: Optional[list[str]] = doc(None, "full: train only the parameters whose names contain one of these (e.g. [transformer_blocks.0., proj_out]); null = every transformer weight")
     full_weights: str = doc("fp32", "full / controlnet: dtype the trained weights (the ControlNet's) are kept in: fp32 (master weights; the forward runs in mixed_precision) or bf16 (half the memory; optimizer=adamw rounds each update stochastically so small updates are not lost)")
@@ -319,7 +322,7 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
     if not cfg.freeze_text_encoder:
         raise ConfigError("config key 'freeze_text_encoder' is false, but this trainer never trains the text encoder; remove the key or set it to true")
     controlnet_keys = {"controlnet_model_name_or_path": None, "controlnet_layers": 4, "controlnet_single_layers": 0,
-                       "controlnet_conditioning_scale": 1.0}
+                       "controlnet_conditioning_scale": 1.0, "controlnet_modes": 0}
     if cfg.control_type is not None and cfg.training_method == "full":
         raise ConfigError(f"config key 'control_type: {cfg.control_type}' trains a LoRA"
                           + (" (with the widened input layer)" if cfg.control_type in WIDENING_CONTROLS else "")
@@ -332,6 +335,8 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
             if getattr(cfg, key) != default:
                 raise ConfigError(f"config key '{key}' does not apply to training_method: controlnet (the ControlNet is trained whole, "
                                   "in full_weights' precision); remove it")
+        if cfg.controlnet_modes < 0:
+            raise ConfigError(f"config key 'controlnet_modes' must be >= 0, got {cfg.controlnet_modes}")
         if cfg.controlnet_layers < 0 or cfg.controlnet_single_layers < 0 or cfg.controlnet_layers + cfg.controlnet_single_layers < 1:
             raise ConfigError(f"config keys 'controlnet_layers' / 'controlnet_single_layers' ({cfg.controlnet_layers} / "
                               f"{cfg.controlnet_single_layers}) must be >= 0 with at least one block")
@@ -342,6 +347,10 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         for key, default in controlnet_keys.items():
             if getattr(cfg, key) != default:
                 raise ConfigError(f"config key '{key}' applies to training_method: controlnet only")
+        for i, part in enumerate(cfg.data_config.parts()):
+            if part.control_mode is not None:
+                key = f"data_config.datasets[{i}]" if cfg.data_config.datasets else "data_config"
+                raise ConfigError(f"config key '{key}.control_mode' applies to a Union ControlNet (training_method: controlnet) only")
     if cfg.training_method == "full":
         if cfg.quantize != "none":
             raise ConfigError(f"config key 'quantize' is {cfg.quantize}, but full training updates the transformer's own weights, which "
@@ -452,10 +461,12 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         raise ConfigError("config key 'validation_images' needs one image, or one per validation prompt")
     for i, entry in enumerate(cfg.validation_prompts):
         if isinstance(entry, dict):
-            extra = set(entry) - {"prompt", "images"}
+            extra = set(entry) - {"prompt", "images", "control_mode"}
             if extra or not isinstance(entry.get("prompt"), str):
-                raise ConfigError(f"config key 'validation_prompts[{i}]': an entry is a prompt, or {{prompt: ..., images: [...]}}"
-                                  + (f" (unknown key '{sorted(extra)[0]}')" if extra else ""))
+                raise ConfigError(f"config key 'validation_prompts[{i}]': an entry is a prompt, or {{prompt: ..., images: [...]"
+                                  "[, control_mode: N]}" + (f" (unknown key '{sorted(extra)[0]}')" if extra else ""))
+            if not isinstance(entry.get("control_mode", 0), int) or entry.get("control_mode", 0) < 0:
+                raise ConfigError(f"config key 'validation_prompts[{i}].control_mode' must be a mode index >= 0")
             images = entry.get("images", [])
             if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
                 raise ConfigError(f"config key 'validation_prompts[{i}].images' must be a list of image paths")
@@ -504,6 +515,8 @@ def check_data(cfg: TrainConfig, check_paths: bool = True) -> None:
 
 def check_part(d: DataConfig, key: str, check_paths: bool) -> None:
     """One dataset's keys (named under `key`)."""
+    if d.control_mode is not None and d.control_mode < 0:
+        raise ConfigError(f"config key '{key}.control_mode' must be a mode index >= 0, got {d.control_mode}")
     if d.mask_dir and d.alpha_mask:
         raise ConfigError(f"config keys '{key}.mask_dir' and '{key}.alpha_mask' both give masks; use one")
     if check_paths and d.mask_dir and not Path(d.mask_dir).is_dir():

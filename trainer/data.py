@@ -16,7 +16,7 @@ def scan_for_training(cfg: TrainConfig, adapter, decode: bool = True) -> ScanRes
     for i, (part, weight) in enumerate(zip(d.parts(), d.loss_weights())):
         scan = scan_dataset(part, decode, adapter.reference_sizes, adapter.reference_rule(), adapter.size_multiple)
         for s in scan.samples:
-            s.dataset, s.loss_weight = i, weight
+            s.dataset, s.loss_weight, s.control_mode = i, weight, part.control_mode
         if d.datasets and not scan.samples and not scan.problems:
             scan.problems.append(f"data_config.datasets[{i}]: no samples")
         total.samples += scan.samples

@@ -668,6 +668,8 @@ def train_step(run: Run, batch: dict) -> Update | None:
     None while accumulating."""
     cfg, acc = run.cfg, run.accelerator
     latents, cond = run.encode(batch)
+    if batch.get("control_modes") is not None:  # a Union ControlNet's mode per sample (not cached: it is the dataset's)
+        cond = {**cond, "control_mode": batch["control_modes"].to(latents.device)}
     with acc.accumulate(run.transformer):
         loss = flow_matching_loss(run, latents, cond, batch)
         acc.backward(loss)
@@ -871,8 +873,8 @@ def inference_command(run: Run, final: Path) -> str:
     import shlex
 
     cfg = run.cfg
-    entries = run.validator.entries() or [(s.caption, run.adapter.preview_inputs(s)) for s in run.validator.samples[:1]]
-    prompt, refs = entries[0] if entries else ("...", [])
+    entries = run.validator.entries() or [(s.caption, run.adapter.preview_inputs(s), s.control_mode) for s in run.validator.samples[:1]]
+    prompt, refs, mode = entries[0] if entries else ("...", [], None)
     size = run.validator.samples[0].size if run.validator.samples else (cfg.data_config.img_size,) * 2
     weights = {"full": ["--transformer", str(run.out)], "controlnet": ["--controlnet", str(run.out / CONTROLNET_DIR)]}.get(
         cfg.training_method, ["--lora_weights", str(final)])
@@ -883,6 +885,7 @@ def inference_command(run: Run, final: Path) -> str:
                                         (flag, str(r) if isinstance(r, (str, Path)) else "<reference image>"))]
     if run.adapter.masks_are_inputs and "--mask" not in images:
         images += ["--mask", "<your mask>"]
+    extra = [*extra, *([] if mode is None else ["--control_mode", str(mode)])]
     cmd = ["python", "inference.py", "--model_name", cfg.pretrained_model_name_or_path, *weights, "--prompt", prompt, *images, *extra,
            "--width", str(size[0]), "--height", str(size[1]), "--output_image", str(run.out / "sample.png")]
     return " ".join(shlex.quote(c) if c not in ("<reference image>", "<your mask>") else c for c in cmd)

@@ -29,17 +29,20 @@ class Validator:
         self.samples = samples or []
         self.items: list[dict] = []
 
-    def entries(self) -> list[tuple[str, list]]:
-        """(prompt, reference images) to render: validation_prompts, else the first validation_samples distinct
-        training samples' captions and references."""
+    def entries(self) -> list[tuple[str, list, int | None]]:
+        """(prompt, reference images, Union ControlNet mode or None) to render: validation_prompts (their control_mode,
+        else the first dataset's), else the first validation_samples distinct training samples' captions, references
+        and modes."""
         entries = validation_entries(self.cfg)
         if entries or not self.cfg.validation_samples:
-            return entries
+            default = self.cfg.data_config.parts()[0].control_mode
+            modes = [e.get("control_mode", default) if isinstance(e, dict) else default for e in self.cfg.validation_prompts]
+            return [(prompt, paths, mode) for (prompt, paths), mode in zip(entries, modes)]
         seen, out = set(), []
         for s in self.samples:
             if s.image not in seen and len(out) < self.cfg.validation_samples:
                 seen.add(s.image)
-                out.append((s.caption, self.adapter.preview_inputs(s)))  # FLUX Fill: without a mask, a random one below
+                out.append((s.caption, self.adapter.preview_inputs(s), s.control_mode))  # FLUX Fill: without a mask, a random one below
         return out
 
     def prepare(self) -> None:
@@ -51,7 +54,7 @@ class Validator:
         from image_datasets.masks import load_mask
 
         cfg = self.cfg
-        for prompt, paths in self.entries():
+        for prompt, paths, mode in self.entries():
             images = [load_mask(p[1], p[2]) if isinstance(p, tuple) else
                       load_image(Path(p) if isinstance(p, str) else p, keep_alpha=self.adapter.pixel_channels == 4) for p in paths]
             if self.adapter.masks_are_inputs and len(images) == 1:  # an image without its inpainting mask: a random one
@@ -64,6 +67,8 @@ class Validator:
                 views[0] += [to_tensor(v) for v in sized[1:]]
             batch = {"controls": controls, "condition_images": views, "pixel_values": None}
             cond = self.adapter.encode_text({**batch, "captions": [prompt]})
+            if mode is not None:  # a Union ControlNet's mode rides with the prompt's conditioning
+                cond["control_mode"] = torch.tensor([mode])
             neg = self.adapter.encode_text({**batch, "captions": [self.adapter.empty_prompt]})
             size = target_size(*images[0].size, cfg.data_config.img_size) if images else (cfg.data_config.img_size,) * 2
             self.items.append({"cond": _cpu(cond), "neg": _cpu(neg), "images": images, "size": size, "prompt": prompt})

@@ -44,14 +44,36 @@ class ControlNetPair(torch.nn.Module):
 class ControlNetMethod(FullMethod):
     name = "controlnet"
     exports_every_checkpoint = True
-    resume_keys = ("controlnet_model_name_or_path", "controlnet_layers", "controlnet_single_layers", "full_weights")
+    resume_keys = ("controlnet_model_name_or_path", "controlnet_layers", "controlnet_single_layers", "controlnet_modes", "full_weights")
 
     def check_setup(self) -> None:
+        """No sharding; a Union ControlNet's modes: every dataset names one, within the ControlNet's (before any model loads)."""
+        import inspect
+
+        import diffusers
+
         from trainer.config import ConfigError
 
         if self.sharded:
             raise ConfigError("training_method: controlnet runs on one or several processes with plain data parallelism; "
                               "FSDP / DeepSpeed are not supported for it yet (use an accelerate config without them)")
+        cfg = self.cfg
+        cls = getattr(diffusers, self.adapter.controlnet_class)
+        if cfg.controlnet_modes and "num_mode" not in inspect.signature(cls.__init__).parameters:
+            raise ConfigError(f"config key 'controlnet_modes': a {cls.__name__} has no control modes (FLUX.1's FluxControlNetModel has)")
+        modes = union_modes(cfg)
+        for i, part in enumerate(cfg.data_config.parts()):
+            key = f"data_config.datasets[{i}].control_mode" if cfg.data_config.datasets else "data_config.control_mode"
+            if modes and (part.control_mode is None or part.control_mode >= modes):
+                raise ConfigError(f"config key '{key}' is {part.control_mode}: the ControlNet is a Union of {modes} control modes; give each "
+                                  f"dataset its control images' mode, 0 to {modes - 1}")
+            if not modes and part.control_mode is not None:
+                raise ConfigError(f"config key '{key}' applies to a Union ControlNet: set controlnet_modes for a new one (or continue one "
+                                  "whose config has num_mode)")
+        for i, entry in enumerate(cfg.validation_prompts):
+            if isinstance(entry, dict) and entry.get("control_mode") is not None and entry["control_mode"] >= max(modes, 1):
+                raise ConfigError(f"config key 'validation_prompts[{i}].control_mode' is {entry['control_mode']}, but the ControlNet has "
+                                  + (f"{modes} modes" if modes else "no control modes"))
 
     def attach(self, transformer: torch.nn.Module, placement=None) -> list[torch.nn.Parameter]:
         import diffusers
@@ -97,3 +119,17 @@ class ControlNetMethod(FullMethod):
 
     def sampling(self, model: torch.nn.Module):
         return self.adapter.controlnet_previews(model.controlnet)
+
+
+def union_modes(cfg) -> int:
+    """Control modes of the ControlNet a run trains: controlnet_modes for a new one, else the continued ControlNet's
+    num_mode (0: not a Union ControlNet)."""
+    if cfg.controlnet_modes or not cfg.controlnet_model_name_or_path:
+        return cfg.controlnet_modes
+    from trainer.config import ConfigError
+    from trainer.models import read_model_index
+
+    try:
+        return int(read_model_index(cfg.controlnet_model_name_or_path, "config.json").get("num_mode") or 0)
+    except Exception as e:
+        raise ConfigError(f"config key 'controlnet_model_name_or_path': cannot read its config.json ({type(e).__name__}: {e})") from None

@@ -80,6 +80,7 @@ class InferenceRequest:
     auto_resize: bool = True  # let the pipeline snap reference images to the sizes the model was trained on
     reference_size: int | None = None  # references at about this side's area, as data_config.control_size had them (None: the pipeline's own)
     conditioning_scale: float = 1.0  # the ControlNet's strength (controlnet_conditioning_scale)
+    control_mode: int | None = None  # a Union ControlNet's control mode index
     layers: int | None = None  # layers to decompose the image into (Qwen-Image-Layered; None: the pipeline's default)
     mask: Any = None  # PIL inpainting mask (white = repainted) for inpainting models (FLUX Fill), with images[0] the image
 

@@ -233,6 +233,8 @@ class FluxAdapter(ModelAdapter):
             hidden = torch.cat([target, pack_latents(cond["fill_latents"].to(dt)), pack_mask(cond["fill_mask"].to(dt))], dim=2)
         elif self.variant.control == "controlnet":  # the ControlNet reads the control; the transformer sees the target only
             hidden, extra, controls = target, {"controlnet_cond": pack_latents(controls[0].to(dt))}, []
+            if "control_mode" in cond:  # a Union ControlNet: the pipeline's B x 1 mode indices
+                extra["controlnet_mode"] = cond["control_mode"].to(dev, torch.long).view(-1, 1)
         elif self.variant.control:
             hidden, controls = torch.cat([target, pack_latents(controls[0].to(dt))], dim=2), []
         else:
@@ -253,17 +255,25 @@ class FluxAdapter(ModelAdapter):
         return unpack_latents(out[:, : target.shape[1]], h, w)
 
     def make_controlnet(self, transformer: torch.nn.Module) -> torch.nn.Module:
-        return self.controlnet_from_transformer(transformer, num_layers=self.cfg.controlnet_layers,
-                                                num_single_layers=self.cfg.controlnet_single_layers)
+        """diffusers' from_transformer; with controlnet_modes a Union ControlNet (InstantX / Shakker layout): its mode
+        embedding (num_mode x inner_dim, std 0.02) gives the ControlNet one more text token, the mode's."""
+        net = self.controlnet_from_transformer(transformer, num_layers=self.cfg.controlnet_layers,
+                                               num_single_layers=self.cfg.controlnet_single_layers)
+        if self.cfg.controlnet_modes:
+            net.register_to_config(num_mode=self.cfg.controlnet_modes)
+            net.union = True
+            net.controlnet_mode_embedder = torch.nn.Embedding(self.cfg.controlnet_modes, net.inner_dim)
+            torch.nn.init.normal_(net.controlnet_mode_embedder.weight, std=0.02)
+        return net
 
     def controlnet_forward(self, controlnet: torch.nn.Module, transformer: torch.nn.Module, kwargs: dict):
         """As FluxControlNetPipeline: the ControlNet on the noisy tokens + control latents (guidance only when its
         config has the embedder), its block residuals added by the transformer (InstantX-style: not repeated)."""
         kwargs = dict(kwargs)
-        cond = kwargs.pop("controlnet_cond")
+        cond, mode = kwargs.pop("controlnet_cond"), kwargs.pop("controlnet_mode", None)
         guidance = kwargs.get("guidance") if controlnet.config.guidance_embeds else None
         blocks, singles = controlnet(
-            hidden_states=kwargs["hidden_states"], controlnet_cond=cond, conditioning_scale=1.0, timestep=kwargs["timestep"],
+            hidden_states=kwargs["hidden_states"], controlnet_cond=cond, controlnet_mode=mode, conditioning_scale=1.0, timestep=kwargs["timestep"],
             guidance=guidance, pooled_projections=kwargs["pooled_projections"], encoder_hidden_states=kwargs["encoder_hidden_states"],
             txt_ids=kwargs["txt_ids"], img_ids=kwargs["img_ids"], return_dict=False,
         )
@@ -285,6 +295,8 @@ class FluxAdapter(ModelAdapter):
             kwargs["control_image"] = self.reference_views(images[0])[0]
         if self.variant.control == "controlnet":
             kwargs["controlnet_conditioning_scale"] = self.cfg.controlnet_conditioning_scale
+            if "control_mode" in cond:  # a Union ControlNet
+                kwargs["control_mode"] = int(cond["control_mode"].view(-1)[0])
         return kwargs
 
     def inference_kwargs(self, request: InferenceRequest) -> dict:
@@ -295,6 +307,8 @@ class FluxAdapter(ModelAdapter):
             kwargs["control_image" if self.variant.control in ("concat", "controlnet") else "image"] = request.images[0]
         if self.variant.control == "controlnet":
             kwargs["controlnet_conditioning_scale"] = request.conditioning_scale
+            if request.control_mode is not None:  # a Union ControlNet
+                kwargs["control_mode"] = request.control_mode
         if self.variant.control == "fill":
             kwargs["mask_image"] = request.mask
         if self.variant.pipeline == "FluxKontextPipeline":
