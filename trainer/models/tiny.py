@@ -6,6 +6,10 @@ Each family file builds its own tiny pipeline from these (`ModelAdapter.make_tin
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 # Enough text for a byte-level BPE to learn a few hundred merges; any English-ish text works.
 CORPUS = """
