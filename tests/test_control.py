@@ -352,26 +352,56 @@ def test_controlnet_folder_loads_in_flux_controlnet_pipeline_and_scale_zero_is_t
     assert np.abs(render(trained, 1.0) - other).max() > 0
 
 
-@pytest.mark.parametrize("full_weights", ["fp32", "bf16"])
-def test_controlnet_resumes_exactly_and_starts_from_a_quantized_base(full_weights, tiny_models, tmp_path, fresh_state):
+@pytest.mark.parametrize("weights", ["fp32", "bf16", "lora"])
+def test_controlnet_resumes_exactly_and_starts_from_a_quantized_base(weights, tiny_models, tmp_path, fresh_state):
     """(blocks_to_swap: the ControlNet's blocks are copied while the swapped weights are in host RAM.) full_weights: bf16
-    keeps the ControlNet in bf16 (stochastic rounding, its generator resumed too) and saves a bf16 folder."""
+    keeps the ControlNet in bf16 (stochastic rounding, its generator resumed too) and saves a bf16 folder; controlnet_lora
+    trains a LoRA on the frozen ControlNet and saves it merged (the layers it adapts changed, every other weight as the
+    ControlNet started) beside the LoRA file, which resumes it."""
     from diffusers import FluxTransformer2DModel
 
+    from trainer.methods.controlnet import CONTROLNET_LORA_FILE
     from trainer.methods.full import read_folder
 
     model = tiny_models("flux")
     data = write_dataset(tmp_path / "t", n=2)
+    own = {"lora": {"controlnet_lora": True, "rank": 4, "learning_rate": 0.05}, "bf16": {"full_weights": "bf16", "mixed_precision": "bf16"}}
     extra = {**CONTROLNET, "data_config.control_dir": str(write_dataset(tmp_path / "c", n=2, seed=2)), "checkpointing_steps": 1,
-             "blocks_to_swap": 1, "full_weights": full_weights, "mixed_precision": "bf16" if full_weights == "bf16" else "no"}
+             "blocks_to_swap": 1, **own.get(weights, {})}
     straight, split = tmp_path / "straight", tmp_path / "split"
     train(load_config(None, base_overrides(model, data, straight, max_train_steps=2, **extra)), FluxAdapter)
     train(load_config(None, base_overrides(model, data, split, max_train_steps=1, **extra)), FluxAdapter)
     train(load_config(None, base_overrides(model, data, split, max_train_steps=2, resume_from_checkpoint="latest", **extra)), FluxAdapter)
     a, b = read_folder(straight / "controlnet"), read_folder(split / "controlnet")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert {v.dtype for v in a.values()} == {torch.float32 if full_weights == "fp32" else torch.bfloat16}
-    if full_weights == "bf16":
+    assert {v.dtype for v in a.values()} == {torch.bfloat16 if weights == "bf16" else torch.float32}
+    if weights == "lora":
+        start = FluxAdapter.from_model(load_config(None, base_overrides(model, data, tmp_path / "o", **extra))).make_controlnet(
+            FluxTransformer2DModel.from_pretrained(model, subfolder="transformer")).state_dict()
+        assert a.keys() == start.keys()  # the plain ControlNet's names: loads as any ControlNet
+        changed = {k for k in a if not torch.equal(a[k], start[k])}
+        assert "controlnet_blocks.0.weight" in changed and "transformer_blocks.0.attn.to_q.weight" in changed
+        assert not any(k.endswith(".bias") or "norm" in k or "x_embedder.weight" == k for k in changed)  # frozen: only LoRA'd weights move
+        assert (straight / CONTROLNET_LORA_FILE).is_file() and (straight / "checkpoint-2" / CONTROLNET_LORA_FILE).is_file()
+        from peft.tuners.lora import LoraLayer
+
+        from trainer.methods.controlnet import ControlNetMethod
+
+        cfg = load_config(None, base_overrides(model, data, tmp_path / "o", **extra))  # peft's own merge of the saved LoRA
+        adapter = FluxAdapter.from_model(cfg)
+        net = adapter.make_controlnet(FluxTransformer2DModel.from_pretrained(model, subfolder="transformer"))
+        method = ControlNetMethod(cfg, adapter)
+        method.attach_lora(net)
+        own, saved = dict(net.named_parameters()), load_file(str(straight / CONTROLNET_LORA_FILE))
+        with torch.no_grad():
+            for k, v in saved.items():
+                own[k].copy_(v)
+        for module in net.modules():
+            if isinstance(module, LoraLayer):
+                module.merge()
+        merged = {k.replace(".base_layer.", "."): v for k, v in net.state_dict().items() if ".lora_" not in k}
+        assert all(torch.allclose(merged[k], a[k], atol=1e-6) for k in a)
+    if weights != "fp32":
         return
     # quantize: the ControlNet's blocks are copied from the model folder's (unquantized) weights
     from trainer.methods.controlnet import ControlNetMethod
@@ -402,6 +432,13 @@ def test_controlnet_setups_that_cannot_work_are_one_line(tiny_models, tmp_path):
         load_config(None, base_overrides(flux, data, tmp_path / "o", control_type="concat", **CONTROLNET))
     with pytest.raises(ConfigError, match="'full_weights: bf16' needs mixed_precision: bf16"):
         load_config(None, base_overrides(flux, data, tmp_path / "o", full_weights="bf16", **CONTROLNET))
+    with pytest.raises(ConfigError, match="'lora_type' does not apply to training_method: controlnet"):
+        load_config(None, base_overrides(flux, data, tmp_path / "o", controlnet_lora="true", lora_type="lokr", **CONTROLNET))
+    with pytest.raises(ConfigError, match="with controlnet_lora the ControlNet is frozen"):
+        load_config(None, base_overrides(flux, data, tmp_path / "o", controlnet_lora="true", full_weights="bf16", mixed_precision="bf16",
+                                         **CONTROLNET))
+    with pytest.raises(ConfigError, match="'controlnet_lora' applies to training_method: controlnet only"):
+        load_config(None, base_overrides(flux, data, tmp_path / "o", controlnet_lora="true"))
     from trainer.methods.controlnet import ControlNetMethod
 
     def method(adapter_class, model, **extra):  # the checks a run makes before any model loads

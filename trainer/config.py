@@ -185,6 +185,7 @@ class TrainConfig:
     controlnet_model_name_or_path: Optional[str] = doc(None, "controlnet: continue training this ControlNet (a diffusers folder or hub id of the family's ControlNet class); null = a new one started from the transformer's first blocks (their weights copied, the control input and outputs zero)")
     controlnet_layers: int = doc(4, "controlnet (new): double-stream blocks of the ControlNet (each a copy of the transformer's block; FLUX.1 has 19, Qwen-Image 60); Z-Image: control blocks placed evenly over its layers (at most 30)")
     controlnet_single_layers: int = doc(0, "controlnet (new): single-stream blocks of the ControlNet (FLUX.1 has 38; InstantX's Union uses 10)")
+    controlnet_lora: bool = doc(False, "controlnet: train a plain LoRA (rank, lora_alpha, lora_target_modules, use_rslora, rank_pattern) on the ControlNet instead of all of its weights, which stay frozen in the weight dtype (e.g. continuing a released ControlNet on your data with little memory); controlnet/ is saved with the LoRA merged in, controlnet_lora.safetensors beside it. Default targets: the family's attention layers and the ControlNet's output / control-input projections")
     controlnet_modes: int = doc(0, "controlnet (new): a Union ControlNet with this many control modes (FLUX.1's FluxControlNetModel num_mode: a mode embedding read as one more text token); each dataset names its data_config.control_mode; 0 = a plain ControlNet")
     controlnet_conditioning_scale: float = doc(1.0, "controlnet: the ControlNet's strength in validation previews (training runs at 1.0, as the released ControlNets)")
     trainable_modules: Optional[list[str]] = doc(None, "full: train only the parameters whose names contain one of these (e.g. [transformer_blocks.0., proj_out]); null = every transformer weight")
@@ -322,7 +323,7 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
     if not cfg.freeze_text_encoder:
         raise ConfigError("config key 'freeze_text_encoder' is false, but this trainer never trains the text encoder; remove the key or set it to true")
     controlnet_keys = {"controlnet_model_name_or_path": None, "controlnet_layers": 4, "controlnet_single_layers": 0,
-                       "controlnet_conditioning_scale": 1.0, "controlnet_modes": 0}
+                       "controlnet_conditioning_scale": 1.0, "controlnet_modes": 0, "controlnet_lora": False}
     if cfg.control_type is not None and cfg.training_method == "full":
         raise ConfigError(f"config key 'control_type: {cfg.control_type}' trains a LoRA"
                           + (" (with the widened input layer)" if cfg.control_type in WIDENING_CONTROLS else "")
@@ -331,10 +332,16 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         if cfg.control_type is not None:
             raise ConfigError(f"config keys 'control_type: {cfg.control_type}' and 'training_method: controlnet' are two ways of "
                               "training control; use one")
+        lora_keys = ("use_rslora", "rank_pattern", "alpha_pattern") if cfg.controlnet_lora else ()
         for key, default in (*ADAPTER_KEYS.items(), ("assistant_lora", None), ("trainable_modules", None), ("ema_decay", 0.0)):
-            if getattr(cfg, key) != default:
+            if key not in lora_keys and getattr(cfg, key) != default:
                 raise ConfigError(f"config key '{key}' does not apply to training_method: controlnet (the ControlNet is trained whole, "
-                                  "in full_weights' precision); remove it")
+                                  "or with controlnet_lora a plain LoRA on it); remove it")
+        if cfg.controlnet_lora:
+            check_adapter_keys(cfg)
+            if cfg.full_weights != "fp32":
+                raise ConfigError("config key 'full_weights' sets the precision of a wholly trained ControlNet; with controlnet_lora "
+                                  "the ControlNet is frozen (weight dtype) and the LoRA trains in fp32: remove it")
         if cfg.controlnet_modes < 0:
             raise ConfigError(f"config key 'controlnet_modes' must be >= 0, got {cfg.controlnet_modes}")
         if cfg.controlnet_layers < 0 or cfg.controlnet_single_layers < 0 or cfg.controlnet_layers + cfg.controlnet_single_layers < 1:

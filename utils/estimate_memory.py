@@ -88,9 +88,10 @@ def build_transformer_on_meta(adapter):
     return model, source
 
 
-def controlnet_params(model, adapter) -> tuple[int, int]:
+def controlnet_params(model, adapter, lora: bool = False) -> tuple[int, int] | tuple[int, int, int]:
     """(parameters, blocks) of the ControlNet the run trains: a new one built from the meta-device transformer as
-    training builds it, or the given one's config (no weights are read)."""
+    training builds it, or the given one's config (no weights are read); lora: (its parameters, blocks, the
+    parameters of controlnet_lora's LoRA on it)."""
     import diffusers
     import torch
 
@@ -102,7 +103,12 @@ def controlnet_params(model, adapter) -> tuple[int, int]:
         else:
             net = adapter.make_controlnet(model)
     blocks = sum(len(getattr(net, name, None) or []) for name in ("transformer_blocks", "single_transformer_blocks", "control_layers"))
-    return sum(p.numel() for p in net.parameters()), blocks
+    total = sum(p.numel() for p in net.parameters())
+    if not lora:
+        return total, blocks
+    from trainer.methods.controlnet import ControlNetMethod
+
+    return total, blocks, sum(p.numel() for p in ControlNetMethod(cfg, adapter).attach_lora(net))
 
 
 def lora_params(model, cfg, adapter) -> int:
@@ -182,8 +188,13 @@ def plan(cfg, resolution: int) -> tuple[list[Row], dict]:
 
     batch = cfg.data_config.train_batch_size
     activations = activation_bytes(model, resolution, batch, cfg.gradient_checkpointing, spec.text_tokens, spec.token_width, spec.image_frames)
-    weight_bytes = 4
-    if cfg.training_method == "controlnet":  # trained whole (full_weights); its blocks add their share of the activations
+    weight_bytes, frozen_net = 4, []
+    if cfg.training_method == "controlnet" and cfg.controlnet_lora:  # frozen in bf16, a LoRA on it in fp32
+        n_net, net_blocks, n_lora = controlnet_params(model, adapter, lora=True)
+        frozen_net = [Row("ControlNet weights (frozen, bf16)", n_net, n_net * 2)]
+        what, grads = f"LoRA on the ControlNet (rank {cfg.rank}, fp32)", "LoRA gradients (fp32)"
+        activations *= 1 + net_blocks / max(1, sum(int(model.config[k]) for k in adapter.block_count_keys))
+    elif cfg.training_method == "controlnet":  # trained whole (full_weights); its blocks add their share of the activations
         n_lora, net_blocks = controlnet_params(model, adapter)
         weight_bytes = 2 if cfg.full_weights == "bf16" else 4
         what = (f"ControlNet weights ({cfg.controlnet_layers} + {cfg.controlnet_single_layers} blocks, {cfg.full_weights})"
@@ -195,6 +206,7 @@ def plan(cfg, resolution: int) -> tuple[list[Row], dict]:
         what = f"{'DoRA' if cfg.use_dora else {'lokr': 'LoKr', 'loha': 'LoHa'}.get(cfg.lora_type, 'LoRA')} weights (rank {cfg.rank}, fp32)"
         grads = "LoRA gradients (fp32)"
     train_rows = [
+        *frozen_net,
         Row(what, n_lora, n_lora * weight_bytes),
         *([Row(f"unconditional transformer for previews ({quant})", spec.preview_params, resident(swap) * spec.preview_params / total,
                "placed as the transformer; validation previews on")] if spec.preview_params and (cfg.validation_prompts or cfg.validation_samples) else []),

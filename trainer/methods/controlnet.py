@@ -23,6 +23,12 @@ from trainer.constants import CONTROLNET_DIR
 from trainer.methods.full import FullMethod, load_into, save_transformer
 
 
+CONTROLNET_LORA_FILE = "controlnet_lora.safetensors"  # controlnet_lora: the LoRA alone (peft names), beside the merged controlnet/
+# controlnet_lora's default targets beside the family's attention layers: the ControlNet's output projections (FLUX.1 /
+# Qwen-Image: controlnet_blocks, Z-Image: after_proj), its control input (controlnet_x_embedder, before_proj)
+CONTROLNET_LORA_TARGETS = ("controlnet_blocks.*", "controlnet_single_blocks.*", "controlnet_x_embedder", "before_proj", "after_proj")
+
+
 class ControlNetPair(torch.nn.Module):
     """The frozen transformer and the trained ControlNet as one module; called with the transformer's arguments plus
     `controlnet_cond`."""
@@ -90,32 +96,97 @@ class ControlNetMethod(FullMethod):
         else:
             with placement.host_weights() if placement is not None else contextlib.nullcontext():
                 controlnet = adapter.make_controlnet(transformer)
-        controlnet = controlnet.to(adapter.device, torch.float32 if cfg.full_weights == "fp32" else torch.bfloat16).train()
+        if cfg.controlnet_lora:  # frozen in the weight dtype; the LoRA on it trains in fp32
+            dtype = adapter.weight_dtype
+        else:
+            dtype = torch.float32 if cfg.full_weights == "fp32" else torch.bfloat16
+        controlnet = controlnet.to(adapter.device, dtype).train()
         # some diffusers ControlNets (Z-Image's) read this flag in training but define it only when it is enabled
         controlnet.gradient_checkpointing = getattr(controlnet, "gradient_checkpointing", False)
         if cfg.gradient_checkpointing:
             controlnet.enable_gradient_checkpointing()
-        controlnet.requires_grad_(True)
         self.controlnet = controlnet
+        if cfg.controlnet_lora:
+            return self.attach_lora(controlnet)
+        controlnet.requires_grad_(True)
         self.names = [n for n, _p in controlnet.named_parameters()]
         return list(controlnet.parameters())
+
+    def attach_lora(self, controlnet: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """controlnet_lora: a plain LoRA on the frozen ControlNet (peft), its parameters in fp32."""
+        import dataclasses
+
+        from peft import inject_adapter_in_model
+
+        from trainer.config import ConfigError
+        from trainer.methods.lora import TRAINED, LoRAMethod
+
+        controlnet.requires_grad_(False)
+        targets = self.cfg.lora_target_modules or (*self.adapter.default_target_modules, *CONTROLNET_LORA_TARGETS)
+        config = LoRAMethod(dataclasses.replace(self.cfg, lora_target_modules=list(targets)), self.adapter).lora_config()
+        try:
+            inject_adapter_in_model(config, controlnet, adapter_name=TRAINED)
+        except ValueError as e:
+            raise ConfigError(f"config key 'lora_target_modules': {e}") from None
+        named = [(n, p) for n, p in controlnet.named_parameters() if f".{TRAINED}." in n]
+        for _n, p in named:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        self.names = [n for n, _p in named]
+        return [p for _n, p in named]
+
+    def merged_state(self, controlnet: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The ControlNet's weights with its LoRA merged in (base + delta per adapted layer; the model is not changed),
+        under the plain ControlNet's names."""
+        from peft.tuners.lora import LoraLayer
+
+        from trainer.methods.lora import TRAINED
+
+        sd = {k.replace(".base_layer.", "."): v for k, v in controlnet.state_dict().items() if ".lora_" not in k}
+        for name, module in controlnet.named_modules():
+            if isinstance(module, LoraLayer) and TRAINED in module.lora_A:
+                base = module.get_base_layer().weight
+                sd[f"{name}.weight"] = (base.float() + module.get_delta_weight(TRAINED).float()).to(base.dtype)
+        return sd
+
+    def lora_state(self, controlnet: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in controlnet.named_parameters() if n in set(self.names)}
 
     def trained_model(self, transformer: torch.nn.Module) -> torch.nn.Module:
         return ControlNetPair(transformer, self.controlnet, self.adapter)
 
     # --- files ------------------------------------------------------------------------------------------------
     def save(self, model: torch.nn.Module, directory: Path, final: bool = True, state_dict: dict | None = None) -> None:
-        if self.is_main:
+        if not self.is_main:
+            return
+        if not self.cfg.controlnet_lora:
             save_transformer(model.controlnet, Path(directory) / CONTROLNET_DIR, None)
+            return
+        from safetensors.torch import save_file
+
+        save_transformer(model.controlnet, Path(directory) / CONTROLNET_DIR, self.merged_state(model.controlnet))
+        tmp = Path(directory) / f"{CONTROLNET_LORA_FILE}.partial"
+        save_file({k: v.contiguous() for k, v in self.lora_state(model.controlnet).items()}, str(tmp))
+        tmp.replace(Path(directory) / CONTROLNET_LORA_FILE)
 
     def load(self, model: torch.nn.Module, directory: Path) -> None:
-        load_into(model.controlnet, Path(directory) / CONTROLNET_DIR)
+        if not self.cfg.controlnet_lora:
+            load_into(model.controlnet, Path(directory) / CONTROLNET_DIR)
+            return
+        from safetensors.torch import load_file
+
+        saved, own = load_file(str(Path(directory) / CONTROLNET_LORA_FILE)), dict(model.controlnet.named_parameters())
+        if set(saved) != set(self.names):
+            raise ValueError(f"{directory / CONTROLNET_LORA_FILE} holds another LoRA than this run's (its layers differ)")
+        with torch.no_grad():
+            for name, value in saved.items():
+                own[name].copy_(value)
 
     def checkpoint_files(self) -> tuple[str, ...]:
-        return (f"{CONTROLNET_DIR}/config.json",)
+        return (f"{CONTROLNET_DIR}/config.json",) + ((CONTROLNET_LORA_FILE,) if self.cfg.controlnet_lora else ())
 
     def published_files(self) -> tuple[str, ...]:
-        return (CONTROLNET_DIR,)
+        return (CONTROLNET_DIR,) + ((CONTROLNET_LORA_FILE,) if self.cfg.controlnet_lora else ())
 
     def sampling(self, model: torch.nn.Module):
         return self.adapter.controlnet_previews(model.controlnet)
