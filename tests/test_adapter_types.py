@@ -153,3 +153,44 @@ def test_planner_counts_each_adapter_type():
     assert count("lora_type=loha") == 2 * lora  # two rank-r pairs per layer
     assert count("lora_type=lokr", "lokr_factor=16") < lora / 10
     assert lora < count("use_dora=true") < lora * 1.05  # + one magnitude per output channel
+
+
+def test_init_lora_starts_from_a_lora_of_any_format_with_its_strength(tiny_qwen, tmp_path):
+    """init_lora: a LoRA trained here (rank 4, alpha 8), its ComfyUI file and a DiffSynth-Studio-style copy (peft
+    "default." names, alpha folded into the weights) each start a run at lora_alpha 4 with every layer's delta as the
+    file's; a run from it trains; a rank or layer it cannot take is one line before training."""
+    import torch
+    from safetensors.torch import save_file
+
+    from trainer.lora_format import PREFIX, lora_layers
+    from trainer.methods.lora import TRAINED, LoRAMethod
+    from trainer.models.qwen_image import QwenImageAdapter
+
+    data = write_dataset(tmp_path / "d", n=2)
+    out = run(tiny_qwen, data, tmp_path / "a", 2, lora_alpha=8, learning_rate=0.05)
+    sd = load_file(out / "pytorch_lora_weights.safetensors")
+    diffsynth = {k.removeprefix(PREFIX).replace(".weight", ".default.weight"): v * (2 if ".lora_B." in k else 1) for k, v in sd.items()}
+    save_file(diffsynth, str(tmp_path / "diffsynth.safetensors"))
+    layers = lora_layers(sd)
+
+    def started(path, **extra):
+        cfg = load_config(None, base_overrides(tiny_qwen, data, tmp_path / "o", init_lora=str(path), **{"lora_alpha": 4, **extra}))
+        adapter = QwenImageAdapter.from_model(cfg)
+        adapter.load_transformer()
+        LoRAMethod(cfg, adapter).attach(adapter.transformer)
+        return dict(adapter.transformer.named_parameters())
+
+    for path in (out, out / "pytorch_lora_weights_comfyui.safetensors", tmp_path / "diffsynth.safetensors"):
+        own = started(path)
+        for m in layers:
+            expected = sd[f"{PREFIX}{m}.lora_B.weight"] @ sd[f"{PREFIX}{m}.lora_A.weight"] * (8 / 4)
+            got = own[f"{m}.lora_B.{TRAINED}.weight"] @ own[f"{m}.lora_A.{TRAINED}.weight"] * (4 / 4)
+            assert torch.allclose(got, expected, atol=1e-6), (path.name, m)
+    trained = run(tiny_qwen, data, tmp_path / "b", 1, init_lora=str(tmp_path / "diffsynth.safetensors"), lora_alpha=4, learning_rate=0.05)
+    assert (trained / "pytorch_lora_weights.safetensors").is_file()
+    with pytest.raises(ConfigError, match="'init_lora': its rank is 4, this run's rank 8"):
+        started(out, rank=8)
+    with pytest.raises(ConfigError, match="'init_lora': .* of its layers are not trained by this run"):
+        started(out, lora_target_modules="[to_q]")
+    with pytest.raises(ConfigError, match="'init_lora' starts a plain LoRA"):
+        load_config(None, base_overrides(tiny_qwen, data, tmp_path / "o", init_lora=str(out), lora_type="lokr"))

@@ -207,6 +207,7 @@ class TrainConfig:
     dop_class_word: Optional[str] = doc(None, "differential output preservation (ai-toolkit's DOP): each step also predicts the batch's captions with the trigger word replaced by this class word (e.g. person), with the LoRA on and (no gradient) off, and pulls the first toward the second: the LoRA learns the trigger, not the class. Needs data_config.trigger_word; ~2x the step cost; prompts are then encoded every step")
     dop_weight: float = doc(1.0, "DOP: the preservation term's multiplier in the loss")
     lokr_factor: int = doc(-1, "lokr: the Kronecker factor size of each layer's first matrix (-1 = as square as the layer allows; e.g. 16 makes the first factor 16x16)")
+    init_lora: Optional[str] = doc(None, "start the trained LoRA from this LoRA (file or folder; any format the family's loader reads: ours, ComfyUI, kohya, DiffSynth-Studio's), e.g. to continue a released LoRA on your data; plain LoRA only. Its layers must be among lora_target_modules' and its ranks equal rank (targets it lacks start fresh); its strength is kept whatever lora_alpha is")
     assistant_lora: Optional[str] = doc(None, "a LoRA (file or folder) active while training but off for validation previews and left out of the saved LoRA, e.g. a de-distillation adapter that keeps a step-distilled model (Z-Image-Turbo) from losing its distillation")
 
     timestep_sampling: str = doc("shift", f"how sigma is drawn: {', '.join(TIMESTEP_SAMPLINGS)}; shift = logit-normal through the scheduler's resolution-dependent shift used at inference; schedule = uniform along the sigmas the pipeline steps through at this resolution")
@@ -333,7 +334,7 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
             raise ConfigError(f"config keys 'control_type: {cfg.control_type}' and 'training_method: controlnet' are two ways of "
                               "training control; use one")
         lora_keys = ("use_rslora", "rank_pattern", "alpha_pattern") if cfg.controlnet_lora else ()
-        for key, default in (*ADAPTER_KEYS.items(), ("assistant_lora", None), ("trainable_modules", None), ("ema_decay", 0.0)):
+        for key, default in (*ADAPTER_KEYS.items(), ("assistant_lora", None), ("init_lora", None), ("trainable_modules", None), ("ema_decay", 0.0)):
             if key not in lora_keys and getattr(cfg, key) != default:
                 raise ConfigError(f"config key '{key}' does not apply to training_method: controlnet (the ControlNet is trained whole, "
                                   "or with controlnet_lora a plain LoRA on it); remove it")
@@ -365,8 +366,9 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         if cfg.blocks_to_swap:
             raise ConfigError("config key 'blocks_to_swap' keeps frozen block weights in host RAM; with training_method: full every block is "
                               "trained, so set blocks_to_swap: 0")
-        if cfg.assistant_lora is not None:
-            raise ConfigError("config key 'assistant_lora' is a LoRA-training option; remove it for training_method: full")
+        for key in ("assistant_lora", "init_lora"):
+            if getattr(cfg, key) is not None:
+                raise ConfigError(f"config key '{key}' is a LoRA-training option; remove it for training_method: full")
         for key, default in ADAPTER_KEYS.items():
             if getattr(cfg, key) != default:
                 raise ConfigError(f"config key '{key}' is a LoRA-training option; remove it for training_method: full")
@@ -482,8 +484,11 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
                     raise ConfigError(f"config key 'validation_prompts[{i}].images': file '{img}' does not exist")
         elif not isinstance(entry, str):
             raise ConfigError(f"config key 'validation_prompts[{i}]' must be a prompt or {{prompt: ..., images: [...]}}")
-    if check_paths and cfg.assistant_lora is not None and not Path(cfg.assistant_lora).exists():
-        raise ConfigError(f"config key 'assistant_lora': '{cfg.assistant_lora}' does not exist")
+    for key in ("assistant_lora", "init_lora"):
+        if check_paths and getattr(cfg, key) is not None and not Path(getattr(cfg, key)).exists():
+            raise ConfigError(f"config key '{key}': '{getattr(cfg, key)}' does not exist")
+    if cfg.init_lora is not None and (cfg.lora_type != "lora" or cfg.use_dora):
+        raise ConfigError("config key 'init_lora' starts a plain LoRA from a file; use lora_type: lora without use_dora")
     if check_paths:
         for img in cfg.validation_images:
             if not Path(img).is_file():

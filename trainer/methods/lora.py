@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -16,6 +17,8 @@ from trainer.constants import COMFY_FILE, LORA_FILE
 from trainer.methods import TrainingMethod
 
 
+logger = logging.getLogger(__name__)
+
 TRAINED = "default"  # peft adapter name of the LoRA being trained
 ASSISTANT = "assistant"  # peft adapter name of cfg.assistant_lora
 # the zero-initialised side of each type (peft's init): while all of it is unchanged the adapter does nothing
@@ -24,7 +27,7 @@ OUTPUT_SIDE = (".lora_B.", ".lokr_w1.", ".lokr_w1_a.", ".hada_w2_b.")
 
 class LoRAMethod(TrainingMethod):
     name = "lora"
-    resume_keys = ("rank", "lora_alpha", "lora_target_modules", "assistant_lora", "lora_type", "use_dora", "use_rslora",
+    resume_keys = ("rank", "lora_alpha", "lora_target_modules", "assistant_lora", "init_lora", "lora_type", "use_dora", "use_rslora",
                    "rank_pattern", "alpha_pattern", "lokr_factor", "loraplus_lr_ratio")  # LoRA+ changes the optimizer's groups
 
     def lora_config(self) -> PeftConfig:
@@ -69,6 +72,9 @@ class LoRAMethod(TrainingMethod):
                 raise ConfigError(f"config key 'lora_target_modules': {e}") from None
         if self.cfg.assistant_lora:
             activate(transformer, [ASSISTANT, TRAINED])
+        if self.cfg.init_lora:
+            with placement.host_weights() if placement is not None else contextlib.nullcontext():
+                self.load_init(transformer)
         transformer.requires_grad_(False)
         for name, p in transformer.named_parameters():
             p.requires_grad_(f".{TRAINED}." in name or name.endswith(f".{TRAINED}"))  # LyCORIS parameters end in the adapter name
@@ -135,6 +141,45 @@ class LoRAMethod(TrainingMethod):
         if bad:
             raise ConfigError(f"config key 'assistant_lora': {len(bad)} layer(s) of '{path.name}' do not fit this model (e.g. {bad[0]})")
         transformer.load_lora_adapter(sd, prefix="transformer", adapter_name=ASSISTANT, metadata=metadata)
+
+    def load_init(self, transformer: torch.nn.Module) -> None:
+        """cfg.init_lora into the fresh trained adapter: each layer's A as saved, its B scaled so that the layer's
+        delta (B A x the file's alpha / rank, or 1 where its format folds alpha into the weights) is the file's under
+        this run's lora_alpha / rank."""
+        from trainer.config import ConfigError
+        from trainer.lora_format import PREFIX, lora_layers
+
+        path = Path(self.cfg.init_lora)
+        path = path / LORA_FILE if path.is_dir() else path
+        try:
+            sd, metadata = self.adapter.pipeline_class.lora_state_dict(str(path), return_lora_metadata=True)
+        except Exception as e:  # the loaders raise many types for foreign files
+            raise ConfigError(f"config key 'init_lora': cannot read '{path}' ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        layers = lora_layers(sd)
+        own = dict(transformer.named_parameters())
+        trained = {n.removesuffix(f".lora_A.{TRAINED}.weight") for n in own if n.endswith(f".lora_A.{TRAINED}.weight")}
+        if not layers or any(not k.endswith((".lora_A.weight", ".lora_B.weight")) for k in sd):
+            raise ConfigError(f"config key 'init_lora': '{path.name}' is not a plain LoRA (LoKr / LoHa / DoRA files cannot start one)")
+        outside = sorted(set(layers) - trained)
+        if outside:
+            raise ConfigError(f"config key 'init_lora': {len(outside)} of its layers are not trained by this run (e.g. {outside[0]}); "
+                              "add them to lora_target_modules")
+        ranks = {r for r, _i, _o in layers.values()}
+        if ranks != {self.cfg.rank} or self.cfg.rank_pattern:
+            raise ConfigError(f"config key 'init_lora': its rank is {'/'.join(map(str, sorted(ranks)))}, this run's rank {self.cfg.rank}"
+                              + (" (rank_pattern cannot be combined with it)" if self.cfg.rank_pattern else "; set rank to it"))
+        r = next(iter(ranks))
+        meta = json.loads(metadata) if isinstance(metadata, str) else (metadata or {})
+        meta = {k.removeprefix(PREFIX): v for k, v in meta.items()}  # diffusers names the component: transformer.lora_alpha
+        alpha = float(meta.get("lora_alpha", r))
+        theirs = alpha / (r**0.5 if meta.get("use_rslora") else r)
+        ours = (self.cfg.lora_alpha or self.cfg.rank) / (r**0.5 if self.cfg.use_rslora else r)
+        with torch.no_grad():
+            for module in layers:
+                for side, factor in (("lora_A", 1.0), ("lora_B", theirs / ours)):
+                    value = sd.get(f"{PREFIX}{module}.{side}.weight", sd.get(f"{module}.{side}.weight"))
+                    own[f"{module}.{side}.{TRAINED}.weight"].copy_(value.to(torch.float32) * factor)
+        logger.info("init_lora: %d of the %d trained layers start from %s", len(layers), len(trained), path)
 
     @contextlib.contextmanager
     def sampling(self, transformer: torch.nn.Module):
