@@ -49,6 +49,7 @@ class Case:
     # composite as the condition: Qwen-Image-Layered; its layers are the target's size), or "left-padded" (Ideogram 4: one sequence of
     # left-padded text then image tokens, time 1 - sigma, output x0 - noise; inputs compared without the padding rows)
     control_mode: int | None = None  # a Union ControlNet (3 modes) run in this mode
+    controlnet_2x: bool = False  # Z-Image: a ControlNet of the 2.x layout (control refiner blocks, control_in_dim 33)
     masked_text: bool = False  # Krea 2: prompt rows compared where encoder_attention_mask is on (the padding rows are masked
     # out of every attention; the pipeline holds pad-token states there, the trainer zeros)
 
@@ -71,6 +72,7 @@ CASES = [
     Case("Qwen-Image in-context control", "qwen-image-in-context", 1),
     Case("Z-Image", "z-image", layout="frames"),
     Case("Z-Image + ControlNet", "z-image-controlnet", 1, layout="frames"),
+    Case("Z-Image + ControlNet, 2.x layout", "z-image-controlnet", 1, layout="frames", controlnet_2x=True),
     Case("Z-Image-Omni", "z-image-omni", layout="omni"),
     Case("Z-Image-Omni, 2 refs", "z-image-omni", 2, layout="omni"),
     Case("Chroma", "chroma"),
@@ -360,7 +362,7 @@ def compare(case: Case, model: Path, work: Path) -> dict:
         from trainer.methods.controlnet import ControlNetPair
 
         torch.manual_seed(1)
-        net = adapter.make_controlnet(pipe.transformer)
+        net = z_image_controlnet_2x(pipe.transformer) if case.controlnet_2x else adapter.make_controlnet(pipe.transformer)
         for p in net.parameters():
             if not p.any():
                 torch.nn.init.normal_(p, std=0.2)
@@ -417,6 +419,18 @@ def compare(case: Case, model: Path, work: Path) -> dict:
         result["text_tokens"] = int(ref_inputs["encoder_hidden_states"].shape[1])
         result["image_tokens"] = int(ref_inputs["hidden_states"].shape[1])
     return result
+
+
+def z_image_controlnet_2x(transformer: torch.nn.Module) -> torch.nn.Module:
+    """A Z-Image ControlNet of the 2.x layout (VideoX-Fun's Union 2.0): control refiner blocks in front of the control
+    blocks, control_in_dim = the latent channels + 17, which the pipeline (and training) fill with zeros."""
+    from diffusers import ZImageControlNetModel
+
+    c = transformer.config
+    return ZImageControlNetModel(control_layers_places=[0], control_refiner_layers_places=[0], control_in_dim=c.in_channels + 17,
+                                 add_control_noise_refiner="control_noise_refiner", all_patch_size=tuple(c.all_patch_size),
+                                 all_f_patch_size=tuple(c.all_f_patch_size), dim=c.dim, n_refiner_layers=c.n_refiner_layers,
+                                 n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, norm_eps=c.norm_eps, qk_norm=c.qk_norm)
 
 
 def without_padding(inputs: dict, output: torch.Tensor) -> torch.Tensor:

@@ -538,6 +538,17 @@ def test_controlnet_of_another_family_trains_and_loads_in_its_pipeline(family, t
         for key, value, message in (("controlnet_single_layers", 1, "one kind of block"), ("controlnet_layers", 3, "has 2 layers")):
             with pytest.raises(ConfigError, match=message):
                 cls.check_setup(load_config(None, base_overrides(model, data, tmp_path / "o", **{**extra, key: value})))
+        # a released-style 2.x ControlNet (control refiner blocks, control_in_dim 33) continues: its extra channels zero
+        from bench.equivalence import z_image_controlnet_2x
+
+        start = tmp_path / "2x"
+        z_image_controlnet_2x(diffusers.ZImageTransformer2DModel.from_pretrained(model, subfolder="transformer")).save_pretrained(start)
+        cont = tmp_path / "cont"
+        train(load_config(None, base_overrides(model, data, cont, max_train_steps=1, controlnet_model_name_or_path=str(start), **extra)), cls)
+        again = diffusers.ZImageControlNetModel.from_pretrained(cont / "controlnet")
+        assert again.config.control_in_dim == 33 and again.config.control_refiner_layers_places == [0]
+        before, after = read_folder(start), read_folder(cont / "controlnet")
+        assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
 
 
 def test_qwen_image_in_context_lora_trains_on_a_swapped_quantized_base_and_renders_with_its_control(tiny_models, tmp_path):

@@ -165,9 +165,12 @@ class ZImageAdapter(ModelAdapter):
 
     def controlnet_forward(self, controlnet: torch.nn.Module, transformer: torch.nn.Module, kwargs: dict):
         """As ZImageControlNetPipeline: the ControlNet's hints for the transformer's layers, then the transformer with them."""
-        x, t, caps = kwargs["x"], kwargs["t"], kwargs["cap_feats"]
+        x, t, caps, control = kwargs["x"], kwargs["t"], kwargs["cap_feats"], kwargs["controlnet_cond"]
+        extra = controlnet.config.control_in_dim - control.shape[1]
+        if extra > 0:  # a 2.x ControlNet (control_in_dim 33 for 16 latent channels): zeros after the control latents, as the pipeline pads
+            control = torch.cat([control, control.new_zeros(control.shape[0], extra, *control.shape[2:])], dim=1)
         with self.sharing(controlnet, transformer):
-            hints = controlnet(x, t, caps, kwargs["controlnet_cond"], conditioning_scale=1.0)
+            hints = controlnet(x, t, caps, control, conditioning_scale=1.0)
         return transformer(x, t, caps, controlnet_block_samples=hints, return_dict=False)
 
     @contextlib.contextmanager
