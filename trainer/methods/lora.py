@@ -126,17 +126,25 @@ class LoRAMethod(TrainingMethod):
         return [f"{len(unused)} LoRA layer(s) receive no gradient in this model and stay at their initial values "
                 f"(e.g. {unused[0]}); they do no harm, or leave them out of lora_target_modules"] if unused else []
 
+    def read_key_file(self, key: str) -> tuple[Path, dict, dict | str | None]:
+        """(path, diffusers-format state dict, metadata) of the LoRA file or folder config key `key` names, read by the
+        family's own loader (any format it reads); ConfigError naming the key otherwise."""
+        from trainer.config import ConfigError
+
+        path = Path(getattr(self.cfg, key))
+        path = path / LORA_FILE if path.is_dir() else path
+        try:
+            sd, metadata = self.adapter.pipeline_class.lora_state_dict(str(path), return_lora_metadata=True)
+        except Exception as e:  # the loaders raise many types for foreign files
+            raise ConfigError(f"config key '{key}': cannot read '{path}' ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        return path, sd, metadata
+
     def load_assistant(self, transformer: torch.nn.Module) -> None:
         """cfg.assistant_lora as a frozen second adapter (any format the family's loader reads)."""
         from trainer.config import ConfigError
         from trainer.lora_format import lora_layers, mismatches
 
-        path = Path(self.cfg.assistant_lora)
-        path = path / LORA_FILE if path.is_dir() else path
-        try:
-            sd, metadata = self.adapter.pipeline_class.lora_state_dict(str(path), return_lora_metadata=True)
-        except Exception as e:  # the loaders raise many types for foreign files
-            raise ConfigError(f"config key 'assistant_lora': cannot read '{path}' ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        path, sd, metadata = self.read_key_file("assistant_lora")
         bad = mismatches(lora_layers(sd), transformer)
         if bad:
             raise ConfigError(f"config key 'assistant_lora': {len(bad)} layer(s) of '{path.name}' do not fit this model (e.g. {bad[0]})")
@@ -149,12 +157,7 @@ class LoRAMethod(TrainingMethod):
         from trainer.config import ConfigError
         from trainer.lora_format import PREFIX, lora_layers
 
-        path = Path(self.cfg.init_lora)
-        path = path / LORA_FILE if path.is_dir() else path
-        try:
-            sd, metadata = self.adapter.pipeline_class.lora_state_dict(str(path), return_lora_metadata=True)
-        except Exception as e:  # the loaders raise many types for foreign files
-            raise ConfigError(f"config key 'init_lora': cannot read '{path}' ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        path, sd, metadata = self.read_key_file("init_lora")
         layers = lora_layers(sd)
         own = dict(transformer.named_parameters())
         trained = {n.removesuffix(f".lora_A.{TRAINED}.weight") for n in own if n.endswith(f".lora_A.{TRAINED}.weight")}
