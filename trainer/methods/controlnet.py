@@ -150,7 +150,8 @@ class ControlNetMethod(FullMethod):
         return sd
 
     def lora_state(self, controlnet: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in controlnet.named_parameters() if n in set(self.names)}
+        names = set(self.names)
+        return {n: p.detach() for n, p in controlnet.named_parameters() if n in names}
 
     def trained_model(self, transformer: torch.nn.Module) -> torch.nn.Module:
         return ControlNetPair(transformer, self.controlnet, self.adapter)
