@@ -42,6 +42,7 @@ class Case:
     references: int = 0
     guidance: bool = True  # FLUX: the transformer has a guidance embedding (dev / Kontext); False = schnell
     zero_cond_t: bool = False  # Qwen-Image-Edit-2511: reference tokens modulated at t = 0 (transformer config)
+    expand_timesteps: bool = False  # Wan 2.2 TI2V-5B: a timestep per latent token (the pipeline's config)
     layout: str = "packed"  # how the pipeline passes latents: packed tokens (hidden_states=...), "concat" (packed, the control's
     # channels after the target's), "fill" (packed, then the masked image's and the mask's), "frames" (a list), "omni" (per sample a list: the references' frames, then the target's), or "grid"
     # (B x C x H x W patchified latents, timestep 1000 sigma: ERNIE-Image), "grid-x0" (B x C x H x W latents, timesteps 1000
@@ -77,6 +78,8 @@ CASES = [
     Case("Z-Image-Omni, 2 refs", "z-image-omni", 2, layout="omni"),
     Case("Chroma", "chroma"),
     Case("Kandinsky 5.0 Image", "kandinsky5", layout="frames-last"),
+    Case("Wan 2.1 T2V, one frame", "wan", layout="video"),
+    Case("Wan 2.2 TI2V-5B layout (timestep per token), one frame", "wan", layout="video", expand_timesteps=True),
     Case("FLUX.2 Klein", "flux2-klein", layout="patchified"),
     Case("FLUX.2 Klein, 1 ref", "flux2-klein", 1, layout="patchified"),
     Case("FLUX.2 Klein, 2 refs", "flux2-klein", 2, layout="patchified"),
@@ -128,6 +131,9 @@ def latents_and_sigma(case: Case, inputs: dict) -> tuple[torch.Tensor, torch.Ten
         return torch.stack([frames[-1] for frames in inputs["x"]]).squeeze(2).float(), 1.0 - inputs["t"].float(), 0
     if case.layout == "frames-last":  # Kandinsky 5: B x 1 x H x W x C, time = 1000 sigma
         return inputs["hidden_states"].squeeze(1).permute(0, 3, 1, 2).float(), inputs["timestep"].float() / 1000, 0
+    if case.layout == "video":  # Wan: B x C x F x H x W (one frame), timestep = 1000 sigma (2.2 TI2V: one per token, all equal)
+        t = inputs["timestep"].float()
+        return inputs["hidden_states"].squeeze(2).float(), (t[:, 0] if t.ndim == 2 else t) / 1000, 0
     if case.layout in ("grid", "grid-x0"):  # ERNIE-Image: B x 128 x H x W, timestep = 1000 sigma; HiDream-I1: B x 16 x H x W
         return inputs["hidden_states"].float(), inputs.get("timestep", inputs.get("timesteps")).float() / 1000, 0
     if case.layout in ("joint", "left-padded"):  # Qwen-Image 2.1: condition latents, then the target's (unpatched, 16 px per
@@ -161,6 +167,8 @@ def pipeline_prediction(case: Case, output, n_target: int) -> torch.Tensor:
         return -torch.stack([o.float() for o in output]).squeeze(2)
     if case.layout == "frames-last":
         return output.squeeze(1).permute(0, 3, 1, 2).float()
+    if case.layout == "video":
+        return output.squeeze(2).float()
     if case.layout in ("grid", "grid-x0"):
         return -output.float() if case.layout == "grid-x0" else output.float()  # HiDream-I1 predicts x0 - noise
     if case.layout in ("joint", "left-padded"):  # the pipeline keeps the last target-many tokens of the sequence
@@ -248,6 +256,15 @@ def schnell_copy(flux_model: Path, out: Path) -> Path:
     return out
 
 
+def expand_timesteps_copy(model: Path, out: Path) -> Path:
+    """A tiny Wan pipeline folder with Wan 2.2 TI2V-5B's pipeline option expand_timesteps (model_index.json)."""
+    if not (out / "model_index.json").exists():
+        shutil.copytree(model, out)
+        index = json.loads((out / "model_index.json").read_text())
+        (out / "model_index.json").write_text(json.dumps({**index, "expand_timesteps": True}))
+    return out
+
+
 def zero_cond_copy(plus_model: Path, out: Path) -> Path:
     """The tiny Edit-2509 pipeline with Qwen-Image-Edit-2511's transformer option (zero_cond_t=True)."""
     from diffusers import QwenImageEditPlusPipeline
@@ -311,6 +328,8 @@ def pipeline_call_kwargs(case: Case, refs: list[Path], work: Path) -> dict:
             kwargs["image"] = images
     elif case.variant in ("chroma", "kandinsky5", "flux2-klein", "ernie-image", "hidream-i1"):
         kwargs["guidance_scale"] = 1.0  # no CFG: one transformer call per step
+    elif case.variant == "wan":
+        kwargs.update(guidance_scale=1.0, num_frames=1)  # no CFG; an image is a one-frame video
     elif case.variant == "ideogram4":
         kwargs.update(guidance_scale=1.0, guidance_schedule=None)  # the conditional transformer's call is the first
     # FLUX.1 / FLUX.2 dev: the distilled guidance left at the pipeline's default, which training uses by default
@@ -402,6 +421,9 @@ def compare(case: Case, model: Path, work: Path) -> dict:
     elif case.layout == "frames-last":
         result["text_tokens"] = int(ref_inputs["encoder_hidden_states"].shape[1])
         result["image_tokens"] = int(ref_inputs["hidden_states"].shape[2] * ref_inputs["hidden_states"].shape[3] // 4)
+    elif case.layout == "video":  # (an expanded timestep is one per token: compared whole, its sigma is its first)
+        result["text_tokens"] = int(ref_inputs["encoder_hidden_states"].shape[1])
+        result["image_tokens"] = int(ref_inputs["hidden_states"][0, 0].numel() // 4)
     elif case.layout == "grid":
         result["text_tokens"] = int(ref_inputs["text_bth"].shape[1])
         result["image_tokens"] = int(ref_inputs["hidden_states"].shape[2] * ref_inputs["hidden_states"].shape[3])
@@ -488,6 +510,8 @@ def main() -> int:
             model = schnell_copy(model, root / "flux-schnell")
         if case.zero_cond_t:
             model = zero_cond_copy(model, root / "qwen-image-edit-2511")
+        if case.expand_timesteps:
+            model = expand_timesteps_copy(model, root / f"{case.variant}-expand")
         r = compare(case, model, root / case.name.replace(" ", "_").replace(",", ""))
         inputs = max(v for k, v in r.items() if k not in ("prediction", "transformer output", "text_tokens", "image_tokens"))
         print(f"| {case.name} | {r['text_tokens']} | {r['image_tokens']} | {inputs:.2e} | {r['prediction']:.2e} |", flush=True)

@@ -11,6 +11,7 @@ from bench.equivalence import (
     PROMPT,
     batch_independence,
     compare,
+    expand_timesteps_copy,
     schnell_copy,
     trainer_batch,
     write_inputs,
@@ -28,10 +29,12 @@ def realistic(tmp_path_factory):
     """variant -> tiny pipeline with the released processor budgets and templates, built once per session."""
     root = tmp_path_factory.mktemp("realistic")
 
-    def get(variant: str, guidance: bool = True, zero_cond_t: bool = False):
+    def get(variant: str, guidance: bool = True, zero_cond_t: bool = False, expand_timesteps: bool = False):
         model = make_tiny_model(variant, root / variant, realistic=True)
         if zero_cond_t:
             return zero_cond_copy(model, root / f"{variant}-2511")
+        if expand_timesteps:
+            return expand_timesteps_copy(model, root / f"{variant}-expand")
         return model if guidance else schnell_copy(model, root / f"{variant}-schnell")
 
     return get
@@ -39,7 +42,7 @@ def realistic(tmp_path_factory):
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_trainer_feeds_the_transformer_what_the_pipeline_feeds_it(case, realistic, tmp_path):
-    result = compare(case, realistic(case.variant, case.guidance, case.zero_cond_t), tmp_path)
+    result = compare(case, realistic(case.variant, case.guidance, case.zero_cond_t, case.expand_timesteps), tmp_path)
     inputs = {k: v for k, v in result.items() if k not in ("text_tokens", "image_tokens")}
     assert all(v < BOUND for v in inputs.values()), inputs
     # the sequence lengths are the released ones: a 1 MP reference is ~1,300 vision tokens for Qwen2.5-VL

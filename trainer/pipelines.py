@@ -78,7 +78,10 @@ def resolve_lora(path: str) -> tuple[str, str]:
 
 
 def output_images(output) -> list:
-    """The images of a pipeline's output (Kandinsky's pipelines name the field `image`)."""
+    """The images of a pipeline's output (Kandinsky's pipelines name the field `image`; a video pipeline's one-frame
+    videos: each video's frame)."""
+    if hasattr(output, "frames"):
+        return [video[0] for video in output.frames]
     return output.images if hasattr(output, "images") else output.image
 
 
