@@ -257,9 +257,17 @@ def schnell_copy(flux_model: Path, out: Path) -> Path:
 
 
 def expand_timesteps_copy(model: Path, out: Path) -> Path:
-    """A tiny Wan pipeline folder with Wan 2.2 TI2V-5B's pipeline option expand_timesteps (model_index.json)."""
+    """The tiny Wan pipeline in Wan 2.2 TI2V-5B's layout: its pipeline option expand_timesteps (model_index.json), its
+    VAE (16x, 2x2 pixel patches) and a transformer for its latent channels."""
+    from diffusers import WanPipeline
+
+    from trainer.models.wan import build_wan22_vae, build_wan_transformer
+
     if not (out / "model_index.json").exists():
-        shutil.copytree(model, out)
+        pipe = WanPipeline.from_pretrained(model)
+        torch.manual_seed(0)
+        pipe.vae, pipe.transformer = build_wan22_vae(8), build_wan_transformer(z_dim=8)
+        pipe.save_pretrained(out)
         index = json.loads((out / "model_index.json").read_text())
         (out / "model_index.json").write_text(json.dumps({**index, "expand_timesteps": True}))
     return out

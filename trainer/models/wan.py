@@ -63,6 +63,13 @@ class WanAdapter(ModelAdapter):
         self.latents_mean: torch.Tensor | None = None
         self.latents_std: torch.Tensor | None = None
         self.expand_timesteps = False  # Wan 2.2 TI2V-5B: a timestep per latent token (the pipeline's config)
+        try:  # Wan 2.2's VAE compresses 16x (2.1's 8x); sides are multiples of that times the 2x2 patch
+            from trainer.models import read_model_index
+
+            vae = read_model_index(self.cfg.pretrained_model_name_or_path, "vae/config.json")
+            self.size_multiple = int(vae.get("scale_factor_spatial") or 8) * 2
+        except Exception:  # no model folder (tools asking about the family): 2.1's
+            pass
 
     @classmethod
     def check_setup(cls, cfg) -> None:
@@ -204,6 +211,20 @@ def build_wan_vae(z_dim: int = 4):
                            temperal_downsample=[False, True, True], latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim)
     near_deterministic(vae.quant_conv, z_dim)
     return vae
+
+
+def build_wan22_vae(z_dim: int = 8):
+    """Wan 2.2's VAE layout at tiny width: residual, 2x2 pixel patches in (12 channels), 16x spatial compression."""
+    from diffusers import AutoencoderKLWan
+
+    from .qwen_image import calibrate_qwen_vae
+    from .tiny import near_deterministic
+
+    vae = AutoencoderKLWan(base_dim=16, decoder_base_dim=16, z_dim=z_dim, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12, patch_size=2,
+                           scale_factor_spatial=16, latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim)
+    near_deterministic(vae.quant_conv, z_dim)
+    return calibrate_qwen_vae(vae)
 
 
 def build_wan_transformer(z_dim: int = 4, text_dim: int = 32):
