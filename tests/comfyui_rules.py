@@ -132,11 +132,27 @@ def _qwen_image21(transformer) -> set[str]:
     return names
 
 
+def _wan(transformer) -> set[str]:
+    """ComfyUI's WanModel (comfy/ldm/wan/model.py) keeps the original Wan checkpoint's names, and its LoRA key map for Wan
+    is the generic one: diffusion_model.<name> and lora_unet_<name with _> for each of its weights."""
+    c = transformer.config
+    names = ["patch_embedding", "text_embedding.0", "text_embedding.2", "time_embedding.0", "time_embedding.2", "time_projection.1",
+             "head.head"]
+    for i in range(c.num_layers):
+        b = f"blocks.{i}"
+        names += [f"{b}.{a}.{p}" for a in ("self_attn", "cross_attn") for p in ("q", "k", "v", "o", "norm_q", "norm_k")]
+        names += [f"{b}.norm3", f"{b}.ffn.0", f"{b}.ffn.2"]
+    out = set()
+    for n in names:
+        out |= {f"diffusion_model.{n}", f"lora_unet_{n.replace('.', '_')}"}
+    return out
+
+
 RULES = {"qwen-image": _direct, "qwen-image-edit": _direct, "qwen-image-edit-plus": _direct, "flux": _flux,
          "flux-kontext": _flux, "flux-control": _flux, "z-image": _z_image, "z-image-omni": _z_image, "chroma": _flux,
          "kandinsky5": _direct, "flux2": _flux2, "flux2-klein": _flux2,  # ComfyUI's Chroma is a Flux model
          "qwen-image-2.1": _qwen_image21, "ernie-image": _direct, "krea2": _krea2, "ideogram4": _ideogram4,
-         "hidream-i1": _direct, "qwen-image-layered": _direct}  # ComfyUI's Qwen-Image model, with its layer options  # comfy/ldm/ernie/model.py keeps the diffusers names
+         "hidream-i1": _direct, "qwen-image-layered": _direct, "wan": _wan}  # ComfyUI's Qwen-Image model, with its layer options  # comfy/ldm/ernie/model.py keeps the diffusers names
 
 
 def not_loaded(keys, variant: str, transformer) -> list[str]:

@@ -14,7 +14,7 @@ from trainer.models import resolve
 
 VARIANTS = ["qwen-image", "qwen-image-edit", "qwen-image-edit-plus", "flux", "flux-kontext", "z-image", "chroma", "kandinsky5", "flux2",
             "flux2-klein", "qwen-image-2.1", "ernie-image", "krea2", "ideogram4", "hidream-i1",
-            "qwen-image-layered"]
+            "qwen-image-layered", "wan"]
 TYPE_KEYS = {"lokr": {"lora_type": "lokr"}, "loha": {"lora_type": "loha"}, "dora": {"use_dora": "true"}, "lora": {}}
 DIFFUSERS_READS = {("z-image", "lokr"), ("flux2", "lokr"), ("flux2-klein", "lokr")} | {(v, "dora") for v in VARIANTS} | {(v, "lora") for v in VARIANTS}
 

@@ -63,7 +63,7 @@ def test_trainer_feeds_the_transformer_what_the_pipeline_feeds_it(case, realisti
 @pytest.mark.parametrize("variant, references", [("qwen-image", 0), ("qwen-image-edit-plus", 2), ("flux", 0), ("flux-kontext", 1),
                                                   ("z-image", 0), ("chroma", 0), ("kandinsky5", 0), ("flux2-klein", 1),
                                                   ("qwen-image-2.1", 0), ("qwen-image-2.1", 1), ("ernie-image", 0), ("krea2", 0),
-                                                  ("ideogram4", 0), ("hidream-i1", 0), ("z-image-omni", 1)])
+                                                  ("ideogram4", 0), ("hidream-i1", 0), ("z-image-omni", 1), ("wan", 0)])
 def test_sample_zero_does_not_see_sample_one(variant, references, realistic, tmp_path):
     """Batch of 2: sample 0's prediction is the same whether sample 1's caption is short or 12x longer."""
     assert batch_independence(realistic(variant), tmp_path, references) < 1e-5

@@ -68,7 +68,7 @@ def overrides(model, pairs, out, uses_controls, **extra):
 # (entry, uses control images)
 LAUNCHED_ONLY = {"ernie-image": ("train_ernie_image_lora.py", False), "krea2": ("train_krea2_lora.py", False),
                  "ideogram4": ("train_ideogram4_lora.py", False), "hidream-i1": ("train_hidream_lora.py", False),
-                 "z-image-omni": ("train_z_image_omni_lora.py", True)}
+                 "z-image-omni": ("train_z_image_omni_lora.py", True), "wan": ("train_wan_lora.py", False)}
 
 
 @pytest.fixture(scope="module")

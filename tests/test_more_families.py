@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import (ChromaPipeline, ErnieImagePipeline, Flux2KleinPipeline, Flux2Pipeline, HiDreamImagePipeline, Ideogram4Pipeline,
                        Kandinsky5T2IPipeline,
-                       Krea2Pipeline, QwenImage21Pipeline, ZImageOmniPipeline, ZImagePipeline)
+                       Krea2Pipeline, QwenImage21Pipeline, WanPipeline, ZImageOmniPipeline, ZImagePipeline)
 from helpers import ACCELERATE, PY, ROOT, base_overrides, read_losses, run_each, write_dataset
 from PIL import Image
 from safetensors.torch import load_file
@@ -26,6 +26,7 @@ from trainer.models.ideogram4 import Ideogram4Adapter
 from trainer.models.kandinsky5 import Kandinsky5Adapter
 from trainer.models.krea2 import Krea2Adapter
 from trainer.models.qwen_image21 import QwenImage21Adapter
+from trainer.models.wan import WanAdapter
 from trainer.models.z_image import ZImageAdapter
 from trainer.models.z_image_omni import ZImageOmniAdapter
 
@@ -46,11 +47,13 @@ FAMILIES = {
     # w = 1: the conditional transformer alone (the unconditional one still runs, weighted 0)
     "ideogram4": (Ideogram4Adapter, Ideogram4Pipeline, {"guidance_scale": 1.0, "guidance_schedule": None}, 9_279_288_448, 34, (48, 32)),
     "hidream-i1": (HiDreamAdapter, HiDreamImagePipeline, {"guidance_scale": 1.0}, 17_105_733_184, 48, (48, 32)),  # 16 double + 32 single
+    "wan": (WanAdapter, WanPipeline, {"guidance_scale": 1.0, "num_frames": 1}, 4_999_787_712, 30, (48, 32)),  # Wan 2.2 TI2V-5B
 }
 CONFIGS = {"z-image": "train_z_image_lora.yaml", "z-image-omni": "train_z_image_omni_lora.yaml", "chroma": "train_chroma_lora.yaml", "kandinsky5": "train_kandinsky5_lora.yaml",
            "flux2-klein": "train_flux2_klein_base_4b.yaml", "flux2": "train_flux2_dev.yaml",
            "qwen-image-2.1": "train_qwen_image_21_lora.yaml", "ernie-image": "train_ernie_image_lora.yaml",
-           "krea2": "train_krea2_lora.yaml", "ideogram4": "train_ideogram4_lora.yaml", "hidream-i1": "train_hidream_lora.yaml"}
+           "krea2": "train_krea2_lora.yaml", "ideogram4": "train_ideogram4_lora.yaml", "hidream-i1": "train_hidream_lora.yaml",
+           "wan": "train_wan_lora.yaml"}
 
 
 @pytest.fixture(scope="module")
@@ -243,3 +246,18 @@ def test_hidream_routed_experts_train_and_its_setup_checks(tiny_models, tmp_path
         HiDreamAdapter.check_setup(load_config(None, base_overrides(partial, data, tmp_path / "o2")))
     with pytest.raises(ConfigError, match="data_config.img_size"):  # the tiny transformer pads to 8 x 8 tokens: 128 px
         HiDreamAdapter.check_setup(load_config(None, base_overrides(model, data, tmp_path / "o3", **{"data_config.img_size": 144})))
+
+
+def test_wan_a14b_two_experts_are_refused_before_the_model_loads(tiny_models, tmp_path):
+    """Wan 2.2 A14B (transformer + transformer_2 split at boundary_ratio) is not trained yet: one line, before loading."""
+    import json
+    import shutil
+
+    from trainer.config import ConfigError
+
+    model = tmp_path / "a14b"
+    shutil.copytree(tiny_models("wan"), model)
+    index = json.loads((model / "model_index.json").read_text())
+    (model / "model_index.json").write_text(json.dumps({**index, "boundary_ratio": 0.875}))
+    with pytest.raises(ConfigError, match="Wan 2.2 A14B model .* not supported yet"):
+        WanAdapter.check_setup(load_config(None, base_overrides(model, write_dataset(tmp_path / "d", n=1), tmp_path / "o")))

@@ -125,7 +125,8 @@ def lora_params(model, cfg, adapter) -> int:
     return sum(p.numel() for n, p in meta.named_parameters() if ".planned" in n)
 
 
-def activation_bytes(model, resolution: int, batch: int, checkpointing: bool, text_tokens: int, width: int = 0, frames: int = 1) -> float:
+def activation_bytes(model, resolution: int, batch: int, checkpointing: bool, text_tokens: int, width: int = 0, frames: int = 1,
+                     token_pixels: int = 16) -> float:
     """Estimate of what the backward pass keeps, bf16.
 
     With gradient checkpointing only each block's input (S x D, both streams) is stored, plus one block's internals
@@ -137,7 +138,7 @@ def activation_bytes(model, resolution: int, batch: int, checkpointing: bool, te
     from trainer.quantize import repeated_blocks
 
     blocks = len(repeated_blocks(model))
-    seq = frames * (resolution // 16) ** 2 + text_tokens  # frames: image-sized token blocks per sample (Qwen-Image-Layered)
+    seq = frames * (resolution // token_pixels) ** 2 + text_tokens  # frames: image-sized token blocks per sample (Qwen-Image-Layered)
     per_block_full = 24 * seq * d * 2 * batch
     per_block_input = 1.25 * seq * d * 2 * batch  # the stream states in bf16, x1.25 fitted to the H100 peaks
     return blocks * per_block_input + per_block_full if checkpointing else blocks * per_block_full
@@ -187,7 +188,8 @@ def plan(cfg, resolution: int) -> tuple[list[Row], dict]:
     enc_rows.append(Row("VAE (bf16)", spec.vae_params, spec.vae_params * 2))
 
     batch = cfg.data_config.train_batch_size
-    activations = activation_bytes(model, resolution, batch, cfg.gradient_checkpointing, spec.text_tokens, spec.token_width, spec.image_frames)
+    activations = activation_bytes(model, resolution, batch, cfg.gradient_checkpointing, spec.text_tokens, spec.token_width, spec.image_frames,
+                                   spec.token_pixels)
     weight_bytes, frozen_net = 4, []
     if cfg.training_method == "controlnet" and cfg.controlnet_lora:  # frozen in bf16, a LoRA on it in fp32
         n_net, net_blocks, n_lora = controlnet_params(model, adapter, lora=True)
@@ -285,7 +287,7 @@ def full_plan(cfg, resolution: int, gpu_counts=(1, 2, 4, 8)) -> tuple[list[FullR
     largest_block = max(sum(p.numel() for p in b.parameters()) for b in repeated_blocks(model)) * 2.0  # gathered in bf16
     spec = adapter.planner_spec()
     acts = activation_bytes(model, resolution, cfg.data_config.train_batch_size, cfg.gradient_checkpointing, spec.text_tokens,
-                            spec.token_width)
+                            spec.token_width, spec.image_frames, spec.token_pixels)
     # the trainer refuses adamw8bit under FSDP2 (bitsandbytes cannot update sharded tensors): its rows count adamw
     fsdp_optimizer = optimizer
     if cfg.optimizer == "adamw8bit":

@@ -94,6 +94,7 @@ class PlannerSpec:
     text_tokens: int  # prompt tokens the transformer sees in a typical step
     token_width: int = 0  # width of the transformer's token stream (0: heads x head dim from its config)
     image_frames: int = 1  # image-sized blocks of tokens per sample (Qwen-Image-Layered: the composite, its layers and the condition)
+    token_pixels: int = 16  # pixels per side of one image token (VAE factor x patch; Wan 2.2's 16x VAE: 32)
     preview_params: int = 0  # a second frozen model the pipeline runs for validation previews (Ideogram 4's unconditional transformer)
 
 

@@ -16,14 +16,11 @@ What the trainer feeds the transformer, and where it follows `WanPipeline`:
 Not yet: video files (this family trains on images), the A14B models' two experts (`transformer_2`,
 `boundary_ratio`: refused before the model loads), image-to-video (`WanImageToVideoPipeline`).
 
-WORK IN PROGRESS (branch wan-2.2, issue 29; not on main). Done and measured: equivalence with WanPipeline at 512 text
-tokens / 768 image tokens, every input and the prediction 0, also with 2.2 TI2V-5B's per-token timesteps
-(bench/equivalence.py "Wan ..." cases); learning case 1000 steps lr 5e-3: error x0.11, choice +0.59 (min +0.55), the
-wrong sign fails (300 steps lr 1e-2 gave +0.25, failing: the 512 zero-padded prompt rows dilute the tiny model's
-cross-attention). To do before it lands: the Wan 2.2 VAE (z_dim 48, 16x, patch_size 2: size_multiple 32 from the VAE
-config), released transformer configs for the planner (2.1 1.3B / 14B, 2.2 TI2V-5B), ComfyUI's Wan key names
-(blocks.N.self_attn.q ...; port its rule into tests/comfyui_rules.py), test_more_families / test_comfyui rows, YAML,
-README row; then video datasets (PyAV), frames > 1, A14B experts, I2V.
+Measured: equivalence with WanPipeline at 512 text tokens / 768 image tokens, every input and the prediction 0, also
+in the TI2V-5B layout (16x VAE, per-token timesteps: 192 tokens); learning 1000 steps lr 5e-3: error x0.05, choice +0.74
+(300 steps lr 1e-2 gave +0.25: the 512 zero-padded prompt rows dilute a tiny model's cross-attention); the TI2V layout
+learns too (x0.36, +0.72). ComfyUI: its WanModel keeps the original Wan names (blocks.N.self_attn.q, ffn.0, head.head
+...) under its generic key map, so the ComfyUI file is written in them (COMFYUI_NAMES, diffusers' own renaming).
 """
 
 from __future__ import annotations
@@ -37,6 +34,24 @@ from .base import Cond, ConfigError, InferenceRequest, LearningCase, ModelAdapte
 from .qwen_image import qwen_latent_statistics, qwen_vae_latents
 
 UMT5_XXL_PARAMS = 5_680_910_336  # UMT5EncoderModel of google/umt5-xxl (Wan's text_encoder)
+
+
+# diffusers module names -> the original Wan checkpoint's, which ComfyUI's WanModel keeps (its LoRA key map for Wan is
+# the generic one: diffusion_model.<name> / lora_unet_<name with _>); as diffusers' convert_wan_to_diffusers renames them
+COMFYUI_NAMES = (("attn1.to_out.0", "self_attn.o"), ("attn1.to_q", "self_attn.q"), ("attn1.to_k", "self_attn.k"), ("attn1.to_v", "self_attn.v"),
+                 ("attn2.to_out.0", "cross_attn.o"), ("attn2.to_q", "cross_attn.q"), ("attn2.to_k", "cross_attn.k"), ("attn2.to_v", "cross_attn.v"),
+                 ("ffn.net.0.proj", "ffn.0"), ("ffn.net.2", "ffn.2"),
+                 ("condition_embedder.time_embedder.linear_1", "time_embedding.0"), ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+                 ("condition_embedder.time_proj", "time_projection.1"), ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+                 ("condition_embedder.text_embedder.linear_2", "text_embedding.2"), ("proj_out", "head.head"))
+
+
+def comfyui_module(module: str) -> str:
+    """A diffusers WanTransformer3DModel module path in the original Wan naming (ComfyUI's)."""
+    for ours, theirs in COMFYUI_NAMES:
+        if module == ours or module.endswith("." + ours):
+            return module[: len(module) - len(ours)] + theirs
+    return module
 
 
 class WanCond(TypedDict):
@@ -63,13 +78,15 @@ class WanAdapter(ModelAdapter):
         self.latents_mean: torch.Tensor | None = None
         self.latents_std: torch.Tensor | None = None
         self.expand_timesteps = False  # Wan 2.2 TI2V-5B: a timestep per latent token (the pipeline's config)
-        try:  # Wan 2.2's VAE compresses 16x (2.1's 8x); sides are multiples of that times the 2x2 patch
-            from trainer.models import read_model_index
+        # Wan 2.2's VAE compresses 16x (2.1's 8x); sides are multiples of that times the 2x2 patch. From a local folder's
+        # VAE config; a hub id without local files by its name (no download for this)
+        import json
+        from pathlib import Path
 
-            vae = read_model_index(self.cfg.pretrained_model_name_or_path, "vae/config.json")
-            self.size_multiple = int(vae.get("scale_factor_spatial") or 8) * 2
-        except Exception:  # no model folder (tools asking about the family): 2.1's
-            pass
+        name = str(self.cfg.pretrained_model_name_or_path)
+        config = Path(name) / "vae" / "config.json"
+        factor = json.loads(config.read_text()).get("scale_factor_spatial") if config.is_file() else (16 if "ti2v" in name.lower() else 8)
+        self.size_multiple = int(factor or 8) * 2
 
     @classmethod
     def check_setup(cls, cfg) -> None:
@@ -160,6 +177,10 @@ class WanAdapter(ModelAdapter):
             kwargs["max_sequence_length"] = request.max_sequence_length
         return kwargs
 
+    def comfyui_names(self, module: str) -> tuple[str, str, str]:
+        name = self.comfyui_prefix + comfyui_module(module)
+        return f"{name}.lora_A.weight", f"{name}.lora_B.weight", f"{name}.alpha"
+
     # --- planner, benches, tiny models ---------------------------------------------------------------------
     def image_seq_len(self, latents: torch.Tensor) -> int:
         return (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
@@ -169,7 +190,18 @@ class WanAdapter(ModelAdapter):
 
         with torch.device("meta"):
             vae_params = sum(p.numel() for p in AutoencoderKLWan().parameters())
-        return PlannerSpec(encoders=[("text encoder UMT5-XXL", UMT5_XXL_PARAMS, True)], vae_params=vae_params, text_tokens=512)
+        return PlannerSpec(encoders=[("text encoder UMT5-XXL", UMT5_XXL_PARAMS, True)], vae_params=vae_params, text_tokens=512,
+                           token_pixels=self.size_multiple)
+
+    def released_transformer_config(self) -> dict:
+        """The released transformer named by the model id (the planner without the model's files): Wan 2.1 T2V 1.3B /
+        14B, else Wan 2.2 TI2V-5B."""
+        name = str(self.cfg.pretrained_model_name_or_path).lower()
+        if "1.3b" in name:
+            return {"num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30}
+        if "14b" in name:
+            return {}  # WanTransformer3DModel's defaults are Wan 2.1 T2V 14B's
+        return {"num_attention_heads": 24, "ffn_dim": 14336, "num_layers": 30, "in_channels": 48, "out_channels": 48}
 
     def random_conditioning(self, transformer, batch: int, device, dtype) -> Cond:
         g = torch.Generator(device=device).manual_seed(0)
@@ -231,4 +263,4 @@ def build_wan_transformer(z_dim: int = 4, text_dim: int = 32):
     from diffusers import WanTransformer3DModel
 
     return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=z_dim, out_channels=z_dim,
-                                 text_dim=text_dim, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=1024)
+                                 text_dim=text_dim, freq_dim=32, ffn_dim=64, num_layers=3, rope_max_seq_len=1024)
