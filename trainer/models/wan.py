@@ -25,6 +25,7 @@ learns too (x0.36, +0.72). ComfyUI: its WanModel keeps the original Wan names (b
 
 from __future__ import annotations
 
+import logging
 from typing import TypedDict
 
 import torch
@@ -34,6 +35,8 @@ from .base import Cond, ConfigError, InferenceRequest, LearningCase, ModelAdapte
 from .qwen_image import qwen_latent_statistics, qwen_vae_latents
 
 UMT5_XXL_PARAMS = 5_680_910_336  # UMT5EncoderModel of google/umt5-xxl (Wan's text_encoder)
+PIPELINE_TOKENS = 512  # WanPipeline's default max_sequence_length: every prompt is zero-padded to it
+logger = logging.getLogger(__name__)
 
 
 # diffusers module names -> the original Wan checkpoint's, which ComfyUI's WanModel keeps (its LoRA key map for Wan is
@@ -98,6 +101,10 @@ class WanAdapter(ModelAdapter):
             raise ConfigError("config key 'pretrained_model_name_or_path' is a Wan 2.2 A14B model (two experts, transformer and "
                               "transformer_2, split at boundary_ratio); training one expert of it is not supported yet: use a "
                               "one-transformer Wan (2.1 T2V, 2.2 TI2V-5B)")
+        if cfg.max_sequence_length != PIPELINE_TOKENS:
+            logger.warning("max_sequence_length %d: Wan pads every prompt to it and its cross-attention sees the padding; the "
+                           "pipeline's default is %d (sample with max_sequence_length=%d, inference.py --max_sequence_length %d)",
+                           cfg.max_sequence_length, PIPELINE_TOKENS, cfg.max_sequence_length, cfg.max_sequence_length)
 
     # --- loading -------------------------------------------------------------------------------------------
     def load_encoders(self) -> None:
