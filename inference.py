@@ -146,9 +146,9 @@ def main(argv=None) -> int:
             folder = controlnet_folder(adapter, args.controlnet)
         except ToolError as e:
             fail(f"--controlnet: {e}")
-        import json
+        from trainer.methods.controlnet import num_modes
 
-        modes = int(json.loads((folder / "config.json").read_text()).get("num_mode") or 0)
+        modes = num_modes(str(folder))
         if modes and (args.control_mode is None or not 0 <= args.control_mode < modes):
             fail(f"--control_mode: this ControlNet is a Union of {modes} control modes; pass --control_mode 0 to {modes - 1} "
                  "(the mode it was trained with for such control images)")

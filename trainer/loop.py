@@ -879,7 +879,8 @@ def inference_command(run: Run, final: Path) -> str:
     weights = {"full": ["--transformer", str(run.out)], "controlnet": ["--controlnet", str(run.out / CONTROLNET_DIR)]}.get(
         cfg.training_method, ["--lora_weights", str(final)])
     refs, extra = run.adapter.inference_images(refs)  # Qwen-Image-Layered: the composite, and --layers
-    flag = "--control_image" if run.adapter.variant.control in ("concat", "controlnet", "in-context") else "--image"
+    # a control image (FLUX Control, ControlNets, in-context); FLUX Fill's image to inpaint is an --image
+    flag = "--control_image" if run.adapter.aligned_controls and not run.adapter.masks_are_inputs else "--image"
     images = [a for r in refs for a in (() if isinstance(r, tuple) and r[2] else  # an alpha mask: inference.py reads mask files
                                         ("--mask", str(r[1])) if isinstance(r, tuple) else  # FLUX Fill: (mask, path, alpha)
                                         (flag, str(r) if isinstance(r, (str, Path)) else "<reference image>"))]

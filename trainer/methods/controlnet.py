@@ -199,9 +199,15 @@ def union_modes(cfg) -> int:
     if cfg.controlnet_modes or not cfg.controlnet_model_name_or_path:
         return cfg.controlnet_modes
     from trainer.config import ConfigError
-    from trainer.models import read_model_index
 
     try:
-        return int(read_model_index(cfg.controlnet_model_name_or_path, "config.json").get("num_mode") or 0)
+        return num_modes(cfg.controlnet_model_name_or_path)
     except Exception as e:
         raise ConfigError(f"config key 'controlnet_model_name_or_path': cannot read its config.json ({type(e).__name__}: {e})") from None
+
+
+def num_modes(controlnet: str) -> int:
+    """The control modes a saved ControlNet (folder or hub id) was made with: its config's num_mode (0: not a Union)."""
+    from trainer.models import read_model_index
+
+    return int(read_model_index(controlnet, "config.json").get("num_mode") or 0)
